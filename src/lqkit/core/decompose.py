@@ -1,0 +1,187 @@
+"""Decompositions W ≈ Q + L·R of one weight matrix (pure tensor math).
+
+Methods (entries of :data:`DECOMPOSERS`):
+- ``quant``: Q only (rank 0).
+- ``lowrank``: L·R only (LoRD-style rank reduction, no Q).
+- ``lorc``: ZeroQuant-V2 LoRC: Q = quant(W) once, then L·R = SVD_r(W − Q).
+- ``lq``: LQ-LoRA alternation: L·R = SVD_r(W − Q), Q = quant(W − L·R), starting from Q = 0; the
+  best iterate is kept and the loop stops when the error stops improving.
+L and R are stored in ``factor_dtype`` (float16 by default); every reported error is that of the
+reconstruction from the stored (rounded) values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from ..errors import SpecError
+from . import quant as qmod
+from .lowrank import LowRank, truncated_svd
+from .quant import QTensor, QuantSpec
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """How one weight matrix is compressed: the unit of a plan."""
+
+    method: str = "lq"  # key in DECOMPOSERS: quant, lq, lorc, lowrank
+    quant: QuantSpec | None = None  # quantizer of Q (None for lowrank)
+    rank: int = 0  # rank of L·R (0 for quant)
+    iters: int = 20  # lq: maximum number of alternations
+    tol: float = 1e-4  # lq: stop when the relative error improves by less than this fraction
+    factor_dtype: str = "float16"  # stored dtype of L and R
+
+    def __post_init__(self) -> None:
+        if self.method not in DECOMPOSERS:
+            raise SpecError(f"unknown method {self.method!r}; choose one of {sorted(DECOMPOSERS)}")
+        needs_q, needs_r = DECOMPOSERS[self.method].needs_quant, DECOMPOSERS[self.method].needs_rank
+        if needs_q and self.quant is None:
+            raise SpecError(f"method {self.method!r} needs a quantizer spec")
+        if not needs_q and self.quant is not None:
+            raise SpecError(f"method {self.method!r} takes no quantizer")
+        if not (isinstance(self.rank, int) and self.rank >= 0):
+            raise SpecError(f"rank must be a non-negative integer, got {self.rank!r}")
+        if needs_r and self.rank == 0:
+            raise SpecError(f"method {self.method!r} needs a rank of at least 1 (--rank)")
+        if not needs_r and self.rank != 0:
+            raise SpecError(f"method {self.method!r} has no low-rank part; use rank 0 or method lq/lorc")
+        if not (isinstance(self.iters, int) and self.iters >= 1):
+            raise SpecError(f"iters must be a positive integer, got {self.iters!r}")
+        if self.factor_dtype not in ("float16", "bfloat16", "float32"):
+            raise SpecError(f"factor dtype must be float16, bfloat16 or float32, got {self.factor_dtype!r}")
+
+    def check_shape(self, shape: tuple[int, int], name: str = "matrix") -> None:
+        if self.rank > min(shape):
+            raise SpecError(f"rank {self.rank} is larger than {name} of shape {shape[0]}x{shape[1]} "
+                            f"allows (at most {min(shape)}); choose a smaller --rank")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["quant"] = self.quant.to_dict() if self.quant else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "MatrixSpec":
+        d = dict(d)
+        q = d.pop("quant", None)
+        return cls(quant=QuantSpec.from_dict(q) if q else None, **d)
+
+    def label(self) -> str:
+        q = self.quant.label() if self.quant else ""
+        r = f"+r{self.rank}" if self.rank else ""
+        return f"{self.method}:{q}{r}"
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Result of :func:`decompose`: stored parts and the error of their reconstruction."""
+
+    spec: MatrixSpec
+    shape: tuple[int, int]
+    q: QTensor | None
+    L: torch.Tensor | None  # (out, rank), factor dtype
+    R: torch.Tensor | None  # (rank, in), factor dtype
+    error: float  # ‖W − Ŵ‖_F / ‖W‖_F of the stored reconstruction
+    history: tuple[float, ...]  # error of each iterate (one entry for one-shot methods)
+
+    def reconstruct(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = qmod.dequantize(self.q) if self.q is not None else torch.zeros(self.shape, device=self.L.device)
+        if self.L is not None:
+            w = w + self.L.float() @ self.R.float()
+        return w.to(dtype)
+
+    @property
+    def nbits(self) -> int:
+        """Exact stored bits of Q, L and R."""
+        qb = self.q.nbits if self.q is not None else 0
+        fb = sum(t.numel() * t.element_size() * 8 for t in (self.L, self.R) if t is not None)
+        return qb + fb
+
+
+@dataclass(frozen=True)
+class Decomposer:
+    name: str
+    fn: Callable[[torch.Tensor, MatrixSpec], Decomposition]
+    needs_quant: bool
+    needs_rank: bool
+
+
+DECOMPOSERS: dict[str, Decomposer] = {}
+
+
+def _register(name: str, needs_quant: bool, needs_rank: bool):
+    def wrap(fn):
+        DECOMPOSERS[name] = Decomposer(name, fn, needs_quant, needs_rank)
+        return fn
+    return wrap
+
+
+def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float(torch.linalg.norm(w - w_hat) / torch.linalg.norm(w).clamp_min(1e-30))
+
+
+def _factors(a: torch.Tensor, spec: MatrixSpec) -> LowRank:
+    return truncated_svd(a, spec.rank).to(qmod.DTYPES[spec.factor_dtype])
+
+
+@_register("quant", needs_quant=True, needs_rank=False)
+def _quant_only(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
+    q = qmod.quantize(w, spec.quant)
+    err = _rel_error(w, qmod.dequantize(q))
+    return Decomposition(spec, tuple(w.shape), q, None, None, err, (err,))
+
+
+@_register("lowrank", needs_quant=False, needs_rank=True)
+def _lowrank(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
+    lr = _factors(w, spec)
+    err = _rel_error(w, lr.product())
+    return Decomposition(spec, tuple(w.shape), None, lr.L, lr.R, err, (err,))
+
+
+@_register("lorc", needs_quant=True, needs_rank=True)
+def _lorc(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
+    q = qmod.quantize(w, spec.quant)
+    wq = qmod.dequantize(q)
+    lr = _factors(w - wq, spec)
+    err = _rel_error(w, wq + lr.product())
+    return Decomposition(spec, tuple(w.shape), q, lr.L, lr.R, err, (err,))
+
+
+@_register("lq", needs_quant=True, needs_rank=True)
+def _lq(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
+    wq = torch.zeros_like(w)
+    best: tuple[float, QTensor, LowRank] | None = None
+    history: list[float] = []
+    for _ in range(spec.iters):
+        lr = _factors(w - wq, spec)
+        lrp = lr.product()
+        q = qmod.quantize(w - lrp, spec.quant)
+        wq = qmod.dequantize(q)
+        err = _rel_error(w, wq + lrp)
+        history.append(err)
+        if best is not None and err > best[0] * (1 - spec.tol):
+            if err < best[0]:
+                best = (err, q, lr)
+            break
+        best = (err, q, lr)
+    err, q, lr = best
+    return Decomposition(spec, tuple(w.shape), q, lr.L, lr.R, err, tuple(history))
+
+
+def decompose(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
+    """Compress one (out, in) matrix according to ``spec``."""
+    if w.ndim != 2:
+        raise SpecError(f"expected a 2-D weight matrix, got shape {tuple(w.shape)}")
+    spec.check_shape(tuple(w.shape))
+    return DECOMPOSERS[spec.method].fn(w.float(), spec)
+
+
+def storage_bits(spec: MatrixSpec, shape: tuple[int, int]) -> int:
+    """Exact stored bits of a matrix of ``shape`` compressed with ``spec``."""
+    out, inp = shape
+    qb = qmod.storage_bits(spec.quant, shape) if spec.quant is not None else 0
+    fb = spec.rank * (out + inp) * torch.empty((), dtype=qmod.DTYPES[spec.factor_dtype]).element_size() * 8
+    return qb + fb

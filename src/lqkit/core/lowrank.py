@@ -1,0 +1,58 @@
+"""Truncated SVD factorisations A ≈ L·R (pure tensor math)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EXACT_SVD_MAX_DIM = 4096  # exact SVD below this smaller dimension, randomized above
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A ≈ L @ R with L (m, r) and R (r, n); singular values split evenly (L = U√S, R = √S Vᵀ)."""
+
+    L: torch.Tensor
+    R: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.L.shape[1]
+
+    def product(self) -> torch.Tensor:
+        return self.L.float() @ self.R.float()
+
+    def to(self, dtype: torch.dtype) -> "LowRank":
+        return LowRank(self.L.to(dtype), self.R.to(dtype))
+
+
+def truncated_svd(a: torch.Tensor, rank: int, *, randomized: bool | None = None,
+                  oversample: int = 16, niter: int = 4, seed: int = 0) -> LowRank:
+    """Best rank-``rank`` approximation of ``a`` (m, n) in Frobenius norm.
+
+    Exact (LAPACK/cuSOLVER) when min(m, n) ≤ EXACT_SVD_MAX_DIM unless ``randomized`` is set;
+    otherwise Halko et al.'s randomized range finder with ``niter`` power iterations, seeded so
+    results are reproducible.
+    """
+    a = a.float()
+    m, n = a.shape
+    if not 0 < rank <= min(m, n):
+        raise ValueError(f"rank must be in 1..{min(m, n)} for a {m}x{n} matrix, got {rank}")
+    if randomized is None:
+        randomized = min(m, n) > EXACT_SVD_MAX_DIM
+    if randomized:
+        gen = torch.Generator(device=a.device).manual_seed(seed)
+        q = min(rank + oversample, min(m, n))
+        omega = torch.randn(n, q, device=a.device, generator=gen)  # (n, q)
+        y = a @ omega  # (m, q)
+        for _ in range(niter):
+            y, _ = torch.linalg.qr(y)
+            y = a @ (a.t() @ y)
+        basis, _ = torch.linalg.qr(y)  # (m, q)
+        ub, s, vh = torch.linalg.svd(basis.t() @ a, full_matrices=False)  # (q, q), (q,), (q, n)
+        u = basis @ ub
+    else:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    root = s[:rank].sqrt()  # (r,)
+    return LowRank(u[:, :rank] * root, root.unsqueeze(1) * vh[:rank])
