@@ -1,0 +1,199 @@
+"""Checkpoint I/O: safetensors for tensors, JSON for the plan, reports and checksums.
+
+A checkpoint folder holds ``model.safetensors`` (every tensor of the compressed model: packed codes,
+scales, L and R in their stored dtypes, and the uncompressed parameters), ``lqkit.json`` (format
+version, plan, per-matrix reports, size summary, sha256 and size of each tensor file), the model's
+``config.json`` and the tokenizer. It is written to a temporary folder and renamed into place.
+Loading builds the model skeleton without allocating weights, swaps in empty compressed layers from
+the plan, and assigns the stored tensors: no full-precision copy of a compressed layer is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .core.decompose import MatrixSpec
+from .core.quant import DTYPES
+from .errors import CheckpointError
+from .nn.surgery import build_empty, compressed_modules
+from .plan import plan_from_json, plan_to_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "lqkit"
+FORMAT_VERSION = 1
+META_FILE = "lqkit.json"
+TENSOR_FILE = "model.safetensors"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any work) when ``out`` exists and may not be replaced."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it "
+                              "or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {str(out)!r} is a file; choose a folder for --out")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stored_state(model: nn.Module, dense_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict in stored dtypes, with tensors that share memory stored once (aliases returned)."""
+    factor = {}
+    for name, m in compressed_modules(model).items():
+        for part in ("L", "R"):
+            if getattr(m, part) is not None:
+                factor[f"{name}.{part}" if name else part] = DTYPES[m.spec.factor_dtype]
+    state, aliases, seen = {}, {}, {}
+    for key, t in model.state_dict().items():
+        ident = (t.data_ptr(), t.numel(), t.dtype)
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        if key in factor:
+            t = t.to(factor[key])
+        elif dense_dtype is not None and t.is_floating_point():
+            t = t.to(dense_dtype)
+        state[key] = t.detach().contiguous().cpu()
+    return state, aliases
+
+
+def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, MatrixSpec],
+         reports: Mapping[str, dict] | None = None, summary: dict | None = None, extra: dict | None = None,
+         overwrite: bool = False, dense_dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint atomically (temporary folder, then rename)."""
+    out = check_out_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        state, aliases = _stored_state(model, dense_dtype)
+        save_file(state, str(tmp / TENSOR_FILE), metadata={"format": "pt", "producer": f"lqkit {__version__}"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "lqkit_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "plan": plan_to_json(plan), "reports": dict(reports or {}), "summary": summary or {},
+            "aliases": aliases, "extra": extra or {},
+            "files": {TENSOR_FILE: {"sha256": _sha256(tmp / TENSOR_FILE), "bytes": (tmp / TENSOR_FILE).stat().st_size}},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out)
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if not dst.exists():
+        os.rename(src, dst)
+        return
+    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
+    os.rename(dst, old / "x")
+    os.rename(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{str(path)!r} is not an lqkit checkpoint (no {META_FILE})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / META_FILE} is corrupted ({e}); re-create the checkpoint") from None
+    if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
+        raise CheckpointError(f"{path / META_FILE} is not an lqkit checkpoint description")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format {meta['format_version']} is newer than this lqkit "
+                              f"understands ({FORMAT_VERSION}); upgrade lqkit")
+    return meta
+
+
+def verify(path: str | Path, meta: dict | None = None) -> None:
+    """Check every tensor file's size and sha256 against the checkpoint's JSON."""
+    path = Path(path)
+    meta = meta or read_meta(path)
+    for fname, info in meta["files"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing; re-create the checkpoint")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint file {f} is truncated or altered ({size} bytes, expected "
+                                  f"{info['bytes']}); re-create or re-copy the checkpoint")
+        if _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {f} is corrupted (sha256 mismatch); re-create or re-copy it")
+
+
+def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         check: bool = True) -> nn.Module:
+    """Load a compressed checkpoint as a working ``transformers`` model."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    meta = read_meta(path)
+    if check:
+        verify(path, meta)
+    plan = plan_from_json(meta["plan"])
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():  # parameters on the meta device; buffers real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    build_empty(model, plan, dtype=dtype, device="meta")
+    try:
+        state = load_file(str(path / TENSOR_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path / TENSOR_FILE}: {e}; re-create the checkpoint") from None
+    comp_buffers = {f"{n}.{b}" for n, m in compressed_modules(model).items() for b, _ in m.named_buffers()}
+    for key, t in state.items():
+        if t.is_floating_point() and key not in comp_buffers:
+            state[key] = t.to(dtype)
+    for alias, target in meta.get("aliases", {}).items():
+        state[alias] = state[target]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has tensors the model does not: {unexpected[:3]}...")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if still_meta:
+        raise CheckpointError(f"checkpoint lacks tensors for {still_meta[:3]}; re-create the checkpoint")
+    model.to(device)
+    model.eval()
+    return model

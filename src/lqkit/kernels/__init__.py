@@ -1,0 +1,69 @@
+"""Fused GPU kernels (Triton) for compressed layers: y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + b in one launch.
+
+Optional: nothing here imports triton or touches CUDA until a kernel is asked for, so ``import
+lqkit`` works without either. Usage::
+
+    kw = prepare(packed, aux, spec, shape, device)   # once per layer: the kernels' layout
+    y = linear(x, kw, L, R, bias)                     # every call
+
+Covers every stored format: rtn / rtn_sym at 2..8 bits, nf at 2/3/4 bits (with or without
+double-quantized absmax), groups along "in" or "out", any group size (multiples of 32 take the
+fast paths). See :mod:`.layout` for the layout and :mod:`._triton` for the kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Mapping
+
+import torch
+
+from ..core.quant import QuantSpec
+from .layout import KernelWeight, prepare_weight
+
+__all__ = ["available", "prepare", "linear", "tune", "KernelWeight"]
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels on the CPU (TRITON_INTERPRET=1; for development and tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    """True when the kernels can run here: triton importable and a CUDA device present."""
+    return torch.cuda.is_available() and _triton_importable()
+
+
+def prepare(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec,
+            shape: tuple[int, int], device: torch.device | str | None = None) -> KernelWeight:
+    """Convert one stored quantized matrix (packed codes + aux, as in ``core.quant``) into the
+    kernels' layout on ``device``. Pure torch; do it once per layer, not per call."""
+    return prepare_weight(packed, aux, spec, shape, device)
+
+
+def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,
+           R: torch.Tensor | None = None, bias: torch.Tensor | None = None, config=None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + bias, computed by the fused kernels; same dtype as x.
+    ``config``: a ``_triton.Config`` to force a launch configuration (else tuned or default)."""
+    from . import _triton
+
+    return _triton.linear(x, prepared, L, R, bias, config, out)
+
+
+def tune(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None, **kw):
+    """Time the candidate launch configurations for x's shape and keep the fastest (per process)."""
+    from . import _triton
+
+    return _triton.tune(x, prepared, L, R, bias, **kw)

