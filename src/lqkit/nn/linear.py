@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core import quant as qmod
 from ..core.decompose import Decomposition, MatrixSpec
+from ..errors import SpecError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "torch", "triton")  # auto: fused Triton kernels on CUDA when available
 
 AUX_PREFIX = "q_"
 
@@ -40,6 +49,7 @@ class CompressedLinear(nn.Module):
         else:
             self.L = self.R = None
         self.bias = nn.Parameter(torch.empty(shape[0], dtype=dtype, device=device)) if bias else None
+        self._dense_q: torch.Tensor | None = None  # set only inside materialized()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -81,13 +91,74 @@ class CompressedLinear(nn.Module):
         return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resolve_backend(x) == "triton":
+            return self._kernel_forward(x)
         y = None
         if self.spec.quant is not None:
-            y = F.linear(x, self.dequantized_weight(x.dtype))  # (..., out)
+            w = self._dense_q if self._dense_q is not None else self.dequantized_weight(x.dtype)
+            y = F.linear(x, w.to(x.dtype))  # (..., out)
         if self.L is not None:
             side = F.linear(F.linear(x, self.R.to(x.dtype)), self.L.to(x.dtype))  # (..., r) -> (..., out)
             y = side if y is None else y + side
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    # -- optional fused-kernel dispatch (lqkit.kernels); the torch path above stays the reference --
+
+    backend: str = "auto"  # "auto" | "torch" | "triton"; set per module to force a path
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The path a call on ``x`` takes: "triton" (fused kernels) or "torch"."""
+        if self.backend not in BACKENDS:
+            raise SpecError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        chosen = "torch"
+        if self.backend != "torch" and self.spec.quant is not None:
+            from .. import kernels
+
+            usable = x.is_cuda and kernels.available()
+            grad = torch.is_grad_enabled() and (x.requires_grad or any(
+                p.requires_grad for p in (self.L, self.R, self.bias) if p is not None))
+            if self.backend == "triton" and not usable:
+                raise RuntimeError("backend 'triton' needs a CUDA input and triton installed")
+            if self.backend == "triton" and grad:
+                raise RuntimeError("the triton kernels have no backward; use torch.no_grad() or backend 'torch'")
+            chosen = "triton" if usable and not grad else "torch"
+        if self.__dict__.get("_logged_backend") != chosen:
+            self.__dict__["_logged_backend"] = chosen
+            log.info("CompressedLinear(%dx%d, %s): backend %s", *self.shape, self.spec.label(), chosen)
+        return chosen
+
+    def kernel_weight(self):
+        """Q in the kernels' layout, prepared once and rebuilt only when the stored buffers change
+        (moved to another device, reloaded)."""
+        from .. import kernels
+
+        bufs = (self.qcodes, *self.aux().values())
+        key = tuple((t.device, t.data_ptr(), t._version) for t in bufs)
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, kernels.prepare(self.qcodes, self.aux(), self.spec.quant, self.shape, self.qcodes.device))
+            self.__dict__["_kernel_cache"] = cached
+        return cached[1]
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .. import kernels
+
+        return kernels.linear(x, self.kernel_weight(), self.L, self.R, self.bias)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.label()}"
+
+
+@contextmanager
+def materialized(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Within the block, each CompressedLinear of ``model`` keeps deq(Q) as a dense matrix instead of
+    dequantizing on every call: same outputs, faster repeated forwards (e.g. evaluation), at the
+    memory cost of the dense weights. Removed again on exit."""
+    mods = [m for m in model.modules() if isinstance(m, CompressedLinear) and m.spec.quant is not None]
+    try:
+        for m in mods:
+            m._dense_q = m.dequantized_weight(dtype)
+        yield
+    finally:
+        for m in mods:
+            m._dense_q = None

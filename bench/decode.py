@@ -1,0 +1,249 @@
+"""Greedy-decoding throughput of a randomly initialised Llama-3-8B-shaped model (run on a CUDA GPU).
+
+The same minimal Llama decoder (RMSNorm, RoPE, grouped-query attention over a static KV cache,
+SwiGLU MLP) runs with its 224 decoder linears either as bf16 ``F.linear`` or as lqkit compressed
+layers (rtn g128 + rank-16 L·R, fused Triton kernels); embeddings and lm_head stay bf16 in both.
+One decode step is captured in a CUDA graph for every variant (same loop, same graph treatment);
+tokens/s = batch × generated tokens / time of the generation loop. Weights are random (speed does
+not depend on their values), so the generated text is meaningless.
+
+Usage: PYTHONPATH=src python bench/decode.py --out bench/results/decode-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lqkit import kernels  # noqa: E402
+from lqkit.core import quant as qmod  # noqa: E402
+from lqkit.core.quant import QuantSpec  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 4096
+    inter: int = 14336
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    vocab: int = 128256
+    rope_theta: float = 500000.0
+
+
+LLAMA3_8B = Shape()
+LLAMA3_2_3B = Shape(hidden=3072, inter=8192, layers=28, heads=24, kv_heads=8, vocab=128256)
+NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def linear_shapes(s: Shape) -> dict[str, tuple[int, int]]:
+    kv = s.kv_heads * s.head_dim
+    return {"q": (s.heads * s.head_dim, s.hidden), "k": (kv, s.hidden), "v": (kv, s.hidden),
+            "o": (s.hidden, s.heads * s.head_dim), "gate": (s.inter, s.hidden), "up": (s.inter, s.hidden),
+            "down": (s.hidden, s.inter)}
+
+
+def rms(x, w, eps=1e-5):
+    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+class Decoder:
+    """Minimal Llama decoder for one-token steps with a static KV cache."""
+
+    def __init__(self, s: Shape, linears: list[dict], embed, lm_head, batch: int, max_len: int):
+        self.s, self.lin, self.embed, self.lm_head = s, linears, embed, lm_head
+        dev, dt = embed.device, embed.dtype
+        self.norms = [(torch.ones(s.hidden, device=dev, dtype=dt), torch.ones(s.hidden, device=dev, dtype=dt))
+                      for _ in range(s.layers)]
+        self.final_norm = torch.ones(s.hidden, device=dev, dtype=dt)
+        cache = (batch, s.kv_heads, max_len, s.head_dim)
+        self.kc = [torch.zeros(cache, device=dev, dtype=dt) for _ in range(s.layers)]
+        self.vc = [torch.zeros(cache, device=dev, dtype=dt) for _ in range(s.layers)]
+        inv = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, device=dev).float() / s.head_dim))
+        ang = torch.arange(max_len, device=dev).float()[:, None] * inv[None, :]  # (T, hd/2)
+        self.cos, self.sin = ang.cos(), ang.sin()
+        self.max_len = max_len
+
+    def rope(self, x, pos):  # x (B, 1, H, hd)
+        c, s_ = self.cos[pos].view(1, 1, 1, -1), self.sin[pos].view(1, 1, 1, -1)
+        x1, x2 = x.float()[..., ::2], x.float()[..., 1::2]
+        return torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1).flatten(-2).to(x.dtype)
+
+    def step(self, ids, pos):
+        """ids (B, 1) int64, pos (1,) int64 tensor -> next ids (B, 1)."""
+        s = self.s
+        b = ids.shape[0]
+        h = self.embed[ids]  # (B, 1, D)
+        mask = (torch.arange(self.max_len, device=ids.device) <= pos).view(1, 1, 1, -1)
+        for i, lin in enumerate(self.lin):
+            a = rms(h, self.norms[i][0])
+            q = self.rope(lin["q"](a).view(b, 1, s.heads, s.head_dim), pos)
+            k = self.rope(lin["k"](a).view(b, 1, s.kv_heads, s.head_dim), pos)
+            v = lin["v"](a).view(b, 1, s.kv_heads, s.head_dim)
+            self.kc[i].index_copy_(2, pos, k.transpose(1, 2))
+            self.vc[i].index_copy_(2, pos, v.transpose(1, 2))
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), self.kc[i], self.vc[i], attn_mask=mask,
+                                               enable_gqa=True)  # (B, H, 1, hd)
+            h = h + lin["o"](o.transpose(1, 2).reshape(b, 1, -1))
+            m = rms(h, self.norms[i][1])
+            h = h + lin["down"](F.silu(lin["gate"](m)) * lin["up"](m))
+        logits = F.linear(rms(h, self.final_norm), self.lm_head)  # (B, 1, V)
+        return logits.argmax(-1)
+
+
+def bf16_linears(weights):
+    return [{n: (lambda x, w=w[n]: F.linear(x, w)) for n in NAMES} for w in weights]
+
+
+def lqkit_linears(weights, bits: int, rank: int):
+    """Quantize each bf16 weight (rtn g128 along in) and add random rank-r factors; returns the
+    callables and the stored bits per weight (codes, scales, offsets, factors)."""
+    spec = QuantSpec(method="rtn", bits=bits, group_size=128, group_dim="in")
+    out, stored, count = [], 0, 0
+    for w in weights:
+        layer = {}
+        for n in NAMES:
+            wt = w[n]
+            q = qmod.quantize(wt.float(), spec)
+            kw = kernels.prepare(q.packed, q.aux, spec, tuple(wt.shape), wt.device)
+            L = (torch.randn(wt.shape[0], rank, device=wt.device) * 0.02).to(torch.bfloat16)
+            R = (torch.randn(rank, wt.shape[1], device=wt.device) * 0.02).to(torch.bfloat16)
+            layer[n] = (lambda x, kw=kw, L=L, R=R: kernels.linear(x, kw, L, R))
+            layer[n].kw, layer[n].L, layer[n].R = kw, L, R
+            stored += q.nbits + (L.numel() + R.numel()) * 16
+            count += wt.numel()
+            del q
+        out.append(layer)
+    return out, stored / count
+
+
+def generate(dec: Decoder, batch: int, prompt: int, new: int, graph: bool = True) -> dict:
+    dev = dec.embed.device
+    ids = torch.randint(0, dec.s.vocab, (batch, 1), device=dev)
+    pos = torch.zeros(1, dtype=torch.long, device=dev)
+    toks = torch.zeros(batch, dec.max_len, dtype=torch.long, device=dev)
+
+    def step():
+        nxt = dec.step(ids, pos)
+        toks.index_copy_(1, pos, nxt)
+        ids.copy_(nxt)
+        pos.add_(1)
+
+    for _ in range(3):  # warm-up (compiles / tunes nothing new; allocator settles)
+        step()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            step()
+        run = g.replay
+    else:
+        run = step
+    times = []
+    for _ in range(3):
+        pos.zero_()
+        for _ in range(prompt):  # the prompt, fed one token at a time, untimed
+            run()
+        torch.cuda.synchronize()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(new):
+            run()
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1) / 1e3)
+    t = sorted(times)[1]
+    return {"batch": batch, "new_tokens": new, "prompt_tokens": prompt, "seconds": round(t, 4),
+            "tokens_per_s": round(batch * new / t, 1), "ms_per_step": round(t / new * 1e3, 3),
+            "cuda_graph": graph}
+
+
+def tune_layers(linears, batch: int, hidden_dtype=torch.bfloat16) -> dict:
+    """Tune the kernel launch for each distinct layer shape at this batch (first layer's weights)."""
+    chosen = {}
+    for n in NAMES:
+        f = linears[0][n]
+        x = torch.randn(batch, f.kw.shape[1], device="cuda", dtype=hidden_dtype)
+        cfg, ms = kernels.tune(x, f.kw, f.L, f.R, None, rep_ms=10)
+        chosen[n] = {"config": cfg.__dict__ if cfg else None, "us": round(ms * 1e3, 2)}
+    return chosen
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/decode.json", help="result JSON path")
+    ap.add_argument("--model", choices=["llama3-8b", "llama3.2-3b"], default="llama3-8b", help="shapes")
+    ap.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the model's)")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--new", type=int, default=128, help="generated tokens per run")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (fed one at a time, untimed)")
+    ap.add_argument("--bits", default="3,4", help="comma-separated lqkit bit widths")
+    ap.add_argument("--rank", type=int, default=16, help="rank of L·R")
+    args = ap.parse_args()
+
+    s = LLAMA3_8B if args.model == "llama3-8b" else LLAMA3_2_3B
+    if args.layers:
+        s = Shape(**{**asdict(s), "layers": args.layers})
+    torch.manual_seed(0)
+    dev = "cuda"
+    shapes = linear_shapes(s)
+    t = time.time()
+    weights = [{n: (torch.randn(shapes[n], device=dev) * 0.02).to(torch.bfloat16) for n in NAMES}
+               for _ in range(s.layers)]
+    embed = (torch.randn(s.vocab, s.hidden, device=dev) * 0.02).to(torch.bfloat16)
+    lm_head = (torch.randn(s.vocab, s.hidden, device=dev) * 0.02).to(torch.bfloat16)
+    print(f"random weights built in {time.time() - t:.0f} s", flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    max_len = args.prompt + args.new + 8
+    variants = {"bf16": (bf16_linears(weights), 16.0)}
+    for bits in [int(b) for b in args.bits.split(",")]:
+        t = time.time()
+        variants[f"lqkit-rtn{bits}-g128-r{args.rank}"] = lqkit_linears(weights, bits, args.rank)
+        print(f"lqkit {bits}-bit layers prepared in {time.time() - t:.0f} s", flush=True)
+    from kernels import env_info  # bench/kernels.py (this script's folder is on sys.path)
+
+    result = {"env": env_info(), "model": args.model, "shape": asdict(s), "random_weights": True,
+              "notes": "randomly initialised weights (speed only; outputs meaningless); embeddings and "
+                       "lm_head bf16 in every variant; one decode step captured in a CUDA graph; batch × "
+                       "new tokens / time of the generation loop (median of 3 runs).",
+              "runs": []}
+    for name, (lin, bits_per_weight) in variants.items():
+        for b in batches:
+            tuned = tune_layers(lin, b) if name != "bf16" else None
+            dec = Decoder(s, lin, embed, lm_head, b, max_len)
+            r = generate(dec, b, args.prompt, args.new)
+            r.update({"variant": name, "bits_per_weight": round(bits_per_weight, 3), "tuned": tuned})
+            result["runs"].append(r)
+            print(f"{name:<24} batch {b}: {r['tokens_per_s']:9.1f} tok/s  ({r['ms_per_step']:.2f} ms/step)",
+                  flush=True)
+            del dec
+            torch.cuda.empty_cache()
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    base = {r["batch"]: r["tokens_per_s"] for r in result["runs"] if r["variant"] == "bf16"}
+    for r in result["runs"]:
+        r["speedup_vs_bf16"] = round(r["tokens_per_s"] / base[r["batch"]], 2) if r["batch"] in base else None
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("| variant | bits/weight | batch | tokens/s | ms/step | × bf16 |\n|---|---|---|---|---|---|")
+    for r in result["runs"]:
+        print(f"| {r['variant']} | {r['bits_per_weight']} | {r['batch']} | {r['tokens_per_s']} | "
+              f"{r['ms_per_step']} | {r['speedup_vs_bf16']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""Layer benchmark of lqkit's fused kernels on Llama-3-8B linear shapes (run on a CUDA GPU).
+
+For each layer (out×in) and tokens per call, times (median of CUDA-event timings through
+``triton.testing.do_bench``, which flushes the L2 cache before every call) and reports achieved
+bandwidth on the bytes the call must read (weights, scales, factors, activations, output) and the
+ratio to the bandwidth floor = those bytes / the device's copy bandwidth measured in the same run:
+
+- torch bf16 ``F.linear``;
+- lqkit rtn 4/3/2-bit, group 128 along in, fp16 scale+offset, rank 0 and 32 (fused kernels,
+  launch configuration tuned per shape);
+- tinygemm int4 g128 (``torch.ops.aten._weight_int4pack_mm``, the CUDA kernel behind torchao's
+  int4 weight-only path) and bitsandbytes NF4 block 64 (fp32 absmax) when its wheel is importable.
+
+Usage: PYTHONPATH=src python bench/kernels.py --out bench/results/kernels-h100.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lqkit import kernels  # noqa: E402
+from lqkit.core import quant as qmod  # noqa: E402
+from lqkit.core.quant import QuantSpec  # noqa: E402
+from lqkit.kernels import _triton as kt  # noqa: E402
+
+SHAPES = [(4096, 4096), (1024, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (out, in)
+TOKENS = [1, 4, 16, 64, 256]
+BITS = [4, 3, 2]
+RANKS = [0, 32]
+GROUP = 128
+
+
+def env_info() -> dict:
+    def smi(q):
+        try:
+            return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except Exception:
+            return None
+
+    import triton
+
+    p = torch.cuda.get_device_properties(0)
+    return {"gpu": torch.cuda.get_device_name(0), "driver": smi("driver_version"), "sms": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2**30, 1), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton.__version__, "python": platform.python_version(),
+            "clocks_at_start": smi("clocks.sm,clocks.mem"), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def bench(fn, rep: int = 100) -> float:
+    """Median time in microseconds (CUDA events; L2 flushed before each call)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB, bytes read + written per second (GB/s)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.int16, device="cuda").random_()
+    b = torch.empty_like(a)
+    us = bench(lambda: b.copy_(a), rep=200)
+    del a, b
+    return 2 * 2 * n / (us * 1e-6) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# peers
+
+
+def tinygemm_int4(w: torch.Tensor, group: int = 128):
+    """Asymmetric int4 g128 in tinygemm's format (as gpt-fast/torchao build it); returns (fn(x), bytes)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo).clamp_min(1e-6) / 15)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8 * scale  # tinygemm dequantizes as (q - 8)·scale + zero
+    packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+    wq = torch.ops.aten._convert_weight_to_int4pack(packed_u8.contiguous(), 8)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (k/g, n, 2)
+    w_hat = ((q.float().reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+    def fn(x):
+        return torch.ops.aten._weight_int4pack_mm(x, wq, group, sz)
+
+    return fn, wq.numel() * wq.element_size() + sz.numel() * sz.element_size(), w_hat
+
+
+def bnb_nf4(w: torch.Tensor):
+    import bitsandbytes as bnb
+
+    n, k = w.shape
+    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=False,
+                            quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(w.detach().cpu().to(torch.bfloat16), requires_grad=False,
+                                   quant_type="nf4", compress_statistics=False, blocksize=64)
+    lin = lin.cuda()
+    qs = lin.weight.quant_state
+    nbytes = lin.weight.numel() * lin.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+    w_hat = bnb.functional.dequantize_4bit(lin.weight.data, qs).float()
+    return lin, nbytes, w_hat
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def lqkit_layer(w: torch.Tensor, bits: int):
+    spec = QuantSpec(method="rtn", bits=bits, group_size=GROUP, group_dim="in")
+    q = qmod.quantize(w, spec)
+    kw = kernels.prepare(q.packed, q.aux, spec, tuple(w.shape), "cuda")
+    w_hat = qmod.dequantize_packed(q.packed, q.aux, spec, tuple(w.shape))
+    return kw, w_hat, qmod.storage_bits(spec, tuple(w.shape)) / w.numel()
+
+
+def rel_err(y, ref) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def precompile(jobs: int, quick: bool) -> None:
+    """Compile every kernel variant the tuning will try, in parallel worker processes (they share
+    triton's on-disk cache), so that the timing process finds them compiled."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    work = []
+    for bits in BITS:
+        for rank in RANKS:
+            for m in sorted({1, 4, 16, 64, 256} if not quick else {1, 16}):
+                work.append((bits, rank, m))
+    t = time.time()
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+        list(ex.map(_compile_job, work))
+    print(f"precompiled {len(work)} groups of variants in {time.time() - t:.0f} s", flush=True)
+
+
+def _compile_job(item) -> None:
+    bits, rank, m = item
+    torch.manual_seed(0)
+    w = torch.randn(512, 1024, device="cuda")
+    kw, _, _ = lqkit_layer(w, bits)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    L = torch.randn(512, rank, device="cuda", dtype=torch.bfloat16) if rank else None
+    R = torch.randn(rank, 1024, device="cuda", dtype=torch.bfloat16) if rank else None
+    seen = set()
+    for cfg in kt.candidates(kw, m):
+        key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            kernels.linear(x, kw, L, R, None, config=cfg)
+        except Exception as e:  # reported again by the timing process
+            print("compile failed", bits, rank, m, cfg, repr(e)[:200], flush=True)
+    torch.cuda.synchronize()
+
+
+def run(args) -> dict:
+    info = env_info()
+    print(json.dumps(info), flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
+    try:
+        import bitsandbytes  # noqa: F401
+        have_bnb = True
+    except Exception as e:
+        print("bitsandbytes unavailable:", repr(e)[:200])
+        have_bnb = False
+    shapes = SHAPES if not args.quick else [(4096, 14336), (4096, 4096)]
+    tokens = TOKENS if not args.quick else [1, 16]
+    result = {"env": info, "copy_bandwidth_GBps": bw, "group_size": GROUP, "rows": [],
+              "notes": "time_us: median of CUDA-event timings (triton do_bench, L2 flushed each call); "
+                       "bytes: what the call must read (packed words as the kernel reads them incl. padding, "
+                       "scales, offsets, L/R, activations) plus the output written; floor_us = bytes / copy "
+                       "bandwidth; lqkit rtn group 128 along 'in', fp16 scale+offset; the 3-bit kernel layout "
+                       "holds 10 codes per 32-bit word (3.2 bits/code as read)."}
+    torch.manual_seed(0)
+    for (n, k) in shapes:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        w16 = w.to(torch.bfloat16)
+        layers = {b: lqkit_layer(w, b) for b in BITS}
+        tg = tinygemm_int4(w16)
+        nf4 = bnb_nf4(w) if have_bnb else None
+        Ls = {r: (torch.randn(n, r, device="cuda") * 0.02).to(torch.bfloat16) for r in RANKS if r}
+        Rs = {r: (torch.randn(r, k, device="cuda") * 0.02).to(torch.bfloat16) for r in RANKS if r}
+        for m in tokens:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            act = (m * k + m * n) * 2
+
+            def row(method, bits, rank, us, nbytes, err=None, cfg=None, stored_bits=None):
+                floor = nbytes / (bw * 1e9) * 1e6
+                r = {"out": n, "in": k, "tokens": m, "method": method, "bits": bits, "rank": rank,
+                     "time_us": round(us, 2), "bytes": nbytes, "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
+                     "floor_us": round(floor, 2), "x_floor": round(us / floor, 2), "rel_err": err,
+                     "config": cfg, "stored_bits_per_weight": stored_bits}
+                result["rows"].append(r)
+                print(f"{n:>5}x{k:<5} m={m:<3} {method:<18} b={bits} r={rank:<2} {us:8.1f} us  "
+                      f"{r['GBps']:7.0f} GB/s  {r['x_floor']:5.2f}x floor", flush=True)
+                return r
+
+            ref16 = x.float() @ w16.float().t()
+            t_bf16 = bench(lambda: F.linear(x, w16))
+            row("torch-bf16", 16, 0, t_bf16, n * k * 2 + act, rel_err(F.linear(x, w16), ref16))
+            fn, nb, w_hat = tg
+            try:
+                err = rel_err(fn(x), x.float() @ w_hat.t())
+                row("tinygemm-int4-g128", 4, 0, bench(lambda: fn(x)), nb + act, err, stored_bits=4.25)
+            except Exception as e:
+                print("tinygemm failed:", repr(e)[:300], flush=True)
+            if nf4 is not None:
+                lin, nb, w_hat = nf4
+                try:
+                    with torch.no_grad():
+                        err = rel_err(lin(x), x.float() @ w_hat.t())
+                        row("bnb-nf4-b64", 4, 0, bench(lambda: lin(x)), nb + act, err, stored_bits=4.5)
+                except Exception as e:
+                    print("bitsandbytes failed:", repr(e)[:300], flush=True)
+            for bits in BITS:
+                kw, w_hat, sbits = layers[bits]
+                for rank in RANKS:
+                    L, R = (Ls[rank], Rs[rank]) if rank else (None, None)
+                    ref = x.float() @ w_hat.t()
+                    if rank:
+                        ref = ref + (x.float() @ R.float().t()) @ L.float().t()
+                    cfg, _ = kernels.tune(x, kw, L, R, None, rep_ms=args.tune_ms)
+                    y = kernels.linear(x, kw, L, R, None, config=cfg)
+                    us = bench(lambda: kernels.linear(x, kw, L, R, None, config=cfg))
+                    lr_bytes = (n + k) * rank * 2
+                    sb = sbits + (rank * (n + k) * 16 / (n * k))
+                    row("lqkit", bits, rank, us, kw.nbytes() + lr_bytes + act, rel_err(y, ref),
+                        cfg.__dict__, round(sb, 3))
+                    if rank and m == 1:  # unfused side path for comparison: kernel + 2 GEMVs + add
+                        def unfused():
+                            return kernels.linear(x, kw, config=cfg) + F.linear(F.linear(x, R), L)
+                        row("lqkit-unfused-lr", bits, rank, bench(unfused), kw.nbytes() + lr_bytes + act)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))  # after every shape: partial results survive
+        del w, w16, layers, tg, nf4
+        torch.cuda.empty_cache()
+    return result
+
+
+def summary(result: dict) -> str:
+    rows = result["rows"]
+    get = {(r["out"], r["in"], r["tokens"], r["method"], r["bits"], r["rank"]): r for r in rows}
+    lines = ["| layer (out×in) | tokens | bf16 µs (×floor) | lqkit 4b µs (×floor) | 4b r32 | 3b µs (×floor) | "
+             "3b r32 | 2b µs (×floor) | tinygemm int4 | bnb nf4 | 4b/3b speed-up vs bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (n, k) in dict.fromkeys((r["out"], r["in"]) for r in rows):
+        for m in sorted({r["tokens"] for r in rows}):
+            def c(meth, b, r=0, floor=True):
+                x = get.get((n, k, m, meth, b, r))
+                if x is None:
+                    return "–"
+                return f"{x['time_us']:.1f} ({x['x_floor']:.2f}×)" if floor else f"{x['time_us']:.1f}"
+            b16 = get.get((n, k, m, "torch-bf16", 16, 0))
+            l4, l3 = get.get((n, k, m, "lqkit", 4, 0)), get.get((n, k, m, "lqkit", 3, 0))
+            sp = (f"{b16['time_us'] / l4['time_us']:.2f}× / {b16['time_us'] / l3['time_us']:.2f}×"
+                  if b16 and l4 and l3 else "–")
+            lines.append(f"| {n}×{k} | {m} | {c('torch-bf16', 16)} | {c('lqkit', 4)} | {c('lqkit', 4, 32, False)} | "
+                         f"{c('lqkit', 3)} | {c('lqkit', 3, 32, False)} | {c('lqkit', 2)} | "
+                         f"{c('tinygemm-int4-g128', 4)} | {c('bnb-nf4-b64', 4)} | {sp} |")
+    return "\n".join(lines)
+
+
+def dump_kernels(path: str) -> None:
+    """Write registers/spills and the PTX/SASS of every compiled kernel variant into a tar file."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        rows = []
+        for fn in (kt._gemv_kernel, kt._gemm_kernel):
+            for dev, entry in getattr(fn, "device_caches", {}).items():
+                cache = entry[0] if isinstance(entry, tuple) else entry
+                for i, (key, k) in enumerate(cache.items()):
+                    md = getattr(k, "metadata", None)
+                    name = f"{fn.__name__}_{i}"
+                    rows.append({"name": name, "regs": getattr(k, "n_regs", None),
+                                 "spills": getattr(k, "n_spills", None),
+                                 "warps": getattr(md, "num_warps", None), "shared": getattr(md, "shared", None),
+                                 "key": str(key)[:2000]})
+                    for ext in ("ptx", "sass"):
+                        try:
+                            data = k.asm[ext]
+                        except Exception:
+                            continue
+                        b = data.encode() if isinstance(data, str) else data
+                        ti = tarfile.TarInfo(f"{name}.{ext}")
+                        ti.size = len(b)
+                        tar.addfile(ti, io.BytesIO(b))
+        b = json.dumps(rows, indent=1).encode()
+        ti = tarfile.TarInfo("resources.json")
+        ti.size = len(b)
+        tar.addfile(ti, io.BytesIO(b))
+    print("kernel variants:", [(r["name"], r["regs"], r["spills"], r["warps"]) for r in rows], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/kernels.json", help="result JSON path")
+    ap.add_argument("--quick", action="store_true", help="two shapes, tokens 1 and 16")
+    ap.add_argument("--jobs", type=int, default=12, help="worker processes that precompile kernels (0: none)")
+    ap.add_argument("--tune-ms", type=int, default=10, help="do_bench budget per tuning candidate (ms)")
+    ap.add_argument("--dump", default="", help="write PTX/SASS and register use of the kernels to this tar.gz")
+    ap.add_argument("--summary-only", action="store_true", help="print the table of an existing --out file")
+    args = ap.parse_args()
+    if args.summary_only:
+        print(summary(json.loads(Path(args.out).read_text())))
+        return
+    if args.jobs:
+        precompile(args.jobs, args.quick)
+    result = run(args)
+    if args.dump:
+        dump_kernels(args.dump)
+    print(summary(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The command line: a smoke run and the bad inputs a user can hit (exit 2, one line, nothing written)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL_EVAL = ["--windows", "2", "--window-tokens", "64"]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LQKIT_CACHE=os.environ.get("LQKIT_CACHE", ""))
+    return subprocess.run([sys.executable, "-m", "lqkit", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def test_help():
+    for cmd in ([], ["compress"], ["eval"], ["inspect"]):
+        r = run(*cmd, "--help")
+        assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_compress_eval_inspect_smoke(tiny_model_dir, tmp_path):
+    out = tmp_path / "ck"
+    r = run("compress", "--model", str(tiny_model_dir), "--method", "lq", "--bits", "3", "--group-size", "32",
+            "--rank", "4", "--iters", "3", "--out", str(out), "--eval", *SMALL_EVAL, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "effective bits" in r.stdout and "perplexity" in r.stdout
+    r = run("eval", str(out), "--json", *SMALL_EVAL)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"perplexity", "effective_bits", "windows", "window_tokens"} <= set(d)
+    assert d["windows"] == 2 and d["window_tokens"] == 64 and 3 < d["effective_bits"] < 8
+    assert d["perplexity"] > 1
+    r = run("eval", str(tiny_model_dir), "--json", *SMALL_EVAL)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["effective_bits"] is None
+    r = run("inspect", str(out))
+    assert r.returncode == 0 and "model.layers.1.mlp.down_proj" in r.stdout and "lq:rtn3/g32in+r4" in r.stdout
+    r = run("inspect", str(out), "--json")
+    assert len(json.loads(r.stdout)["plan"]) == 14
+
+
+def _bad(args, tmp_path, expect):
+    r = run(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert expect in err, err
+    return r
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--method", "foo"], "invalid choice"),
+    (["--method", "nf", "--bits", "5"], "supports bits"),
+    (["--method", "rtn", "--bits", "9"], "supports bits"),
+    (["--rank", "1000"], "rank 1000 is larger"),
+    (["--group-size", "0"], "group size"),
+    (["--include", "nomatch_xyz"], "no linear layer matches"),
+    (["--eval", "--text", "{empty}"], "empty"),
+    (["--eval", "--text", "{short}"], "at least 63"),
+])
+def test_bad_compress_inputs(args, expect, tiny_model_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("a few words only")
+    args = [a.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt") for a in args]
+    out = tmp_path / "ck"
+    _bad(["compress", "--model", str(tiny_model_dir), "--out", str(out), "--group-size", "32", "--rank", "4",
+          *SMALL_EVAL, *args], tmp_path, expect)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary leftovers
+
+
+def test_missing_model_path(tmp_path):
+    _bad(["compress", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "ck")], tmp_path, "does not exist")
+    _bad(["eval", str(tmp_path / "nope")], tmp_path, "does not exist")
+
+
+def test_existing_out_needs_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    _bad(["compress", "--model", str(tiny_model_dir), "--out", str(out)], tmp_path, "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_corrupted_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "ck"
+    assert run("compress", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+               "--out", str(out), "-q").returncode == 0
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    _bad(["eval", str(out), *SMALL_EVAL], tmp_path, "truncated")
