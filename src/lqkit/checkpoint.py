@@ -197,3 +197,56 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     model.to(device)
     model.eval()
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# training state (resumable fine-tuning): tensors in safetensors, everything else in JSON, no pickle
+
+STATE_TENSORS = "state.safetensors"
+STATE_META = "state.json"
+STATE_POINTER = "LATEST"
+
+
+def save_state(root: str | Path, tag: str, tensors: Mapping[str, torch.Tensor], meta: dict, keep: int = 1) -> Path:
+    """Write one training state as ``root/tag/`` (tensors + JSON with their sha256), then point
+    ``root/LATEST`` at it with an atomic rename; older states beyond ``keep`` are removed. A process
+    killed at any moment leaves ``LATEST`` naming a complete state."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{tag}.tmp-"))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+        meta = dict(meta, tensors_sha256=_sha256(tmp / STATE_TENSORS))
+        (tmp / STATE_META).write_text(json.dumps(meta, indent=1))
+        _replace_dir(tmp, root / tag)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = root / f".{STATE_POINTER}.tmp"
+    pointer.write_text(tag)
+    os.replace(pointer, root / STATE_POINTER)
+    states = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in [p for p in states if p.name != tag][: max(0, len(states) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for junk in root.glob(".*.tmp-*"):
+        shutil.rmtree(junk, ignore_errors=True)
+    return root / tag
+
+
+def load_state(root: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of the state that ``root/LATEST`` names."""
+    root = Path(root)
+    try:
+        tag = (root / STATE_POINTER).read_text().strip()
+    except FileNotFoundError:
+        raise CheckpointError(f"no saved training state in {str(root)!r}; run without --resume to start") from None
+    d = root / tag
+    try:
+        meta = json.loads((d / STATE_META).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"training state {str(d)!r} is unreadable ({e}); start again without --resume") from None
+    f = d / STATE_TENSORS
+    if not f.is_file() or _sha256(f) != meta.get("tensors_sha256"):
+        raise CheckpointError(f"training state {str(d)!r} is corrupted (sha256 mismatch); start again without --resume")
+    return load_file(str(f)), meta
+

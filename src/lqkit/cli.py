@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", help="lqkit checkpoint folder")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.set_defaults(func=cmd_inspect)
+    _add_finetune_commands(sub, common)
     return p
 
 
@@ -143,6 +144,82 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     report = pipeline.inspect(a.path)
     print(json.dumps(report, indent=1) if a.json else pipeline.format_inspect(report))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# fine-tuning of the low-rank part (LQ-LoRA) and PEFT export
+
+
+def _add_finetune_commands(sub, common: argparse.ArgumentParser) -> None:
+    from .finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    f = sub.add_parser("finetune", parents=[common], help="fine-tune the low-rank factors of a checkpoint (LQ-LoRA)",
+                       description="Train only L and R of a compressed checkpoint (Q frozen) with a causal-LM loss; "
+                                   "writes OUT/best and OUT/last (lqkit checkpoints), OUT/resume, OUT/log.jsonl.")
+    f.add_argument("path", help="lqkit checkpoint folder with a low-rank part (rank > 0)")
+    f.add_argument("--data", required=True,
+                   help="UTF-8 plain text, or JSONL with {\"text\": ...} or {\"prompt\": ..., \"response\": ...} per line")
+    f.add_argument("--out", required=True, help="run folder")
+    f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    f.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (same options)")
+    f.add_argument("--format", dest="data_format", choices=("auto", "text", "jsonl"), default=d.data_format,
+                   help="data format (default auto: JSONL for .jsonl/.json, plain text otherwise)")
+    f.add_argument("--on-bad-line", choices=("error", "skip"), default=d.on_bad_line,
+                   help="JSONL lines that cannot be used: stop with their line number, or skip them (default error)")
+    f.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    f.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per packed sequence (default {d.seq_len})")
+    f.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch (default {d.batch_size})")
+    f.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default 1)")
+    f.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    f.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
+    f.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=d.schedule,
+                   help="learning-rate schedule after warm-up (default cosine)")
+    f.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"warm-up steps (default {d.warmup_steps})")
+    f.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping, 0: off (default 1)")
+    f.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="autocast precision (default fp32)")
+    f.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false",
+                   help="keep activations instead of recomputing them (faster, more memory)")
+    f.add_argument("--train-norms", action="store_true", help="also train norm weights")
+    f.add_argument("--train-biases", action="store_true", help="also train biases")
+    f.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between held-out evaluations (default {d.eval_every})")
+    f.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                   help=f"share of sequences held out for evaluation (default {d.eval_fraction})")
+    f.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between resumable states (default {d.save_every})")
+    f.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
+    f.add_argument("--device", default=None, help="where to train, e.g. cuda (default cpu)")
+    f.add_argument("--export-peft", action="store_true", help="also export the best checkpoint to OUT/peft (see export-peft)")
+    f.set_defaults(func=cmd_finetune)
+
+    x = sub.add_parser("export-peft", parents=[common], help="export a checkpoint as a PEFT LoRA over its dequantized base",
+                       description="Write OUT/base (plain HF model with deq(Q) weights) and OUT/adapter "
+                                   "(adapter_config.json + adapter_model.safetensors, lora_A = R, lora_B = L).")
+    x.add_argument("path", help="lqkit checkpoint folder with a low-rank part")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the exported base and adapter (default float32)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    x.set_defaults(func=cmd_export_peft)
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from . import finetune as ft
+
+    cfg = ft.FinetuneConfig(**{k: getattr(a, k) for k in ft.FinetuneConfig.__dataclass_fields__ if hasattr(a, k)})
+    res = ft.finetune(a.path, a.data, a.out, cfg, resume=a.resume, overwrite=a.overwrite, export_peft=a.export_peft,
+                      device=a.device, progress=not a.quiet)
+    print(ft.format_result(res))
+    return 0
+
+
+def cmd_export_peft(a: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_peft
+
+    r = export_peft(a.path, a.out, dtype=getattr(torch, a.dtype), overwrite=a.overwrite)
+    print(f"base     {r.base}\nadapter  {r.adapter} ({r.modules} LoRA modules, ranks {r.ranks})")
     return 0
 
 
