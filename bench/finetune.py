@@ -24,6 +24,8 @@ and a Markdown table beside it.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import logging
 import re
@@ -61,6 +63,14 @@ def rows() -> dict[str, tuple[str, MatrixSpec | None]]:
     }
 
 
+def _release_freed_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand freed heap pages back to the OS
+    except (OSError, AttributeError):
+        pass
+
+
 def run_row(name: str, a: argparse.Namespace) -> dict:
     kind, spec = rows()[name]
     loaded = load_model(a.model)
@@ -88,6 +98,7 @@ def run_row(name: str, a: argparse.Namespace) -> dict:
     else:
         row["effective_bits"] = 32.0
         params = dict(model.named_parameters())
+    _release_freed_memory()  # what compression allocated and freed is not training memory
     reset_peak_memory()
     rss_before = peak_memory()  # right after the reset: the current resident size (model + data)
     res = train(model, data, cfg, params=params, progress=a.progress)

@@ -232,3 +232,38 @@ def test_cli_kill9_resume_and_export(ckpt, text_file, tmp_path):
         p = _cli(*args)
         _, err = p.communicate(timeout=300)
         assert p.returncode == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
+
+
+def test_bf16_autocast_and_no_checkpointing(tiny_tokenizer, text_file):
+    m, _ = _compressed("gemma3")
+    data = load_packed(text_file, tiny_tokenizer, 32, eval_fraction=0.1, max_eval_sequences=1)
+    res = train(m, data, FinetuneConfig(steps=2, seq_len=32, batch_size=2, precision="bf16", grad_checkpointing=False,
+                                        schedule="linear", warmup_steps=0), progress=False)
+    assert all(torch.isfinite(torch.tensor(res.losses))) and res.evals and res.best_step is not None
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(m).values())  # fp32 masters
+    assert not any(getattr(mod, "_dense_q", None) is not None for mod in m.modules())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_chunked_loss_matches_full_logits(arch, monkeypatch):
+    from lqkit import finetune as ft
+
+    monkeypatch.setattr(ft, "LOSS_CHUNK_ELEMENTS", 384 * 10)  # 10 tokens per chunk: several chunks
+    m, _ = _compressed(arch)
+    if arch == "gemma3":
+        m.config.final_logit_softcapping = 5.0
+    cfg = FinetuneConfig(seq_len=24)
+    x = torch.randint(3, 384, (2, 24))
+    y = x.clone()
+    y[0, :7] = IGNORE  # a masked prompt
+    split = ft.loss_split(m, x, cfg)
+    assert split is not None
+    params = trainable_parameters(m)
+    grads = []
+    for s in (None, split):
+        nll = ft._nll_sum(m, x, y, cfg, s)
+        grads.append(torch.autograd.grad(nll, list(params.values())))
+        grads[-1] = (nll.detach(), grads[-1])
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -246,17 +246,82 @@ def _autocast(cfg: FinetuneConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
-def _nll_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
-    """Summed next-token NLL of the target tokens of a batch (labels shifted here, not copied logits)."""
-    with _autocast(cfg, x.device):
-        logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+LOSS_CHUNK_ELEMENTS = 1 << 24  # logits per loss chunk (64 MiB in fp32)
+
+
+def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None] | None:
+    """(decoder body, output head, final logit soft-cap) when the model is the usual
+    ``lm_head(model.model(x))``; None otherwise (then the full logits are used)."""
+    try:
+        body, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, ValueError, NotImplementedError):
+        return None
+    if body is None or body is model or not isinstance(head, nn.Linear):
+        return None
+    return body, head, getattr(model.config, "final_logit_softcapping", None)
+
+
+def _chunk_nll(h: torch.Tensor, t: torch.Tensor, head: nn.Module, cap: float | None) -> torch.Tensor:
+    logits = head(h).float()  # (n, V)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, t, reduction="sum")
+
+
+def _nll_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig,
+             split: tuple | None = None) -> torch.Tensor:
+    """Summed next-token NLL of the target tokens of a batch.
+
+    With ``split`` (see :func:`_split_head`) only the hidden states of target positions go through the
+    output head, in chunks that are recomputed in the backward pass: the (B, T, vocab) logits are
+    never held at once (for gemma-3's 262k vocabulary they would be the largest activation)."""
     target = torch.cat([y[:, 1:], torch.full_like(y[:, :1], IGNORE)], dim=1)  # (B, T): next token
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    with _autocast(cfg, x.device):
+        if split is None:
+            logits = model(input_ids=x, use_cache=False).logits  # (B, T, V)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                   ignore_index=IGNORE, reduction="sum")
+        body, head, cap = split
+        h = body(input_ids=x, use_cache=False).last_hidden_state  # (B, T, H)
+        keep = target != IGNORE
+        h, t = h[keep], target[keep]  # (n, H), (n,)
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // head.out_features)
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, t.numel(), chunk):
+            if torch.is_grad_enabled():
+                total = total + torch.utils.checkpoint.checkpoint(_chunk_nll, h[i:i + chunk], t[i:i + chunk], head,
+                                                                  cap, use_reentrant=False)
+            else:
+                total = total + _chunk_nll(h[i:i + chunk], t[i:i + chunk], head, cap)
+        return total
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig) -> float:
+def loss_split(model: nn.Module, x: torch.Tensor, cfg: FinetuneConfig) -> tuple | None:
+    """The chunked-loss split of ``model`` if it reproduces the model's own logits on ``x``, else None."""
+    split = _split_head(model)
+    if split is None:
+        return None
+    was_training = model.training
+    model.eval()
+    y = x.clone()
+    try:
+        ref = _nll_sum(model, x, y, cfg)
+        got = _nll_sum(model, x, y, cfg, split)
+    except Exception as e:  # an unusual architecture: keep the plain path
+        log.info("chunked loss unavailable (%s); using full logits", e)
+        return None
+    finally:
+        model.train(was_training)
+    if not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
+        log.info("the model post-processes its logits; using full logits for the loss")
+        return None
+    return split
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig,
+                 split: tuple | None = None) -> float:
     """Mean NLL per target token of the held-out sequences."""
     was_training = model.training
     model.eval()
@@ -264,7 +329,7 @@ def heldout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Finetu
     total, count = 0.0, 0
     for i in range(0, x.shape[0], cfg.batch_size):
         xb, yb = x[i:i + cfg.batch_size].to(device), y[i:i + cfg.batch_size].to(device)
-        total += float(_nll_sum(model, xb, yb, cfg))
+        total += float(_nll_sum(model, xb, yb, cfg, split))
         count += int((yb[:, 1:] != IGNORE).sum())
     model.train(was_training)
     return total / max(count, 1)
@@ -339,6 +404,45 @@ def _check_resume(meta: dict, cfg: FinetuneConfig, data: PackedData, params: Map
         raise CheckpointError("the training state's parameters do not match the model; start again without --resume")
 
 
+def _restore(root: Path, cfg: FinetuneConfig, data: PackedData, params: Mapping[str, nn.Parameter],
+             opt: torch.optim.Optimizer, sched) -> dict:
+    """Load the latest state under ``root`` into params, optimizer, scheduler and RNG; return its JSON."""
+    tensors, meta = checkpoint.load_state(root)
+    _check_resume(meta, cfg, data, params)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+    _load_optimizer_state(opt, tensors, meta["optimizer"])
+    sched.load_state_dict(meta["scheduler"])
+    _restore_rng(tensors)
+    return meta
+
+
+def _open_log(run_dir: Path, step: int):
+    """``run_dir/log.jsonl`` for appending, without lines of steps after ``step`` (written after the
+    state a resumed run starts from)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = run_dir / "log.jsonl"
+    kept = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step] \
+        if step and f.exists() else []
+    f.write_text("".join(ln + "\n" for ln in kept))
+    return f.open("a")
+
+
+def _accumulate(model: nn.Module, data: PackedData, batches: list[list[int]], cfg: FinetuneConfig, split,
+                device: torch.device) -> float:
+    """Forward and backward over the micro-batches of one optimizer step; gradients are those of the
+    mean NLL over all their target tokens. Returns that mean."""
+    targets = max(1, sum(int((data.labels[b, 1:] != IGNORE).sum()) for b in batches))
+    loss_sum = 0.0
+    for b in batches:
+        x, y = data.input_ids[b].to(device), data.labels[b].to(device)  # (B, T)
+        nll = _nll_sum(model, x, y, cfg, split)
+        (nll / targets).backward()
+        loss_sum += float(nll.detach())
+    return loss_sum / targets
+
+
 def train(model: nn.Module, data: PackedData, cfg: FinetuneConfig, *, params: Mapping[str, nn.Parameter] | None = None,
           run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict], None] | None = None,
@@ -359,28 +463,13 @@ def train(model: nn.Module, data: PackedData, cfg: FinetuneConfig, *, params: Ma
     step, micro, losses, evals, best = 0, 0, [], [], (None, math.inf)
     run_dir = Path(run_dir) if run_dir is not None else None
     if resume:
-        tensors, meta = checkpoint.load_state(run_dir / "resume")
-        _check_resume(meta, cfg, data, params)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[f"param.{name}"])
-        _load_optimizer_state(opt, tensors, meta["optimizer"])
-        sched.load_state_dict(meta["scheduler"])
-        _restore_rng(tensors)
+        meta = _restore(run_dir / "resume", cfg, data, params, opt, sched)
         step, micro, losses = meta["step"], meta["micro_batches"], meta["losses"]
         evals = [tuple(e) for e in meta["evals"]]
         best = (meta["best_step"], meta["best_eval_loss"] if meta["best_eval_loss"] is not None else math.inf)
         log.info("resuming at step %d (micro-batch %d)", step, micro)
     resumed_from = step if resume else None
-    log_file = None
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume and (run_dir / "log.jsonl").exists():  # drop lines written after the saved state
-            kept = [ln for ln in (run_dir / "log.jsonl").read_text().splitlines() if ln.strip()
-                    and json.loads(ln)["step"] <= step]
-        (run_dir / "log.jsonl").write_text("".join(ln + "\n" for ln in kept))
-        log_file = (run_dir / "log.jsonl").open("a")
+    log_file = _open_log(run_dir, step) if run_dir is not None else None
 
     checkpointing = cfg.grad_checkpointing and _set_checkpointing(model, True)
     model.train()
@@ -403,35 +492,29 @@ def train(model: nn.Module, data: PackedData, cfg: FinetuneConfig, *, params: Ma
                 "best_eval_loss": None if best[0] is None else best[1]}
         checkpoint.save_state(run_dir / "resume", f"step-{step:08d}", tensors, meta)
 
+    split = loss_split(model, data.input_ids[:1, :16].to(device), cfg)
     reset_peak_memory(device)
     t0, tokens = time.time(), 0
     bar = tqdm(total=cfg.steps, initial=step, desc="finetune", unit="step", disable=not progress)
     try:
         while step < cfg.steps:
             batches = [batch_indices(micro + k, cfg.batch_size, n, cfg.seed) for k in range(cfg.grad_accum)]
-            targets = sum(int((data.labels[b, 1:] != IGNORE).sum()) for b in batches)
-            loss_sum = 0.0
-            for b in batches:
-                x, y = data.input_ids[b].to(device), data.labels[b].to(device)  # (B, T)
-                nll = _nll_sum(model, x, y, cfg)
-                (nll / max(targets, 1)).backward()
-                loss_sum += float(nll.detach())
-                tokens += x.numel()
+            lr = opt.param_groups[0]["lr"]
+            loss = _accumulate(model, data, batches, cfg, split, device)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-            lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step, micro = step + 1, micro + cfg.grad_accum
-            loss = loss_sum / max(targets, 1)
+            tokens += len(batches) * cfg.batch_size * data.seq_len
             losses.append(loss)
             tok_s = tokens / max(time.time() - t0, 1e-9)
             record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s}
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
             if has_eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                ev = heldout_loss(model, data.eval_input_ids, data.eval_labels, cfg)
+                ev = heldout_loss(model, data.eval_input_ids, data.eval_labels, cfg, split)
                 evals.append((step, ev))
                 record["eval_loss"] = ev
                 log.info("step %d: held-out loss %.4f", step, ev)
