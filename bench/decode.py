@@ -54,7 +54,7 @@ def linear_shapes(s: Shape) -> dict[str, tuple[int, int]]:
 
 
 def rms(x, w, eps=1e-5):
-    return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
 class Decoder:
@@ -71,30 +71,33 @@ class Decoder:
         self.vc = [torch.zeros(cache, device=dev, dtype=dt) for _ in range(s.layers)]
         inv = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, device=dev).float() / s.head_dim))
         ang = torch.arange(max_len, device=dev).float()[:, None] * inv[None, :]  # (T, hd/2)
-        self.cos, self.sin = ang.cos(), ang.sin()
+        self.freqs = torch.polar(torch.ones_like(ang), ang)  # (T, hd/2) complex64
         self.max_len = max_len
 
-    def rope(self, x, pos):  # x (B, 1, H, hd)
-        c, s_ = self.cos[pos].view(1, 1, 1, -1), self.sin[pos].view(1, 1, 1, -1)
-        x1, x2 = x.float()[..., ::2], x.float()[..., 1::2]
-        return torch.stack([x1 * c - x2 * s_, x1 * s_ + x2 * c], dim=-1).flatten(-2).to(x.dtype)
+    def rope(self, x, f):  # x (B, 1, H, hd); f (1, 1, 1, hd/2) complex
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
 
     def step(self, ids, pos):
         """ids (B, 1) int64, pos (1,) int64 tensor -> next ids (B, 1)."""
         s = self.s
         b = ids.shape[0]
+        grp = s.heads // s.kv_heads
         h = self.embed[ids]  # (B, 1, D)
-        mask = (torch.arange(self.max_len, device=ids.device) <= pos).view(1, 1, 1, -1)
+        ar = torch.arange(self.max_len, device=ids.device)
+        mask = torch.zeros(self.max_len, device=ids.device, dtype=h.dtype).masked_fill_(ar > pos, float("-inf"))
+        mask = mask.view(1, 1, 1, -1)
+        f = self.freqs[pos].view(1, 1, 1, -1)
         for i, lin in enumerate(self.lin):
             a = rms(h, self.norms[i][0])
-            q = self.rope(lin["q"](a).view(b, 1, s.heads, s.head_dim), pos)
-            k = self.rope(lin["k"](a).view(b, 1, s.kv_heads, s.head_dim), pos)
+            q = self.rope(lin["q"](a).view(b, 1, s.heads, s.head_dim), f)
+            k = self.rope(lin["k"](a).view(b, 1, s.kv_heads, s.head_dim), f)
             v = lin["v"](a).view(b, 1, s.kv_heads, s.head_dim)
             self.kc[i].index_copy_(2, pos, k.transpose(1, 2))
             self.vc[i].index_copy_(2, pos, v.transpose(1, 2))
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), self.kc[i], self.vc[i], attn_mask=mask,
-                                               enable_gqa=True)  # (B, H, 1, hd)
-            h = h + lin["o"](o.transpose(1, 2).reshape(b, 1, -1))
+            qg = q.view(b, s.kv_heads, grp, s.head_dim)  # the query heads of one KV head as its "queries"
+            o = F.scaled_dot_product_attention(qg, self.kc[i], self.vc[i], attn_mask=mask)  # (B, KVH, grp, hd)
+            h = h + lin["o"](o.reshape(b, 1, -1))
             m = rms(h, self.norms[i][1])
             h = h + lin["down"](F.silu(lin["gate"](m)) * lin["up"](m))
         logits = F.linear(rms(h, self.final_norm), self.lm_head)  # (B, 1, V)
@@ -194,6 +197,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (fed one at a time, untimed)")
     ap.add_argument("--bits", default="3,4", help="comma-separated lqkit bit widths")
     ap.add_argument("--rank", type=int, default=16, help="rank of L·R")
+    ap.add_argument("--jobs", type=int, default=14, help="worker processes that precompile kernels (0: none)")
     args = ap.parse_args()
 
     s = LLAMA3_8B if args.model == "llama3-8b" else LLAMA3_2_3B
@@ -209,6 +213,11 @@ def main() -> None:
     lm_head = (torch.randn(s.vocab, s.hidden, device=dev) * 0.02).to(torch.bfloat16)
     print(f"random weights built in {time.time() - t:.0f} s", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.jobs:  # compile the tuning candidates in parallel worker processes first
+        from kernels import precompile
+
+        precompile(args.jobs, False, bits_list=[int(b) for b in args.bits.split(",")], ranks=(args.rank,),
+                   tokens=tuple(batches))
     max_len = args.prompt + args.new + 8
     variants = {"bf16": (bf16_linears(weights), 16.0)}
     for bits in [int(b) for b in args.bits.split(",")]:

@@ -66,6 +66,70 @@ def bench(fn, rep: int = 100) -> float:
     return do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1e3
 
 
+def measure(fn, rep: int = 100, copies: list | None = None) -> dict:
+    """Device time (CUDA-graph replay), eager time (the host launches every call) and the host's
+    cost per call, all in µs. Falls back to eager when the call cannot be captured."""
+    eager = bench(fn, rep)
+    try:
+        dev = kt.time_call(fn, rep, graph=True) * 1e3
+        graph = True
+    except Exception as e:
+        print("graph capture failed, eager time only:", repr(e)[:120], flush=True)
+        torch.cuda.synchronize()
+        dev, graph = eager, False
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(200):
+        fn()
+    host = (time.perf_counter() - t) / 200 * 1e6
+    torch.cuda.synchronize()
+    r = {"time_us": dev, "single_us": round(dev, 2), "eager_us": round(eager, 2), "host_us": round(host, 1),
+         "graph": graph}
+    if copies and graph:
+        try:
+            r["time_us"] = measure_rot(copies)
+            r["copies"] = len(copies)
+        except Exception as e:
+            print("rotating measurement failed:", repr(e)[:120], flush=True)
+            torch.cuda.synchronize()
+    return r
+
+
+def n_copies(nbytes: int) -> int:
+    """Weight copies whose total is over 2.5× the L2 cache, so every call reads cold weights."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) or (50 << 20)
+    return int(min(64, max(2, -(-int(2.5 * l2) // max(nbytes, 1)))))
+
+
+def measure_rot(fns: list, reps: int = 60) -> float:
+    """µs per call of back-to-back calls, each on its own weight copy, captured in one CUDA graph:
+    what a decoder sees layer after layer (cold weights, no host launch cost, activations in L2).
+    Median over graph replays (CUDA events) divided by the number of calls."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    for _ in range(3):
+        g.replay()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for a, b in ev:
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in ev)
+    return times[len(times) // 2] * 1e3 / len(fns)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB, bytes read + written per second (GB/s)."""
     n = 1 << 30
@@ -96,7 +160,7 @@ def tinygemm_int4(w: torch.Tensor, group: int = 128):
     def fn(x):
         return torch.ops.aten._weight_int4pack_mm(x, wq, group, sz)
 
-    return fn, wq.numel() * wq.element_size() + sz.numel() * sz.element_size(), w_hat
+    return fn, wq.numel() * wq.element_size() + sz.numel() * sz.element_size(), w_hat, (wq, sz)
 
 
 def bnb_nf4(w: torch.Tensor):
@@ -125,21 +189,26 @@ def lqkit_layer(w: torch.Tensor, bits: int):
     return kw, w_hat, qmod.storage_bits(spec, tuple(w.shape)) / w.numel()
 
 
+def clone_kw(kw):
+    from lqkit.kernels.layout import KernelWeight
+
+    c = lambda t: t.clone() if t is not None else None  # noqa: E731
+    return KernelWeight(spec=kw.spec, shape=kw.shape, qweight=c(kw.qweight), scale=c(kw.scale), offset=c(kw.offset),
+                        lut=c(kw.lut), n_pad=kw.n_pad, k_pad=kw.k_pad)
+
+
 def rel_err(y, ref) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def precompile(jobs: int, quick: bool) -> None:
+def precompile(jobs: int, quick: bool, bits_list=BITS, ranks=RANKS, tokens=None) -> None:
     """Compile every kernel variant the tuning will try, in parallel worker processes (they share
     triton's on-disk cache), so that the timing process finds them compiled."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    work = []
-    for bits in BITS:
-        for rank in RANKS:
-            for m in sorted({1, 4, 16, 64, 256} if not quick else {1, 16}):
-                work.append((bits, rank, m))
+    tokens = tokens or ((1, 4, 16, 64, 256) if not quick else (1, 16))
+    work = [(bits, rank, m) for bits in bits_list for rank in ranks for m in tokens]
     t = time.time()
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(_compile_job, work))
@@ -156,7 +225,7 @@ def _compile_job(item) -> None:
     R = torch.randn(rank, 1024, device="cuda", dtype=torch.bfloat16) if rank else None
     seen = set()
     for cfg in kt.candidates(kw, m):
-        key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages)
+        key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages, cfg.maxnreg)
         if key in seen:
             continue
         seen.add(key)
@@ -181,7 +250,13 @@ def run(args) -> dict:
     shapes = SHAPES if not args.quick else [(4096, 14336), (4096, 4096)]
     tokens = TOKENS if not args.quick else [1, 16]
     result = {"env": info, "copy_bandwidth_GBps": bw, "group_size": GROUP, "rows": [],
-              "notes": "time_us: median of CUDA-event timings (triton do_bench, L2 flushed each call); "
+              "notes": "time_us: per call, back-to-back calls each on its own copy of the weights (copies "
+                       "together > 2.5x L2, so weights are always read cold), captured in one CUDA graph, median "
+                       "of CUDA-event timed replays / calls: what a decoder sees layer after layer; single_us: one "
+                       "call in a CUDA graph timed by triton do_bench, which zeroes 256 MB before each call "
+                       "(the L2 then holds dirty lines that the call must write back: pessimistic for small "
+                       "layers; ANCHORS.md used this flush); eager_us: do_bench with the host launching each "
+                       "call; host_us: host time per call; "
                        "bytes: what the call must read (packed words as the kernel reads them incl. padding, "
                        "scales, offsets, L/R, activations) plus the output written; floor_us = bytes / copy "
                        "bandwidth; lqkit rtn group 128 along 'in', fp16 scale+offset; the 3-bit kernel layout "
@@ -190,33 +265,45 @@ def run(args) -> dict:
     for (n, k) in shapes:
         w = torch.randn(n, k, device="cuda") * 0.02
         w16 = w.to(torch.bfloat16)
+        W16 = [w16] + [w16.clone() for _ in range(n_copies(n * k * 2) - 1)]
         layers = {b: lqkit_layer(w, b) for b in BITS}
+        kws = {b: [layers[b][0]] + [clone_kw(layers[b][0]) for _ in range(n_copies(layers[b][0].nbytes()) - 1)]
+               for b in BITS}
         tg = tinygemm_int4(w16)
+        tgs = [tg[3]] + [(tg[3][0].clone(), tg[3][1].clone()) for _ in range(n_copies(tg[1]) - 1)]
         nf4 = bnb_nf4(w) if have_bnb else None
-        Ls = {r: (torch.randn(n, r, device="cuda") * 0.02).to(torch.bfloat16) for r in RANKS if r}
-        Rs = {r: (torch.randn(r, k, device="cuda") * 0.02).to(torch.bfloat16) for r in RANKS if r}
+        nf4s = [nf4[0]] + [bnb_nf4(w)[0] for _ in range(n_copies(nf4[1]) - 1)] if nf4 is not None else None
+        LR = {r: [((torch.randn(n, r, device="cuda") * 0.02).to(torch.bfloat16),
+                   (torch.randn(r, k, device="cuda") * 0.02).to(torch.bfloat16)) for _ in range(64)]
+              for r in RANKS if r}
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             act = (m * k + m * n) * 2
 
-            def row(method, bits, rank, us, nbytes, err=None, cfg=None, stored_bits=None):
+            def row(method, bits, rank, t, nbytes, err=None, cfg=None, stored_bits=None):
+                us = t["time_us"]
                 floor = nbytes / (bw * 1e9) * 1e6
                 r = {"out": n, "in": k, "tokens": m, "method": method, "bits": bits, "rank": rank,
-                     "time_us": round(us, 2), "bytes": nbytes, "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
-                     "floor_us": round(floor, 2), "x_floor": round(us / floor, 2), "rel_err": err,
-                     "config": cfg, "stored_bits_per_weight": stored_bits}
+                     "time_us": round(us, 2), "single_us": t["single_us"], "eager_us": t["eager_us"],
+                     "host_us": t["host_us"], "copies": t.get("copies"), "graph": t["graph"], "bytes": nbytes,
+                     "GBps": round(nbytes / (us * 1e-6) / 1e9, 1), "floor_us": round(floor, 2),
+                     "x_floor": round(us / floor, 2), "rel_err": err, "config": cfg,
+                     "stored_bits_per_weight": stored_bits}
                 result["rows"].append(r)
                 print(f"{n:>5}x{k:<5} m={m:<3} {method:<18} b={bits} r={rank:<2} {us:8.1f} us  "
-                      f"{r['GBps']:7.0f} GB/s  {r['x_floor']:5.2f}x floor", flush=True)
+                      f"{r['GBps']:7.0f} GB/s  {r['x_floor']:5.2f}x floor  (single {t['single_us']:.1f}, "
+                      f"eager {t['eager_us']:.1f}, host {t['host_us']:.0f} us/call)", flush=True)
                 return r
 
             ref16 = x.float() @ w16.float().t()
-            t_bf16 = bench(lambda: F.linear(x, w16))
-            row("torch-bf16", 16, 0, t_bf16, n * k * 2 + act, rel_err(F.linear(x, w16), ref16))
-            fn, nb, w_hat = tg
+            row("torch-bf16", 16, 0, measure(lambda: F.linear(x, w16), copies=[
+                (lambda wc=wc: F.linear(x, wc)) for wc in W16]), n * k * 2 + act, rel_err(F.linear(x, w16), ref16))
+            fn, nb, w_hat, _ = tg
             try:
                 err = rel_err(fn(x), x.float() @ w_hat.t())
-                row("tinygemm-int4-g128", 4, 0, bench(lambda: fn(x)), nb + act, err, stored_bits=4.25)
+                row("tinygemm-int4-g128", 4, 0, measure(lambda: fn(x), copies=[
+                    (lambda c=c: torch.ops.aten._weight_int4pack_mm(x, c[0], GROUP, c[1])) for c in tgs]),
+                    nb + act, err, stored_bits=4.25)
             except Exception as e:
                 print("tinygemm failed:", repr(e)[:300], flush=True)
             if nf4 is not None:
@@ -224,30 +311,35 @@ def run(args) -> dict:
                 try:
                     with torch.no_grad():
                         err = rel_err(lin(x), x.float() @ w_hat.t())
-                        row("bnb-nf4-b64", 4, 0, bench(lambda: lin(x)), nb + act, err, stored_bits=4.5)
+                        row("bnb-nf4-b64", 4, 0, measure(lambda: lin(x), copies=[(lambda c=c: c(x)) for c in nf4s]),
+                            nb + act, err, stored_bits=4.5)
                 except Exception as e:
                     print("bitsandbytes failed:", repr(e)[:300], flush=True)
             for bits in BITS:
                 kw, w_hat, sbits = layers[bits]
                 for rank in RANKS:
-                    L, R = (Ls[rank], Rs[rank]) if rank else (None, None)
+                    L, R = LR[rank][0] if rank else (None, None)
                     ref = x.float() @ w_hat.t()
                     if rank:
                         ref = ref + (x.float() @ R.float().t()) @ L.float().t()
                     cfg, _ = kernels.tune(x, kw, L, R, None, rep_ms=args.tune_ms)
                     y = kernels.linear(x, kw, L, R, None, config=cfg)
-                    us = bench(lambda: kernels.linear(x, kw, L, R, None, config=cfg))
                     lr_bytes = (n + k) * rank * 2
+                    copies = [(lambda c=c, i=i: kernels.linear(x, c, *(LR[rank][i] if rank else (None, None)),
+                                                               None, config=cfg)) for i, c in enumerate(kws[bits])]
+                    t = measure(lambda: kernels.linear(x, kw, L, R, None, config=cfg), copies=copies)
                     sb = sbits + (rank * (n + k) * 16 / (n * k))
-                    row("lqkit", bits, rank, us, kw.nbytes() + lr_bytes + act, rel_err(y, ref),
+                    row("lqkit", bits, rank, t, kw.nbytes() + lr_bytes + act, rel_err(y, ref),
                         cfg.__dict__, round(sb, 3))
                     if rank and m == 1:  # unfused side path for comparison: kernel + 2 GEMVs + add
-                        def unfused():
-                            return kernels.linear(x, kw, config=cfg) + F.linear(F.linear(x, R), L)
-                        row("lqkit-unfused-lr", bits, rank, bench(unfused), kw.nbytes() + lr_bytes + act)
+                        def unfused(c=kw, lr=(L, R)):
+                            return kernels.linear(x, c, config=cfg) + F.linear(F.linear(x, lr[1]), lr[0])
+                        copies = [(lambda c=c, i=i: unfused(c, LR[rank][i])) for i, c in enumerate(kws[bits])]
+                        row("lqkit-unfused-lr", bits, rank, measure(unfused, copies=copies),
+                            kw.nbytes() + lr_bytes + act)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))  # after every shape: partial results survive
-        del w, w16, layers, tg, nf4
+        del w, w16, W16, layers, kws, tg, tgs, nf4, nf4s, LR
         torch.cuda.empty_cache()
     return result
 

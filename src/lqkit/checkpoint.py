@@ -250,3 +250,62 @@ def load_state(root: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"training state {str(d)!r} is corrupted (sha256 mismatch); start again without --resume")
     return load_file(str(f)), meta
 
+
+# ----------------------------------------------------------------------------------------------
+# calibration statistics: one safetensors file, tensors keyed "h.<module>" / "fisher.<module>",
+# JSON metadata (format, counts, aliases of shared H, model, text sha256, samples, seqlen, ...)
+
+STATS_FORMAT = "lqkit-stats"
+STATS_VERSION = 1
+
+
+def save_stats(stats, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write :class:`lqkit.calibrate.CalibrationStats` to a safetensors file (atomically)."""
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"statistics file {str(path)!r} already exists; pass --overwrite or choose another path")
+    if path.exists() and path.is_dir():
+        raise CheckpointError(f"statistics path {str(path)!r} is a folder; choose a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"h.{n}": t.contiguous().cpu() for n, t in stats.h.items()}
+    tensors.update({f"fisher.{n}": t.contiguous().cpu() for n, t in stats.fisher.items()})
+    meta = {"format": STATS_FORMAT, "format_version": str(STATS_VERSION), "lqkit_version": __version__,
+            "count": json.dumps(stats.count), "h_alias": json.dumps(stats.h_alias), "meta": json.dumps(stats.meta)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_stats(path: str | Path, device: str = "cpu"):
+    """Read a statistics file written by :func:`save_stats`."""
+    from safetensors import safe_open
+
+    from .calibrate import CalibrationStats
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"statistics file {str(path)!r} does not exist; create it with `lqkit calibrate`")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != STATS_FORMAT:
+                raise CheckpointError(f"{path} is not an lqkit statistics file (written by `lqkit calibrate`)")
+            if int(meta.get("format_version", 0)) > STATS_VERSION:
+                raise CheckpointError(f"{path} has statistics format {meta['format_version']}, newer than this "
+                                      f"lqkit understands ({STATS_VERSION}); upgrade lqkit")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read statistics file {path}: {e}; re-create it with `lqkit calibrate`") from None
+    return CalibrationStats(
+        h={k[2:]: t for k, t in tensors.items() if k.startswith("h.")},
+        count={k: int(v) for k, v in json.loads(meta["count"]).items()},
+        h_alias=json.loads(meta["h_alias"]),
+        fisher={k[7:]: t for k, t in tensors.items() if k.startswith("fisher.")},
+        meta=json.loads(meta["meta"]),
+    )

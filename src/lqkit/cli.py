@@ -13,7 +13,9 @@ from .errors import LqkitError
 
 log = logging.getLogger("lqkit")
 
-METHODS = ("rtn", "nf", "lq", "lorc", "lowrank")
+METHODS = ("rtn", "nf", "gptq", "nuq", "sparse", "lq", "lorc", "lowrank")
+QUANT_ONLY = ("rtn", "nf", "gptq", "nuq", "sparse")  # methods that are Q alone
+SPARSE_DEFAULT = 0.005  # --method sparse: fraction of weights kept as fp16 outliers unless --outliers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,11 +48,26 @@ def _spec_from_args(a: argparse.Namespace):
 
     quant = None
     if a.method != "lowrank":
-        qname = {"rtn": "rtn", "nf": "nf"}.get(a.method, a.quantizer)
-        quant = QuantSpec(qname, a.bits, a.group_size, a.group_dim, a.double_quant)
-    method = {"rtn": "quant", "nf": "quant"}.get(a.method, a.method)
+        qname = a.method if a.method in ("rtn", "nf", "gptq", "nuq") else a.quantizer
+        outliers = a.outliers if a.outliers is not None else SPARSE_DEFAULT if a.method == "sparse" else 0.0
+        quant = QuantSpec(qname, a.bits, a.group_size, a.group_dim, a.double_quant, act_order=a.act_order,
+                          damp=a.damp, outliers=outliers, outlier_features=a.outlier_features)
+    method = "quant" if a.method in QUANT_ONLY else a.method
     rank = a.rank if method in ("lq", "lorc", "lowrank") else 0
-    return MatrixSpec(method, quant, rank, iters=a.iters, factor_dtype=a.factor_dtype)
+    return MatrixSpec(method, quant, rank, iters=a.iters, factor_dtype=a.factor_dtype, weighting=a.weighting)
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="UTF-8 calibration text (default: bundled WikiText-2 validation split)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence incl. BOS (default 512)")
+
+
+def _calib_config(a, fisher: bool = True):
+    from .calibrate import CalibConfig
+
+    return CalibConfig(samples=a.calib_samples, seqlen=a.calib_seqlen, fisher=fisher)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,14 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c.add_argument("--method", choices=METHODS, default="lq",
-                   help="rtn: uniform quantization; nf: NormalFloat; lq: LQ-LoRA alternation Q + L·R; "
+                   help="rtn: uniform quantization; nf: NormalFloat; gptq: GPTQ (needs calibration); "
+                        "nuq: SqueezeLLM-style Fisher-weighted k-means codebooks; sparse: --quantizer with "
+                        f"--outliers (default {SPARSE_DEFAULT}) kept as fp16; lq: LQ-LoRA alternation Q + L·R; "
                         "lorc: quantize then low-rank residual (ZeroQuant-V2); lowrank: L·R only (default lq)")
-    c.add_argument("--quantizer", choices=("rtn", "rtn_sym", "nf"), default="rtn",
-                   help="quantizer of Q for lq/lorc (default rtn: asymmetric min-max)")
-    c.add_argument("--bits", type=int, default=3, help="bits per code (rtn: 2-8, nf: 2-4; default 3)")
+    c.add_argument("--quantizer", choices=("rtn", "rtn_sym", "nf", "gptq", "nuq"), default="rtn",
+                   help="quantizer of Q for lq/lorc/sparse (default rtn: asymmetric min-max)")
+    c.add_argument("--bits", type=int, default=3, help="bits per code (rtn/gptq/nuq: 2-8, nf: 2-4; default 3)")
+    c.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
+    c.add_argument("--damp", type=float, default=0.01, help="gptq: dampening as a fraction of mean(diag H) (default 0.01)")
+    c.add_argument("--outliers", type=float, default=None, metavar="FRAC",
+                   help="fraction of weights kept exactly as sparse fp16 (dense-and-sparse), by |w|·sensitivity")
+    c.add_argument("--outlier-features", type=float, default=0.0, metavar="FRAC",
+                   help="fraction of input features (largest activations) kept as 16-bit columns (LLM.int8())")
+    c.add_argument("--weighting", choices=("none", "fisher", "hessian"), default="none",
+                   help="weight the low-rank part and the LQ objective by the Fisher diagonal (FWSVD) or by "
+                        "the input second moments H (activation-aware SVD) (default none)")
     c.add_argument("--group-size", type=int, default=128, help="elements per quantization group (default 128)")
-    c.add_argument("--group-dim", choices=("in", "out"), default="in",
-                   help="groups along the input dim (per output channel) or the output dim (AdaDim) (default in)")
+    c.add_argument("--group-dim", choices=("in", "out", "auto"), default="in",
+                   help="groups along the input dim (per output channel) or the output dim; auto: per matrix, "
+                        "the one of smaller (weighted) error (AdaDim) (default in)")
     c.add_argument("--double-quant", action="store_true", help="nf: quantize the absmax scales to 8 bits")
     c.add_argument("--rank", type=int, default=32, help="rank of L·R for lq/lorc/lowrank (default 32)")
     c.add_argument("--iters", type=int, default=20, help="lq: maximum alternations (default 20)")
@@ -84,9 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="skip linear layers whose name matches (repeatable; default: lm_head)")
     c.add_argument("--device", default=None, help="where decompositions run, e.g. cuda (default: the model's)")
+    _add_calib(c)
+    c.add_argument("--stats", default=None, metavar="FILE",
+                   help="calibration statistics (safetensors from `lqkit calibrate`); computed and saved "
+                        "there if the file does not exist")
     c.add_argument("--eval", action="store_true", help="evaluate perplexity after compressing")
     _add_eval_protocol(c)
     c.set_defaults(func=cmd_compress)
+
+    k = sub.add_parser("calibrate", parents=[common], help="compute calibration statistics (H, Fisher)",
+                       description="Run calibration text through the model, one decoder block at a time, and "
+                                   "save per-layer input second moments H and the empirical Fisher diagonal.")
+    _add_model(k)
+    k.add_argument("--out", required=True, help="output statistics file (.safetensors)")
+    k.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_calib(k)
+    k.add_argument("--no-fisher", action="store_true", help="only H (skips the backward passes)")
+    k.add_argument("--include", action="append", default=None, metavar="REGEX",
+                   help="layers to calibrate (repeatable; default: every linear but lm_head)")
+    k.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                   help="layers to skip (repeatable; default: lm_head)")
+    k.set_defaults(func=cmd_calibrate)
 
     e = sub.add_parser("eval", parents=[common], help="perplexity of a model or checkpoint",
                        description="Perplexity on WikiText-2 (or --text) with lqkit's fixed protocol.")
@@ -120,9 +167,23 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     spec = _spec_from_args(a)  # validate before loading anything
     proto = _protocol(a) if a.eval else None
+    calib = _calib_config(a)  # validate before loading anything
     res = pipeline.compress(a.model, spec, a.out, overwrite=a.overwrite, include=a.include, exclude=a.exclude,
-                            device=a.device, eval_protocol=proto, eval_text=a.text, progress=not a.quiet)
+                            device=a.device, eval_protocol=proto, eval_text=a.text, progress=not a.quiet,
+                            calib=calib, calib_text=a.calib, stats_path=a.stats)
     print(pipeline.format_summary(res))
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from . import pipeline
+
+    st = pipeline.calibrate(a.model, a.out, text=a.calib, config=_calib_config(a, fisher=not a.no_fisher),
+                            include=a.include, exclude=a.exclude, overwrite=a.overwrite, progress=not a.quiet)
+    m = st.meta
+    fisher = f", Fisher {m['seconds_fisher']:.0f} s ({m['fisher_windows']} windows)" if m["fisher"] else ""
+    print(f"statistics     {a.out}\nlayers         {len(st.names())}\ndata           {m['samples']} x {m['seqlen']} "
+          f"tokens of {m['text']}\ntime           H {m['seconds_h']:.0f} s{fisher}\npeak memory    {m['peak_rss_mb']} MiB")
     return 0
 
 

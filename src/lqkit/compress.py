@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Mapping
@@ -12,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core.decompose import MatrixSpec, decompose, storage_bits
+from .errors import SpecError
 from .nn.linear import CompressedLinear
 from .nn.surgery import check_plan, compressed_modules, set_submodule
 
@@ -27,6 +29,7 @@ class MatrixReport:
     error: float  # relative Frobenius reconstruction error
     iterations: int
     seconds: float
+    weighted_error: float | None = None  # relative error under the spec's weighting (if any)
 
     @property
     def bits_per_param(self) -> float:
@@ -55,24 +58,56 @@ class SizeSummary:
         return d
 
 
+def needed_stats(plan: Mapping[str, MatrixSpec]) -> set[str]:
+    """Which calibration statistics ("h", "fisher") the plan's specs use."""
+    need = set()
+    for spec in plan.values():
+        need |= {"fisher": {"fisher"}, "hessian": {"h"}}.get(spec.weighting, set())
+        q = spec.quant
+        if q is not None:
+            need |= {"gptq": {"h"}, "nuq": {"fisher"}}.get(q.method, set())
+            if q.outliers or q.outlier_features:
+                need.add("h")
+    return need
+
+
+def check_stats(plan: Mapping[str, MatrixSpec], stats) -> None:
+    """Fail before any work when ``stats`` lack what a planned matrix needs."""
+    for name, spec in plan.items():
+        need = needed_stats({name: spec})
+        ms = stats.get(name) if stats is not None else None
+        missing = [k for k in sorted(need) if getattr(ms, k, None) is None]
+        if missing:
+            what = " and ".join({"h": "input second moments (H)", "fisher": "a Fisher diagonal"}[k] for k in missing)
+            raise SpecError(f"{name} ({spec.label()}) needs {what}, which the calibration statistics lack; "
+                            "pass --calib (or a --stats file that has them)")
+
+
 def compress_model(model: nn.Module, plan: Mapping[str, MatrixSpec], *, device: str | None = None,
-                   progress: bool = True) -> dict[str, MatrixReport]:
+                   progress: bool = True, stats=None) -> dict[str, MatrixReport]:
     """Replace each planned linear layer of ``model`` (in place) by its CompressedLinear.
 
     ``device``: where decompositions run (e.g. "cuda"); the result is moved back to the layer's device.
+    ``stats``: calibration statistics with ``get(name) -> MatrixStats | None`` (e.g.
+    :class:`lqkit.calibrate.CalibrationStats`), for data-aware quantizers and weightings.
     """
     check_plan(model, plan)  # fail on a bad plan before any work
+    check_stats(plan, stats)
     reports = {}
     for name, spec in tqdm(plan.items(), desc="compress", unit="matrix", disable=not progress):
         lin = model.get_submodule(name)
         home, dtype = lin.weight.device, lin.weight.dtype
         t0 = time.time()
-        d = decompose(lin.weight.detach().to(device or home), spec)
+        ms = stats.get(name) if stats is not None else None
+        d = decompose(lin.weight.detach().to(device or home), spec, ms)
+        if not math.isfinite(d.error):
+            raise SpecError(f"compressing {name} with {spec.label()} gave a non-finite reconstruction; "
+                            "its weights or calibration statistics contain NaN/inf")
         bias = lin.bias.detach().to(device or home) if lin.bias is not None else None
         new = CompressedLinear.from_decomposition(d, bias, dtype=dtype).to(home)
         set_submodule(model, name, new)
-        reports[name] = MatrixReport(name, d.shape, spec.label(), d.nbits, d.error, len(d.history),
-                                     time.time() - t0)
+        reports[name] = MatrixReport(name, d.shape, d.spec.label(), d.nbits, d.error, len(d.history),
+                                     time.time() - t0, d.weighted_error)
         log.debug("%s %s error=%.4f bits/param=%.3f", name, spec.label(), d.error, reports[name].bits_per_param)
     return reports
 

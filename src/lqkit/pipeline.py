@@ -10,12 +10,14 @@ from typing import Iterable
 import torch
 
 from . import checkpoint
-from .compress import MatrixReport, SizeSummary, compress_model, size_summary
+from .calibrate import CalibConfig, CalibrationStats, calibrate as _calibrate
+from .compress import MatrixReport, SizeSummary, compress_model, needed_stats, size_summary
 from .core.decompose import MatrixSpec
-from .data import read_text
+from .data import DEFAULT_CALIB_TEXT, read_text
+from .errors import SpecError
 from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
-from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan
+from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan, find_linears
 from .plan import Plan, uniform_plan
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,14 @@ class CompressResult:
 def compress(model: str | None, spec: MatrixSpec | Plan, out: str, *, overwrite: bool = False,
              include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
              device: str | None = None, eval_protocol: EvalProtocol | None = None,
-             eval_text: str | None = None, progress: bool = True) -> CompressResult:
+             eval_text: str | None = None, progress: bool = True, calib: CalibConfig | None = None,
+             calib_text: str | None = None, stats_path: str | None = None) -> CompressResult:
     """Load ``model``, compress it with one spec for every selected linear (or an explicit plan),
-    optionally evaluate, and write a checkpoint to ``out``. All input is checked before heavy work."""
+    optionally evaluate, and write a checkpoint to ``out``. All input is checked before heavy work.
+
+    Calibration statistics are used when the plan needs them (data-aware quantizers, weightings) or
+    ``calib`` / ``stats_path`` is given: read from ``stats_path`` if that file exists, else computed
+    on ``calib_text`` (default: the bundled calibration text) and, with ``stats_path``, saved there."""
     checkpoint.check_out_dir(out, overwrite)
     text = read_text(eval_text)[0] if eval_protocol else None
     loaded = load_model(model)
@@ -51,9 +58,14 @@ def compress(model: str | None, spec: MatrixSpec | Plan, out: str, *, overwrite:
     if eval_protocol:  # a too-short text fails now, not after the compression
         ids = tokenize(loaded.tokenizer, text)
         window_starts(ids.numel(), eval_protocol)
+    need = needed_stats(plan)
+    stats = None
+    if need or calib is not None or stats_path:
+        stats = obtain_stats(loaded, plan, need, calib, calib_text, stats_path, progress)
     t0 = time.time()
-    reports = compress_model(m, plan, device=device, progress=progress)
+    reports = compress_model(m, plan, device=device, progress=progress, stats=stats)
     seconds = time.time() - t0
+    plan = {n: m.get_submodule(n).spec for n in plan}  # concrete specs (group dim "auto" resolved)
     summary = size_summary(m)
     log.info("compressed %d matrices in %.1f s: %.3f effective bits", len(plan), seconds, summary.effective_bits)
     result = perplexity(m, loaded.tokenizer, text, eval_protocol, progress, ids=ids) if eval_protocol else None
@@ -62,6 +74,46 @@ def compress(model: str | None, spec: MatrixSpec | Plan, out: str, *, overwrite:
                     extra={"source_model": loaded.source, "compress_seconds": seconds,
                            "eval": result.to_dict() if result else None})
     return CompressResult(str(out), loaded.source, plan, reports, summary, seconds, result)
+
+
+def obtain_stats(loaded, plan, need: set[str], calib: CalibConfig | None, calib_text: str | None,
+                 stats_path: str | None, progress: bool = True) -> CalibrationStats:
+    """Statistics for ``plan``: loaded from ``stats_path`` if it exists, else computed (and saved there)."""
+    from pathlib import Path
+
+    if stats_path and Path(stats_path).expanduser().is_file():
+        stats = checkpoint.load_stats(stats_path)
+        src = stats.meta.get("model")
+        if src and src != loaded.source:
+            log.warning("statistics in %s were computed on %s, not %s", stats_path, src, loaded.source)
+        return stats
+    body, label = read_text(calib_text, DEFAULT_CALIB_TEXT)
+    config = calib or CalibConfig()
+    config = CalibConfig(config.samples, config.seqlen, fisher="fisher" in need)  # Fisher only when used
+    stats = _calibrate(loaded.model, loaded.tokenizer, body, list(plan), config, text_label=label,
+                       model_label=loaded.source, progress=progress)
+    if stats_path:
+        checkpoint.save_stats(stats, stats_path)
+    return stats
+
+
+def calibrate(model: str | None, out: str, *, text: str | None = None, config: CalibConfig = CalibConfig(),
+              include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+              overwrite: bool = False, progress: bool = True) -> CalibrationStats:
+    """Compute calibration statistics of the selected linear layers of ``model`` and save them to ``out``."""
+    from pathlib import Path
+
+    if Path(out).expanduser().exists() and not overwrite:
+        raise checkpoint.CheckpointError(f"statistics file {out!r} already exists; pass --overwrite or choose another --out")
+    body, label = read_text(text, DEFAULT_CALIB_TEXT)
+    loaded = load_model(model)
+    names = list(find_linears(loaded.model, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE))
+    if not names:
+        raise SpecError("no linear layer matches the include/exclude patterns; loosen --include/--exclude")
+    stats = _calibrate(loaded.model, loaded.tokenizer, body, names, config, text_label=label,
+                       model_label=loaded.source, progress=progress)
+    checkpoint.save_stats(stats, out, overwrite=overwrite)
+    return stats
 
 
 def load_any(path: str | None, dtype: torch.dtype = torch.float32):

@@ -8,19 +8,27 @@ Methods (entries of :data:`DECOMPOSERS`):
   best iterate is kept and the loop stops when the error stops improving.
 L and R are stored in ``factor_dtype`` (float16 by default); every reported error is that of the
 reconstruction from the stored (rounded) values.
+
+Data-aware variants: ``decompose(w, spec, stats)`` passes the matrix's calibration statistics to
+data-aware quantizers (gptq, nuq, outlier selection), and ``spec.weighting`` makes the low-rank part
+and the LQ objective weighted: "fisher" (row × column scales fitted to the Fisher diagonal, FWSVD)
+or "hessian" (whitening by a Cholesky factor of H, activation-aware SVD as SVD-LLM / CorDA). The
+LQ alternation then keeps the iterate with the smallest weighted error. Group dim "auto" is resolved
+per matrix first (AdaDim, :mod:`.adadim`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping
 
 import torch
 
 from ..errors import SpecError
 from . import quant as qmod
-from .lowrank import LowRank, truncated_svd
+from .lowrank import LowRank, scaled_svd
 from .quant import QTensor, QuantSpec
+from .stats import WEIGHTINGS, MatrixStats, fisher_scales, rel_error, require, whitening
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class MatrixSpec:
     iters: int = 20  # lq: maximum number of alternations
     tol: float = 1e-4  # lq: stop when the relative error improves by less than this fraction
     factor_dtype: str = "float16"  # stored dtype of L and R
+    weighting: str = "none"  # error weighting of L·R and of the LQ objective: none, fisher, hessian
 
     def __post_init__(self) -> None:
         if self.method not in DECOMPOSERS:
@@ -52,6 +61,8 @@ class MatrixSpec:
             raise SpecError(f"iters must be a positive integer, got {self.iters!r}")
         if self.factor_dtype not in ("float16", "bfloat16", "float32"):
             raise SpecError(f"factor dtype must be float16, bfloat16 or float32, got {self.factor_dtype!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise SpecError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
     def check_shape(self, shape: tuple[int, int], name: str = "matrix") -> None:
         if self.rank > min(shape):
@@ -72,7 +83,8 @@ class MatrixSpec:
     def label(self) -> str:
         q = self.quant.label() if self.quant else ""
         r = f"+r{self.rank}" if self.rank else ""
-        return f"{self.method}:{q}{r}"
+        wt = f"@{self.weighting}" if self.weighting != "none" else ""
+        return f"{self.method}:{q}{r}{wt}"
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,8 @@ class Decomposition:
     L: torch.Tensor | None  # (out, rank), factor dtype
     R: torch.Tensor | None  # (rank, in), factor dtype
     error: float  # ‖W − Ŵ‖_F / ‖W‖_F of the stored reconstruction
-    history: tuple[float, ...]  # error of each iterate (one entry for one-shot methods)
+    history: tuple[float, ...]  # objective of each iterate (weighted error when spec.weighting is set)
+    weighted_error: float | None = None  # relative error under spec.weighting (None for "none")
 
     def reconstruct(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = qmod.dequantize(self.q) if self.q is not None else torch.zeros(self.shape, device=self.L.device)
@@ -104,7 +117,7 @@ class Decomposition:
 @dataclass(frozen=True)
 class Decomposer:
     name: str
-    fn: Callable[[torch.Tensor, MatrixSpec], Decomposition]
+    fn: Callable[[torch.Tensor, MatrixSpec, "_Ctx"], Decomposition]
     needs_quant: bool
     needs_rank: bool
 
@@ -119,64 +132,98 @@ def _register(name: str, needs_quant: bool, needs_rank: bool):
     return wrap
 
 
+@dataclass(frozen=True)
+class _Ctx:
+    """Statistics of the matrix and the weighting they imply for L·R (built once per matrix)."""
+
+    stats: MatrixStats | None
+    weighting: str
+    row: torch.Tensor | None = None  # D of ‖D·E·C‖
+    right: torch.Tensor | None = None  # C: vector (diagonal) or matrix
+    right_inv: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, spec: MatrixSpec, stats: MatrixStats | None) -> "_Ctx":
+        if spec.weighting == "fisher":
+            r, c = fisher_scales(require(stats, "fisher", "weighting 'fisher'"))
+            return cls(stats, "fisher", row=r, right=c)
+        if spec.weighting == "hessian":
+            s, s_inv = whitening(require(stats, "h", "weighting 'hessian'"))
+            return cls(stats, "hessian", right=s, right_inv=s_inv)
+        return cls(stats, "none")
+
+    def objective(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+        return rel_error(w, w_hat, self.stats, self.weighting)
+
+    def finish(self, spec, w, q, lr, history) -> Decomposition:
+        w_hat = (qmod.dequantize(q) if q is not None else torch.zeros_like(w)) + (lr.product() if lr else 0)
+        werr = self.objective(w, w_hat) if self.weighting != "none" else None
+        L, R = (lr.L, lr.R) if lr is not None else (None, None)
+        return Decomposition(spec, tuple(w.shape), q, L, R, _rel_error(w, w_hat), tuple(history), werr)
+
+
 def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float(torch.linalg.norm(w - w_hat) / torch.linalg.norm(w).clamp_min(1e-30))
 
 
-def _factors(a: torch.Tensor, spec: MatrixSpec) -> LowRank:
-    return truncated_svd(a, spec.rank).to(qmod.DTYPES[spec.factor_dtype])
+def _factors(a: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> LowRank:
+    return scaled_svd(a, spec.rank, ctx.row, ctx.right, ctx.right_inv).to(qmod.DTYPES[spec.factor_dtype])
 
 
 @_register("quant", needs_quant=True, needs_rank=False)
-def _quant_only(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
-    q = qmod.quantize(w, spec.quant)
-    err = _rel_error(w, qmod.dequantize(q))
-    return Decomposition(spec, tuple(w.shape), q, None, None, err, (err,))
+def _quant_only(w: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> Decomposition:
+    q = qmod.quantize(w, spec.quant, ctx.stats)
+    return ctx.finish(spec, w, q, None, [ctx.objective(w, qmod.dequantize(q))])
 
 
 @_register("lowrank", needs_quant=False, needs_rank=True)
-def _lowrank(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
-    lr = _factors(w, spec)
-    err = _rel_error(w, lr.product())
-    return Decomposition(spec, tuple(w.shape), None, lr.L, lr.R, err, (err,))
+def _lowrank(w: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> Decomposition:
+    lr = _factors(w, spec, ctx)
+    return ctx.finish(spec, w, None, lr, [ctx.objective(w, lr.product())])
 
 
 @_register("lorc", needs_quant=True, needs_rank=True)
-def _lorc(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
-    q = qmod.quantize(w, spec.quant)
+def _lorc(w: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> Decomposition:
+    q = qmod.quantize(w, spec.quant, ctx.stats)
     wq = qmod.dequantize(q)
-    lr = _factors(w - wq, spec)
-    err = _rel_error(w, wq + lr.product())
-    return Decomposition(spec, tuple(w.shape), q, lr.L, lr.R, err, (err,))
+    lr = _factors(w - wq, spec, ctx)
+    return ctx.finish(spec, w, q, lr, [ctx.objective(w, wq + lr.product())])
 
 
 @_register("lq", needs_quant=True, needs_rank=True)
-def _lq(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
+def _lq(w: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> Decomposition:
     wq = torch.zeros_like(w)
     best: tuple[float, QTensor, LowRank] | None = None
     history: list[float] = []
     for _ in range(spec.iters):
-        lr = _factors(w - wq, spec)
+        lr = _factors(w - wq, spec, ctx)
         lrp = lr.product()
-        q = qmod.quantize(w - lrp, spec.quant)
+        q = qmod.quantize(w - lrp, spec.quant, ctx.stats)
         wq = qmod.dequantize(q)
-        err = _rel_error(w, wq + lrp)
+        err = ctx.objective(w, wq + lrp)
         history.append(err)
         if best is not None and err > best[0] * (1 - spec.tol):
             if err < best[0]:
                 best = (err, q, lr)
             break
         best = (err, q, lr)
-    err, q, lr = best
-    return Decomposition(spec, tuple(w.shape), q, lr.L, lr.R, err, tuple(history))
+    _, q, lr = best
+    return ctx.finish(spec, w, q, lr, history)
 
 
-def decompose(w: torch.Tensor, spec: MatrixSpec) -> Decomposition:
-    """Compress one (out, in) matrix according to ``spec``."""
+def decompose(w: torch.Tensor, spec: MatrixSpec, stats: MatrixStats | None = None) -> Decomposition:
+    """Compress one (out, in) matrix according to ``spec``, using its calibration ``stats`` where
+    the spec's quantizer or weighting needs them."""
     if w.ndim != 2:
         raise SpecError(f"expected a 2-D weight matrix, got shape {tuple(w.shape)}")
     spec.check_shape(tuple(w.shape))
-    return DECOMPOSERS[spec.method].fn(w.float(), spec)
+    w = w.float()
+    stats = stats.to(w.device) if stats is not None else None
+    if spec.quant is not None and spec.quant.group_dim == "auto":
+        from .adadim import choose_group_dim
+
+        spec = replace(spec, quant=choose_group_dim(w, spec.quant, stats, spec.weighting))
+    return DECOMPOSERS[spec.method].fn(w, spec, _Ctx.build(spec, stats))
 
 
 def storage_bits(spec: MatrixSpec, shape: tuple[int, int]) -> int:

@@ -59,3 +59,27 @@ def truncated_svd(a: torch.Tensor, rank: int, *, randomized: bool | None = None,
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
     root = s[:rank].sqrt()  # (r,)
     return LowRank(u[:, :rank] * root, root.unsqueeze(1) * vh[:rank])
+
+
+def scaled_svd(a: torch.Tensor, rank: int, row_scale: torch.Tensor | None = None,
+               right: torch.Tensor | None = None, right_inv: torch.Tensor | None = None) -> LowRank:
+    """Best rank-``rank`` L·R in the weighted norm ‖D·(A − L·R)·C‖_F, D = diag(row_scale) (positive)
+    and C = ``right``: a positive vector (diagonal) or an invertible (n, n) matrix with inverse
+    ``right_inv`` (e.g. a Cholesky factor of the input second moment H: activation-aware SVD).
+
+    Exact by Eckart–Young on the scaled matrix: D·A·C ≈ U_r Σ_r V_rᵀ, L = D⁻¹·U_r·Σ_r^½,
+    R = Σ_r^½·V_rᵀ·C⁻¹. With neither scaling this is :func:`truncated_svd`."""
+    b = a.float()
+    if row_scale is not None:
+        b = row_scale.float().unsqueeze(1) * b
+    if right is not None:
+        b = b * right.float().unsqueeze(0) if right.ndim == 1 else b @ right.float()
+    lr = truncated_svd(b, rank)
+    L, R = lr.L, lr.R
+    if row_scale is not None:
+        L = L / row_scale.float().unsqueeze(1)
+    if right is not None:
+        R = R / right.float().unsqueeze(0) if right.ndim == 1 else R @ right_inv.float()
+    # rebalance each rank-1 term so that L's column and R's row have equal norms (fp16-friendly)
+    alpha = (R.norm(dim=1) / L.norm(dim=0).clamp_min(1e-30)).clamp_min(1e-30).sqrt()  # (r,)
+    return LowRank(L * alpha, R / alpha.unsqueeze(1))

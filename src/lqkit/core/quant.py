@@ -11,20 +11,28 @@ a group's min, max or absmax) and the padding is dropped again on dequantization
 Quantizers are entries of :data:`QUANTIZERS`; each maps M to integer codes plus named auxiliary
 tensors (scales, offsets, ...) in the exact dtypes that are stored. Storage size is therefore
 counted from what is stored: :func:`storage_bits` (analytic) equals :attr:`QTensor.nbits` (actual).
+
+Data-aware entries (``gptq``, ``nuq``; modules :mod:`.gptq`, :mod:`.nuq`) also receive the matrix's
+calibration statistics. Any quantizer can keep outliers exactly (dense-and-sparse): a fraction
+``outliers`` of the weights, chosen by |w|·sensitivity, stored as fp16 values with int32 flat
+indices (COO), and a fraction ``outlier_features`` of the input features (LLM.int8()-style, chosen by
+activation energy diag(H)) stored as fp16 columns; both are restored exactly on dequantization and
+counted in the size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Mapping
 
 import torch
 
 from ..errors import SpecError
 from . import packing
+from .stats import MatrixStats
 
-GROUP_DIMS = ("in", "out")
+GROUP_DIMS = ("in", "out", "auto")  # "auto": chosen per matrix by weighted error (AdaDim, see .adadim)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -38,6 +46,10 @@ class QuantSpec:
     group_dim: str = "in"  # "in": groups along the input dim; "out": along the output dim (AdaDim)
     double_quant: bool = False  # nf only: quantize the absmax scales to 8 bits (QLoRA)
     scale_dtype: str = "float16"  # stored dtype of scales / offsets
+    act_order: bool = False  # gptq only: quantize columns in order of decreasing diag(H)
+    damp: float = 0.01  # gptq: dampening, fraction of mean(diag H) added to H's diagonal
+    outliers: float = 0.0  # fraction of weights kept exactly as sparse fp16 (dense-and-sparse)
+    outlier_features: float = 0.0  # fraction of input features kept as 16-bit columns (LLM.int8())
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZERS:
@@ -49,11 +61,19 @@ class QuantSpec:
         if not (isinstance(self.group_size, int) and self.group_size >= 1):
             raise SpecError(f"group size must be a positive integer, got {self.group_size!r}")
         if self.group_dim not in GROUP_DIMS:
-            raise SpecError(f"group dim must be 'in' or 'out', got {self.group_dim!r}")
+            raise SpecError(f"group dim must be 'in', 'out' or 'auto', got {self.group_dim!r}")
         if self.double_quant and not q.supports_double_quant:
             raise SpecError(f"quantizer {self.method!r} has no double quantization of its scales")
         if self.scale_dtype not in ("float16", "bfloat16", "float32"):
             raise SpecError(f"scale dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}")
+        if self.act_order and self.method != "gptq":
+            raise SpecError("act-order is a gptq option; use --quantizer gptq or drop --act-order")
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 10):
+            raise SpecError(f"damp must be a positive fraction such as 0.01, got {self.damp!r}")
+        if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
+            raise SpecError(f"outliers is a fraction of the weights in [0, 0.5), got {self.outliers!r}")
+        if not (isinstance(self.outlier_features, (int, float)) and 0 <= self.outlier_features < 1):
+            raise SpecError(f"outlier features is a fraction of the inputs in [0, 1), got {self.outlier_features!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +84,10 @@ class QuantSpec:
 
     def label(self) -> str:
         dq = "+dq" if self.double_quant else ""
-        return f"{self.method}{self.bits}{dq}/g{self.group_size}{self.group_dim}"
+        ao = "+ao" if self.act_order else ""
+        sp = f"+sp{self.outliers:g}" if self.outliers else ""
+        of = f"+of{self.outlier_features:g}" if self.outlier_features else ""
+        return f"{self.method}{self.bits}{dq}{ao}/g{self.group_size}{self.group_dim}{sp}{of}"
 
 
 @dataclass(frozen=True)
@@ -106,17 +129,34 @@ class QTensor:
 
 
 @dataclass(frozen=True)
+class QuantContext:
+    """What a data-aware quantizer sees besides M, in the original (out, in) orientation."""
+
+    stats: MatrixStats | None = None
+    keep: torch.Tensor | None = None  # bool (out, in): positions stored exactly elsewhere (outliers)
+
+
+@dataclass(frozen=True)
 class Quantizer:
     """A registry entry. ``quantize`` maps a layout matrix M (rows, cols), fp32, to
     (codes uint8 (rows, cols), aux); ``dequantize`` inverts it to fp32; ``aux_layout`` gives the
-    shapes and dtypes of aux for a spec and layout shape (used to size buffers and count bits)."""
+    shapes and dtypes of aux for a spec and layout shape (used to size buffers and count bits).
+
+    A ``data_aware`` quantizer is called as ``quantize(M, spec, ctx)`` with a :class:`QuantContext`
+    and receives M with outliers still in place (it must ignore ``ctx.keep`` positions in its
+    objective); it may return aux["kept"], an (out, in) matrix whose ``keep`` positions hold the
+    values to store exactly (GPTQ's error-compensated values). Other quantizers see outliers as 0.
+    ``kernel_format``: the plain stored format the fused kernels know ("rtn", "rtn_sym", "nf"), if any.
+    """
 
     name: str
     bits_allowed: frozenset[int]
-    quantize: Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    quantize: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     dequantize: Callable[[torch.Tensor, Mapping[str, torch.Tensor], QuantSpec], torch.Tensor]
     aux_layout: Callable[[QuantSpec, int, int], dict[str, AuxSlot]]
     supports_double_quant: bool = False
+    data_aware: bool = False
+    kernel_format: str | None = None
 
 
 QUANTIZERS: dict[str, Quantizer] = {}
@@ -149,12 +189,20 @@ def from_groups(g: torch.Tensor, cols: int) -> torch.Tensor:
     return g.reshape(g.shape[0], -1)[:, :cols]
 
 
+def _concrete(spec: QuantSpec) -> None:
+    if spec.group_dim == "auto":
+        raise SpecError("group dim 'auto' is chosen per matrix by decompose (AdaDim); "
+                        "resolve it with lqkit.core.adadim before quantizing or sizing")
+
+
 def layout_shape(shape: tuple[int, int], spec: QuantSpec) -> tuple[int, int]:
+    _concrete(spec)
     out, inp = shape
     return (out, inp) if spec.group_dim == "in" else (inp, out)
 
 
 def to_layout(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    _concrete(spec)
     return w if spec.group_dim == "in" else w.t()
 
 
@@ -197,6 +245,7 @@ register(Quantizer(
     quantize=_rtn_quantize,
     dequantize=_rtn_dequantize,
     aux_layout=lambda spec, rows, cols: {"scale": _group_slot(spec, rows, cols), "offset": _group_slot(spec, rows, cols)},
+    kernel_format="rtn",
 ))
 
 
@@ -225,6 +274,7 @@ register(Quantizer(
     quantize=_sym_quantize,
     dequantize=_sym_dequantize,
     aux_layout=lambda spec, rows, cols: {"scale": _group_slot(spec, rows, cols)},
+    kernel_format="rtn_sym",
 ))
 
 
@@ -316,19 +366,99 @@ register(Quantizer(
     dequantize=_nf_dequantize,
     aux_layout=_nf_aux_layout,
     supports_double_quant=True,
+    kernel_format="nf",
 ))
+
+
+# ----------------------------------------------------------------------------------------------
+# exactly kept outliers (dense-and-sparse, LLM.int8()-style features)
+
+INDEX_DTYPE = torch.int32  # stored indices of outliers
+
+
+def n_outliers(spec: QuantSpec, shape: tuple[int, int]) -> int:
+    return int(round(spec.outliers * shape[0] * shape[1]))
+
+
+def n_outlier_features(spec: QuantSpec, shape: tuple[int, int]) -> int:
+    return int(round(spec.outlier_features * shape[1]))
+
+
+def _outlier_slots(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, AuxSlot]:
+    slots, kf, ks = {}, n_outlier_features(spec, shape), n_outliers(spec, shape)
+    if kf:
+        slots["feat_idx"] = AuxSlot((kf,), INDEX_DTYPE)
+        slots["feat_val"] = AuxSlot((shape[0], kf), torch.float16)
+    if ks:
+        slots["sp_idx"] = AuxSlot((ks,), INDEX_DTYPE)
+        slots["sp_val"] = AuxSlot((ks,), torch.float16)
+    return slots
+
+
+def outlier_positions(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature indices, flat element indices), both sorted int64, of what is kept exactly.
+
+    Features: the input columns of largest activation energy diag(H) (else Fisher column sums, else
+    weight column norms). Elements (outside those columns): largest |w|·s with s = √F (Fisher),
+    else √diag(H) per input column, else 1."""
+    kf, ks = n_outlier_features(spec, tuple(w.shape)), n_outliers(spec, tuple(w.shape))
+    h = stats.h if stats is not None else None
+    fisher = stats.fisher if stats is not None else None
+    feat = torch.empty(0, dtype=torch.long, device=w.device)
+    if kf:
+        score = torch.diagonal(h) if h is not None else fisher.sum(0) if fisher is not None else (w * w).sum(0)
+        feat = torch.topk(score.float(), kf).indices.sort().values
+    flat = torch.empty(0, dtype=torch.long, device=w.device)
+    if ks:
+        s = w.abs()
+        if fisher is not None:
+            s = s * fisher.float().clamp_min(0).sqrt()
+        elif h is not None:
+            s = s * torch.diagonal(h).float().clamp_min(0).sqrt().unsqueeze(0)
+        s[:, feat] = -1.0
+        flat = torch.topk(s.reshape(-1), ks).indices.sort().values
+    return feat, flat
+
+
+def _restore_outliers(w: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if "feat_idx" in aux:
+        w[:, aux["feat_idx"].long()] = aux["feat_val"].float()
+    if "sp_idx" in aux:
+        w.view(-1)[aux["sp_idx"].long()] = aux["sp_val"].float()
+    return w
 
 
 # ----------------------------------------------------------------------------------------------
 # public API
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
-    """Quantize an (out, in) matrix."""
+def quantize(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None = None) -> QTensor:
+    """Quantize an (out, in) matrix; ``stats`` feed data-aware quantizers and outlier selection."""
     if w.ndim != 2:
         raise SpecError(f"expected a 2-D weight matrix, got shape {tuple(w.shape)}")
-    m = to_layout(w.float(), spec)
-    codes, aux = QUANTIZERS[spec.method].quantize(m, spec)
+    _concrete(spec)
+    w = w.float()
+    q = QUANTIZERS[spec.method]
+    keep, feat, flat = None, None, None
+    if spec.outliers or spec.outlier_features:
+        feat, flat = outlier_positions(w, spec, stats)
+        keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+        keep[:, feat] = True
+        keep.view(-1)[flat] = True
+    if q.data_aware:
+        codes, aux = q.quantize(to_layout(w, spec), spec, QuantContext(stats, keep))
+    else:
+        dense = w if keep is None else w.masked_fill(keep, 0.0)
+        codes, aux = q.quantize(to_layout(dense, spec), spec)
+    aux = dict(aux)
+    kept = aux.pop("kept", w)
+    if feat is not None and feat.numel():
+        aux["feat_idx"] = feat.to(INDEX_DTYPE)
+        aux["feat_val"] = kept[:, feat].to(torch.float16)
+    if flat is not None and flat.numel():
+        aux["sp_idx"] = flat.to(INDEX_DTYPE)
+        aux["sp_val"] = kept.reshape(-1)[flat].to(torch.float16)
     return QTensor(spec=spec, shape=tuple(w.shape), packed=packing.pack(codes, spec.bits), aux=aux)
 
 
@@ -342,12 +472,24 @@ def dequantize_packed(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spe
     """Reconstruct an (out, in) fp32 matrix from its stored parts (used by modules)."""
     rows, cols = layout_shape(shape, spec)
     codes = packing.unpack(packed, spec.bits, rows * cols).view(rows, cols)
-    return from_layout(QUANTIZERS[spec.method].dequantize(codes, aux, spec), spec)
+    w = from_layout(QUANTIZERS[spec.method].dequantize(codes, aux, spec), spec)
+    if spec.outliers or spec.outlier_features:
+        w = _restore_outliers(w.contiguous(), aux)
+    return w
 
 
 def aux_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, AuxSlot]:
     rows, cols = layout_shape(shape, spec)
-    return QUANTIZERS[spec.method].aux_layout(spec, rows, cols)
+    return {**QUANTIZERS[spec.method].aux_layout(spec, rows, cols), **_outlier_slots(spec, shape)}
+
+
+def kernel_spec(spec: QuantSpec) -> QuantSpec | None:
+    """``spec`` in a plain stored format the fused kernels read (gptq's codes are rtn's), or None
+    when the format needs the torch path (non-uniform codebooks, exactly kept outliers)."""
+    fmt = QUANTIZERS[spec.method].kernel_format
+    if fmt is None or spec.outliers or spec.outlier_features:
+        return None
+    return spec if fmt == spec.method else replace(spec, method=fmt, act_order=False)
 
 
 def packed_layout(spec: QuantSpec, shape: tuple[int, int]) -> AuxSlot:
@@ -357,3 +499,6 @@ def packed_layout(spec: QuantSpec, shape: tuple[int, int]) -> AuxSlot:
 def storage_bits(spec: QuantSpec, shape: tuple[int, int]) -> int:
     """Exact stored bits of a matrix of ``shape`` quantized with ``spec`` (codes + aux)."""
     return packed_layout(spec, shape).nbits + sum(s.nbits for s in aux_layout(spec, shape).values())
+
+
+from . import gptq as _gptq, nuq as _nuq  # noqa: E402,F401  (register the data-aware quantizers)

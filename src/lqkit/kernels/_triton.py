@@ -10,8 +10,10 @@ Imported lazily (it imports triton). Two kernels share the decoding helpers:
   (group_dim "out"); the offsets' contribution Σ_g b_g·Σ_{k∈g} x_k is added after the loop.
   K-splits write fp32 partials; the last program to finish a block (an atomic counter per block)
   sums them and runs the epilogue: bias, and the low-rank path L·(R·x). R·x is computed in the
-  same launch by the first programs to start (tickets from an atomic counter), whose results the
-  epilogues wait for; counters reset themselves, so a call is one launch and CUDA-graph safe.
+  same launch by the first programs of the grid, whose results the epilogues wait for (this relies
+  on blocks being dispatched in launch order, as NVIDIA GPUs do); counters reset themselves, so a
+  call is one launch and CUDA-graph safe. Calls that share a prepared weight must run on one stream.
+- ``_dequant_kernel`` (many tokens): decode W to the activation dtype once, then cuBLAS.
 - ``_gemm_kernel`` (many tokens): (BM × BN) output tiles, the (32 × BN) slice of codes dequantized
   to the activation dtype and fed to ``tl.dot``; optional split-K with the same last-arriver
   reduction; the low-rank path as one more ``tl.dot`` in the epilogue on t = x·Rᵀ.
@@ -23,7 +25,8 @@ rtn_sym a = s·2ᵇ, b = −a − 2ᵇ⁻¹·s; nf v = table[code], a = absmax, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,8 +35,8 @@ import triton.language as tl
 from .layout import LANES, KernelWeight, k_tile
 
 GB = tl.constexpr(16)  # 32-wide chunks per step of the offset loop
-KC = 1024  # k's per program of the R·x work
-N_COUNTERS = 3  # ticket, finished R·x programs, finished programs; then one per output block
+KC = 512  # k's per program of the R·x work (one load each)
+N_COUNTERS = 3  # (unused), finished R·x programs, finished programs; then one per output block
 
 
 # ----------------------------------------------------------------------------------------------
@@ -41,13 +44,25 @@ N_COUNTERS = 3  # ticket, finished R·x programs, finished programs; then one pe
 
 
 @triton.jit
-def _decode(w, j: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, lut_ptr):
+def _decode(w, j: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, lut_ptr, ASM: tl.constexpr = False):
     """Slice j of a tile of words -> fp32 values v (1 + code·2⁻ᵇ, or table[code] for nf)."""
-    c = (w >> (j * BITS)) & ((1 << BITS) - 1)
     if MODE == 2:
-        v = tl.load(lut_ptr + c)
-    else:
-        v = ((c << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+        v = tl.load(lut_ptr + ((w >> (j * BITS)) & ((1 << BITS) - 1)))
+    else:  # one shift puts the code at mantissa bits [23 - b, 23), one and-or adds the exponent of 1.0
+        SH: tl.constexpr = j * BITS - (23 - BITS)
+        if SH >= 0:
+            t = w >> SH
+        else:
+            t = w << (-SH)
+        MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
+        if ASM:  # (t & MASK) | bits(1.0) as a single lop3 (ptxas splits it in two otherwise)
+            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                             [t, tl.full(t.shape, MASK, tl.int32),
+                                              tl.full(t.shape, 0x3F800000, tl.int32)],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            bits = (t & MASK) | 0x3F800000
+        v = bits.to(tl.float32, bitcast=True)
     return v
 
 
@@ -69,21 +84,35 @@ def _affine(sv, o_ptr, oidx, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.cons
 @triton.jit
 def _t_work(tid, x_ptr, r_ptr, tp_ptr, cnt_ptr, M, K, RANK, stride_xm,
             RP: tl.constexpr, KC_: tl.constexpr):
-    """Partial t[m, :] = R[:, chunk]·x[m, chunk] for one (chunk, token); then count it done."""
+    """Partial t[m, :] = R[:, chunk]·x[m, chunk] for one (chunk, token), loaded in one round trip;
+    then count it done."""
     m = tid % M
     c = tid // M
     r_off = tl.arange(0, RP)
-    kk = tl.arange(0, 128)
-    acc = tl.zeros([RP, 128], dtype=tl.float32)
-    for k0 in range(c * KC_, tl.minimum((c + 1) * KC_, K), 128):
-        k = k0 + kk
-        xv = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        rv = tl.load(r_ptr + r_off[:, None] * K + k[None, :],
-                     mask=(r_off[:, None] < RANK) & (k[None, :] < K), other=0.0).to(tl.float32)
-        acc += rv * xv[None, :]
-    tl.store(tp_ptr + (c * M + m) * RP + r_off, tl.sum(acc, axis=1))
+    k = c * KC_ + tl.arange(0, KC_)
+    xv = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    rv = tl.load(r_ptr + r_off[:, None] * K + k[None, :], mask=(r_off[:, None] < RANK) & (k[None, :] < K),
+                 other=0.0).to(tl.float32)
+    tl.store(tp_ptr + (c * M + m) * RP + r_off, tl.sum(rv * xv[None, :], axis=1))
     tl.debug_barrier()
     tl.atomic_add(cnt_ptr + 1, 1)
+
+
+@triton.jit
+def _lr_t(m, tp_ptr, cnt_ptr, M, NTC, RP: tl.constexpr):
+    """Wait until every R·x program has finished, then t[m, :] = Σ of their partials."""
+    need = NTC * M
+    done = tl.atomic_add(cnt_ptr + 1, 0)
+    while done < need:  # the R·x programs come first in launch order: they are running or done
+        done = tl.atomic_add(cnt_ptr + 1, 0)
+    r_off = tl.arange(0, RP)
+    c_off = tl.arange(0, 16)
+    tv = tl.zeros([RP], dtype=tl.float32)
+    for c0 in range(0, NTC, 16):  # 16 partials per round trip
+        c = c0 + c_off
+        tv += tl.sum(tl.load(tp_ptr + (c[:, None] * M + m) * RP + r_off[None, :], mask=(c < NTC)[:, None],
+                             other=0.0, cache_modifier=".cg"), axis=0)
+    return tv
 
 
 @triton.jit
@@ -92,18 +121,25 @@ def _gemv_finish(acc, m, n_off, nmask, y_ptr, b_ptr, l_ptr, tp_ptr, cnt_ptr, M, 
     if HAS_BIAS:
         acc += tl.load(b_ptr + n_off, mask=nmask, other=0.0).to(tl.float32)
     if HAS_LR:
-        need = NTC * M
-        done = tl.atomic_add(cnt_ptr + 1, 0)
-        while done < need:  # R·x programs started before this one; wait for them to finish
-            done = tl.atomic_add(cnt_ptr + 1, 0)
         r_off = tl.arange(0, RP)
-        tv = tl.zeros([RP], dtype=tl.float32)
-        for c in range(0, NTC):
-            tv += tl.load(tp_ptr + (c * M + m) * RP + r_off, cache_modifier=".cg")
         lv = tl.load(l_ptr + n_off[:, None] * RANK + r_off[None, :],
                      mask=nmask[:, None] & (r_off[None, :] < RANK), other=0.0).to(tl.float32)
+        tv = _lr_t(m, tp_ptr, cnt_ptr, M, NTC, RP)
         acc += tl.sum(lv * tv[None, :], axis=1)
     tl.store(y_ptr + m * stride_ym + n_off, acc.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _split_sum(ws_ptr, row0, row_stride, cols, cmask, SPLIT, BC: tl.constexpr):
+    """Σ_s ws[row0 + s·row_stride + cols] over s < SPLIT, 8 partials per round trip (L2 reads)."""
+    s_off = tl.arange(0, 8)
+    tot = tl.zeros([BC], dtype=tl.float32)
+    for s0 in range(0, SPLIT, 8):
+        sp = s0 + s_off
+        tot += tl.sum(tl.load(ws_ptr + row0 + sp[:, None] * row_stride + cols[None, :],
+                              mask=(sp < SPLIT)[:, None] & cmask[None, :], other=0.0, cache_modifier=".cg"),
+                      axis=0)
+    return tot
 
 
 @triton.jit
@@ -112,7 +148,7 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
                BITS: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr, GROUP_N: tl.constexpr,
                FAST: tl.constexpr, G: tl.constexpr, P: tl.constexpr, VS: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_LR: tl.constexpr, SPLITK: tl.constexpr):
+               HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr):
     KT: tl.constexpr = S * 32
     NB = tl.cdiv(N, BN)
     nb = wid % NB
@@ -126,13 +162,15 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
     t0 = ks * TPS
     t1 = tl.minimum(t0 + TPS, NTILES)
     acc = tl.zeros([BN, 32], dtype=tl.float32)
+    acc1 = tl.zeros([BN], dtype=tl.float32)  # group_dim "in": Σ_g b[n, g]·Σ_{k∈g} x_k
     accx = tl.zeros([32], dtype=tl.float32)  # group_dim "out": Σ x·b per lane
     gn = (nb * BN) // G  # group_dim "out", FAST: the block's group of rows
+    w = tl.load(q_ptrs + t0 * 32)  # (BN, 32) int32, first tile
     for t in range(t0, t1):
-        w = tl.load(q_ptrs + t * 32)  # (BN, 32) int32
+        w_next = tl.load(q_ptrs + (t + 1) * 32, mask=t + 1 < t1, other=0)  # prefetch the next tile
         kb = t * KT
         for j in tl.static_range(S):
-            v = _decode(w, j, BITS, MODE, lut_ptr)  # (BN, 32)
+            v = _decode(w, j, BITS, MODE, lut_ptr, ASM)  # (BN, 32)
             k = kb + j * 32 + i_off
             xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # (32,)
             if FAST:
@@ -143,17 +181,26 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
                     acc += v * (xj * a)[None, :]
                     if MODE != 2:
                         accx += xj * b
-                else:  # scale varies along n only: apply once per P slices
+                else:  # scale varies along n only: apply once per P slices (one group)
                     if j % P == 0:
                         p = v * xj[None, :]
+                        px = xj
                     else:
                         p += v * xj[None, :]
+                        px += xj
                     if (j + 1) % P == 0:
-                        sv = tl.load(s_ptr + n_off * SROW + (kb + j * 32) // G).to(tl.float32)
+                        sidx = n_off * SROW + (kb + j * 32) // G
+                        sv = tl.load(s_ptr + sidx).to(tl.float32)
                         if MODE == 2:
                             acc += sv[:, None] * p
                         else:
-                            acc += (sv * VS)[:, None] * p
+                            a = sv * VS
+                            acc += a[:, None] * p
+                            if MODE == 0:
+                                b = tl.load(o_ptr + sidx).to(tl.float32) - a
+                            else:
+                                b = -sv * (VS + HALF)
+                            acc1 += b * tl.sum(px, axis=0)
             else:  # any group size: per-element scales
                 if GROUP_N:
                     sidx = (n_off[:, None] // G) * SROW + k[None, :]
@@ -162,35 +209,17 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
                 sv = tl.load(s_ptr + sidx).to(tl.float32)
                 a, b = _affine(sv, o_ptr, sidx, MODE, VS, HALF)
                 acc += (v * a + b) * xj[None, :]
-    res = tl.sum(acc, axis=1)  # (BN,)
-    if FAST and MODE != 2:
-        if GROUP_N:
-            res += tl.sum(accx, axis=0)
-        else:  # Σ_g b[n, g]·Σ_{k∈g} x_k over this split's k range, 32 k's (one group) per chunk
-            accb = tl.zeros([BN, GB], dtype=tl.float32)
-            kend = tl.minimum(t1 * KT, K)
-            for c0 in range(t0 * KT, kend, GB * 32):
-                ch = c0 + tl.arange(0, GB) * 32  # (GB,)
-                kk = ch[:, None] + i_off[None, :]
-                sx = tl.sum(tl.load(x_row + kk, mask=kk < kend, other=0.0).to(tl.float32), axis=1)
-                sidx = n_off[:, None] * SROW + ch[None, :] // G
-                cm = (ch < kend)[None, :]
-                sv = tl.load(s_ptr + sidx, mask=cm, other=0.0).to(tl.float32)
-                if MODE == 0:
-                    b = tl.load(o_ptr + sidx, mask=cm, other=0.0).to(tl.float32) - sv * VS
-                else:
-                    b = -sv * (VS + HALF)
-                accb += b * sx[None, :]
-            res += tl.sum(accb, axis=1)
+        w = w_next
+    res = tl.sum(acc, axis=1) + acc1  # (BN,)
+    if FAST and GROUP_N and MODE != 2:
+        res += tl.sum(accx, axis=0)
     nmask = n_off < N
     if SPLITK:
         tl.store(ws_ptr + (ks * M + m) * N + n_off, res, mask=nmask)
         tl.debug_barrier()
         cidx = cnt_ptr + 3 + m * NB + nb
         if tl.atomic_add(cidx, 1) == SPLIT - 1:  # last split of this block: reduce and finish
-            tot = tl.zeros([BN], dtype=tl.float32)
-            for s in range(0, SPLIT):
-                tot += tl.load(ws_ptr + (s * M + m) * N + n_off, mask=nmask, other=0.0, cache_modifier=".cg")
+            tot = _split_sum(ws_ptr, m * N, M * N, n_off, nmask, SPLIT, BN)
             _gemv_finish(tot, m, n_off, nmask, y_ptr, b_ptr, l_ptr, tp_ptr, cnt_ptr, M, NTC, RANK,
                          stride_ym, RP, HAS_BIAS, HAS_LR)
             tl.store(cidx, 0)
@@ -199,34 +228,32 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
                      stride_ym, RP, HAS_BIAS, HAS_LR)
 
 
-@triton.jit(do_not_specialize=["M", "N", "K", "SROW", "NTILES", "TPS", "SPLIT", "NTC", "RANK", "stride_xm",
-                              "stride_ym"])
+@triton.jit(do_not_specialize=["M", "N", "SROW", "NTILES", "TPS", "SPLIT", "NTC", "RANK", "stride_ym"])
 def _gemv_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, r_ptr, ws_ptr, tp_ptr, cnt_ptr,
                  M, N, K, KW, SROW, NTILES, TPS, SPLIT, NTC, RANK, stride_xm, stride_ym,
                  BITS: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr, GROUP_N: tl.constexpr,
                  FAST: tl.constexpr, G: tl.constexpr, P: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, KC_: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, SPLITK: tl.constexpr):
-    if HAS_LR:
-        ticket = tl.atomic_add(cnt_ptr, 1)  # dynamic order: R·x work goes to the first programs
+                 HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr):
+    pid = tl.program_id(0)
+    if HAS_LR:  # the first NTC·M programs compute t = R·x, the rest the quantized product
         n_t = NTC * M
-        if ticket < n_t:
-            _t_work(ticket, x_ptr, r_ptr, tp_ptr, cnt_ptr, M, K, RANK, stride_xm, RP, KC_)
+        if pid < n_t:
+            _t_work(pid, x_ptr, r_ptr, tp_ptr, cnt_ptr, M, K, RANK, stride_xm, RP, KC_)
         else:
-            _gemv_work(ticket - n_t, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws_ptr,
+            _gemv_work(pid - n_t, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws_ptr,
                        tp_ptr, cnt_ptr, M, N, K, KW, SROW, NTILES, TPS, SPLIT, NTC, RANK, stride_xm,
                        stride_ym, BITS, S, MODE, GROUP_N, FAST, G, P, VS, HALF, BN, RP, HAS_BIAS,
-                       HAS_LR, SPLITK)
+                       HAS_LR, SPLITK, ASM)
         total = n_t + tl.cdiv(N, BN) * SPLIT * M
-        if tl.atomic_add(cnt_ptr + 2, 1) == total - 1:  # last program: reset the counters
-            tl.store(cnt_ptr, 0)
+        if tl.atomic_add(cnt_ptr + 2, 1) == total - 1:  # last program: reset the R·x counter
             tl.store(cnt_ptr + 1, 0)
             tl.store(cnt_ptr + 2, 0)
     else:
-        _gemv_work(tl.program_id(0), x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws_ptr,
+        _gemv_work(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws_ptr,
                    tp_ptr, cnt_ptr, M, N, K, KW, SROW, NTILES, TPS, SPLIT, NTC, RANK, stride_xm,
                    stride_ym, BITS, S, MODE, GROUP_N, FAST, G, P, VS, HALF, BN, RP, HAS_BIAS,
-                   HAS_LR, SPLITK)
+                   HAS_LR, SPLITK, ASM)
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "SROW", "NTILES", "TPS", "SPLIT", "RANK", "stride_ym",
@@ -236,7 +263,7 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
                  BITS: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr, GROUP_N: tl.constexpr,
                  FAST: tl.constexpr, G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_LR: tl.constexpr, SPLITK: tl.constexpr):
+                 HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr):
     KT: tl.constexpr = S * 32
     pid = tl.program_id(0)
     MB = tl.cdiv(M, BM)
@@ -255,11 +282,12 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
     t1 = tl.minimum(t0 + TPS, NTILES)
     gn = (nb * BN) // G
     acc = tl.zeros([BM, BN], dtype=tl.float32)
+    w = tl.load(q_ptrs + t0 * 32)  # (32, BN) int32, first tile
     for t in range(t0, t1):
-        w = tl.load(q_ptrs + t * 32)  # (32, BN) int32
+        w_next = tl.load(q_ptrs + (t + 1) * 32, mask=t + 1 < t1, other=0)  # prefetch the next tile
         kb = t * KT
         for j in tl.static_range(S):
-            v = _decode(w, j, BITS, MODE, lut_ptr)  # (32, BN): rows k, cols n
+            v = _decode(w, j, BITS, MODE, lut_ptr, ASM)  # (32, BN): rows k, cols n
             k = kb + j * 32 + i_off
             if FAST:
                 if GROUP_N:
@@ -279,6 +307,7 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
                 wv = v * a + b
             xj = tl.load(x_ptrs + k[None, :], mask=mmask[:, None] & (k[None, :] < K), other=0.0)
             acc += tl.dot(xj, wv.to(xj.dtype))
+        w = w_next
     if SPLITK:
         wmask = mmask[:, None] & nmask[None, :]
         wptr = ws_ptr + (ks * M + m_off[:, None]) * N + n_off[None, :]
@@ -287,9 +316,10 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
         cidx = cnt_ptr + 3 + mb * NB + nb
         if tl.atomic_add(cidx, 1) == SPLIT - 1:
             tot = tl.zeros([BM, BN], dtype=tl.float32)
-            for s in range(0, SPLIT):
-                tot += tl.load(ws_ptr + (s * M + m_off[:, None]) * N + n_off[None, :], mask=wmask,
-                               other=0.0, cache_modifier=".cg")
+            for s0 in range(0, SPLIT, 4):  # 4 independent partial loads per round trip
+                for i in tl.static_range(4):
+                    tot += tl.load(ws_ptr + ((s0 + i) * M + m_off[:, None]) * N + n_off[None, :],
+                                   mask=wmask & (s0 + i < SPLIT), other=0.0, cache_modifier=".cg")
             _gemm_finish(tot, m_off, n_off, mmask, nmask, y_ptr, b_ptr, l_ptr, t_ptr, RANK, stride_ym,
                          stride_tm, RP, HAS_BIAS, HAS_LR)
             tl.store(cidx, 0)
@@ -314,6 +344,46 @@ def _gemm_finish(acc, m_off, n_off, mmask, nmask, y_ptr, b_ptr, l_ptr, t_ptr, RA
              mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit(do_not_specialize=["N", "K", "SROW", "NTILES"])
+def _dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, N, K, KW, SROW, NTILES,
+                    BITS: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr, GROUP_N: tl.constexpr,
+                    FAST: tl.constexpr, G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr,
+                    BN: tl.constexpr, ASM: tl.constexpr):
+    """W[n, k] (the activation dtype, row-major (N, K)) for one (BN rows × K-tile) block."""
+    KT: tl.constexpr = S * 32
+    nb = tl.program_id(0)
+    t = tl.program_id(1)
+    n_off = nb * BN + tl.arange(0, BN)
+    i_off = tl.arange(0, 32)
+    nmask = n_off < N
+    w = tl.load(q_ptr + n_off[:, None] * KW + t * 32 + i_off[None, :])  # (BN, 32)
+    kb = t * KT
+    for j in tl.static_range(S):
+        v = _decode(w, j, BITS, MODE, lut_ptr, ASM)
+        k = kb + j * 32 + i_off
+        if GROUP_N:
+            sidx = (n_off[:, None] // G) * SROW + k[None, :]
+        else:
+            sidx = n_off[:, None] * SROW + k[None, :] // G
+        a, b = _affine(tl.load(s_ptr + sidx).to(tl.float32), o_ptr, sidx, MODE, VS, HALF)
+        tl.store(w_ptr + n_off[:, None] * K + k[None, :], (v * a + b).to(w_ptr.dtype.element_ty),
+                 mask=nmask[:, None] & (k[None, :] < K))
+
+
+def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The (N, K) weight in ``dtype``, decoded on the GPU by one kernel launch."""
+    n, k = kw.shape
+    w = torch.empty(n, k, dtype=dtype, device=kw.device)
+    bn = 64
+    _dequant_kernel[(-(-n // bn), kw.n_tiles)](
+        w, kw.qweight, kw.scale, kw.offset if kw.offset is not None else kw.scale,
+        kw.lut if kw.lut is not None else kw.scale, n, k, kw.qweight.shape[1], kw.scale.shape[1], kw.n_tiles,
+        BITS=kw.bits, S=32 // kw.bits, MODE=kw.mode, GROUP_N=kw.spec.group_dim == "out", FAST=False,
+        G=kw.spec.group_size, VS=float(2 ** kw.bits), HALF=float(2 ** (kw.bits - 1)), BN=bn, ASM=_asm(),
+        num_warps=4)
+    return w
+
+
 # ----------------------------------------------------------------------------------------------
 # host side
 
@@ -329,9 +399,11 @@ class Config:
     stages: int = 2
     occ: float = 4.0
     split: int = 0  # 0: from occ
+    maxnreg: int = 0  # register cap per thread (0: the compiler's choice); more programs fit per SM
 
 
 GEMV_MAX_M = 4  # default: GEMV kernel up to this many tokens, GEMM kernel above
+DEQUANT_MIN_M = 32  # default: above this many tokens, dequantize and use cuBLAS
 _TUNED: dict[tuple, Config] = {}
 _SMS: dict[int, int] = {}
 
@@ -379,9 +451,11 @@ def default_config(kw: KernelWeight, m: int) -> Config:
         bn = 64
         while not _fast(kw, bn) and bn > 16:
             bn //= 2
-        return Config(kind="gemv", bn=bn, warps=4, occ=4.0)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 128 if m <= 64 else 128
+        return Config(kind="gemv", bn=bn, warps=4, occ=4.0, maxnreg=128)
+    if m > DEQUANT_MIN_M:
+        return Config(kind="dequant")
+    bm = 16 if m <= 16 else 32
+    bn = 128
     while not _fast(kw, bn) and bn > 32:
         bn //= 2
     return Config(kind="gemm", bm=bm, bn=bn, warps=4 if bm <= 32 else 8, stages=3, occ=2.0)
@@ -410,74 +484,142 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, x.dtype)) or default_config(kw, m)
     if cfg.kind == "gemv":
         _launch_gemv(x2, y, kw, L, R, bias, has_lr, cfg)
-    else:
+    elif cfg.kind == "gemm":
         _launch_gemm(x2, y, kw, L, R, bias, has_lr, cfg)
+    else:  # "dequant": many tokens are compute-bound: decode W once, then cuBLAS
+        w = dequantize(kw, x.dtype)
+        b = bias.to(x.dtype) if bias is not None else None
+        if out is None:
+            y = torch.nn.functional.linear(x2, w, b)
+        else:
+            y.copy_(torch.nn.functional.linear(x2, w, b))
+        if has_lr:
+            y.addmm_(torch.nn.functional.linear(x2, R.to(x.dtype)), L.to(x.dtype).t())
     return y.view(*lead, n)
 
 
-def _common(kw: KernelWeight, bn: int) -> dict:
+def _constexprs(kw: KernelWeight, bn: int) -> dict:
     b = kw.bits
-    fast = _fast(kw, bn)
-    return dict(BITS=b, S=32 // b, MODE=kw.mode, GROUP_N=kw.spec.group_dim == "out", FAST=fast,
+    return dict(BITS=b, S=32 // b, MODE=kw.mode, GROUP_N=kw.spec.group_dim == "out", FAST=_fast(kw, bn),
                 G=kw.spec.group_size, VS=float(2 ** b), HALF=float(2 ** (b - 1)))
+
+
+def _gemv_constexprs(kw: KernelWeight, bn: int, rp: int, has_bias: bool, has_lr: bool, splitk: bool) -> tuple:
+    c = _constexprs(kw, bn)  # in the kernel's parameter order: BITS S MODE GROUP_N FAST G P VS HALF BN RP KC_ ...
+    return (c["BITS"], c["S"], c["MODE"], c["GROUP_N"], c["FAST"], c["G"], _flush_period(kw), c["VS"], c["HALF"],
+            bn, rp, KC, has_bias, has_lr, splitk, _asm())
+
+
+def _asm() -> bool:
+    """Inline PTX only when compiling for a GPU (triton's CPU interpreter cannot run it)."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _aligned(*ts) -> bool:
+    return all(t is None or t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages: int, maxnreg: int = 0) -> None:
+    """Launch ``fn``; with a plan, the compiled kernel is kept and later calls go straight to its
+    launcher (skipping triton's argument binding, most of the host-side cost of a launch)."""
+    k = plan.get("kernel") if plan is not None else None
+    if k is None:
+        opts = {"maxnreg": maxnreg} if maxnreg and _asm() else {}
+        k = fn[grid](*args, num_warps=warps, num_stages=stages, **opts)
+        if plan is not None and hasattr(k, "run") and hasattr(k, "function"):
+            plan["kernel"] = k
+        return
+    hooks = triton.knobs.runtime
+    stream = torch.cuda.current_stream(args[0].device).cuda_stream
+    meta = k.launch_metadata(grid, stream, *args) if hooks.launch_enter_hook is not None else None
+    k.run(grid[0], 1, 1, stream, k.function, k.packed_metadata, meta, hooks.launch_enter_hook,
+          hooks.launch_exit_hook, *args)
+
+
+def _plan(kw: KernelWeight, key: tuple, make) -> dict:
+    plans = kw.cache.setdefault("plans", {})
+    p = plans.get(key)
+    if p is None:
+        p = plans[key] = make()
+    return p
 
 
 def _launch_gemv(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
     n, k = kw.shape
     m = x.shape[0]
-    nb = -(-n // cfg.bn)
-    split, tps = _split(kw, nb * m, cfg, x.device)
     rank = L.shape[1] if has_lr else 0
-    rp = _rank_pad(rank)
-    ntc = -(-k // KC) if has_lr else 0
-    cnt = _counters(kw, N_COUNTERS + m * nb, x.device)
-    ws = torch.empty(split * m * n if split > 1 else 1, dtype=torch.float32, device=x.device)
-    tp = torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device)
-    Lc = L.contiguous() if has_lr else y
-    Rc = R.contiguous() if has_lr else y
-    grid = (ntc * m + nb * split * m,)
-    _gemv_kernel[grid](
-        x, y, kw.qweight, kw.scale, kw.offset if kw.offset is not None else kw.scale,
-        kw.lut if kw.lut is not None else kw.scale, bias if bias is not None else y, Lc, Rc, ws, tp, cnt,
-        m, n, k, kw.qweight.shape[1], kw.scale.shape[1], kw.n_tiles, tps, split, ntc, rank,
-        x.stride(0), y.stride(0),
-        P=_flush_period(kw), BN=cfg.bn, RP=rp, KC_=KC, HAS_BIAS=bias is not None, HAS_LR=has_lr,
-        SPLITK=split > 1, num_warps=cfg.warps, num_stages=cfg.stages, **_common(kw, cfg.bn))
+    Lc = L.contiguous() if has_lr else None
+    Rc = R.contiguous() if has_lr else None
+    key = ("gemv", cfg, m, rank, x.dtype, x.device, bias is not None and bias.dtype,
+           has_lr and (Lc.dtype, Rc.dtype))
+
+    def make():
+        nb = -(-n // cfg.bn)
+        split, tps = _split(kw, nb * m, cfg, x.device)
+        ntc = -(-k // KC) if has_lr else 0
+        rp = _rank_pad(rank)
+        return dict(grid=(ntc * m + nb * split * m,), split=split, tps=tps, ntc=ntc,
+                    cnt=_counters(kw, N_COUNTERS + m * nb, x.device),
+                    ws=torch.empty(max(split * m * n, 1) if split > 1 else 1, dtype=torch.float32, device=x.device),
+                    tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
+                    const=_gemv_constexprs(kw, cfg.bn, rp, bias is not None, has_lr, split > 1))
+
+    plan = _plan(kw, key, make) if _aligned(x, y, bias, Lc, Rc) else None
+    p = plan or make()
+    dummy = kw.scale
+    args = (x, y, kw.qweight, kw.scale, kw.offset if kw.offset is not None else dummy,
+            kw.lut if kw.lut is not None else dummy, bias if bias is not None else dummy,
+            Lc if has_lr else dummy, Rc if has_lr else dummy, p["ws"], p["tp"], p["cnt"],
+            m, n, k, kw.qweight.shape[1], kw.scale.shape[1], kw.n_tiles, p["tps"], p["split"], p["ntc"], rank,
+            x.stride(0), y.stride(0), *p["const"])
+    _launch(_gemv_kernel, plan, p["grid"], args, cfg.warps, cfg.stages, cfg.maxnreg)
 
 
 def _launch_gemm(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
     n, k = kw.shape
     m = x.shape[0]
-    mbk, nbk = -(-m // cfg.bm), -(-n // cfg.bn)
-    split, tps = _split(kw, mbk * nbk, cfg, x.device)
     rank = L.shape[1] if has_lr else 0
     if has_lr:
         t = torch.nn.functional.linear(x, R.to(x.dtype))  # (M, rank)
         Lc = L.contiguous()
     else:
-        t = Lc = y
-    cnt = _counters(kw, N_COUNTERS + mbk * nbk, x.device)
-    ws = torch.empty(split * m * n if split > 1 else 1, dtype=torch.float32, device=x.device)
-    grid = (mbk * nbk * split,)
-    _gemm_kernel[grid](
-        x, y, kw.qweight, kw.scale, kw.offset if kw.offset is not None else kw.scale,
-        kw.lut if kw.lut is not None else kw.scale, bias if bias is not None else y, Lc, t, ws, cnt,
-        m, n, k, kw.qweight.shape[1], kw.scale.shape[1], kw.n_tiles, tps, split, rank,
-        x.stride(0), y.stride(0), t.stride(0),
-        BM=cfg.bm, BN=cfg.bn, RP=_rank_pad(rank), HAS_BIAS=bias is not None, HAS_LR=has_lr,
-        SPLITK=split > 1, num_warps=cfg.warps, num_stages=cfg.stages, **_common(kw, cfg.bn))
+        t = Lc = None
+    key = ("gemm", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
+           has_lr and Lc.dtype)
+
+    def make():
+        mbk, nbk = -(-m // cfg.bm), -(-n // cfg.bn)
+        split, tps = _split(kw, mbk * nbk, cfg, x.device)
+        return dict(grid=(mbk * nbk * split,), split=split, tps=tps,
+                    cnt=_counters(kw, N_COUNTERS + mbk * nbk, x.device),
+                    ws=torch.empty(max(split * m * n, 1) if split > 1 else 1, dtype=torch.float32, device=x.device),
+                    const=(*_constexprs(kw, cfg.bn).values(), cfg.bm, cfg.bn, _rank_pad(rank), bias is not None,
+                           has_lr, split > 1, _asm()))
+
+    plan = _plan(kw, key, make) if _aligned(x, y, bias, Lc, t) else None
+    p = plan or make()
+    dummy = kw.scale
+    args = (x, y, kw.qweight, kw.scale, kw.offset if kw.offset is not None else dummy,
+            kw.lut if kw.lut is not None else dummy, bias if bias is not None else dummy,
+            Lc if has_lr else dummy, t if has_lr else dummy, p["ws"], p["cnt"],
+            m, n, k, kw.qweight.shape[1], kw.scale.shape[1], kw.n_tiles, p["tps"], p["split"], rank,
+            x.stride(0), y.stride(0), t.stride(0) if has_lr else 0, *p["const"])
+    # nf: triton would software-pipeline the table gathers through shared memory (and overflow it)
+    _launch(_gemm_kernel, plan, p["grid"], args, cfg.warps, 1 if kw.mode == 2 else cfg.stages)
 
 
 def candidates(kw: KernelWeight, m: int) -> list[Config]:
     """Configurations :func:`tune` tries for ``m`` tokens."""
     out: list[Config] = []
     if m <= 16:
-        for bn, warps in ((32, 4), (64, 4), (128, 4), (128, 8)):
+        for bn, warps, regs in ((32, 4, 0), (64, 4, 96), (64, 4, 128), (128, 4, 128), (128, 4, 168), (128, 8, 0)):
             if not _fast(kw, bn) and _fast(kw, 16):
                 continue
             for occ in (2.0, 4.0, 8.0):
-                out.append(Config(kind="gemv", bn=bn, warps=warps, occ=occ))
-    if m > 1:
+                out.append(Config(kind="gemv", bn=bn, warps=warps, occ=occ, maxnreg=regs))
+    if m > 16:
+        out.append(Config(kind="dequant"))
+    if 1 < m <= 128:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
         for bn, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)):
             if bm >= 128 and bn == 256:
@@ -490,18 +632,36 @@ def candidates(kw: KernelWeight, m: int) -> list[Config]:
     return out
 
 
-def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,
-         configs: list[Config] | None = None, rep_ms: int = 20) -> tuple[Config, float]:
-    """Time candidate configs for this input shape (CUDA events, median) and remember the best."""
+def time_call(fn, rep_ms: int = 20, graph: bool = True) -> float:
+    """Median milliseconds of ``fn`` (CUDA events, L2 flushed before each call). With ``graph``,
+    ``fn`` is captured once in a CUDA graph and the replays are timed: the device-side time,
+    without the host's launch overhead."""
     from triton.testing import do_bench
 
+    fn()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
+
+
+def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,
+         configs: list[Config] | None = None, rep_ms: int = 20) -> tuple[Config, float]:
+    """Time candidate configs for this input shape (device time of CUDA-graph replays, median)
+    and remember the best for this shape, format and token count."""
     m = x.reshape(-1, kw.shape[1]).shape[0]
     has_lr = L is not None and R is not None and L.shape[1] > 0
     best = (None, float("inf"))
     for cfg in configs or candidates(kw, m):
         try:
-            ms = do_bench(lambda: linear(x, kw, L, R, bias, config=cfg), warmup=5, rep=rep_ms,
-                          return_mode="median")
+            ms = time_call(lambda: linear(x, kw, L, R, bias, config=cfg), rep_ms)
         except Exception:  # a config that does not compile/fit on this device (e.g. shared memory)
             continue
         if ms < best[1]:
@@ -515,4 +675,4 @@ def set_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype, cfg: 
     _TUNED[_tune_key(kw, m, has_lr, dtype)] = cfg
 
 
-__all__ = ["Config", "linear", "tune", "candidates", "default_config", "set_config", "replace"]
+__all__ = ["Config", "linear", "dequantize", "tune", "time_call", "candidates", "default_config", "set_config"]

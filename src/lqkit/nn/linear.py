@@ -114,7 +114,8 @@ class CompressedLinear(nn.Module):
         if self.backend != "torch" and self.spec.quant is not None:
             from .. import kernels
 
-            usable = x.is_cuda and kernels.available()
+            # formats the kernels do not read (codebooks, exact outliers) take the torch path
+            usable = x.is_cuda and kernels.available() and qmod.kernel_spec(self.spec.quant) is not None
             grad = torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in (self.L, self.R, self.bias) if p is not None))
             if self.backend == "triton" and not usable:
@@ -136,7 +137,8 @@ class CompressedLinear(nn.Module):
         key = tuple((t.device, t.data_ptr(), t._version) for t in bufs)
         cached = self.__dict__.get("_kernel_cache")
         if cached is None or cached[0] != key:
-            cached = (key, kernels.prepare(self.qcodes, self.aux(), self.spec.quant, self.shape, self.qcodes.device))
+            cached = (key, kernels.prepare(self.qcodes, self.aux(), qmod.kernel_spec(self.spec.quant), self.shape,
+                                            self.qcodes.device))
             self.__dict__["_kernel_cache"] = cached
         return cached[1]
 

@@ -1,0 +1,316 @@
+"""Calibration statistics of a causal LM: per linear layer, H = Σ xᵀx of its inputs, and the
+empirical Fisher diagonal of its weight.
+
+Data: ``samples`` windows of ``seqlen − 1`` tokens, evenly spaced over the tokenized calibration text
+(default: the bundled WikiText-2 validation split, disjoint from the evaluation text), each with BOS
+prepended (window i starts at floor(i·(N − seqlen + 1) / samples), as the evaluation protocol).
+
+H, one decoder block at a time: the block list is the model's largest ``nn.ModuleList``. The inputs
+of block 0 are captured once (a pre-hook that stops the forward), the keyword arguments each block
+receives (masks, position embeddings; they differ between sliding and global layers) are recorded
+in one full forward of the first window, then block k runs on the outputs of block k − 1, with
+forward hooks on its linear layers feeding fp32 accumulators. Peak memory is one block's activations
+plus the (samples, seqlen, hidden) hidden states. Layers that read the same input tensor (q/k/v,
+gate/up) share one accumulator.
+
+Fisher: per-example squared gradients, where an example is one calibration window: for each window
+separately (batch size 1), the gradient of its mean next-token loss w.r.t. each compressed weight
+is squared and accumulated; F = mean over windows. The square of a batch gradient would let
+gradients of different windows cancel and underestimate sensitivity; per-token gradients would need
+one backward per token. Only the compressed weights require grad (embeddings and the tied head do
+not). The forward and backward run under bf16 autocast by default (``fisher_dtype``; about 3x faster
+on CPUs with AMX/AVX-512-BF16, and the Fisher is only a sensitivity estimate); gradients and the
+accumulators are fp32. H is always computed in fp32. A window whose loss or gradients are not finite is skipped (warned); if all are, it is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .core.stats import MatrixStats
+from .errors import DataError, LqkitError
+from .evaluate import bos_id, tokenize
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(LqkitError, ValueError):
+    """Calibration produced unusable statistics (non-finite activations or gradients)."""
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    samples: int = 64  # calibration windows
+    seqlen: int = 512  # tokens per window including BOS
+    fisher: bool = True  # also compute the Fisher diagonal (one backward per window)
+    fisher_dtype: str = "bfloat16"  # autocast dtype of the Fisher forward/backward ("float32": none)
+
+    def __post_init__(self) -> None:
+        if self.fisher_dtype not in ("bfloat16", "float16", "float32"):
+            raise DataError(f"fisher dtype must be bfloat16, float16 or float32, got {self.fisher_dtype!r}")
+        if not (isinstance(self.samples, int) and self.samples >= 1):
+            raise DataError(f"calibration samples must be a positive integer, got {self.samples!r}")
+        if not (isinstance(self.seqlen, int) and self.seqlen >= 2):
+            raise DataError(f"calibration sequence length must be at least 2 tokens, got {self.seqlen!r}")
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics keyed by module name; ``get(name)`` gives the core's :class:`MatrixStats`."""
+
+    h: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ xᵀx (in, in), fp32, canonical names
+    count: dict[str, int] = field(default_factory=dict)  # tokens summed into h[name]
+    h_alias: dict[str, str] = field(default_factory=dict)  # module -> module whose h it shares
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # mean g² (out, in), fp32
+    meta: dict = field(default_factory=dict)  # model, text, samples, seqlen, timings, ...
+
+    def names(self) -> set[str]:
+        return set(self.h) | set(self.h_alias) | set(self.fisher)
+
+    def get(self, name: str) -> MatrixStats | None:
+        key = self.h_alias.get(name, name)
+        h = self.h[key] / max(self.count[key], 1) if key in self.h else None
+        f = self.fisher.get(name)
+        return None if h is None and f is None else MatrixStats(h=h, fisher=f)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+
+def calibration_ids(tokenizer, text: str, config: CalibConfig) -> torch.Tensor:
+    """(samples, seqlen) token ids: evenly spaced windows of the text, BOS first."""
+    ids = tokenize(tokenizer, text)
+    span = config.seqlen - 1
+    if ids.numel() < span:
+        raise DataError(f"the calibration text has {ids.numel()} tokens; at least {span} are needed for one "
+                        f"sequence of {config.seqlen} (with BOS): pass a longer --calib or a smaller --calib-seqlen")
+    starts = [i * (ids.numel() - span) // config.samples for i in range(config.samples)]
+    bos = torch.full((1,), bos_id(tokenizer), dtype=torch.long)
+    return torch.stack([torch.cat([bos, ids[s:s + span]]) for s in starts])
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ``nn.ModuleList`` holding the most parameters (architecture-free)."""
+    best, best_n = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList):
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise CalibrationError("the model has no nn.ModuleList of decoder blocks; block-wise calibration "
+                               "cannot find its layers")
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class HessianAccumulator:
+    """Σ xᵀx (fp32) of the inputs of the given linear layers, fed by forward hooks registered in
+    :meth:`hooks`. Layers that receive the very same input tensor as an earlier layer in the same
+    call (q/k/v, gate/up) are recorded as aliases on the first call and skipped afterwards."""
+
+    def __init__(self, linears: Mapping[str, nn.Linear]):
+        self.linears = dict(linears)
+        self.h: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.alias: dict[str, str] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def new_call(self) -> None:
+        """Mark the start of one forward call (input identities are matched within a call)."""
+        self._seen = {}
+
+    def _hook(self, name: str):
+        def hook(mod, args, output):
+            if name in self.alias:
+                return
+            x = args[0]
+            # the same tensor object (held here, so its id cannot be reused within the call)
+            first = self._seen.setdefault(id(x), (x, name))[1]
+            if first != name and name not in self.h:
+                self.alias[name] = first
+                return
+            x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+            if name not in self.h:
+                self.h[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                self.count[name] = 0
+            self.h[name].addmm_(x.t(), x)
+            self.count[name] += x.shape[0]
+        return hook
+
+    @contextmanager
+    def hooks(self) -> Iterator["HessianAccumulator"]:
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        try:
+            yield self
+        finally:
+            for hd in handles:
+                hd.remove()
+
+
+@torch.no_grad()
+def _block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, device
+                  ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+    """(hidden states entering block 0 for every window (samples, seqlen, hidden), and the
+    (args, kwargs) every block receives, recorded in one full forward of the first window)."""
+    calls: list[tuple[tuple, dict] | None] = [None] * len(blocks)
+
+    def record(i):
+        def pre(mod, args, kwargs):
+            calls[i] = (args, kwargs)
+        return pre
+
+    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(input_ids=ids[:1].to(device), use_cache=False)
+    finally:
+        for hd in handles:
+            hd.remove()
+    if any(c is None for c in calls):
+        raise CalibrationError("not every decoder block ran in a forward pass; cannot calibrate block-wise")
+
+    hidden = []
+
+    def stop(mod, args, kwargs):
+        hidden.append(_hidden_of(args, kwargs).detach())
+        raise _Stop
+
+    hd = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for i in range(ids.shape[0]):
+            try:
+                model(input_ids=ids[i:i + 1].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        hd.remove()
+    return torch.cat(hidden), calls
+
+
+@torch.no_grad()
+def hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str], progress: bool = True
+             ) -> HessianAccumulator:
+    """Σ xᵀx of the inputs of the named linear layers, computed one decoder block at a time."""
+    device = next(model.parameters()).device
+    prefix, blocks = find_blocks(model)
+    names = list(names)
+    hidden, calls = _block_inputs(model, blocks, ids, device)  # (samples, seqlen, hidden)
+    acc = HessianAccumulator({n: model.get_submodule(n) for n in names})
+    outside = [n for n in names if not any(n.startswith(f"{prefix}.{k}.") for k in range(len(blocks)))]
+    if outside:
+        log.warning("no input statistics for %d linear layer(s) outside the decoder blocks: %s",
+                    len(outside), ", ".join(outside[:3]))
+    for k, block in enumerate(tqdm(blocks, desc="calibrate H", unit="block", disable=not progress)):
+        mine = {n: m for n, m in acc.linears.items() if n.startswith(f"{prefix}.{k}.")}
+        sub = HessianAccumulator(mine)
+        args, kwargs = calls[k]
+        with sub.hooks():
+            for i in range(hidden.shape[0]):
+                sub.new_call()
+                a, kw = _with_hidden(args, kwargs, hidden[i:i + 1])
+                hidden[i:i + 1] = _first_output(block(*a, **kw))
+        acc.h.update(sub.h)
+        acc.count.update(sub.count)
+        acc.alias.update(sub.alias)
+    for name, h in acc.h.items():
+        if not torch.isfinite(h).all():
+            raise CalibrationError(f"the inputs of {name} are not finite on the calibration text: the model "
+                                   "produces NaN/inf activations; check the model or use another dtype")
+    return acc
+
+
+def fisher_diagonal(model: nn.Module, ids: torch.Tensor, names: Iterable[str], progress: bool = True,
+                    dtype: str = "float32") -> tuple[dict[str, torch.Tensor], int]:
+    """(mean over windows of the squared per-window gradient of each named weight, windows used)."""
+    device = next(model.parameters()).device
+    weights = {n: model.get_submodule(n).weight for n in names}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    acc = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in weights.items()}
+    used = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        for i in tqdm(range(ids.shape[0]), desc="calibrate Fisher", unit="seq", disable=not progress):
+            x = ids[i:i + 1].to(device)
+            with torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+                logits = model(input_ids=x, use_cache=False).logits  # (1, T, V)
+            loss = F.cross_entropy(logits[0, :-1].float(), x[0, 1:])
+            del logits
+            grads = torch.autograd.grad(loss, list(weights.values())) if torch.isfinite(loss) else None
+            if grads is None or not all(torch.isfinite(g).all() for g in grads):
+                log.warning("calibration window %d gives a non-finite loss or gradient; skipped", i)
+                continue
+            for n, g in zip(weights, grads):
+                acc[n].addcmul_(g.float(), g.float())
+            used += 1
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+    if used == 0:
+        raise CalibrationError("every calibration window gave a non-finite loss or gradient; the model "
+                               "produces NaN/inf: no Fisher statistics can be computed")
+    return {n: a / used for n, a in acc.items()}, used
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def calibrate(model: nn.Module, tokenizer, text: str, names: Iterable[str], config: CalibConfig = CalibConfig(),
+              *, text_label: str = "", model_label: str = "", progress: bool = True) -> CalibrationStats:
+    """H (block-wise) and, if ``config.fisher``, the Fisher diagonal of the named linear layers."""
+    names = list(names)
+    ids = calibration_ids(tokenizer, text, config)
+    was_training = model.training
+    model.eval()
+    t0 = time.time()
+    acc = hessians(model, ids, names, progress)
+    t_h = time.time() - t0
+    fisher, used = ({}, 0)
+    if config.fisher:
+        t1 = time.time()
+        fisher, used = fisher_diagonal(model, ids, names, progress, config.fisher_dtype)
+        t_f = time.time() - t1
+    model.train(was_training)
+    meta = {
+        "model": model_label, "text": text_label, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "samples": config.samples, "seqlen": config.seqlen, "tokens": int(ids.numel()),
+        "fisher": f"per-window squared gradients (batch size 1), mean; {config.fisher_dtype} autocast"
+        if config.fisher else None,
+        "fisher_windows": used, "seconds_h": round(t_h, 1),
+        "seconds_fisher": round(t_f, 1) if config.fisher else None, "peak_rss_mb": round(_peak_rss_mb()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    log.info("calibration: H in %.0f s%s; peak RSS %.0f MiB", t_h,
+             f", Fisher in {t_f:.0f} s" if config.fisher else "", meta["peak_rss_mb"])
+    return CalibrationStats(h=acc.h, count=acc.count, h_alias=acc.alias, fisher=fisher, meta=meta)

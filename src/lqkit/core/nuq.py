@@ -1,0 +1,79 @@
+"""SqueezeLLM-style non-uniform quantization (Kim et al., 2023).
+
+Each row of the layout matrix (an output channel for group_dim "in", an input channel for "out")
+gets its own codebook of 2^b levels, found by weighted 1-D k-means (Lloyd) with the Fisher diagonal
+as weights (uniform weights without statistics). Codes are bit-packed; the codebook is stored in
+fp16, (rows, 2^b), and counted in the size. ``group_size`` is not used (one codebook per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quant import QuantContext, QuantSpec, Quantizer, AuxSlot, register, to_layout
+
+ITERS = 30  # Lloyd iterations
+WEIGHT_FLOOR = 1e-3  # weights below this fraction of a row's mean weight are raised to it
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level of each row's sorted codebook c (rows, k) for x (rows, n)."""
+    mids = (c[:, 1:] + c[:, :-1]) / 2  # (rows, k-1)
+    return torch.searchsorted(mids.contiguous(), x.contiguous())
+
+
+def kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int = ITERS
+              ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Weighted Lloyd k-means of every row of x (rows, n) into k levels.
+
+    Returns (codebook (rows, k) sorted, codes (rows, n) int64, history) where history[t] is the
+    weighted squared error Σ w·(x − c[code])² after iteration t's assignment; it never increases
+    (each assignment and each centroid update is optimal given the other). Initialised at the
+    weighted quantiles (t + ½)/k; an empty cluster keeps its level."""
+    x, weight = x.float(), weight.float()
+    order = torch.argsort(x, dim=1)
+    xs, ws = torch.gather(x, 1, order), torch.gather(weight, 1, order)
+    cw = ws.cumsum(1)
+    cw = cw / cw[:, -1:].clamp_min(1e-30)
+    targets = (torch.arange(k, device=x.device, dtype=torch.float32) + 0.5) / k  # (k,)
+    idx = torch.searchsorted(cw.contiguous(), targets.expand(x.shape[0], k).contiguous()).clamp_(max=x.shape[1] - 1)
+    c = torch.gather(xs, 1, idx)  # (rows, k), sorted
+    history = []
+    for _ in range(iters):
+        codes = _assign(x, c)
+        history.append(float((weight * (x - torch.gather(c, 1, codes)) ** 2).sum()))
+        num = torch.zeros_like(c).scatter_add_(1, codes, weight * x)
+        den = torch.zeros_like(c).scatter_add_(1, codes, weight)
+        c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
+    codes = _assign(x, c)
+    history.append(float((weight * (x - torch.gather(c, 1, codes)) ** 2).sum()))
+    return c, codes, history
+
+
+def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
+    k = 1 << spec.bits
+    f = ctx.stats.fisher if ctx.stats is not None else None
+    wt = torch.ones_like(m) if f is None else to_layout(f.to(m.device).float(), spec).clamp_min(0)
+    wt = torch.maximum(wt, WEIGHT_FLOOR * wt.mean(dim=1, keepdim=True).clamp_min(1e-30))
+    x = m
+    if ctx.keep is not None:  # kept outliers: no weight, and no pull on the levels
+        keep = to_layout(ctx.keep, spec)
+        wt, x = wt.masked_fill(keep, 0.0), m.masked_fill(keep, 0.0)
+    c, _, _ = kmeans_1d(x, wt, k)
+    book = c.to(torch.float16)  # stored codebook; codes assigned against the rounded levels
+    codes = _assign(x, book.float())
+    return codes.to(torch.uint8), {"codebook": book}
+
+
+def _nuq_dequantize(codes, aux, spec):
+    return torch.gather(aux["codebook"].float(), 1, codes.long())
+
+
+register(Quantizer(
+    name="nuq",
+    bits_allowed=frozenset(range(2, 9)),
+    quantize=_nuq_quantize,
+    dequantize=_nuq_dequantize,
+    aux_layout=lambda spec, rows, cols: {"codebook": AuxSlot((rows, 1 << spec.bits), torch.float16)},
+    data_aware=True,
+))

@@ -1,0 +1,100 @@
+"""Calibration statistics of one weight matrix and the errors they weight (pure tensor math).
+
+For a linear layer y = x·Wᵀ with W of shape (out, in):
+- ``h`` (in, in) is the mean input second moment E[xᵀx] (Σ xᵀx over calibration tokens / tokens).
+  The output error of a perturbation E is ‖E·Xᵀ‖² ∝ tr(E·H·Eᵀ) ("hessian" weighting, as GPTQ).
+- ``fisher`` (out, in) is the empirical Fisher diagonal, mean over calibration sequences of the
+  squared gradient of the LM loss w.r.t. each weight: Σ F ∘ E² estimates the loss increase
+  ("fisher" weighting, as LQ-LoRA / SqueezeLLM / FWSVD).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SpecError
+
+WEIGHTINGS = ("none", "fisher", "hessian")
+DAMP = 0.01  # default dampening: fraction of mean(diag H) added to the diagonal
+
+
+@dataclass(frozen=True)
+class MatrixStats:
+    """Statistics of one (out, in) matrix; either may be None."""
+
+    h: torch.Tensor | None = None  # (in, in) fp32, E[xᵀx]
+    fisher: torch.Tensor | None = None  # (out, in) fp32, E[g²]
+
+    def to(self, device) -> "MatrixStats":
+        return MatrixStats(*(t.to(device) if t is not None else None for t in (self.h, self.fisher)))
+
+
+def require(stats: MatrixStats | None, what: str, why: str) -> torch.Tensor:
+    """The ``what`` ("h" or "fisher") tensor of ``stats``, or a SpecError saying why it is needed."""
+    t = getattr(stats, what, None) if stats is not None else None
+    if t is None:
+        kind = "input second moments (H)" if what == "h" else "a Fisher diagonal"
+        raise SpecError(f"{why} needs calibration statistics with {kind}: pass --calib / --stats "
+                        f"(see `lqkit calibrate`)")
+    return t
+
+
+def sq_error(e: torch.Tensor, stats: MatrixStats | None, weighting: str) -> torch.Tensor:
+    """Weighted squared error of an (out, in) difference ``e`` (a 0-d tensor)."""
+    if weighting == "none":
+        return (e * e).sum()
+    if weighting == "fisher":
+        return (require(stats, "fisher", "fisher weighting") * e * e).sum()
+    if weighting == "hessian":
+        return ((e @ require(stats, "h", "hessian weighting")) * e).sum()  # tr(E·H·Eᵀ)
+    raise SpecError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def rel_error(w: torch.Tensor, w_hat: torch.Tensor, stats: MatrixStats | None, weighting: str) -> float:
+    """sqrt(err(W − Ŵ) / err(W)) under ``weighting`` (the plain relative Frobenius error for "none")."""
+    num = sq_error(w - w_hat, stats, weighting)
+    den = sq_error(w, stats, weighting).clamp_min(1e-30)
+    return float((num / den).clamp_min(0).sqrt())
+
+
+def damped(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """H + damp·mean(diag H)·I, with dead inputs (zero diagonal) given a unit diagonal."""
+    h = h.float().clone()
+    d = torch.diagonal(h)
+    dead = d <= 0
+    d[dead] = 1.0
+    mean = d.mean()
+    d += damp * mean
+    return h
+
+
+def whitening(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S⁻¹) with S·Sᵀ = damped H, so that tr(E·H·Eᵀ) ≈ ‖E·S‖²_F.
+
+    Cholesky of the damped H; if that fails (H not positive definite even after dampening, e.g.
+    from NaN-free but degenerate statistics), the eigen-decomposition with eigenvalues clamped to
+    ≥ 1e-6·max is used instead (S = V·Λ^½, S⁻¹ = Λ^-½·Vᵀ). Non-finite H raises a SpecError."""
+    if not torch.isfinite(h).all():
+        raise SpecError("the input second-moment matrix H has NaN/inf entries; re-run calibration")
+    hd = damped(h, damp).double()
+    chol, info = torch.linalg.cholesky_ex(hd)
+    if int(info) == 0:
+        eye = torch.eye(hd.shape[0], dtype=hd.dtype, device=hd.device)
+        inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        return chol.float(), inv.float()
+    evals, evecs = torch.linalg.eigh((hd + hd.T) / 2)
+    evals = evals.clamp_min(evals.max().clamp_min(1e-30) * 1e-6)
+    root = evals.sqrt()
+    return (evecs * root).float(), (evecs / root).T.float()
+
+
+def fisher_scales(fisher: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column scales (r, c), both positive, with F_ij ≈ r_i²·c_j² (the best separable,
+    i.e. independence, fit: r² = row sums, c² = column sums / total), normalised to mean 1."""
+    f = fisher.float().clamp_min(0)
+    rows, cols = f.sum(dim=1), f.sum(dim=0)  # (out,), (in,)
+    rows = rows / rows.mean().clamp_min(1e-30)
+    cols = cols / cols.mean().clamp_min(1e-30)
+    return (rows + eps).sqrt(), (cols + eps).sqrt()

@@ -1,0 +1,83 @@
+"""GPTQ: Hessian-weighted error never above RTN's, stored like RTN, guards on H."""
+
+import pytest
+import torch
+
+from lqkit.core import MatrixStats, QuantSpec, dequantize, quantize
+from lqkit.core import quant as Q
+from lqkit.core.stats import sq_error
+from lqkit.errors import SpecError
+
+
+def problem(seed, out=48, n=96, tokens=400):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g) * 0.02
+    mix = torch.randn(n, n, generator=g) * 0.4 + torch.eye(n)
+    x = torch.randn(tokens, n, generator=g) @ mix * torch.rand(n, generator=g) * 3  # correlated, uneven
+    return w, MatrixStats(h=x.T @ x / tokens)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("bits,gs,dim,ao", [(3, 32, "in", False), (2, 32, "in", True), (3, 16, "out", False),
+                                            (4, 96, "in", False), (3, 24, "out", True)])
+def test_gptq_never_worse_than_rtn_in_hessian_error(seed, bits, gs, dim, ao):
+    w, st = problem(seed)
+    e_rtn = sq_error(w - dequantize(quantize(w, QuantSpec("rtn", bits, gs, dim))), st, "hessian")
+    e_gptq = sq_error(w - dequantize(quantize(w, QuantSpec("gptq", bits, gs, dim, act_order=ao), st)), st, "hessian")
+    assert e_gptq <= e_rtn * (1 + 1e-6)
+
+
+def test_gptq_with_diagonal_h_is_rtn():
+    w, _ = problem(0)
+    st = MatrixStats(h=torch.diag(torch.rand(w.shape[1]) + 0.5))
+    a = dequantize(quantize(w, QuantSpec("gptq", 3, 32), st))
+    b = dequantize(quantize(w, QuantSpec("rtn", 3, 32)))
+    torch.testing.assert_close(a, b)
+
+
+def test_gptq_storage_is_rtn_format():
+    w, st = problem(1)
+    spec = QuantSpec("gptq", 3, 32)
+    q = quantize(w, spec, st)
+    assert set(q.aux) == {"scale", "offset"} and q.nbits == Q.storage_bits(spec, tuple(w.shape))
+    rtn_view = Q.dequantize_packed(q.packed, q.aux, Q.kernel_spec(spec), q.shape)
+    torch.testing.assert_close(dequantize(q), rtn_view)
+
+
+def test_gptq_keeps_outliers_exactly_and_helps():
+    w, st = problem(2)
+    plain = QuantSpec("gptq", 2, 32)
+    sp = QuantSpec("gptq", 2, 32, outliers=0.02, outlier_features=0.05)
+    q = quantize(w, sp, st)
+    wh = dequantize(q)
+    idx = q.aux["sp_idx"].long()
+    assert torch.equal(wh.view(-1)[idx], q.aux["sp_val"].float())
+    assert torch.equal(wh[:, q.aux["feat_idx"].long()], q.aux["feat_val"].float())
+    assert sq_error(w - wh, st, "hessian") < sq_error(w - dequantize(quantize(w, plain, st)), st, "hessian")
+
+
+def test_gptq_singular_and_bad_h():
+    w, _ = problem(3)
+    x = torch.randn(5, w.shape[1])  # rank 5: singular H
+    h = x.T @ x
+    h[:, 7] = h[7, :] = 0  # a dead input
+    wh = dequantize(quantize(w, QuantSpec("gptq", 3, 32), MatrixStats(h=h)))
+    assert torch.isfinite(wh).all()
+    bad = h.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(SpecError, match="NaN"):
+        quantize(w, QuantSpec("gptq", 3, 32), MatrixStats(h=bad))
+    with pytest.raises(SpecError, match="calibration statistics"):
+        quantize(w, QuantSpec("gptq", 3, 32))
+    with pytest.raises(SpecError, match="act-order"):
+        QuantSpec("rtn", 3, 32, act_order=True)
+
+
+@pytest.mark.parametrize("bits", [6, 8])
+def test_int6_int8_uniform(bits):
+    w, st = problem(4)
+    for spec, weighting in ((QuantSpec("rtn", bits, 64), "none"), (QuantSpec("gptq", bits, 64), "hessian")):
+        q = quantize(w, spec, st)
+        rel = float((sq_error(w - dequantize(q), st, weighting) / sq_error(w, st, weighting)).sqrt())
+        assert rel < (0.03 if bits == 6 else 0.008)
+        assert q.nbits == Q.storage_bits(spec, tuple(w.shape))

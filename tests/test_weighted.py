@@ -1,0 +1,93 @@
+"""Data-aware low rank (Fisher-weighted / activation-aware SVD), weighted LQ, AdaDim, spec compat."""
+
+import pytest
+import torch
+
+from lqkit.core import MatrixSpec, MatrixStats, QuantSpec, decompose, truncated_svd
+from lqkit.core.adadim import choose_group_dim, group_dim_errors
+from lqkit.core.lowrank import scaled_svd
+from lqkit.core.stats import fisher_scales, sq_error, whitening
+from lqkit.errors import SpecError
+
+
+def _problem(seed, out=48, n=80):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, 6, generator=g) @ torch.randn(6, n, generator=g) * 0.01 + torch.randn(out, n, generator=g) * 0.02
+    x = torch.randn(300, n, generator=g) * (torch.rand(n, generator=g) * 4) ** 2
+    r, c = torch.rand(out, generator=g) ** 3 + 1e-3, torch.rand(n, generator=g) ** 3 + 1e-3
+    return w, MatrixStats(h=x.T @ x / 300, fisher=r[:, None] * c[None, :])  # separable Fisher
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("weighting", ["fisher", "hessian"])
+def test_weighted_svd_reduces_weighted_error(seed, weighting):
+    w, st = _problem(seed)
+    plain = truncated_svd(w, 8).product()
+    if weighting == "fisher":
+        r, c = fisher_scales(st.fisher)
+        lr = scaled_svd(w, 8, r, c)
+    else:
+        s, s_inv = whitening(st.h, damp=1e-6)
+        lr = scaled_svd(w, 8, right=s, right_inv=s_inv)
+    assert sq_error(w - lr.product(), st, weighting) < sq_error(w - plain, st, weighting)
+
+
+def test_whitening_guards_singular_h():
+    x = torch.randn(3, 20)
+    h = x.T @ x  # rank 3
+    s, s_inv = whitening(h, damp=0.0)  # Cholesky fails -> eigen fallback
+    assert torch.isfinite(s).all() and torch.isfinite(s_inv).all()
+    torch.testing.assert_close(s @ s_inv, torch.eye(20), atol=1e-3, rtol=0)
+    with pytest.raises(SpecError):
+        whitening(torch.full((4, 4), float("nan")))
+
+
+@pytest.mark.parametrize("weighting", ["fisher", "hessian"])
+@pytest.mark.parametrize("method", ["lq", "lorc"])
+def test_weighted_decompositions_beat_unweighted_on_their_objective(weighting, method):
+    w, st = _problem(7)
+    q = QuantSpec("rtn", 3, 16)
+    dw = decompose(w, MatrixSpec(method, q, 8, weighting=weighting), st)
+    du = decompose(w, MatrixSpec(method, q, 8), st)
+    assert sq_error(w - dw.reconstruct(), st, weighting) < sq_error(w - du.reconstruct(), st, weighting)
+    assert dw.weighted_error == pytest.approx(min(dw.history), rel=1e-6) and du.weighted_error is None
+
+
+def test_lq_with_gptq_inside():
+    w, st = _problem(8)
+    d = decompose(w, MatrixSpec("lq", QuantSpec("gptq", 2, 16), 8, iters=6, weighting="hessian"), st)
+    lorc = decompose(w, MatrixSpec("lorc", QuantSpec("rtn", 2, 16), 8), st)
+    assert torch.isfinite(d.reconstruct()).all()
+    assert sq_error(w - d.reconstruct(), st, "hessian") < sq_error(w - lorc.reconstruct(), st, "hessian")
+
+
+def test_weighting_needs_stats():
+    w, _ = _problem(0)
+    with pytest.raises(SpecError, match="Fisher"):
+        decompose(w, MatrixSpec("lq", QuantSpec("rtn", 3, 16), 4, weighting="fisher"))
+    with pytest.raises(SpecError, match="weighting"):
+        MatrixSpec("lq", QuantSpec("rtn", 3, 16), 4, weighting="l1")
+
+
+def test_adadim_picks_the_smaller_error():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g) * 0.02 * (torch.rand(64, generator=g) * 20)[None, :]  # uneven columns
+    q = QuantSpec("rtn", 3, 16, "auto")
+    errs = group_dim_errors(w, q)
+    chosen = choose_group_dim(w, q).group_dim
+    assert errs[chosen] == min(errs.values()) and chosen == "out"
+    d = decompose(w, MatrixSpec("quant", q))
+    assert d.spec.quant.group_dim == "out"
+    with pytest.raises(SpecError, match="auto"):
+        from lqkit.core import quantize
+        quantize(w, q)
+
+
+def test_spec_dicts_round_trip_and_old_dicts_load():
+    s = MatrixSpec("lq", QuantSpec("gptq", 3, 64, act_order=True, outliers=0.005), 16, weighting="hessian")
+    assert MatrixSpec.from_dict(s.to_dict()) == s
+    old = {"method": "lq", "quant": {"method": "rtn", "bits": 3, "group_size": 128, "group_dim": "in",
+                                     "double_quant": False, "scale_dtype": "float16"},
+           "rank": 8, "iters": 20, "tol": 1e-4, "factor_dtype": "float16"}
+    m = MatrixSpec.from_dict(old)
+    assert m.weighting == "none" and m.quant.outliers == 0.0 and m.label() == "lq:rtn3/g128in+r8"
