@@ -18,8 +18,20 @@ from lqkit.core.quant import QuantSpec
 from lqkit.kernels import layout
 
 INTERPRET = os.environ.get("LQKIT_TRITON_INTERPRET") == "1"
-if INTERPRET:  # must be set before triton.jit decorates the kernels
+if INTERPRET:  # must be set before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
+    try:  # triton 3.6's interpreter turns size-1 arrays into ints with int(), which numpy >= 2.4 refuses
+        import triton.runtime.interpreter as _ti
+
+        _patch = _ti._patch_lang_tensor
+
+        def _patch_index(tensor, scope):
+            _patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        _ti._patch_lang_tensor = _patch_index
+    except (ImportError, AttributeError):
+        pass
 
 FORMATS = [  # (method, bits, group_dim, group_size, double_quant)
     ("rtn", 4, "in", 128, False),
