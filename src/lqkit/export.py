@@ -13,6 +13,14 @@ Folder layout written by :func:`export_peft`:
 
 The base is dense: this form is for interoperability (transformers + peft, LoRA-serving runtimes),
 not for memory; the lqkit checkpoint stays the compact form.
+
+Which runtime serves which form:
+- lqkit checkpoint (packed Q + L, R): lqkit only (transformers with CompressedLinear; torch path on
+  CPU/GPU, fused Triton kernels on CUDA for inference). The compact form.
+- base + adapter: transformers + peft (tested: same logits as lqkit), and runtimes that load standard
+  PEFT LoRA adapters over an HF base (e.g. vLLM, TGI, SGLang multi-LoRA; not tested here).
+- merged (``PeftModel.merge_and_unload()`` + ``save_pretrained``): any runtime that reads a plain HF
+  model (transformers, vLLM, llama.cpp after GGUF conversion, ...), at the dense model's size.
 """
 
 from __future__ import annotations
