@@ -17,6 +17,7 @@ from ..errors import SpecError
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "triton")  # auto: fused Triton kernels on CUDA when available
+_LOGGED: set[tuple] = set()  # (shape, format, backend) already announced at INFO
 
 AUX_PREFIX = "q_"
 
@@ -125,7 +126,11 @@ class CompressedLinear(nn.Module):
             chosen = "triton" if usable and not grad else "torch"
         if self.__dict__.get("_logged_backend") != chosen:
             self.__dict__["_logged_backend"] = chosen
-            log.info("CompressedLinear(%dx%d, %s): backend %s", *self.shape, self.spec.label(), chosen)
+            # INFO once per (shape, format, backend) in the process, DEBUG for every further layer
+            key = (self.shape, self.spec.label(), chosen)
+            level = logging.DEBUG if key in _LOGGED else logging.INFO
+            _LOGGED.add(key)
+            log.log(level, "CompressedLinear(%dx%d, %s): backend %s", *self.shape, self.spec.label(), chosen)
         return chosen
 
     def kernel_weight(self):
