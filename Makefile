@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 
 # Compress the default model (google/gemma-3-270m) and print the result table.
 demo: venv
-	HF_HUB_OFFLINE=1 $(PY) -m lqkit.demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/lqkit demo
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

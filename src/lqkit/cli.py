@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(func=cmd_eval)
 
+    d = sub.add_parser("demo", parents=[common], help="compress the default model end to end and print a table",
+                       description="Baseline, LQ compression, save, reload and evaluation of google/gemma-3-270m.")
+    d.add_argument("--out", default="out/gemma-3-270m-lq3", help="checkpoint folder (replaced)")
+    d.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
+    d.set_defaults(func=cmd_demo)
+
     i = sub.add_parser("inspect", parents=[common], help="show a checkpoint's per-matrix plan, bits, rank and error",
                        description="Print the plan and size report of an lqkit checkpoint.")
     i.add_argument("path", help="lqkit checkpoint folder")
@@ -197,6 +203,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
         bits = "n/a (uncompressed)" if r["effective_bits"] is None else f"{r['effective_bits']:.3f}"
         print(f"model          {r['model']}\nperplexity     {r['perplexity']:.3f}\neffective bits {bits}\n"
               f"windows        {r['windows']} x {r['window_tokens']} tokens ({r['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from . import demo
+
+    print(demo.run(a.out, a.windows))
     return 0
 
 

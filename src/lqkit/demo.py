@@ -1,4 +1,4 @@
-"""``make demo``: compress the default model end to end and print the result table.
+"""``make demo`` (``lqkit demo``): compress the default model end to end and report the result table.
 
 Runs on google/gemma-3-270m: full-precision perplexity (cached after the first run), LQ
 decomposition (3-bit RTN groups of 128 + rank-16 L·R), save, reload from disk, perplexity of the
@@ -7,16 +7,13 @@ reloaded checkpoint, all under lqkit's fixed evaluation protocol.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 
 from . import checkpoint, pipeline
 from .core import MatrixSpec, QuantSpec
 from .data import read_text
-from .errors import LqkitError
 from .evaluate import EvalProtocol, perplexity, tokenize
 from .models import cache_dir, load_model, resolve
 
@@ -39,42 +36,31 @@ def baseline(proto: EvalProtocol, text: str) -> dict:
     return r
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lqkit.demo", description=__doc__)
-    ap.add_argument("--out", default="out/gemma-3-270m-lq3", help="checkpoint folder (replaced)")
-    ap.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        t0 = time.time()
-        proto = EvalProtocol(windows=a.windows, batch_size=4)
-        text, _ = read_text(None)
-        log.info("step 1/3: full-precision baseline")
-        base = baseline(proto, text)
-        log.info("step 2/3: compress with %s", DEMO_SPEC.label())
-        res = pipeline.compress(None, DEMO_SPEC, a.out, overwrite=True)
-        log.info("step 3/3: reload %s from disk and evaluate", a.out)
-        comp = pipeline.evaluate(a.out, proto)
-        size_mib = checkpoint.read_meta(a.out)["files"][checkpoint.TENSOR_FILE]["bytes"] / 2**20
-    except LqkitError as e:
-        print(f"lqkit demo: error: {e}", file=sys.stderr)
-        return 2
+def run(out: str = "out/gemma-3-270m-lq3", windows: int = 40) -> str:
+    """Run the demo and return its report (a Markdown table and two lines)."""
+    t0 = time.time()
+    proto = EvalProtocol(windows=windows, batch_size=4)
+    text, _ = read_text(None)
+    log.info("step 1/3: full-precision baseline")
+    base = baseline(proto, text)
+    log.info("step 2/3: compress with %s", DEMO_SPEC.label())
+    res = pipeline.compress(None, DEMO_SPEC, out, overwrite=True)
+    log.info("step 3/3: reload %s from disk and evaluate", out)
+    comp = pipeline.evaluate(out, proto)
+    size_mib = checkpoint.read_meta(out)["files"][checkpoint.TENSOR_FILE]["bytes"] / 2**20
     s = res.summary
-    print()
-    print(f"google/gemma-3-270m, WikiText-2 test, {proto.windows} windows x {proto.window_tokens} tokens "
-          f"(fixed protocol, fp32, CPU)")
-    print()
-    print("| model | linear-layer bits/param | linear layers (MiB) | perplexity |")
-    print("|---|---|---|---|")
-    print(f"| full precision (fp32) | 32 | {s.compressed_params * 4 / 2**20:.1f} | {base['perplexity']:.2f} |")
-    print(f"| lqkit {DEMO_SPEC.label()} | {s.effective_bits:.3f} | {s.compressed_bits / 8 / 2**20:.1f} "
-          f"| {comp['perplexity']:.2f} |")
-    print()
-    print(f"checkpoint: {a.out} ({size_mib:.0f} MiB on disk, embeddings kept in fp32); "
-          f"compression {res.seconds:.0f} s; total {time.time() - t0:.0f} s")
-    print(f"next: lqkit inspect {a.out}    lqkit eval {a.out} --json")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return "\n".join([
+        "",
+        f"google/gemma-3-270m, WikiText-2 test, {proto.windows} windows x {proto.window_tokens} tokens "
+        "(fixed protocol, fp32, CPU)",
+        "",
+        "| model | linear-layer bits/param | linear layers (MiB) | perplexity |",
+        "|---|---|---|---|",
+        f"| full precision (fp32) | 32 | {s.compressed_params * 4 / 2**20:.1f} | {base['perplexity']:.2f} |",
+        f"| lqkit {DEMO_SPEC.label()} | {s.effective_bits:.3f} | {s.compressed_bits / 8 / 2**20:.1f} "
+        f"| {comp['perplexity']:.2f} |",
+        "",
+        f"checkpoint: {out} ({size_mib:.0f} MiB on disk, embeddings kept in fp32); "
+        f"compression {res.seconds:.0f} s; total {time.time() - t0:.0f} s",
+        f"next: lqkit inspect {out}    lqkit eval {out} --json",
+    ])
