@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -44,3 +45,16 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def base_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every resumable benchmark script shares: --only REGEX and --fresh."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=None, help="regex: run only matching row names")
+    ap.add_argument("--fresh", action="store_true", help="ignore existing results")
+    return ap
+
+
+def fmt_ppl(p: float) -> str:
+    """Perplexity for tables: two decimals, or three significant digits once it has collapsed."""
+    return f"{p:.2f}" if p < 1e4 else f"{p:.3g}"

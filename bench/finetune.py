@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, write_json, write_text  # noqa: E402
+from common import RESULTS, base_parser, fmt_ppl, machine_info, write_json, write_text  # noqa: E402
 
 from lqkit.compress import compress_model, size_summary
 from lqkit.core import MatrixSpec, QuantSpec
@@ -128,9 +128,7 @@ def table(data: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help="regex: run only matching row names")
-    ap.add_argument("--fresh", action="store_true", help="ignore existing results")
+    ap = base_parser(__doc__)
     ap.add_argument("--model", default=None, help="model id or folder (default google/gemma-3-270m)")
     ap.add_argument("--out", type=Path, default=OUT, help="results JSON (a .md table is written beside it)")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")

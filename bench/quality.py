@@ -11,7 +11,6 @@ pass --fresh to start over, --only REGEX to run a subset.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, write_json, write_text  # noqa: E402
+from common import RESULTS, base_parser, fmt_ppl, machine_info, write_json, write_text  # noqa: E402
 
 from lqkit.compress import compress_model, size_summary
 from lqkit.core import MatrixSpec, QuantSpec
@@ -82,16 +81,12 @@ def run_row(name: str, spec: MatrixSpec | None, text: str, proto: EvalProtocol) 
 def table(rows: list[dict]) -> str:
     lines = ["| config | spec | effective bits | perplexity | compress time (s) |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["effective_bits"], r["name"])):
-        ppl = r["perplexity"]
-        p = f"{ppl:.2f}" if ppl < 1e4 else f"{ppl:.3g}"
-        lines.append(f"| {r['name']} | `{r['label']}` | {r['effective_bits']:.3f} | {p} | {r['compress_seconds']:.0f} |")
+        lines.append(f"| {r['name']} | `{r['label']}` | {r['effective_bits']:.3f} | {fmt_ppl(r['perplexity'])} | {r['compress_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help="regex: run only matching row names")
-    ap.add_argument("--fresh", action="store_true", help="ignore existing results")
+    ap = base_parser(__doc__)
     ap.add_argument("--windows", type=int, default=40)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

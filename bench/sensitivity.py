@@ -15,7 +15,6 @@ rows already present are skipped (resumable). --only REGEX runs a subset.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info, write_json, write_text  # noqa: E402
+from common import RESULTS, base_parser, fmt_ppl, machine_info, write_json, write_text  # noqa: E402
 
 from lqkit import checkpoint
 from lqkit.calibrate import CalibConfig, calibrate
@@ -123,26 +122,20 @@ def run_row(name: str, spec: MatrixSpec, stats, text: str, proto: EvalProtocol) 
     return row
 
 
-def _ppl(p: float) -> str:
-    return f"{p:.2f}" if p < 1e4 else f"{p:.3g}"
-
-
 def table(rows: list[dict], baselines: dict[str, dict]) -> str:
     lines = ["| config | spec | effective bits | perplexity | compress time (s) | baseline | baseline bits | "
              "baseline perplexity | better |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = baselines.get(r["baseline"]) or next((x for x in rows if x["name"] == r["baseline"]), None)
-        bcols = (f"{r['baseline']} | {b['effective_bits']:.3f} | {_ppl(b['perplexity'])} | "
+        bcols = (f"{r['baseline']} | {b['effective_bits']:.3f} | {fmt_ppl(b['perplexity'])} | "
                  f"{'yes' if r['perplexity'] < b['perplexity'] else 'no'}") if b else f"{r['baseline']} | - | - | -"
-        lines.append(f"| {r['name']} | `{r['label']}` | {r['effective_bits']:.3f} | {_ppl(r['perplexity'])} | "
+        lines.append(f"| {r['name']} | `{r['label']}` | {r['effective_bits']:.3f} | {fmt_ppl(r['perplexity'])} | "
                      f"{r['compress_seconds']:.0f} | {bcols} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=None, help="regex: run only matching row names")
-    ap.add_argument("--fresh", action="store_true", help="ignore existing results")
+    ap = base_parser(__doc__)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--stats", default=None, help="statistics file to use instead of the cached full one; "
                     "rows that need a Fisher diagonal it lacks are skipped")
