@@ -159,11 +159,9 @@ class _Ctx:
         w_hat = (qmod.dequantize(q) if q is not None else torch.zeros_like(w)) + (lr.product() if lr else 0)
         werr = self.objective(w, w_hat) if self.weighting != "none" else None
         L, R = (lr.L, lr.R) if lr is not None else (None, None)
-        return Decomposition(spec, tuple(w.shape), q, L, R, _rel_error(w, w_hat), tuple(history), werr)
-
-
-def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
-    return float(torch.linalg.norm(w - w_hat) / torch.linalg.norm(w).clamp_min(1e-30))
+        # the same computation as the unweighted objective, so that error == min(history) exactly
+        error = rel_error(w, w_hat, None, "none")
+        return Decomposition(spec, tuple(w.shape), q, L, R, error, tuple(history), werr)
 
 
 def _factors(a: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> LowRank:
