@@ -18,9 +18,10 @@ separately (batch size 1), the gradient of its mean next-token loss w.r.t. each 
 is squared and accumulated; F = mean over windows. The square of a batch gradient would let
 gradients of different windows cancel and underestimate sensitivity; per-token gradients would need
 one backward per token. Only the compressed weights require grad (embeddings and the tied head do
-not). The forward and backward run under bf16 autocast by default (``fisher_dtype``; about 3x faster
-on CPUs with AMX/AVX-512-BF16, and the Fisher is only a sensitivity estimate); gradients and the
-accumulators are fp32. H is always computed in fp32. A window whose loss or gradients are not finite is skipped (warned); if all are, it is an error.
+not). The forward and backward run under bf16 autocast where bf16 is fast (CUDA, CPUs with
+AVX-512-BF16/AMX; the Fisher is only a sensitivity estimate) and in fp32 elsewhere (``fisher_dtype``
+"auto"; on AVX2-only CPUs bf16 is emulated and measured 3x+ slower); gradients and the accumulators
+are always fp32. H is always computed in fp32. A window whose loss or gradients are not finite is skipped (warned); if all are, it is an error.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ class CalibConfig:
     samples: int = 64  # calibration windows
     seqlen: int = 512  # tokens per window including BOS
     fisher: bool = True  # also compute the Fisher diagonal (one backward per window)
-    fisher_dtype: str = "bfloat16"  # autocast dtype of the Fisher forward/backward ("float32": none)
+    fisher_dtype: str = "auto"  # autocast dtype of the Fisher forward/backward ("float32": none; "auto": see below)
 
     def __post_init__(self) -> None:
-        if self.fisher_dtype not in ("bfloat16", "float16", "float32"):
-            raise DataError(f"fisher dtype must be bfloat16, float16 or float32, got {self.fisher_dtype!r}")
+        if self.fisher_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise DataError(f"fisher dtype must be auto, bfloat16, float16 or float32, got {self.fisher_dtype!r}")
         if not (isinstance(self.samples, int) and self.samples >= 1):
             raise DataError(f"calibration samples must be a positive integer, got {self.samples!r}")
         if not (isinstance(self.seqlen, int) and self.seqlen >= 2):
@@ -282,6 +283,16 @@ def fisher_diagonal(model: nn.Module, ids: torch.Tensor, names: Iterable[str], p
     return {n: a / used for n, a in acc.items()}, used
 
 
+def fast_autocast_dtype(device: torch.device) -> str:
+    """"bfloat16" where bf16 matmuls are fast (CUDA; CPUs with AVX-512-BF16 or AMX), else "float32":
+    on plain AVX2 CPUs bf16 autocast is emulated and several times slower than fp32."""
+    if device.type == "cuda":
+        return "bfloat16"
+    cpu = getattr(torch, "cpu", None)
+    fast = [getattr(cpu, f, None) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bfloat16" if device.type == "cpu" and any(f is not None and f() for f in fast) else "float32"
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -297,15 +308,18 @@ def calibrate(model: nn.Module, tokenizer, text: str, names: Iterable[str], conf
     acc = hessians(model, ids, names, progress)
     t_h = time.time() - t0
     fisher, used = ({}, 0)
+    fdtype = config.fisher_dtype
+    if fdtype == "auto":
+        fdtype = fast_autocast_dtype(next(model.parameters()).device)
     if config.fisher:
         t1 = time.time()
-        fisher, used = fisher_diagonal(model, ids, names, progress, config.fisher_dtype)
+        fisher, used = fisher_diagonal(model, ids, names, progress, fdtype)
         t_f = time.time() - t1
     model.train(was_training)
     meta = {
         "model": model_label, "text": text_label, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "samples": config.samples, "seqlen": config.seqlen, "tokens": int(ids.numel()),
-        "fisher": f"per-window squared gradients (batch size 1), mean; {config.fisher_dtype} autocast"
+        "fisher": f"per-window squared gradients (batch size 1), mean; {fdtype} autocast"
         if config.fisher else None,
         "fisher_windows": used, "seconds_h": round(t_h, 1),
         "seconds_fisher": round(t_f, 1) if config.fisher else None, "peak_rss_mb": round(_peak_rss_mb()),

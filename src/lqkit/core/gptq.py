@@ -8,23 +8,43 @@ parameters are then fixed from the original W before the sweep, "static groups")
 either dimension. Codes and aux are stored exactly as ``rtn``'s (scale, offset per group), so the
 module, size accounting and fused kernels treat them alike.
 
-Positions in ``ctx.keep`` (exactly kept outliers) get zero error: they take whatever value the
+Rows of W are independent given H, so several configurations (bits, group size, group dim,
+outliers) of one matrix run as one sweep over a stack of copies of W (:func:`gptq_many`): the
+Cholesky factor, the Python loop over columns and the lazy block updates are shared, which is what
+makes a cost table over many candidates affordable. A single configuration is the stack of one.
+
+Positions in ``keep`` (exactly kept outliers) get zero error: they take whatever value the
 feedback has given them, returned as aux["kept"], and are left out of the group ranges.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
 from ..errors import SpecError
 from .quant import (DTYPES, QUANTIZERS, QuantContext, QuantSpec, Quantizer, _rtn_dequantize, from_layout,
-                    n_groups, register, to_layout)
+                    minmax_params, n_groups, register, to_groups, to_layout)
 from .stats import damped, require
 
-BLOCK = 128  # columns per lazy-update block
+BLOCK = 32  # columns per lazy-update block (rank-1 updates inside a block, one matmul per block)
+MAX_STACK = 1 << 25  # elements of the stacked weight per sweep (larger stacks run in several sweeps)
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class GPTQResult:
+    """One configuration's outcome: codes (out, in) uint8; scale, offset in the layout of
+    ``spec.group_dim`` (as rtn stores them); q the fp32 reconstruction (exact at kept positions)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    q: torch.Tensor
+
+
+def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (damped H)⁻¹; dampening grows ×10 until H is positive definite."""
     if not torch.isfinite(h).all():
         raise SpecError("the input second-moment matrix H has NaN/inf entries; re-run calibration")
@@ -39,68 +59,83 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise SpecError("H is not positive definite even with heavy dampening; check the calibration data")
 
 
-def _params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored (scale, offset) of the rtn quantizer's groups along the last dim of x (rows, cols):
-    exactly RTN's grid (whatever its range rule), so GPTQ and RTN differ only in the rounding."""
-    _, aux = QUANTIZERS["rtn"].quantize(x, spec)
-    return aux["scale"], aux["offset"]
+@dataclass
+class _Family:
+    """Configurations sharing (group dim, group size, scale dtype), i.e. one group-parameter rule up
+    to the number of levels: a contiguous slice of the stacked rows, ``out`` rows per member."""
+
+    group_dim: str
+    group_size: int
+    dtype: torch.dtype  # stored dtype of scales and offsets
+    members: list[int]  # indices into the caller's spec list
+    qmax: torch.Tensor  # (members, 1) float: 2^bits − 1 of each member
+    start: int  # first stacked row
+    rows: int  # members × out
+    scale: torch.Tensor | None = None  # "in": (rows, ng); "out": (members, n, ngo)
+    offset: torch.Tensor | None = None
+
+    def row_qmax(self, out: int) -> torch.Tensor:
+        return self.qmax.repeat_interleave(out, dim=0)  # (rows, 1)
 
 
-def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None):
-    """GPTQ of an (out, in) matrix. Returns (codes (out, in) uint8, scale, offset, q) where scale and
-    offset are in the layout of ``spec.group_dim`` and q is the fp32 reconstruction (exact at keep)."""
-    out, n = w.shape
-    gs, qmax, by_in = spec.group_size, (1 << spec.bits) - 1, spec.group_dim == "in"
-    w = w.float().clone()
-    keep = torch.zeros_like(w, dtype=torch.bool) if keep is None else keep
-    dead = torch.diagonal(h) <= 0
-    w[:, dead & ~keep.any(0)] = 0.0  # inputs that are always zero: any value works, 0 is cheapest
-    perm = torch.argsort(torch.diagonal(h), descending=True) if spec.act_order else None
-    valid = torch.where(keep, torch.zeros_like(w), w)  # outliers excluded from group ranges
-    if by_in:
-        ng = n_groups(n, gs)
-        scale = torch.zeros(out, ng, dtype=DTYPES[spec.scale_dtype], device=w.device)
-        offset = torch.zeros_like(scale)
-        if spec.act_order:  # static groups from the original W
-            scale, offset = _params(valid, spec)
-    else:
-        ngo = n_groups(out, gs)
-        scale = torch.zeros(n, ngo, dtype=DTYPES[spec.scale_dtype], device=w.device)
-        offset = torch.zeros_like(scale)
-    if perm is not None:
-        w, keep, h = w[:, perm], keep[:, perm], h[perm][:, perm]
-    u = _inverse_cholesky(h, spec.damp)  # (n, n) upper
+def _families(specs: Sequence[QuantSpec], out: int, device) -> list[_Family]:
+    by_key: dict[tuple, list[int]] = {}
+    for i, s in enumerate(specs):
+        by_key.setdefault((s.group_dim, s.group_size, s.scale_dtype), []).append(i)
+    fams, start = [], 0
+    for (dim, gs, dt), members in by_key.items():
+        qmax = torch.tensor([[float((1 << specs[k].bits) - 1)] for k in members], device=device)
+        fams.append(_Family(dim, gs, DTYPES[dt], members, qmax, start, len(members) * out))
+        start += len(members) * out
+    return fams
+
+
+def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
+           perm: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ sweep over the stacked (rows, n) matrix ``w`` (modified in place). Fills the families'
+    group parameters; returns (codes uint8, q) of the stack in the sweep's column order."""
+    rows, n = w.shape
     dinv = (1.0 / torch.diagonal(u)).tolist()
     cols = perm.tolist() if perm is not None else list(range(n))  # original column of sweep step j
     has_keep = bool(keep.any())
     tiny = torch.finfo(torch.float32).tiny
-    codes = torch.zeros(out, n, dtype=torch.uint8, device=w.device)
+    s_all = torch.ones(rows, device=w.device)  # current per-row scale and offset
+    o_all = torch.zeros(rows, device=w.device)
+    codes = torch.zeros(rows, n, dtype=torch.uint8, device=w.device)
     q_all = torch.zeros_like(w)
-    g_cur, s, o = -1, None, None
+    static = perm is not None  # act-order: "in" groups fixed before the sweep
+    row_qmax = {id(f): f.row_qmax(out) for f in fams if f.group_dim == "in"}
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
-        wb = w[:, b0:b1].clone()  # (out, B) columns of this block, updated in place
+        wb = w[:, b0:b1].clone()  # (rows, B) columns of this block, updated in place
         err, cb, qb = torch.zeros_like(wb), torch.zeros_like(wb), torch.zeros_like(wb)
         for i in range(b1 - b0):
             j = b0 + i
             col = cols[j]
             x = wb[:, i]
-            if by_in:
-                g = col // gs
-                if perm is None and col % gs == 0:  # lazy group parameters from the current W
-                    blk = torch.cat([wb[:, i:], w[:, b1:]], dim=1)[:, :gs]
-                    sc, of = _params(torch.where(keep[:, j:j + blk.shape[1]], 0.0, blk), spec)
-                    scale[:, g], offset[:, g] = sc[:, 0], of[:, 0]
-                    g_cur = -1
-                if g != g_cur:
-                    g_cur, s, o = g, scale[:, g].float().clamp_min(tiny), offset[:, g].float()
-            else:
-                sc, of = _params(torch.where(keep[:, j], 0.0, x).unsqueeze(0), spec)  # (1, ngo)
-                scale[col], offset[col] = sc[0], of[0]
-                s = scale[col].float().clamp_min(tiny).repeat_interleave(gs)[:out]
-                o = offset[col].float().repeat_interleave(gs)[:out]
-            c = torch.round((x - o) / s).clamp_(0, qmax)
-            q = c * s + o
+            for f in fams:
+                sl = slice(f.start, f.start + f.rows)
+                gs = f.group_size
+                if f.group_dim == "in":
+                    g = col // gs
+                    if static:
+                        s_all[sl] = f.scale[:, g].float().clamp_min(tiny)
+                        o_all[sl] = f.offset[:, g].float()
+                    elif col % gs == 0:  # lazy group parameters from the current W
+                        blk = torch.cat([wb[sl, i:], w[sl, b1:]], dim=1)[:, :gs]
+                        blk = torch.where(keep[sl, j:j + blk.shape[1]], 0.0, blk)
+                        sc, of = minmax_params(blk.unsqueeze(1), row_qmax[id(f)], f.dtype)  # (rows, 1)
+                        f.scale[:, g], f.offset[:, g] = sc[:, 0], of[:, 0]
+                        s_all[sl] = sc[:, 0].float().clamp_min(tiny)
+                        o_all[sl] = of[:, 0].float()
+                else:
+                    xc = torch.where(keep[sl, j], 0.0, x[sl]).view(len(f.members), out)
+                    sc, of = minmax_params(to_groups(xc, gs), f.qmax, f.dtype)  # (members, ngo)
+                    f.scale[:, col], f.offset[:, col] = sc, of
+                    s_all[sl] = sc.float().clamp_min(tiny).repeat_interleave(gs, dim=1)[:, :out].reshape(-1)
+                    o_all[sl] = of.float().repeat_interleave(gs, dim=1)[:, :out].reshape(-1)
+            c = torch.minimum(torch.round((x - o_all) / s_all).clamp_(min=0), qmax)
+            q = c * s_all + o_all
             if has_keep:
                 q = torch.where(keep[:, j], x, q)
             cb[:, i], qb[:, i] = c, q
@@ -109,23 +144,116 @@ def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, keep: torch.Tensor |
             err[:, i] = e
         codes[:, b0:b1], q_all[:, b0:b1] = cb.to(torch.uint8), qb
         w[:, b1:] -= err @ u[b0:b1, b1:]
+    return codes, q_all
+
+
+def gptq_many(w: torch.Tensor, h: torch.Tensor, specs: Sequence[QuantSpec],
+              keeps: Sequence[torch.Tensor | None] | None = None) -> list[GPTQResult]:
+    """GPTQ of one (out, in) matrix under several configurations at once (one result per spec).
+
+    The specs must agree on ``act_order`` and ``damp`` (they share H's factorisation and column
+    order); bits, group size, group dim and scale dtype may differ. ``keeps[k]``: bool (out, in)
+    positions of spec k stored exactly elsewhere (outliers), or None."""
+    if not specs:
+        return []
+    if len({(s.act_order, s.damp) for s in specs}) > 1:
+        raise SpecError("gptq_many needs specs with one act_order and damp setting")
+    out, n = w.shape
+    keeps = list(keeps) if keeps is not None else [None] * len(specs)
+    per_sweep = max(1, MAX_STACK // (out * n))
+    u_perm = _factor(h, specs[0])
+    results: dict[int, GPTQResult] = {}
+    order = sorted(range(len(specs)), key=lambda k: (specs[k].group_dim, specs[k].group_size, specs[k].bits))
+    for c0 in range(0, len(order), per_sweep):
+        chunk = order[c0:c0 + per_sweep]
+        for k, r in zip(chunk, _gptq_stack(w, h, [specs[k] for k in chunk], [keeps[k] for k in chunk], u_perm)):
+            results[k] = r
+    return [results[k] for k in range(len(specs))]
+
+
+def _factor(h: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(U, perm): the upper Cholesky factor of the damped H⁻¹ in sweep order, and that order."""
+    perm = torch.argsort(torch.diagonal(h), descending=True) if spec.act_order else None
+    hp = h[perm][:, perm] if perm is not None else h
+    return inverse_cholesky(hp, spec.damp), perm
+
+
+def _gptq_stack(w, h, specs, keeps, u_perm) -> list[GPTQResult]:
+    out, n = w.shape
+    u, perm = u_perm
+    fams = _families(specs, out, w.device)
+    stack_order = [k for f in fams for k in f.members]  # stacked block b holds specs[stack_order[b]]
+    W = w.float().repeat(len(specs), 1)  # (K·out, n)
+    keep = torch.zeros_like(W, dtype=torch.bool)
+    for b, k in enumerate(stack_order):
+        if keeps[k] is not None:
+            keep[b * out:(b + 1) * out] = keeps[k]
+    dead = torch.diagonal(h) <= 0  # inputs that are always zero: any value works, 0 is cheapest
+    W[:, dead] = torch.where(keep[:, dead], W[:, dead], 0.0)
+    qmax = torch.cat([f.row_qmax(out)[:, 0] for f in fams])
+    for f in fams:
+        if f.group_dim == "in":
+            sl = slice(f.start, f.start + f.rows)
+            if perm is not None:  # static groups from the original W, outliers excluded
+                g = to_groups(torch.where(keep[sl], 0.0, W[sl]), f.group_size)
+                f.scale, f.offset = minmax_params(g, f.row_qmax(out), f.dtype)
+            else:
+                f.scale = torch.zeros(f.rows, n_groups(n, f.group_size), dtype=f.dtype, device=w.device)
+                f.offset = torch.zeros_like(f.scale)
+        else:
+            ngo = n_groups(out, f.group_size)
+            f.scale = torch.zeros(len(f.members), n, ngo, dtype=f.dtype, device=w.device)
+            f.offset = torch.zeros_like(f.scale)
+    if perm is not None:
+        W, keep = W[:, perm], keep[:, perm]
+    codes, q = _sweep(W, keep, qmax, fams, u, perm, out)
     if perm is not None:
         inv = torch.argsort(perm)
-        codes, q_all = codes[:, inv], q_all[:, inv]
-    return codes, scale, offset, q_all
+        codes, q = codes[:, inv], q[:, inv]
+    results = {}
+    for f in fams:
+        for m, k in enumerate(f.members):
+            rows = slice(f.start + m * out, f.start + (m + 1) * out)
+            if f.group_dim == "in":
+                sc, of = f.scale[m * out:(m + 1) * out], f.offset[m * out:(m + 1) * out]
+            else:
+                sc, of = f.scale[m], f.offset[m]
+            results[k] = GPTQResult(codes[rows].contiguous(), sc.contiguous(), of.contiguous(), q[rows].contiguous())
+    return [results[k] for k in range(len(specs))]
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, keep: torch.Tensor | None = None) -> GPTQResult:
+    """GPTQ of an (out, in) matrix under one configuration."""
+    return gptq_many(w, h, [spec], [keep])[0]
+
+
+def _check_h(h: torch.Tensor, w: torch.Tensor) -> None:
+    if h.shape != (w.shape[1], w.shape[1]):
+        raise SpecError(f"H has shape {tuple(h.shape)} but the matrix has {w.shape[1]} inputs; "
+                        "the statistics belong to another model")
+
+
+def _aux(r: GPTQResult, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    aux = {"scale": r.scale, "offset": r.offset}
+    if keep is not None:
+        aux["kept"] = r.q
+    return aux
 
 
 def _gptq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
     h = require(ctx.stats, "h", "the gptq quantizer")
     w = from_layout(m, spec)
-    if h.shape != (w.shape[1], w.shape[1]):
-        raise SpecError(f"H has shape {tuple(h.shape)} but the matrix has {w.shape[1]} inputs; "
-                        "the statistics belong to another model")
-    codes, scale, offset, q = gptq(w, h.to(w.device), spec, ctx.keep)
-    aux = {"scale": scale, "offset": offset}
-    if ctx.keep is not None:
-        aux["kept"] = q
-    return to_layout(codes, spec).contiguous(), aux
+    _check_h(h, w)
+    r = gptq(w, h.to(w.device), spec, ctx.keep)
+    return to_layout(r.codes, spec).contiguous(), _aux(r, ctx.keep)
+
+
+def _gptq_quantize_many(w: torch.Tensor, specs: Sequence[QuantSpec], ctxs: Sequence[QuantContext]):
+    """Batched entry for :func:`lqkit.core.quant.quantize_many`: w in (out, in) orientation."""
+    h = require(ctxs[0].stats, "h", "the gptq quantizer")
+    _check_h(h, w)
+    results = gptq_many(w, h.to(w.device), specs, [c.keep for c in ctxs])
+    return [(to_layout(r.codes, s).contiguous(), _aux(r, c.keep)) for r, s, c in zip(results, specs, ctxs)]
 
 
 def _gptq_aux_layout(spec, rows, cols):
@@ -140,4 +268,5 @@ register(Quantizer(
     aux_layout=_gptq_aux_layout,
     data_aware=True,
     kernel_format="rtn",
+    quantize_many=_gptq_quantize_many,
 ))

@@ -12,14 +12,20 @@ import torch
 
 from .quant import QuantContext, QuantSpec, Quantizer, AuxSlot, register, to_layout
 
-ITERS = 30  # Lloyd iterations
+ITERS = 100  # Lloyd iterations at most (each is O(rows·k) after one sort)
+TOL = 1e-5  # ... stopping early once an iteration improves the error by less than this fraction
 WEIGHT_FLOOR = 1e-3  # weights below this fraction of a row's mean weight are raised to it
 
 
 def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of each row's sorted codebook c (rows, k) for x (rows, n)."""
     mids = (c[:, 1:] + c[:, :-1]) / 2  # (rows, k-1)
-    return torch.searchsorted(mids.contiguous(), x.contiguous())
+    if mids.shape[1] > 8:
+        return torch.searchsorted(mids.contiguous(), x.contiguous())
+    codes = torch.zeros(x.shape, dtype=torch.long, device=x.device)  # few levels: counting is faster
+    for i in range(mids.shape[1]):
+        codes += x > mids[:, i:i + 1]
+    return codes
 
 
 def kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int = ITERS
@@ -27,24 +33,36 @@ def kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int = ITERS
     """Weighted Lloyd k-means of every row of x (rows, n) into k levels.
 
     Returns (codebook (rows, k) sorted, codes (rows, n) int64, history) where history[t] is the
-    weighted squared error Σ w·(x − c[code])² after iteration t's assignment; it never increases
-    (each assignment and each centroid update is optimal given the other). Initialised at the
-    weighted quantiles (t + ½)/k; an empty cluster keeps its level."""
+    weighted squared error Σ w·(x − c[code])² of iteration t's assignment with its levels (at most
+    ``iters`` iterations, fewer once an iteration improves the error by less than TOL); it never
+    increases (each assignment and each centroid update is optimal given the other). Initialised at
+    the weighted quantiles (t + ½)/k; an empty cluster keeps its level.
+
+    In one dimension a cluster is a run of the sorted values, so after one sort every iteration is
+    O(rows·k): the cluster boundaries are the midpoints' positions in the sorted row and each
+    cluster's sums of w, w·x and w·x² are differences of prefix sums (fp64)."""
     x, weight = x.float(), weight.float()
+    rows, n = x.shape
     order = torch.argsort(x, dim=1)
     xs, ws = torch.gather(x, 1, order), torch.gather(weight, 1, order)
-    cw = ws.cumsum(1)
-    cw = cw / cw[:, -1:].clamp_min(1e-30)
-    targets = (torch.arange(k, device=x.device, dtype=torch.float32) + 0.5) / k  # (k,)
-    idx = torch.searchsorted(cw.contiguous(), targets.expand(x.shape[0], k).contiguous()).clamp_(max=x.shape[1] - 1)
-    c = torch.gather(xs, 1, idx)  # (rows, k), sorted
-    history = []
+    zero = torch.zeros(rows, 1, dtype=torch.float64, device=x.device)
+    wd, xd = ws.double(), xs.double()
+    p0, p1, p2 = (torch.cat([zero, t.cumsum(1)], dim=1) for t in (wd, wd * xd, wd * xd * xd))  # (rows, n+1)
+    cw = p0[:, 1:] / p0[:, -1:].clamp_min(1e-300)
+    targets = (torch.arange(k, device=x.device, dtype=torch.float64) + 0.5) / k  # (k,)
+    idx = torch.searchsorted(cw.contiguous(), targets.expand(rows, k).contiguous()).clamp_(max=n - 1)
+    c = torch.gather(xd, 1, idx)  # (rows, k), sorted
+    ends = torch.full((rows, 1), n, dtype=torch.long, device=x.device)
+    history: list[float] = []
     for _ in range(iters):
-        codes = _assign(x, c)
-        history.append(float((weight * (x - torch.gather(c, 1, codes)) ** 2).sum()))
-        num = torch.zeros_like(c).scatter_add_(1, codes, weight * x)
-        den = torch.zeros_like(c).scatter_add_(1, codes, weight)
-        c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
+        mids = (c[:, 1:] + c[:, :-1]) / 2  # an element goes to the cluster of the midpoints below it
+        b = torch.cat([torch.zeros_like(ends), torch.searchsorted(xd, mids, right=True), ends], dim=1)  # (rows, k+1)
+        s0, s1, s2 = (torch.gather(p, 1, b[:, 1:]) - torch.gather(p, 1, b[:, :-1]) for p in (p0, p1, p2))
+        history.append(float((s2 - 2 * c * s1 + c * c * s0).sum()))
+        if len(history) > 1 and history[-2] - history[-1] <= TOL * history[-2]:
+            break  # converged
+        c = torch.where(s0 > 0, s1 / s0.clamp_min(1e-300), c)
+    c = c.float()
     codes = _assign(x, c)
     history.append(float((weight * (x - torch.gather(c, 1, codes)) ** 2).sum()))
     return c, codes, history

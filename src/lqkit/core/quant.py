@@ -147,6 +147,8 @@ class Quantizer:
     objective); it may return aux["kept"], an (out, in) matrix whose ``keep`` positions hold the
     values to store exactly (GPTQ's error-compensated values). Other quantizers see outliers as 0.
     ``kernel_format``: the plain stored format the fused kernels know ("rtn", "rtn_sym", "nf"), if any.
+    ``quantize_many`` (optional, data-aware only): ``(w (out, in), specs, ctxs) -> [(codes, aux)]``,
+    several configurations of one matrix at once, each result as ``quantize`` would return it.
     """
 
     name: str
@@ -157,6 +159,7 @@ class Quantizer:
     supports_double_quant: bool = False
     data_aware: bool = False
     kernel_format: str | None = None
+    quantize_many: Callable[..., list[tuple[torch.Tensor, dict[str, torch.Tensor]]]] | None = None
 
 
 QUANTIZERS: dict[str, Quantizer] = {}
@@ -222,26 +225,27 @@ def _store(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 # uniform affine, asymmetric (min-max, integer zero point): w ≈ code · scale + offset
 
 
-def minmax_params(g: torch.Tensor, bits: int, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored (scale, offset) of asymmetric min-max groups along the last dim of g (..., gs).
+def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (scale, offset) of asymmetric min-max groups along the last dim of g (..., gs), for
+    codes 0..qmax (an int, or a tensor broadcasting against g's leading dims: one qmax per row).
 
     As in GPTQ's quantizer, the range is widened to contain 0 and the zero point is an integer
     code, so that 0 is (up to the fp16 rounding of the offset) exactly on the grid: weights near 0
     are not all pushed the same way, which at 3 bits and below matters far more than the small loss
-    in range. Stored as fp16 ``scale`` and ``offset = −zero·scale`` (w ≈ code·scale + offset)."""
-    qmax = (1 << bits) - 1
+    in range. Stored in ``dtype`` as ``scale`` and ``offset = −zero·scale`` (w ≈ code·scale + offset)."""
     lo = g.amin(dim=-1).clamp(max=0)
     hi = g.amax(dim=-1).clamp(min=0)
-    scale = _store((hi - lo) / qmax, spec)
+    scale = ((hi - lo) / qmax).to(dtype)
     s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
-    zero = torch.round(-lo / s).clamp_(0, qmax)
-    return scale, _store(-zero * scale.float(), spec)
+    zero = torch.round(-lo / s).clamp_(min=0)
+    zero = zero.clamp_(max=qmax) if isinstance(qmax, int) else torch.minimum(zero, qmax)
+    return scale, (-zero * scale.float()).to(dtype)
 
 
 def _rtn_quantize(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     g = to_groups(m, spec.group_size)  # (rows, ng, gs)
     qmax = (1 << spec.bits) - 1
-    scale, offset = minmax_params(g, spec.bits, spec)  # (rows, ng) each
+    scale, offset = minmax_params(g, qmax, DTYPES[spec.scale_dtype])  # (rows, ng) each
     s = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     codes = torch.round((g - offset.float().unsqueeze(-1)) / s).clamp_(0, qmax)
     return from_groups(codes, m.shape[1]).to(torch.uint8), {"scale": scale, "offset": offset}
@@ -447,24 +451,19 @@ def _restore_outliers(w: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch
 # public API
 
 
-def quantize(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None = None) -> QTensor:
-    """Quantize an (out, in) matrix; ``stats`` feed data-aware quantizers and outlier selection."""
-    if w.ndim != 2:
-        raise SpecError(f"expected a 2-D weight matrix, got shape {tuple(w.shape)}")
-    _concrete(spec)
-    w = w.float()
-    q = QUANTIZERS[spec.method]
-    keep, feat, flat = None, None, None
-    if spec.outliers or spec.outlier_features:
-        feat, flat = outlier_positions(w, spec, stats)
-        keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
-        keep[:, feat] = True
-        keep.view(-1)[flat] = True
-    if q.data_aware:
-        codes, aux = q.quantize(to_layout(w, spec), spec, QuantContext(stats, keep))
-    else:
-        dense = w if keep is None else w.masked_fill(keep, 0.0)
-        codes, aux = q.quantize(to_layout(dense, spec), spec)
+def _keep(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None):
+    """(feature indices, flat indices, bool mask) of what ``spec`` keeps exactly, or Nones."""
+    if not (spec.outliers or spec.outlier_features):
+        return None, None, None
+    feat, flat = outlier_positions(w, spec, stats)
+    keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    keep[:, feat] = True
+    keep.view(-1)[flat] = True
+    return feat, flat, keep
+
+
+def _qtensor(w: torch.Tensor, spec: QuantSpec, codes: torch.Tensor, aux: Mapping[str, torch.Tensor],
+             feat: torch.Tensor | None, flat: torch.Tensor | None) -> QTensor:
     aux = dict(aux)
     kept = aux.pop("kept", w)
     if feat is not None and feat.numel():
@@ -474,6 +473,81 @@ def quantize(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None = None)
         aux["sp_idx"] = flat.to(INDEX_DTYPE)
         aux["sp_val"] = kept.reshape(-1)[flat].to(torch.float16)
     return QTensor(spec=spec, shape=tuple(w.shape), packed=packing.pack(codes, spec.bits), aux=aux)
+
+
+def _check_matrix(w: torch.Tensor) -> torch.Tensor:
+    if w.ndim != 2:
+        raise SpecError(f"expected a 2-D weight matrix, got shape {tuple(w.shape)}")
+    return w.float()
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None = None) -> QTensor:
+    """Quantize an (out, in) matrix; ``stats`` feed data-aware quantizers and outlier selection."""
+    w = _check_matrix(w)
+    _concrete(spec)
+    return _quantize(w, spec, stats, *_keep(w, spec, stats))
+
+
+def _quantize(w, spec, stats, feat, flat, keep) -> QTensor:
+    return _qtensor(w, spec, *_quantize_codes(w, spec, stats, keep), feat, flat)
+
+
+def _quantize_codes(w, spec, stats, keep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(codes in the layout, aux) of one spec; outliers (``keep``) handled as the quantizer wants."""
+    q = QUANTIZERS[spec.method]
+    if q.data_aware:
+        return q.quantize(to_layout(w, spec), spec, QuantContext(stats, keep))
+    dense = w if keep is None else w.masked_fill(keep, 0.0)
+    return q.quantize(to_layout(dense, spec), spec)
+
+
+def _quantize_many_raw(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None):
+    """[(codes, aux, feat, flat)] of each spec, batched where the quantizer allows it."""
+    w = _check_matrix(w)
+    out: dict[int, tuple] = {}
+    batches: dict[tuple, list[int]] = {}
+    kept: dict[tuple, tuple] = {}  # outlier positions depend only on the fractions: computed once each
+    for i, s in enumerate(specs):
+        _concrete(s)
+        k = (s.outliers, s.outlier_features)
+        if k not in kept:
+            kept[k] = _keep(w, s, stats)
+        if QUANTIZERS[s.method].quantize_many is not None:
+            batches.setdefault((s.method, s.act_order, s.damp), []).append(i)
+        else:
+            feat, flat, keep = kept[k]
+            out[i] = (*_quantize_codes(w, s, stats, keep), feat, flat)
+    for (method, _, _), idx in batches.items():
+        keeps = [kept[(specs[i].outliers, specs[i].outlier_features)] for i in idx]
+        results = QUANTIZERS[method].quantize_many(w, [specs[i] for i in idx], [QuantContext(stats, k[2]) for k in keeps])
+        for i, (feat, flat, _), (codes, aux) in zip(idx, keeps, results):
+            out[i] = (codes, aux, feat, flat)
+    return w, [out[i] for i in range(len(specs))]
+
+
+def quantize_many(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None = None) -> list[QTensor]:
+    """``[quantize(w, s, stats) for s in specs]``, with the configurations of a quantizer that has a
+    batched entry (gptq: same act_order and damp) computed together in one pass."""
+    w, raw = _quantize_many_raw(w, specs, stats)
+    return [_qtensor(w, s, *r) for s, r in zip(specs, raw)]
+
+
+def reconstruct_many(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None = None) -> list[torch.Tensor]:
+    """``[dequantize(quantize(w, s, stats)) for s in specs]`` without packing and unpacking codes
+    (what a cost table needs); exactly equal to it, fp16 rounding of kept outliers included."""
+    w, raw = _quantize_many_raw(w, specs, stats)
+    return [_dense(w, s, *r) for s, r in zip(specs, raw)]
+
+
+def _dense(w, spec, codes, aux, feat, flat) -> torch.Tensor:
+    aux = dict(aux)
+    kept = aux.pop("kept", w)
+    out = from_layout(QUANTIZERS[spec.method].dequantize(codes, aux, spec), spec).contiguous()
+    if feat is not None and feat.numel():
+        out[:, feat] = kept[:, feat].to(torch.float16).float()
+    if flat is not None and flat.numel():
+        out.view(-1)[flat] = kept.reshape(-1)[flat].to(torch.float16).float()
+    return out
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
