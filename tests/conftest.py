@@ -14,6 +14,25 @@ import torch
 VOCAB = 384
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Statistics and cost tables the tests compute go to a per-session cache, not the user's; the
+    converted default model (``models/``) is shared with the user's cache so it is built only once."""
+    from lqkit.models import cache_dir
+
+    user = cache_dir()
+    (user / "models").mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("lqkit-cache")
+    (root / "models").symlink_to(user / "models", target_is_directory=True)
+    old = os.environ.get("LQKIT_CACHE")
+    os.environ["LQKIT_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("LQKIT_CACHE", None)
+    else:
+        os.environ["LQKIT_CACHE"] = old
+
+
 def tiny_config(arch: str):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 
