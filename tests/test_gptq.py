@@ -27,11 +27,13 @@ def test_gptq_never_worse_than_rtn_in_hessian_error(seed, bits, gs, dim, ao):
     assert e_gptq <= e_rtn * (1 + 1e-6)
 
 
-def test_gptq_with_diagonal_h_is_rtn():
-    w, _ = problem(0)
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("dim", ["in", "out"])
+def test_gptq_with_diagonal_h_is_rtn(clip, dim):
+    w, _ = problem(0)  # 48 outputs: groups of 32 along "out" leave a short last group
     st = MatrixStats(h=torch.diag(torch.rand(w.shape[1]) + 0.5))
-    a = dequantize(quantize(w, QuantSpec("gptq", 3, 32), st))
-    b = dequantize(quantize(w, QuantSpec("rtn", 3, 32)))
+    a = dequantize(quantize(w, QuantSpec("gptq", 3, 32, dim, clip=clip), st))
+    b = dequantize(quantize(w, QuantSpec("rtn", 3, 32, dim, clip=clip)))
     torch.testing.assert_close(a, b)
 
 

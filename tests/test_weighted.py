@@ -6,7 +6,7 @@ import torch
 from lqkit.core import MatrixSpec, MatrixStats, QuantSpec, decompose, truncated_svd
 from lqkit.core.adadim import choose_group_dim, group_dim_errors
 from lqkit.core.lowrank import scaled_svd
-from lqkit.core.stats import fisher_scales, sq_error, whitening
+from lqkit.core.stats import fisher_scales, kfac_rows, sq_error, weight_scales, whitening
 from lqkit.errors import SpecError
 
 
@@ -42,7 +42,7 @@ def test_whitening_guards_singular_h():
         whitening(torch.full((4, 4), float("nan")))
 
 
-@pytest.mark.parametrize("weighting", ["fisher", "hessian"])
+@pytest.mark.parametrize("weighting", ["fisher", "hessian", "kfac"])
 @pytest.mark.parametrize("method", ["lq", "lorc"])
 def test_weighted_decompositions_beat_unweighted_on_their_objective(weighting, method):
     w, st = _problem(7)
@@ -91,3 +91,37 @@ def test_spec_dicts_round_trip_and_old_dicts_load():
            "rank": 8, "iters": 20, "tol": 1e-4, "factor_dtype": "float16"}
     m = MatrixSpec.from_dict(old)
     assert m.weighting == "none" and m.quant.outliers == 0.0 and m.label() == "lq:rtn3/g128in+r8"
+
+
+def test_kfac_weighting_is_the_whitened_row_scaled_norm():
+    w, st = _problem(3)
+    e = torch.randn_like(w)
+    d, s, _ = weight_scales(st, "kfac")
+    exact = float(sq_error(e, st, "kfac"))
+    whitened = float(((d[:, None] * e) @ s).square().sum())
+    assert whitened == pytest.approx(exact, rel=2e-2)  # equal up to the 1% dampening of H
+    # with a Fisher that is exactly Kronecker-factored (F_ij = ρ_i·H_jj) kfac reduces to it on diagonal H
+    h = torch.diag(torch.rand(w.shape[1]) + 0.1)
+    rho = torch.rand(w.shape[0])
+    st2 = MatrixStats(h=h, fisher=rho[:, None] * torch.diagonal(h)[None, :])
+    torch.testing.assert_close(kfac_rows(st2.fisher, h), rho)
+    torch.testing.assert_close(sq_error(e, st2, "kfac"), sq_error(e, st2, "fisher"))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weighting", ["none", "kfac"])
+def test_lq_init_quant_never_worse_than_lorc(seed, weighting):
+    w, st = _problem(seed)
+    for q in (QuantSpec("rtn", 2, 16), QuantSpec("gptq", 3, 16)):
+        lorc = decompose(w, MatrixSpec("lorc", q, 8, weighting=weighting), st)
+        lq = decompose(w, MatrixSpec("lq", q, 8, iters=4, weighting=weighting, init="quant"), st)
+        assert lq.history[0] == pytest.approx(lorc.history[0], rel=1e-6)
+        assert min(lq.history) <= lq.history[0]
+        werr = (lambda d: d.weighted_error) if weighting != "none" else (lambda d: d.error)
+        assert werr(lq) <= werr(lorc) * (1 + 1e-6)
+
+
+def test_init_is_an_lq_option():
+    with pytest.raises(SpecError, match="init"):
+        MatrixSpec("lorc", QuantSpec("rtn", 3, 16), 4, init="quant")
+    assert MatrixSpec("lq", QuantSpec("rtn", 3, 16), 4, init="quant").label() == "lq(init=quant):rtn3/g16in+r4"

@@ -28,7 +28,7 @@ from ..errors import SpecError
 from . import quant as qmod
 from .lowrank import LowRank, scaled_svd
 from .quant import QTensor, QuantSpec
-from .stats import WEIGHTINGS, MatrixStats, fisher_scales, rel_error, require, whitening
+from .stats import WEIGHTINGS, MatrixStats, rel_error, weight_scales
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class MatrixSpec:
     iters: int = 20  # lq: maximum number of alternations
     tol: float = 1e-4  # lq: stop when the relative error improves by less than this fraction
     factor_dtype: str = "float16"  # stored dtype of L and R
-    weighting: str = "none"  # error weighting of L·R and of the LQ objective: none, fisher, hessian
+    weighting: str = "none"  # error weighting of L·R and of the LQ objective: none, fisher, hessian, kfac
+    init: str = "zero"  # lq: start from Q = 0 (LQ-LoRA) or from Q = quant(W) ("quant": iterate 1 is LoRC)
 
     def __post_init__(self) -> None:
         if self.method not in DECOMPOSERS:
@@ -61,6 +62,10 @@ class MatrixSpec:
             raise SpecError(f"iters must be a positive integer, got {self.iters!r}")
         if self.factor_dtype not in ("float16", "bfloat16", "float32"):
             raise SpecError(f"factor dtype must be float16, bfloat16 or float32, got {self.factor_dtype!r}")
+        if self.init not in ("zero", "quant"):
+            raise SpecError(f"init must be 'zero' or 'quant', got {self.init!r}")
+        if self.init != "zero" and self.method != "lq":
+            raise SpecError("init is an lq option (where the alternation starts); use method lq")
         if self.weighting not in WEIGHTINGS:
             raise SpecError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
 
@@ -84,7 +89,8 @@ class MatrixSpec:
         q = self.quant.label() if self.quant else ""
         r = f"+r{self.rank}" if self.rank else ""
         wt = f"@{self.weighting}" if self.weighting != "none" else ""
-        return f"{self.method}:{q}{r}{wt}"
+        init = "(init=quant)" if self.init != "zero" else ""
+        return f"{self.method}{init}:{q}{r}{wt}"
 
 
 @dataclass(frozen=True)
@@ -144,13 +150,8 @@ class _Ctx:
 
     @classmethod
     def build(cls, spec: MatrixSpec, stats: MatrixStats | None) -> "_Ctx":
-        if spec.weighting == "fisher":
-            r, c = fisher_scales(require(stats, "fisher", "weighting 'fisher'"))
-            return cls(stats, "fisher", row=r, right=c)
-        if spec.weighting == "hessian":
-            s, s_inv = whitening(require(stats, "h", "weighting 'hessian'"))
-            return cls(stats, "hessian", right=s, right_inv=s_inv)
-        return cls(stats, "none")
+        row, right, right_inv = weight_scales(stats, spec.weighting)
+        return cls(stats, spec.weighting, row=row, right=right, right_inv=right_inv)
 
     def objective(self, w: torch.Tensor, w_hat: torch.Tensor) -> float:
         return rel_error(w, w_hat, self.stats, self.weighting)
@@ -190,21 +191,30 @@ def _lorc(w: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> Decomposition:
 
 @_register("lq", needs_quant=True, needs_rank=True)
 def _lq(w: torch.Tensor, spec: MatrixSpec, ctx: _Ctx) -> Decomposition:
-    wq = torch.zeros_like(w)
+    """Alternate L·R = SVD_r(W − Q) and Q = quant(W − L·R); keep the best iterate. init "zero": Q
+    starts at 0 and each iterate is (L·R, then Q); init "quant": Q starts at quant(W) and each iterate
+    is (Q, then L·R), so the first iterate is LoRC's result and the outcome is never worse than it."""
+    quantize = lambda a: qmod.quantize(a, spec.quant, ctx.stats)  # noqa: E731
+    q = quantize(w) if spec.init == "quant" else None
+    wq = qmod.dequantize(q) if q is not None else torch.zeros_like(w)
     best: tuple[float, QTensor, LowRank] | None = None
     history: list[float] = []
     for _ in range(spec.iters):
         lr = _factors(w - wq, spec, ctx)
         lrp = lr.product()
-        q = qmod.quantize(w - lrp, spec.quant, ctx.stats)
-        wq = qmod.dequantize(q)
+        if spec.init == "zero":
+            q = quantize(w - lrp)
+            wq = qmod.dequantize(q)
         err = ctx.objective(w, wq + lrp)
         history.append(err)
-        if best is not None and err > best[0] * (1 - spec.tol):
-            if err < best[0]:
-                best = (err, q, lr)
+        stop = best is not None and err > best[0] * (1 - spec.tol)
+        if best is None or err < best[0]:
+            best = (err, q, lr)
+        if stop:
             break
-        best = (err, q, lr)
+        if spec.init == "quant":
+            q = quantize(w - lrp)
+            wq = qmod.dequantize(q)
     _, q, lr = best
     return ctx.finish(spec, w, q, lr, history)
 

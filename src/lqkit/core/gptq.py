@@ -61,12 +61,13 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @dataclass
 class _Family:
-    """Configurations sharing (group dim, group size, scale dtype), i.e. one group-parameter rule up
-    to the number of levels: a contiguous slice of the stacked rows, ``out`` rows per member."""
+    """Configurations sharing (group dim, group size, scale dtype, clip), i.e. one group-parameter rule
+    up to the number of levels: a contiguous slice of the stacked rows, ``out`` rows per member."""
 
     group_dim: str
     group_size: int
     dtype: torch.dtype  # stored dtype of scales and offsets
+    clip: bool  # MSE search of each group's range
     members: list[int]  # indices into the caller's spec list
     qmax: torch.Tensor  # (members, 1) float: 2^bits − 1 of each member
     start: int  # first stacked row
@@ -81,69 +82,141 @@ class _Family:
 def _families(specs: Sequence[QuantSpec], out: int, device) -> list[_Family]:
     by_key: dict[tuple, list[int]] = {}
     for i, s in enumerate(specs):
-        by_key.setdefault((s.group_dim, s.group_size, s.scale_dtype), []).append(i)
+        by_key.setdefault((s.group_dim, s.group_size, s.scale_dtype, s.clip), []).append(i)
     fams, start = [], 0
-    for (dim, gs, dt), members in by_key.items():
+    for (dim, gs, dt, clip), members in by_key.items():
         qmax = torch.tensor([[float((1 << specs[k].bits) - 1)] for k in members], device=device)
-        fams.append(_Family(dim, gs, DTYPES[dt], members, qmax, start, len(members) * out))
+        fams.append(_Family(dim, gs, DTYPES[dt], clip, members, qmax, start, len(members) * out))
         start += len(members) * out
     return fams
+
+
+@dataclass
+class _OutGroups:
+    """Every output-dimension group of the "out" families that share (scale dtype, clip), gathered
+    into one padded (G, GMAX) table so that one set of operations per column serves them all. A
+    group's first ``group_size`` slots follow ``to_groups`` (a short last group repeats its last
+    row); slots beyond its group size repeat that row too but have mask 0 (no weight in the clip
+    search, no effect on min and max)."""
+
+    fams: list[_Family]
+    dtype: torch.dtype
+    clip: bool
+    idx: torch.Tensor  # (G, GMAX) stacked row of each slot
+    mask: torch.Tensor  # (G, GMAX) float
+    qmax: torch.Tensor  # (G,)
+    rows: torch.Tensor  # (R,) the stacked rows of these families
+    row_group: torch.Tensor  # (R,) the group of each of those rows
+    spans: list[tuple[int, int]]  # groups [g0, g1) of each family, member-major
+    scale: torch.Tensor | None = None  # (n, G) per column
+    offset: torch.Tensor | None = None
+
+
+def _out_groups(fams: list[_Family], out: int, n: int, device) -> list[_OutGroups]:
+    by_key: dict[tuple, list[_Family]] = {}
+    for f in fams:
+        if f.group_dim == "out":
+            by_key.setdefault((f.dtype, f.clip), []).append(f)
+    res = []
+    for (dtype, clip), fs in by_key.items():
+        gmax = max(f.group_size for f in fs)
+        idx, mask, qmax, rows, row_group, spans = [], [], [], [], [], []
+        for f in fs:
+            g0 = len(idx)
+            for m in range(len(f.members)):
+                base = f.start + m * out
+                for g in range(n_groups(out, f.group_size)):
+                    lo, hi = g * f.group_size, min((g + 1) * f.group_size, out)
+                    members = list(range(base + lo, base + hi))
+                    idx.append(members + [base + hi - 1] * (gmax - len(members)))
+                    mask.append([1.0] * f.group_size + [0.0] * (gmax - f.group_size))
+                    qmax.append(float(f.qmax[m, 0]))
+                    rows.extend(members)
+                    row_group.extend([len(idx) - 1] * len(members))
+            spans.append((g0, len(idx)))
+        t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+        og = _OutGroups(fs, dtype, clip, t(idx, torch.long), t(mask, torch.float32), t(qmax, torch.float32),
+                        t(rows, torch.long), t(row_group, torch.long), spans)
+        og.scale = torch.zeros(n, len(idx), dtype=dtype, device=device)
+        og.offset = torch.zeros_like(og.scale)
+        res.append(og)
+    return res
 
 
 def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
            perm: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ sweep over the stacked (rows, n) matrix ``w`` (modified in place). Fills the families'
-    group parameters; returns (codes uint8, q) of the stack in the sweep's column order."""
+    group parameters; returns (codes uint8, q) of the stack in the sweep's column order.
+
+    Each block of columns is worked on transposed, (B, rows), so that every per-column operation
+    reads and writes one contiguous vector; with static groups (act-order) the scales and offsets of
+    a whole block are gathered once, not column by column."""
     rows, n = w.shape
     dinv = (1.0 / torch.diagonal(u)).tolist()
     cols = perm.tolist() if perm is not None else list(range(n))  # original column of sweep step j
     has_keep = bool(keep.any())
     tiny = torch.finfo(torch.float32).tiny
-    s_all = torch.ones(rows, device=w.device)  # current per-row scale and offset
-    o_all = torch.zeros(rows, device=w.device)
     codes = torch.zeros(rows, n, dtype=torch.uint8, device=w.device)
     q_all = torch.zeros_like(w)
     static = perm is not None  # act-order: "in" groups fixed before the sweep
     row_qmax = {id(f): f.row_qmax(out) for f in fams if f.group_dim == "in"}
+    outs = _out_groups(fams, out, n, w.device)
+    ins = [f for f in fams if f.group_dim == "in"]
+    s_run = torch.ones(rows, device=w.device)  # lazy groups: the current scale and offset of each row
+    o_run = torch.zeros(rows, device=w.device)
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
-        wb = w[:, b0:b1].clone()  # (rows, B) columns of this block, updated in place
-        err, cb, qb = torch.zeros_like(wb), torch.zeros_like(wb), torch.zeros_like(wb)
-        for i in range(b1 - b0):
+        nb = b1 - b0
+        wt = w[:, b0:b1].T.contiguous()  # (B, rows): column j of the block is the row wt[j - b0]
+        kt = keep[:, b0:b1].T.contiguous() if has_keep else None
+        err, ct, qt = torch.empty_like(wt), torch.empty_like(wt), torch.empty_like(wt)
+        st = torch.ones_like(wt)  # scale and offset of each (column, stacked row)
+        ot = torch.zeros_like(wt)
+        if static:
+            for f in ins:
+                g = torch.tensor([cols[j] // f.group_size for j in range(b0, b1)], device=w.device)
+                st[:, f.start:f.start + f.rows] = f.scale[:, g].T.float().clamp_min(tiny)
+                ot[:, f.start:f.start + f.rows] = f.offset[:, g].T.float()
+        for i in range(nb):
             j = b0 + i
             col = cols[j]
-            x = wb[:, i]
-            for f in fams:
-                sl = slice(f.start, f.start + f.rows)
-                gs = f.group_size
-                if f.group_dim == "in":
-                    g = col // gs
-                    if static:
-                        s_all[sl] = f.scale[:, g].float().clamp_min(tiny)
-                        o_all[sl] = f.offset[:, g].float()
-                    elif col % gs == 0:  # lazy group parameters from the current W
-                        blk = torch.cat([wb[sl, i:], w[sl, b1:]], dim=1)[:, :gs]
+            x = wt[i]
+            if not static:  # lazy group parameters from the current W, at each group's first column
+                for f in ins:
+                    sl = slice(f.start, f.start + f.rows)
+                    if col % f.group_size == 0:
+                        blk = torch.cat([wt[i:, sl].T, w[sl, b1:]], dim=1)[:, :f.group_size]
                         blk = torch.where(keep[sl, j:j + blk.shape[1]], 0.0, blk)
-                        sc, of = minmax_params(blk.unsqueeze(1), row_qmax[id(f)], f.dtype)  # (rows, 1)
+                        sc, of = minmax_params(blk.unsqueeze(1), row_qmax[id(f)], f.dtype, f.clip)  # (rows, 1)
+                        g = col // f.group_size
                         f.scale[:, g], f.offset[:, g] = sc[:, 0], of[:, 0]
-                        s_all[sl] = sc[:, 0].float().clamp_min(tiny)
-                        o_all[sl] = of[:, 0].float()
-                else:
-                    xc = torch.where(keep[sl, j], 0.0, x[sl]).view(len(f.members), out)
-                    sc, of = minmax_params(to_groups(xc, gs), f.qmax, f.dtype)  # (members, ngo)
-                    f.scale[:, col], f.offset[:, col] = sc, of
-                    s_all[sl] = sc.float().clamp_min(tiny).repeat_interleave(gs, dim=1)[:, :out].reshape(-1)
-                    o_all[sl] = of.float().repeat_interleave(gs, dim=1)[:, :out].reshape(-1)
-            c = torch.minimum(torch.round((x - o_all) / s_all).clamp_(min=0), qmax)
-            q = c * s_all + o_all
+                        s_run[sl], o_run[sl] = sc[:, 0].float().clamp_min(tiny), of[:, 0].float()
+                    st[i, sl], ot[i, sl] = s_run[sl], o_run[sl]
+            for og in outs:  # per column: the groups of every "out" family at once
+                xg = x[og.idx]  # (G, GMAX)
+                if has_keep:
+                    xg = torch.where(kt[i][og.idx], 0.0, xg)
+                sc, of = minmax_params(xg, og.qmax, og.dtype, og.clip, og.mask)  # (G,)
+                og.scale[col], og.offset[col] = sc, of
+                st[i, og.rows] = sc.float().clamp_min(tiny)[og.row_group]
+                ot[i, og.rows] = of.float()[og.row_group]
+            s, o = st[i], ot[i]
+            c = torch.minimum(torch.round((x - o) / s).clamp_(min=0), qmax)
+            q = torch.addcmul(o, c, s)
             if has_keep:
-                q = torch.where(keep[:, j], x, q)
-            cb[:, i], qb[:, i] = c, q
-            e = (x - q) * dinv[j]
-            wb[:, i:].addr_(e, u[j, j:b1], alpha=-1.0)
-            err[:, i] = e
-        codes[:, b0:b1], q_all[:, b0:b1] = cb.to(torch.uint8), qb
-        w[:, b1:] -= err @ u[b0:b1, b1:]
+                q = torch.where(kt[i], x, q)
+            ct[i], qt[i] = c, q
+            e = (x - q).mul_(dinv[j])
+            if i + 1 < nb:
+                wt[i + 1:].addr_(u[j, j + 1:b1], e, alpha=-1.0)
+            err[i] = e
+        codes[:, b0:b1], q_all[:, b0:b1] = ct.T.to(torch.uint8), qt.T
+        w[:, b1:] -= err.T @ u[b0:b1, b1:]
+    for og in outs:  # back to each family's (members, n, ngo) layout
+        for f, (g0, g1) in zip(og.fams, og.spans):
+            k = len(f.members)
+            f.scale = og.scale[:, g0:g1].reshape(n, k, -1).permute(1, 0, 2).contiguous()
+            f.offset = og.offset[:, g0:g1].reshape(n, k, -1).permute(1, 0, 2).contiguous()
     return codes, q_all
 
 
@@ -196,14 +269,10 @@ def _gptq_stack(w, h, specs, keeps, u_perm) -> list[GPTQResult]:
             sl = slice(f.start, f.start + f.rows)
             if perm is not None:  # static groups from the original W, outliers excluded
                 g = to_groups(torch.where(keep[sl], 0.0, W[sl]), f.group_size)
-                f.scale, f.offset = minmax_params(g, f.row_qmax(out), f.dtype)
+                f.scale, f.offset = minmax_params(g, f.row_qmax(out), f.dtype, f.clip)
             else:
                 f.scale = torch.zeros(f.rows, n_groups(n, f.group_size), dtype=f.dtype, device=w.device)
                 f.offset = torch.zeros_like(f.scale)
-        else:
-            ngo = n_groups(out, f.group_size)
-            f.scale = torch.zeros(len(f.members), n, ngo, dtype=f.dtype, device=w.device)
-            f.offset = torch.zeros_like(f.scale)
     if perm is not None:
         W, keep = W[:, perm], keep[:, perm]
     codes, q = _sweep(W, keep, qmax, fams, u, perm, out)

@@ -50,6 +50,7 @@ class QuantSpec:
     damp: float = 0.01  # gptq: dampening, fraction of mean(diag H) added to H's diagonal
     outliers: float = 0.0  # fraction of weights kept exactly as sparse fp16 (dense-and-sparse)
     outlier_features: float = 0.0  # fraction of input features kept as 16-bit columns (LLM.int8())
+    clip: bool = False  # rtn / gptq: shrink each group's range to the one of least squared error (MSE search)
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZERS:
@@ -68,6 +69,8 @@ class QuantSpec:
             raise SpecError(f"scale dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}")
         if self.act_order and self.method != "gptq":
             raise SpecError("act-order is a gptq option; use --quantizer gptq or drop --act-order")
+        if self.clip and self.method not in ("rtn", "gptq"):
+            raise SpecError(f"range clipping is an rtn / gptq option, not {self.method!r}; drop --clip")
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 10):
             raise SpecError(f"damp must be a positive fraction such as 0.01, got {self.damp!r}")
         if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
@@ -84,7 +87,7 @@ class QuantSpec:
 
     def label(self) -> str:
         dq = "+dq" if self.double_quant else ""
-        ao = "+ao" if self.act_order else ""
+        ao = ("+ao" if self.act_order else "") + ("+mse" if self.clip else "")
         sp = f"+sp{self.outliers:g}" if self.outliers else ""
         of = f"+of{self.outlier_features:g}" if self.outlier_features else ""
         return f"{self.method}{self.bits}{dq}{ao}/g{self.group_size}{self.group_dim}{sp}{of}"
@@ -225,16 +228,60 @@ def _store(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 # uniform affine, asymmetric (min-max, integer zero point): w ≈ code · scale + offset
 
 
-def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+CLIP_SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76)  # range fractions tried by clip=True
+CLIP_VECTOR_MAX = 1 << 23  # elements up to which all fractions are tried in one vectorised pass
+
+
+def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype, clip: bool = False,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored (scale, offset) of asymmetric min-max groups along the last dim of g (..., gs), for
     codes 0..qmax (an int, or a tensor broadcasting against g's leading dims: one qmax per row).
 
     As in GPTQ's quantizer, the range is widened to contain 0 and the zero point is an integer
     code, so that 0 is (up to the fp16 rounding of the offset) exactly on the grid: weights near 0
     are not all pushed the same way, which at 3 bits and below matters far more than the small loss
-    in range. Stored in ``dtype`` as ``scale`` and ``offset = −zero·scale`` (w ≈ code·scale + offset)."""
+    in range. Stored in ``dtype`` as ``scale`` and ``offset = −zero·scale`` (w ≈ code·scale + offset).
+
+    ``clip``: the range [lo, hi] is shrunk by the factor of CLIP_SHRINK that gives each group the
+    least squared rounding error (GPTQ's "mse" grid search): clipping a few extreme weights buys a
+    finer grid for all the others. ``mask`` (broadcasting against g, 0/1): elements that count in
+    that error (padding that only repeats an element of its group gets 0)."""
     lo = g.amin(dim=-1).clamp(max=0)
     hi = g.amax(dim=-1).clamp(min=0)
+    if not clip:
+        return _range_params(lo, hi, qmax, dtype)
+    if g.numel() * len(CLIP_SHRINK) <= CLIP_VECTOR_MAX:  # all factors at once (few, large ops)
+        p = torch.tensor(CLIP_SHRINK, device=g.device).view(-1, *[1] * lo.ndim)  # (P, 1, ...)
+        scale, offset = _range_params(lo * p, hi * p, qmax, dtype)  # (P, ...)
+        err = _grid_sq_err(g, scale, offset, qmax, mask)  # (P, ...)
+        best = err.argmin(dim=0, keepdim=True)  # the first factor of least error
+        return scale.gather(0, best)[0], offset.gather(0, best)[0]
+    best = None
+    for p in CLIP_SHRINK:  # one factor at a time (bounded memory)
+        scale, offset = _range_params(lo * p, hi * p, qmax, dtype)
+        err = _grid_sq_err(g, scale, offset, qmax, mask)
+        if best is None:
+            best = (err, scale, offset)
+            continue
+        better = err < best[0]
+        best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]), torch.where(better, offset, best[2]))
+    return best[1], best[2]
+
+
+def _grid_sq_err(g, scale, offset, qmax, mask: torch.Tensor | None) -> torch.Tensor:
+    """Squared error of rounding g (..., gs) to the grid code·scale + offset (codes 0..qmax), summed
+    over the last dim: Σ ((t − clamp(round(t)))·scale)², t = (g − offset) / scale (few passes, in place)."""
+    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    t = (g - offset.float().unsqueeze(-1)).div_(s)
+    c = torch.round(t).clamp_(min=0)
+    c = c.clamp_(max=qmax) if isinstance(qmax, int) else torch.minimum(c, qmax.unsqueeze(-1), out=c)
+    d = t.sub_(c).mul_(s).square_()
+    if mask is not None:
+        d.mul_(mask)
+    return d.sum(dim=-1)
+
+
+def _range_params(lo, hi, qmax, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((hi - lo) / qmax).to(dtype)
     s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
     zero = torch.round(-lo / s).clamp_(min=0)
@@ -245,7 +292,7 @@ def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype)
 def _rtn_quantize(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     g = to_groups(m, spec.group_size)  # (rows, ng, gs)
     qmax = (1 << spec.bits) - 1
-    scale, offset = minmax_params(g, qmax, DTYPES[spec.scale_dtype])  # (rows, ng) each
+    scale, offset = minmax_params(g, qmax, DTYPES[spec.scale_dtype], spec.clip)  # (rows, ng) each
     s = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     codes = torch.round((g - offset.float().unsqueeze(-1)) / s).clamp_(0, qmax)
     return from_groups(codes, m.shape[1]).to(torch.uint8), {"scale": scale, "offset": offset}

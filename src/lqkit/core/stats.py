@@ -6,6 +6,10 @@ For a linear layer y = x·Wᵀ with W of shape (out, in):
 - ``fisher`` (out, in) is the empirical Fisher diagonal, mean over calibration sequences of the
   squared gradient of the LM loss w.r.t. each weight: Σ F ∘ E² estimates the loss increase
   ("fisher" weighting, as LQ-LoRA / SqueezeLLM / FWSVD).
+- "kfac" combines both: Σ_i ρ_i·(E·H·Eᵀ)_ii with ρ_i = Σ_j F_ij / tr(H), the output sensitivity of
+  row i under the Kronecker-factored approximation F_ij ≈ ρ_i·H_jj. Like "hessian" it sees the
+  correlations between inputs (what GPTQ exploits, and what the diagonal Fisher cannot see); like
+  "fisher" it is on the scale of the loss, so errors of different layers can be added up.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from ..errors import SpecError
 
-WEIGHTINGS = ("none", "fisher", "hessian")
+WEIGHTINGS = ("none", "fisher", "hessian", "kfac")
 DAMP = 0.01  # default dampening: fraction of mean(diag H) added to the diagonal
 
 
@@ -49,6 +53,9 @@ def sq_error(e: torch.Tensor, stats: MatrixStats | None, weighting: str) -> torc
         return (require(stats, "fisher", "fisher weighting") * e * e).sum()
     if weighting == "hessian":
         return ((e @ require(stats, "h", "hessian weighting")) * e).sum()  # tr(E·H·Eᵀ)
+    if weighting == "kfac":
+        rho = kfac_rows(require(stats, "fisher", "kfac weighting"), require(stats, "h", "kfac weighting"))
+        return (((e @ stats.h.float()) * e).sum(dim=1) * rho).sum()  # Σ ρ_i (E·H·Eᵀ)_ii
     raise SpecError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
@@ -98,3 +105,30 @@ def fisher_scales(fisher: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor
     rows = rows / rows.mean().clamp_min(1e-30)
     cols = cols / cols.mean().clamp_min(1e-30)
     return (rows + eps).sqrt(), (cols + eps).sqrt()
+
+
+def kfac_rows(fisher: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """ρ (out,): the output sensitivity of each row, Σ_j F_ij / tr(H) (F_ij ≈ ρ_i·H_jj)."""
+    return fisher.float().clamp_min(0).sum(dim=1) / torch.diagonal(h).float().clamp_min(0).sum().clamp_min(1e-30)
+
+
+def weight_scales(stats: MatrixStats | None, weighting: str
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(D, C, C⁻¹) with the weighted error ≈ ‖D·E·C‖²_F: D a positive row vector or None, C a
+    positive column vector or an (in, in) matrix (then C⁻¹ too) or None.
+
+    fisher: the separable fit of F (FWSVD); hessian: C = S, S·Sᵀ = damped H; kfac: D = √ρ (with a
+    floor of 1e-6·mean ρ so that dead rows stay invertible) and C = S. Exact for hessian and kfac
+    up to H's 1% dampening; an approximation for fisher."""
+    if weighting == "none":
+        return None, None, None
+    if weighting == "fisher":
+        r, c = fisher_scales(require(stats, "fisher", "weighting 'fisher'"))
+        return r, c, None
+    s, s_inv = whitening(require(stats, "h", f"weighting {weighting!r}"))
+    if weighting == "hessian":
+        return None, s, s_inv
+    if weighting == "kfac":
+        rho = kfac_rows(require(stats, "fisher", "weighting 'kfac'"), stats.h)
+        return (rho + 1e-6 * rho.mean().clamp_min(1e-30)).sqrt(), s, s_inv
+    raise SpecError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
