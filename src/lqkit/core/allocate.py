@@ -1,0 +1,113 @@
+"""Budget allocation (pure optimisation over arrays): pick one candidate per matrix so that the total
+estimated error is smallest while the total stored bits stay within a budget.
+
+The problem is a multiple-choice knapsack, solved exactly as a mixed-integer linear program with
+``scipy.optimize.milp`` (HiGHS)::
+
+    minimise   Σ_m Σ_c err[m][c] · x[m][c]
+    subject to Σ_c x[m][c] = 1            for every matrix m
+               Σ_m Σ_c bits[m][c] · x[m][c] ≤ budget
+               x binary
+
+Candidates that another candidate of the same matrix dominates (no more bits and no more error)
+never help and are dropped first (:func:`pareto_front`); this keeps the program small.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import SpecError
+
+
+class BudgetError(SpecError):
+    """The budget cannot be met by any choice of candidates."""
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The solver's answer: ``choice[m]`` indexes matrix m's candidate list."""
+
+    choice: tuple[int, ...]
+    bits: int  # total stored bits of the chosen candidates
+    budget_bits: int
+    objective: float  # total estimated error of the choice
+    status: str  # solver status message
+    optimal: bool  # proven optimal (within the solver's gap)
+    seconds: float
+    variables: int  # candidates left after dominance pruning (the program's binaries)
+
+
+def pareto_front(bits: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated candidates, by increasing bits (ties: the smaller error; among
+    exact duplicates the first). A candidate is dominated when another has ≤ bits and ≤ error, one
+    of them strictly (or is an earlier exact duplicate)."""
+    bits, err = np.asarray(bits), np.asarray(err, dtype=np.float64)
+    order = np.lexsort((np.arange(len(bits)), err, bits))  # by bits, then error, then index
+    keep, best = [], np.inf
+    for i in order:
+        if err[i] < best:
+            keep.append(i)
+            best = err[i]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def min_bits(bits: Sequence[np.ndarray]) -> int:
+    """The smallest total achievable: the cheapest candidate of every matrix."""
+    return int(sum(int(np.min(b)) for b in bits))
+
+
+def _check(bits: Sequence[np.ndarray], err: Sequence[np.ndarray]) -> None:
+    if len(bits) != len(err):
+        raise SpecError(f"{len(bits)} bit rows but {len(err)} error rows")
+    for m, (b, e) in enumerate(zip(bits, err)):
+        if len(b) == 0 or len(b) != len(e):
+            raise SpecError(f"matrix {m}: needs at least one candidate with one error per candidate")
+        if not np.all(np.isfinite(e)):
+            raise SpecError(f"matrix {m}: candidate errors must be finite")
+
+
+def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: int, *,
+          time_limit: float = 120.0, gap: float = 1e-6) -> Allocation:
+    """Minimise total error with total bits ≤ ``budget_bits``, one candidate per matrix."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array
+
+    t0 = time.time()
+    _check(bits, err)
+    bits = [np.asarray(b, dtype=np.int64) for b in bits]
+    err = [np.asarray(e, dtype=np.float64) for e in err]
+    need = min_bits(bits)
+    if budget_bits < need:
+        raise BudgetError(f"a budget of {budget_bits} bits is below the smallest achievable {need} bits "
+                          "(the cheapest candidate of every matrix); raise the budget or add cheaper candidates")
+    fronts = [pareto_front(b, e) for b, e in zip(bits, err)]
+    fb = np.concatenate([b[f] for b, f in zip(bits, fronts)])
+    fe = np.concatenate([e[f] for e, f in zip(err, fronts)])
+    owner = np.concatenate([np.full(len(f), m) for m, f in enumerate(fronts)])
+    n, nm = len(fb), len(fronts)
+    scale = max(float(np.abs(fe).max()), 1e-300)  # errors to O(1) for the solver's tolerances
+    one = csr_array((np.ones(n), (owner, np.arange(n))), shape=(nm, n))
+    budget = LinearConstraint(fb[None, :].astype(np.float64), -np.inf, float(budget_bits))
+    res = milp(fe / scale, integrality=np.ones(n), bounds=Bounds(0, 1),
+               constraints=[LinearConstraint(one, 1, 1), budget],
+               options={"time_limit": time_limit, "mip_rel_gap": gap, "presolve": True})
+    if res.x is None:
+        raise BudgetError(f"the solver found no feasible allocation ({res.message}); raise the budget")
+    x = np.rint(res.x).astype(bool)
+    choice = []
+    for m, f in enumerate(fronts):
+        picked = np.flatnonzero(x[owner == m])
+        if len(picked) != 1:
+            raise BudgetError(f"the solver returned {len(picked)} candidates for matrix {m} ({res.message})")
+        choice.append(int(f[picked[0]]))
+    total = int(sum(int(b[c]) for b, c in zip(bits, choice)))
+    if total > budget_bits:  # never report a plan over budget, whatever the solver's tolerances
+        raise BudgetError(f"the solver's rounded solution uses {total} bits > budget {budget_bits} ({res.message})")
+    objective = float(sum(float(e[c]) for e, c in zip(err, choice)))
+    return Allocation(tuple(choice), total, int(budget_bits), objective, str(res.message),
+                      bool(res.status == 0), time.time() - t0, n)

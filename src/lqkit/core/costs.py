@@ -1,0 +1,289 @@
+"""Cost table of one matrix (pure tensor math): for each candidate configuration, its exact stored
+bits and its sensitivity-weighted reconstruction error.
+
+Candidates span quantizer × bits × group size × group dim × outlier fraction (the Q part) × rank
+(the L·R part, LoRC order: Q first, then the best weighted rank-r fit of the residual). The error of
+a candidate is the weighted squared error ``err(W − Ŵ)`` under one metric (:mod:`.stats`):
+"kfac" ‖D·E·S‖² (default), "hessian" ‖E·S‖² (S·Sᵀ = damped H), or "fisher" Σ F ∘ E².
+Errors are absolute, so the errors of different matrices add up to one objective.
+
+Work is shared and pruned so that a table over a whole model stays cheap:
+1. every data-free Q config (rtn, nf) is quantized and scored cheaply at rank 0 (the metric with
+   diag H, see ``_Metric.screen``);
+2. a data-aware config (gptq, nuq) is run only if its data-free proxy (rtn with the same bits,
+   group dim, outliers and group size; nuq: the largest group size) lies within ``slack`` of the
+   rank-0 front of the proxies; the gptq configs of a matrix run as one batched sweep; a
+   data-free config is scored exactly only if it lies within ``slack`` of the front of all configs;
+3. low rank is tried only for Q configs within ``lowrank_slack`` of the rank-0 front of all Q configs, and
+   one SVD of each residual serves every rank: err(r) = err(E) − Σ_{i≤r} σ_i² of D·E·S
+   (fisher: the FWSVD factors of each rank are formed and scored exactly);
+4. only the candidates on the (bits, error) Pareto front are returned: the others never help.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..errors import SpecError
+from . import quant as qmod
+from .allocate import pareto_front
+from .decompose import MatrixSpec, storage_bits
+from .quant import QUANTIZERS, QuantSpec
+from .stats import MatrixStats, require, weight_scales
+
+METRICS = ("kfac", "hessian", "fisher")
+NUQ_MAX_BITS = 4  # a per-row codebook of 2^b fp16 levels: beyond 4 bits it costs more than it saves
+CHUNK = 1 << 24  # elements of stacked error matrices scored at once
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """The configurations every matrix may take (before pruning)."""
+
+    quantizers: tuple[str, ...] = ("rtn", "nf", "gptq", "nuq")
+    bits: tuple[int, ...] = (2, 3, 4, 6, 8)
+    group_sizes: tuple[int, ...] = (32, 64, 128)
+    group_dims: tuple[str, ...] = ("in", "out")
+    ranks: tuple[int, ...] = (0, 8, 16, 32, 64, 128)
+    outliers: tuple[float, ...] = (0.0, 0.005, 0.01)
+    factor_dtype: str = "float16"  # stored dtype of L and R
+    clip: bool = True  # rtn / gptq: MSE search of each group's range (measured better at every width here)
+    act_order: bool = True  # gptq: columns by decreasing activation energy, static groups (likewise)
+    slack: float = 0.25  # pruning tolerance: run a data-aware config if its proxy is within (1 + slack) of the front
+    lowrank_slack: float = 0.05  # try low rank on Q configs within (1 + lowrank_slack) of the rank-0 front
+
+    def __post_init__(self) -> None:
+        for name in ("quantizers", "bits", "group_sizes", "group_dims", "ranks", "outliers"):
+            if not getattr(self, name):
+                raise SpecError(f"the candidate set needs at least one value of {name}")
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        unknown = [q for q in self.quantizers if q not in QUANTIZERS]
+        if unknown:
+            raise SpecError(f"unknown quantizer(s) {unknown} in the candidate set; choose from {sorted(QUANTIZERS)}")
+        if any(d not in ("in", "out") for d in self.group_dims):
+            raise SpecError(f"candidate group dims must be 'in' or 'out', got {self.group_dims}")
+        if any(not (isinstance(r, int) and r >= 0) for r in self.ranks):
+            raise SpecError(f"candidate ranks must be non-negative integers, got {self.ranks}")
+        if not self.quant_specs():
+            raise SpecError("the candidate set has no valid quantizer configuration (check bits per quantizer)")
+        if self.slack < 0 or self.lowrank_slack < 0:
+            raise SpecError(f"slacks must be ≥ 0, got {self.slack} and {self.lowrank_slack}")
+
+    def quant_specs(self) -> list[QuantSpec]:
+        """Every Q configuration of the set that its quantizer supports."""
+        out = []
+        for name in self.quantizers:
+            allowed = QUANTIZERS[name].bits_allowed
+            bits = [b for b in self.bits if b in allowed and (name != "nuq" or b <= NUQ_MAX_BITS)]
+            sizes = (max(self.group_sizes),) if name == "nuq" else self.group_sizes  # nuq: one codebook per row
+            extra = {"clip": self.clip} if name in ("rtn", "gptq") else {}
+            if name == "gptq":
+                extra["act_order"] = self.act_order
+            for b, g, d, o in itertools.product(bits, sizes, self.group_dims, self.outliers):
+                out.append(QuantSpec(name, b, g, d, outliers=o, **extra))
+        return out
+
+    def needs(self) -> set[str]:
+        """Statistics the data-aware quantizers and outlier selection of the set use."""
+        need = set()
+        if "gptq" in self.quantizers:
+            need.add("h")
+        if "nuq" in self.quantizers:
+            need.add("fisher")
+        return need
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "CandidateSet":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class MatrixCosts:
+    """The Pareto-optimal candidates of one matrix, by increasing bits (decreasing error)."""
+
+    specs: tuple[MatrixSpec, ...]
+    bits: np.ndarray  # int64, exact stored bits of each candidate
+    errors: np.ndarray  # float64, weighted squared error err(W − Ŵ)
+    base: float  # err(W): the error of storing nothing, for relative errors
+    evaluated: int  # (Q config, rank) pairs scored before the Pareto pruning
+
+
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of each matrix of a stack (k, out, in) in float64 (fp32 row sums, then fp64)."""
+    return x.sum(dim=2).double().sum(dim=1)
+
+
+class _Metric:
+    """The weighted error of one matrix and its weighted low-rank spectrum."""
+
+    def __init__(self, stats: MatrixStats | None, metric: str, device):
+        if metric not in METRICS:
+            raise SpecError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        self.metric = metric
+        self.d, self.c, self.c_inv = weight_scales(stats, metric)
+        self.fisher = require(stats, "fisher", "the fisher metric").float().to(device) if metric == "fisher" else None
+
+    def scaled(self, e: torch.Tensor) -> torch.Tensor:
+        """D·E·C for a stack e (k, out, in)."""
+        if self.d is not None:
+            e = e * self.d.unsqueeze(1)
+        if self.c is None:
+            return e
+        if self.c.ndim == 1:
+            return e * self.c
+        k, o, n = e.shape
+        return (e.reshape(k * o, n) @ self.c).reshape(k, o, n)
+
+    def errors(self, e: torch.Tensor) -> torch.Tensor:
+        """err of each matrix of the stack e (k, out, in), float64 (k,)."""
+        return self.errors_and_spectral(e)[0]
+
+    def errors_and_spectral(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(errors (k,), the matrices whose best rank-r fits define the low rank: D·E·C, or E for fisher)."""
+        if self.fisher is not None:
+            return _sum(self.fisher * e * e), e
+        b = self.scaled(e)
+        return _sum(b.square()), b
+
+    def screen(self, e: torch.Tensor) -> torch.Tensor:
+        """A cheap estimate of :meth:`errors` for screening (k, out, in) -> (k,): the metric with the
+        correlations between inputs ignored (diag H); exact for "fisher". Rounding errors of
+        data-free quantizers are nearly uncorrelated across inputs, where the two agree closely."""
+        if self.fisher is not None or self.c is None or self.c.ndim == 1:
+            return self.errors(e)
+        col = self.c.square().sum(dim=1)  # diag(S·Sᵀ) = diag of the damped H
+        e2 = e * e if self.d is None else e * e * self.d.square().unsqueeze(1)
+        return _sum(e2 * col)
+
+    def rank_errors(self, b: torch.Tensor, total: float, ranks: list[int]) -> list[float]:
+        """err(E − best weighted rank-r fit) for each r in ``ranks`` (all > 0), from the matrix ``b``
+        that :meth:`errors_and_spectral` gave for E (D·E·C; E itself for fisher)."""
+        if self.fisher is None:  # σ² are the eigenvalues of the smaller Gram matrix
+            gram = b @ b.T if b.shape[0] <= b.shape[1] else b.T @ b
+            s2 = torch.linalg.eigvalsh(gram.double()).flip(0).clamp_min(0)
+            cum = torch.cumsum(s2, 0)
+            return [max(total - float(cum[r - 1]), 0.0) for r in ranks]
+        e = b.double()
+        u, s, vh = torch.linalg.svd(self.scaled(b.unsqueeze(0))[0].double(), full_matrices=False)
+        res = []
+        for r in ranks:
+            lr = (u[:, :r] * s[:r]) @ vh[:r]
+            lr = lr / self.d.double().unsqueeze(1) / self.c.double()
+            res.append(float((self.fisher.double() * (e - lr).square()).sum()))
+        return res
+
+
+def near_front(bits: np.ndarray, err: np.ndarray, slack: float) -> np.ndarray:
+    """Boolean mask: err_i ≤ (1 + slack) · min{err_j : bits_j ≤ bits_i}."""
+    bits, err = np.asarray(bits), np.asarray(err, dtype=np.float64)
+    order = np.argsort(bits, kind="stable")
+    best = np.minimum.accumulate(err[order])
+    # the best error among all candidates with no more bits (ties in bits share their group's best)
+    sb = bits[order]
+    last = np.searchsorted(sb, sb, side="right") - 1
+    bound = np.empty_like(err)
+    bound[order] = best[last]
+    return err <= (1 + slack) * bound
+
+
+def _proxy(spec: QuantSpec, cands: CandidateSet) -> QuantSpec:
+    """The data-free rtn config that stands in for a data-aware one when pruning."""
+    gs = max(cands.group_sizes) if spec.method == "nuq" else spec.group_size
+    return QuantSpec("rtn", spec.bits, gs, spec.group_dim, outliers=spec.outliers, clip=cands.clip)
+
+
+def _reconstruct(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None) -> dict[QuantSpec, torch.Tensor]:
+    return dict(zip(specs, qmod.reconstruct_many(w, specs, stats)))
+
+
+def _errors(w: torch.Tensor, specs: list[QuantSpec], recon: Mapping[QuantSpec, torch.Tensor], fn,
+            keep: dict | None = None) -> np.ndarray:
+    """``fn`` (a stack of differences -> errors) of W − recon[s] for each spec, in chunks. With
+    ``keep``, ``fn`` returns (errors, matrices) and keep[spec] receives each spec's matrix."""
+    errs: list[float] = []
+    per = max(1, CHUNK // w.numel())
+    for i in range(0, len(specs), per):
+        chunk = specs[i:i + per]
+        res = fn(torch.stack([w - recon[s] for s in chunk]))
+        if keep is not None:
+            res, mats = res
+            keep.update(zip(chunk, mats))
+        errs.extend(res.tolist())
+    return np.array(errs, dtype=np.float64)
+
+
+def _near(specs: list[QuantSpec], err: np.ndarray, shape, slack: float) -> list[QuantSpec]:
+    bits = np.array([qmod.storage_bits(s, shape) for s in specs])
+    return [s for s, ok in zip(specs, near_front(bits, err, slack)) if ok]
+
+
+def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet = CandidateSet(),
+                 metric: str = "kfac") -> MatrixCosts:
+    """The Pareto-optimal candidates of the (out, in) matrix ``w`` with their bits and errors."""
+    w = w.float()
+    shape = tuple(w.shape)
+    stats = stats.to(w.device) if stats is not None else None
+    m = _Metric(stats, metric, w.device)
+    specs = cands.quant_specs()
+    aware = [s for s in specs if QUANTIZERS[s.method].data_aware]
+    free = [s for s in specs if not QUANTIZERS[s.method].data_aware]
+    # 1. data-free configs and the rtn proxies of the data-aware ones, screened cheaply
+    proxies = list(dict.fromkeys(_proxy(s, cands) for s in aware))
+    recon = _reconstruct(w, list(dict.fromkeys(free + proxies)), stats)
+    screen = dict(zip(recon, _errors(w, list(recon), recon, m.screen)))
+    # 2. a data-aware config runs when its proxy is near the front of the proxies (same quantizer family)
+    near_proxies = set(_near(proxies, np.array([screen[s] for s in proxies]), shape, cands.slack))
+    run = [s for s in aware if _proxy(s, cands) in near_proxies]
+    recon.update(_reconstruct(w, run, stats))
+    spectral: dict[QuantSpec, torch.Tensor] = {}  # D·E·C of each Q config, reused by the low rank
+    aerr = _errors(w, run, recon, m.errors_and_spectral, keep=spectral)
+    # 3. exact errors for the data-free configs near the front of (their screened errors, the
+    #    data-aware configs' exact errors): most are dominated by the data-aware ones
+    joint = free + run
+    jerr = np.concatenate([np.array([screen[s] for s in free]), aerr])
+    free_set = set(free)
+    free_near = [s for s in _near(joint, jerr, shape, cands.slack) if s in free_set]
+    ferr = _errors(w, free_near, recon, m.errors_and_spectral, keep=spectral)
+    qspecs = free_near + run
+    q0 = np.concatenate([ferr, aerr])
+    qbits = np.array([qmod.storage_bits(s, shape) for s in qspecs], dtype=np.int64)
+    evaluated = len(recon)
+    del recon
+    ranks = sorted(r for r in set(cands.ranks) if 0 < r <= min(shape))
+    wt = metric  # built matrices use the metric's weighting for their low rank (and report it)
+    out_specs, out_bits, out_err = [], [], []
+    if 0 in cands.ranks:
+        for s, b, e in zip(qspecs, qbits, q0):
+            out_specs.append(MatrixSpec("quant", s, 0, factor_dtype=cands.factor_dtype, weighting=wt))
+            out_bits.append(int(b))
+            out_err.append(float(e))
+    # 4. low rank for the Q configs near the exact rank-0 front: one spectrum serves every rank
+    if ranks:
+        for s, b, e, ok in zip(qspecs, qbits, q0, near_front(qbits, q0, cands.lowrank_slack)):
+            if not ok:
+                continue
+            evaluated += len(ranks)
+            for r, er in zip(ranks, m.rank_errors(spectral[s], float(e), ranks)):
+                spec = MatrixSpec("lorc", s, r, factor_dtype=cands.factor_dtype, weighting=wt)
+                out_specs.append(spec)
+                out_bits.append(storage_bits(spec, shape))
+                out_err.append(er)
+    if not out_specs:
+        raise SpecError(f"no candidate fits a {shape[0]}x{shape[1]} matrix (ranks {cands.ranks} too large?)")
+    bits, err = np.array(out_bits, dtype=np.int64), np.array(out_err, dtype=np.float64)
+    front = pareto_front(bits, err)
+    base = float(m.errors(w.unsqueeze(0))[0])
+    return MatrixCosts(tuple(out_specs[i] for i in front), bits[front], err[front], base, evaluated)
+
+
+def metric_error(e: torch.Tensor, stats: MatrixStats | None, metric: str = "kfac") -> float:
+    """The cost table's error of one (out, in) difference e = W − Ŵ under ``metric``."""
+    return float(_Metric(stats, metric, e.device).errors(e.float().unsqueeze(0))[0])

@@ -1,0 +1,67 @@
+"""Cost tables: exact bits, errors equal to those of the built decompositions, sound pruning."""
+
+import numpy as np
+import pytest
+import torch
+
+from lqkit.core import MatrixStats, decompose, storage_bits
+from lqkit.core.costs import CandidateSet, matrix_costs, metric_error, near_front
+from lqkit.errors import SpecError
+
+
+def problem(seed, out=40, n=96, tokens=500):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, 4, generator=g) @ torch.randn(4, n, generator=g) * 0.02 + torch.randn(out, n, generator=g) * 0.02
+    w[3, 5] = 0.5  # an outlier
+    mix = torch.randn(n, n, generator=g) * 0.3 + torch.eye(n)
+    x = torch.randn(tokens, n, generator=g) @ mix * (torch.rand(n, generator=g) * 3)
+    fisher = (torch.rand(out, 1, generator=g) ** 2) * (x.square().mean(0))[None, :] + 1e-6
+    return w, MatrixStats(h=x.T @ x / tokens, fisher=fisher)
+
+
+SMALL = CandidateSet(quantizers=("rtn", "nf", "gptq", "nuq"), bits=(2, 3, 4), group_sizes=(16, 32),
+                     ranks=(0, 4, 8), outliers=(0.0, 0.02), factor_dtype="float32")
+
+
+@pytest.mark.parametrize("metric", ["kfac", "hessian", "fisher"])
+def test_table_bits_and_errors_are_those_of_the_built_matrices(metric):
+    w, st = problem(0)
+    t = matrix_costs(w, st, SMALL, metric)
+    assert len(t.specs) >= 3 and np.all(np.diff(t.bits) > 0) and np.all(np.diff(t.errors) < 0)
+    for spec, bits, err in zip(t.specs, t.bits, t.errors):
+        d = decompose(w, spec, st)
+        assert d.nbits == bits == storage_bits(spec, tuple(w.shape))
+        built = metric_error(w - d.reconstruct(), st, metric)
+        assert built == pytest.approx(err, rel=1e-3), spec.label()
+    assert t.base == pytest.approx(metric_error(w, st, metric), rel=1e-6)
+
+
+def test_pruning_keeps_the_front_close_to_exhaustive():
+    w, st = problem(1)
+    full = matrix_costs(w, st, CandidateSet(**{**SMALL.to_dict(), "slack": float("inf"), "lowrank_slack": float("inf")}))
+    pruned = matrix_costs(w, st, SMALL)
+    assert pruned.evaluated < full.evaluated
+    # at every budget the pruned front's best error is within the slack of the exhaustive one
+    for b in full.bits:
+        best_full = full.errors[full.bits <= b].min()
+        best_pruned = pruned.errors[pruned.bits <= b].min() if (pruned.bits <= b).any() else np.inf
+        assert best_pruned <= best_full * (1 + SMALL.slack) ** 2
+
+
+def test_near_front():
+    bits = np.array([1, 2, 2, 3, 5])
+    err = np.array([10.0, 6.0, 5.0, 7.0, 1.0])
+    assert near_front(bits, err, 0.0).tolist() == [True, False, True, False, True]
+    assert near_front(bits, err, 0.25).tolist() == [True, True, True, False, True]
+
+
+def test_candidate_set_validation_and_round_trip():
+    c = CandidateSet(bits=(2, 3), ranks=(0, 16))
+    assert CandidateSet.from_dict(c.to_dict()) == c
+    assert all(s.bits <= 4 for s in c.quant_specs() if s.method in ("nf", "nuq"))
+    with pytest.raises(SpecError, match="unknown quantizer"):
+        CandidateSet(quantizers=("foo",))
+    with pytest.raises(SpecError, match="no valid"):
+        CandidateSet(quantizers=("nf",), bits=(8,))
+    with pytest.raises(SpecError, match="metric"):
+        matrix_costs(torch.randn(8, 8), None, c, "l2")
