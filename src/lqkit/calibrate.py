@@ -32,7 +32,7 @@ import resource
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,11 @@ class HessianAccumulator:
         self.alias: dict[str, str] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}
 
+    def mean(self, name: str) -> torch.Tensor | None:
+        """E[xᵀx] of ``name``'s inputs (shared with the layer it aliases), or None."""
+        key = self.alias.get(name, name)
+        return self.h[key] / max(self.count[key], 1) if key in self.h else None
+
     def new_call(self) -> None:
         """Mark the start of one forward call (input identities are matched within a call)."""
         self._seen = {}
@@ -217,9 +222,14 @@ def _block_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, de
 
 
 @torch.no_grad()
-def hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str], progress: bool = True
-             ) -> HessianAccumulator:
-    """Σ xᵀx of the inputs of the named linear layers, computed one decoder block at a time."""
+def hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str], progress: bool = True,
+             on_block: Callable[[int, HessianAccumulator], None] | None = None) -> HessianAccumulator:
+    """Σ xᵀx of the inputs of the named linear layers, computed one decoder block at a time.
+
+    ``on_block(k, acc_k)``, if given, is called once block k's statistics are complete and before
+    its outputs are computed for block k + 1: it may replace the block's layers (sequential
+    compression, as GPTQ does: every block then sees the inputs that the compressed blocks before
+    it produce). That costs a second pass over each block."""
     device = next(model.parameters()).device
     prefix, blocks = find_blocks(model)
     names = list(names)
@@ -229,23 +239,39 @@ def hessians(model: nn.Module, ids: torch.Tensor, names: Iterable[str], progress
     if outside:
         log.warning("no input statistics for %d linear layer(s) outside the decoder blocks: %s",
                     len(outside), ", ".join(outside[:3]))
-    for k, block in enumerate(tqdm(blocks, desc="calibrate H", unit="block", disable=not progress)):
+    desc = "calibrate H" if on_block is None else "compress block"
+    for k, block in enumerate(tqdm(blocks, desc=desc, unit="block", disable=not progress)):
         mine = {n: m for n, m in acc.linears.items() if n.startswith(f"{prefix}.{k}.")}
         sub = HessianAccumulator(mine)
         args, kwargs = calls[k]
         with sub.hooks():
-            for i in range(hidden.shape[0]):
-                sub.new_call()
-                a, kw = _with_hidden(args, kwargs, hidden[i:i + 1])
-                hidden[i:i + 1] = _first_output(block(*a, **kw))
+            _run_block(block, hidden, args, kwargs, sub, keep=on_block is None)
+        _check_finite(sub)
+        if on_block is not None:
+            on_block(k, sub)
+            _run_block(block, hidden, args, kwargs, None, keep=True)
         acc.h.update(sub.h)
         acc.count.update(sub.count)
         acc.alias.update(sub.alias)
+    return acc
+
+
+def _run_block(block, hidden: torch.Tensor, args, kwargs, acc: HessianAccumulator | None, keep: bool) -> None:
+    """Run ``block`` on every window of ``hidden``; with ``keep`` its outputs replace ``hidden``."""
+    for i in range(hidden.shape[0]):
+        if acc is not None:
+            acc.new_call()
+        a, kw = _with_hidden(args, kwargs, hidden[i:i + 1])
+        out = _first_output(block(*a, **kw))
+        if keep:
+            hidden[i:i + 1] = out
+
+
+def _check_finite(acc: HessianAccumulator) -> None:
     for name, h in acc.h.items():
         if not torch.isfinite(h).all():
             raise CalibrationError(f"the inputs of {name} are not finite on the calibration text: the model "
                                    "produces NaN/inf activations; check the model or use another dtype")
-    return acc
 
 
 def fisher_diagonal(model: nn.Module, ids: torch.Tensor, names: Iterable[str], progress: bool = True,

@@ -87,8 +87,10 @@ def _stored_state(model: nn.Module, dense_dtype: torch.dtype | None) -> tuple[di
 
 def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, MatrixSpec],
          reports: Mapping[str, dict] | None = None, summary: dict | None = None, extra: dict | None = None,
-         overwrite: bool = False, dense_dtype: torch.dtype | None = None) -> Path:
-    """Write a checkpoint atomically (temporary folder, then rename)."""
+         overwrite: bool = False, dense_dtype: torch.dtype | None = None,
+         files: Mapping[str, bytes] | None = None) -> Path:
+    """Write a checkpoint atomically (temporary folder, then rename). ``files``: further small files
+    to put in the folder (name -> bytes), e.g. a picture of the plan."""
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -100,6 +102,10 @@ def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, Mat
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for fname, data in (files or {}).items():
+            if Path(fname).name != fname or fname in (TENSOR_FILE, META_FILE):
+                raise CheckpointError(f"cannot store an extra file named {fname!r} in a checkpoint")
+            (tmp / fname).write_bytes(data)
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "lqkit_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

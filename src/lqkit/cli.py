@@ -9,7 +9,8 @@ import math
 import sys
 from pathlib import Path
 
-from .errors import LqkitError
+from .core.costs import CandidateSet
+from .errors import LqkitError, SpecError
 
 log = logging.getLogger("lqkit")
 
@@ -51,7 +52,7 @@ def _spec_from_args(a: argparse.Namespace):
         qname = a.method if a.method in ("rtn", "nf", "gptq", "nuq") else a.quantizer
         outliers = a.outliers if a.outliers is not None else SPARSE_DEFAULT if a.method == "sparse" else 0.0
         quant = QuantSpec(qname, a.bits, a.group_size, a.group_dim, a.double_quant, act_order=a.act_order,
-                          damp=a.damp, outliers=outliers, outlier_features=a.outlier_features)
+                          damp=a.damp, outliers=outliers, outlier_features=a.outlier_features, clip=a.clip)
     method = "quant" if a.method in QUANT_ONLY else a.method
     rank = a.rank if method in ("lq", "lorc", "lowrank") else 0
     return MatrixSpec(method, quant, rank, iters=a.iters, factor_dtype=a.factor_dtype, weighting=a.weighting)
@@ -82,23 +83,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(c)
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    c.add_argument("--method", choices=METHODS, default="lq",
-                   help="rtn: uniform quantization; nf: NormalFloat; gptq: GPTQ (needs calibration); "
+    b = c.add_argument_group("memory budget (the plan is chosen per matrix by an integer program)")
+    b.add_argument("--budget", type=float, default=None, metavar="BITS",
+                   help="bits per parameter of the compressed layers, everything stored counted (e.g. 2.75)")
+    b.add_argument("--budget-bytes", default=None, metavar="SIZE",
+                   help="total size of the compressed layers, e.g. 40MB or 38MiB (instead of --budget)")
+    b.add_argument("--metric", choices=("kfac", "hessian", "fisher"), default="kfac",
+                   help="error the allocation minimises: kfac (H-weighted, rows scaled by Fisher sensitivity), "
+                        "hessian (H-weighted output error) or fisher (diagonal Fisher) (default kfac)")
+    cs = CandidateSet()
+    b.add_argument("--cand-quantizers", default=",".join(cs.quantizers), help="candidate quantizers (default %(default)s)")
+    b.add_argument("--cand-bits", default=_csv(cs.bits), help="candidate bits (default %(default)s)")
+    b.add_argument("--cand-group-sizes", default=_csv(cs.group_sizes), help="candidate group sizes (default %(default)s)")
+    b.add_argument("--cand-group-dims", default=",".join(cs.group_dims), help="candidate group dims (default %(default)s)")
+    b.add_argument("--cand-ranks", default=_csv(cs.ranks), help="candidate ranks of L·R (default %(default)s)")
+    b.add_argument("--cand-outliers", default=_csv(cs.outliers),
+                   help="candidate fractions of sparse fp16 outliers (default %(default)s)")
+    b.add_argument("--cand-no-clip", action="store_true", help="rtn/gptq candidates with plain min-max ranges")
+    b.add_argument("--cand-no-act-order", action="store_true", help="gptq candidates in plain column order")
+    b.add_argument("--min-bits", action="append", default=[], metavar="REGEX=BITS",
+                   help="matrices matching REGEX get at least BITS bits/param (repeatable)")
+    b.add_argument("--max-bits", action="append", default=[], metavar="REGEX=BITS",
+                   help="matrices matching REGEX get at most BITS bits/param (repeatable)")
+    b.add_argument("--refine", type=int, default=0, metavar="ITERS",
+                   help="LQ alternations after LoRC for matrices given a low-rank part (default 0)")
+    b.add_argument("--workers", type=int, default=None,
+                   help="processes computing the cost table (default: up to 4 CPU cores; 1 on GPU)")
+    b.add_argument("--no-table-cache", action="store_true", help="recompute the cost table even if cached")
+    c.add_argument("--method", choices=METHODS, default=None,
+                   help="one method for every matrix instead of a budget: "
+                        "rtn: uniform quantization; nf: NormalFloat; gptq: GPTQ (needs calibration); "
                         "nuq: SqueezeLLM-style Fisher-weighted k-means codebooks; sparse: --quantizer with "
                         f"--outliers (default {SPARSE_DEFAULT}) kept as fp16; lq: LQ-LoRA alternation Q + L·R; "
-                        "lorc: quantize then low-rank residual (ZeroQuant-V2); lowrank: L·R only (default lq)")
+                        "lorc: quantize then low-rank residual (ZeroQuant-V2); lowrank: L·R only (default lq without --budget)")
     c.add_argument("--quantizer", choices=("rtn", "rtn_sym", "nf", "gptq", "nuq"), default="rtn",
                    help="quantizer of Q for lq/lorc/sparse (default rtn: asymmetric min-max)")
     c.add_argument("--bits", type=int, default=3, help="bits per code (rtn/gptq/nuq: 2-8, nf: 2-4; default 3)")
     c.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
     c.add_argument("--damp", type=float, default=0.01, help="gptq: dampening as a fraction of mean(diag H) (default 0.01)")
+    c.add_argument("--clip", action="store_true",
+                   help="rtn/gptq: shrink each group's range to the one of least squared error (MSE grid search)")
     c.add_argument("--outliers", type=float, default=None, metavar="FRAC",
                    help="fraction of weights kept exactly as sparse fp16 (dense-and-sparse), by |w|·sensitivity")
     c.add_argument("--outlier-features", type=float, default=0.0, metavar="FRAC",
                    help="fraction of input features (largest activations) kept as 16-bit columns (LLM.int8())")
-    c.add_argument("--weighting", choices=("none", "fisher", "hessian"), default="none",
-                   help="weight the low-rank part and the LQ objective by the Fisher diagonal (FWSVD) or by "
-                        "the input second moments H (activation-aware SVD) (default none)")
+    c.add_argument("--weighting", choices=("none", "fisher", "hessian", "kfac"), default="none",
+                   help="weight the low-rank part and the LQ objective by the Fisher diagonal (FWSVD), by "
+                        "the input second moments H (activation-aware SVD), or by both (kfac: H per row, "
+                        "scaled by the row's Fisher sensitivity) (default none)")
     c.add_argument("--group-size", type=int, default=128, help="elements per quantization group (default 128)")
     c.add_argument("--group-dim", choices=("in", "out", "auto"), default="in",
                    help="groups along the input dim (per output channel) or the output dim; auto: per matrix, "
@@ -112,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress linear layers whose name matches (repeatable; default: all)")
     c.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="skip linear layers whose name matches (repeatable; default: lm_head)")
-    c.add_argument("--device", default=None, help="where decompositions run, e.g. cuda (default: the model's)")
+    c.add_argument("--device", default=None,
+                   help="where decompositions and the cost table run, e.g. cuda or cpu (default: cuda when present)")
     _add_calib(c)
+    c.add_argument("--no-sequential", action="store_true",
+                   help="use the statistics as given for every layer instead of recomputing each block's H "
+                        "from the outputs of the already compressed blocks (faster, usually worse)")
     c.add_argument("--stats", default=None, metavar="FILE",
                    help="calibration statistics (safetensors from `lqkit calibrate`); computed and saved "
                         "there if the file does not exist")
@@ -144,15 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", parents=[common], help="compress the default model end to end and print a table",
-                       description="Baseline, LQ compression, save, reload and evaluation of google/gemma-3-270m.")
-    d.add_argument("--out", default="out/gemma-3-270m-lq3", help="checkpoint folder (replaced)")
+                       description="Baseline, calibration, budget allocation, compression, save, reload and "
+                                   "evaluation of google/gemma-3-270m.")
+    d.add_argument("--out", default="out/gemma-3-270m-budget", help="checkpoint folder (replaced)")
     d.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
+    d.add_argument("--budget", type=float, default=3.25, help="bits per parameter of the linear layers (default 3.25)")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("inspect", parents=[common], help="show a checkpoint's per-matrix plan, bits, rank and error",
                        description="Print the plan and size report of an lqkit checkpoint.")
     i.add_argument("path", help="lqkit checkpoint folder")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the plan (bits/param and rank per matrix, by layer and projection) to PNG")
     i.set_defaults(func=cmd_inspect)
     _add_finetune_commands(sub, common)
     return p
@@ -168,15 +208,49 @@ def _protocol(a):
     return EvalProtocol(windows=a.windows, window_tokens=a.window_tokens, full=a.full, batch_size=a.batch_size)
 
 
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _list(text: str, kind, what: str) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SpecError(f"cannot read {what} {text!r}; write comma-separated values such as 2,3,4") from None
+
+
+def _allocation_from_args(a: argparse.Namespace):
+    from .allocate import AllocationConfig, Budget, Constraint, parse_bytes
+
+    if a.budget is not None and a.budget_bytes is not None:
+        raise SpecError("give either --budget (bits per parameter) or --budget-bytes, not both")
+    if a.method is not None:
+        raise SpecError("--method sets one method for every matrix and --budget lets lqkit choose per matrix: "
+                        "drop one of them")
+    budget = Budget(bits_per_param=a.budget) if a.budget is not None else Budget(bytes=parse_bytes(a.budget_bytes))
+    cands = CandidateSet(
+        quantizers=_list(a.cand_quantizers, str, "--cand-quantizers"), bits=_list(a.cand_bits, int, "--cand-bits"),
+        group_sizes=_list(a.cand_group_sizes, int, "--cand-group-sizes"),
+        group_dims=_list(a.cand_group_dims, str, "--cand-group-dims"), ranks=_list(a.cand_ranks, int, "--cand-ranks"),
+        outliers=_list(a.cand_outliers, float, "--cand-outliers"), factor_dtype=a.factor_dtype,
+        clip=not a.cand_no_clip, act_order=not a.cand_no_act_order)
+    cons = tuple(Constraint.parse(t, "min") for t in a.min_bits) + tuple(Constraint.parse(t, "max") for t in a.max_bits)
+    return AllocationConfig(budget, cands, a.metric, cons, a.refine, a.workers, cache=not a.no_table_cache)
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     from . import pipeline
 
-    spec = _spec_from_args(a)  # validate before loading anything
+    if a.budget is not None or a.budget_bytes is not None:
+        spec = _allocation_from_args(a)  # validate before loading anything
+    else:
+        a.method = a.method or "lq"
+        spec = _spec_from_args(a)
     proto = _protocol(a) if a.eval else None
     calib = _calib_config(a)  # validate before loading anything
     res = pipeline.compress(a.model, spec, a.out, overwrite=a.overwrite, include=a.include, exclude=a.exclude,
                             device=a.device, eval_protocol=proto, eval_text=a.text, progress=not a.quiet,
-                            calib=calib, calib_text=a.calib, stats_path=a.stats)
+                            calib=calib, calib_text=a.calib, stats_path=a.stats, sequential=not a.no_sequential)
     print(pipeline.format_summary(res))
     return 0
 
@@ -209,7 +283,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from . import demo
 
-    print(demo.run(a.out, a.windows))
+    print(demo.run(a.out, a.windows, a.budget))
     return 0
 
 
@@ -218,6 +292,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     report = pipeline.inspect(a.path)
     print(json.dumps(report, indent=1) if a.json else pipeline.format_inspect(report))
+    if a.plot:
+        pipeline.plot_plan(a.path, a.plot)
+        if not a.json:
+            print(f"plan drawn to {a.plot}")
     return 0
 
 

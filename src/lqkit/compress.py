@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core.decompose import MatrixSpec, decompose, storage_bits
+from .core.stats import MatrixStats
 from .errors import SpecError
 from .nn.linear import CompressedLinear
 from .nn.surgery import check_plan, compressed_modules, set_submodule
@@ -62,7 +63,7 @@ def needed_stats(plan: Mapping[str, MatrixSpec]) -> set[str]:
     """Which calibration statistics ("h", "fisher") the plan's specs use."""
     need = set()
     for spec in plan.values():
-        need |= {"fisher": {"fisher"}, "hessian": {"h"}}.get(spec.weighting, set())
+        need |= {"fisher": {"fisher"}, "hessian": {"h"}, "kfac": {"h", "fisher"}}.get(spec.weighting, set())
         q = spec.quant
         if q is not None:
             need |= {"gptq": {"h"}, "nuq": {"fisher"}}.get(q.method, set())
@@ -71,45 +72,73 @@ def needed_stats(plan: Mapping[str, MatrixSpec]) -> set[str]:
     return need
 
 
-def check_stats(plan: Mapping[str, MatrixSpec], stats) -> None:
-    """Fail before any work when ``stats`` lack what a planned matrix needs."""
+def check_stats(plan: Mapping[str, MatrixSpec | set[str]], stats) -> None:
+    """Fail before any work when ``stats`` lack what a planned matrix needs (its spec's needs, or
+    the given set of "h" / "fisher")."""
     for name, spec in plan.items():
-        need = needed_stats({name: spec})
+        need = spec if isinstance(spec, set) else needed_stats({name: spec})
         ms = stats.get(name) if stats is not None else None
         missing = [k for k in sorted(need) if getattr(ms, k, None) is None]
         if missing:
             what = " and ".join({"h": "input second moments (H)", "fisher": "a Fisher diagonal"}[k] for k in missing)
-            raise SpecError(f"{name} ({spec.label()}) needs {what}, which the calibration statistics lack; "
+            label = spec.label() if isinstance(spec, MatrixSpec) else "the budget allocation"
+            raise SpecError(f"{name} ({label}) needs {what}, which the calibration statistics lack; "
                             "pass --calib (or a --stats file that has them)")
 
 
 def compress_model(model: nn.Module, plan: Mapping[str, MatrixSpec], *, device: str | None = None,
-                   progress: bool = True, stats=None) -> dict[str, MatrixReport]:
+                   progress: bool = True, stats=None, sequential: torch.Tensor | None = None
+                   ) -> dict[str, MatrixReport]:
     """Replace each planned linear layer of ``model`` (in place) by its CompressedLinear.
 
     ``device``: where decompositions run (e.g. "cuda"); the result is moved back to the layer's device.
     ``stats``: calibration statistics with ``get(name) -> MatrixStats | None`` (e.g.
     :class:`lqkit.calibrate.CalibrationStats`), for data-aware quantizers and weightings.
+    ``sequential``: calibration token ids (samples, seqlen). The model is then compressed one decoder
+    block at a time and each block's input second moments H are recomputed from what the already
+    compressed blocks produce (GPTQ's sequential mode: later layers correct for the errors of earlier
+    ones); the Fisher diagonal stays that of ``stats``. Layers outside the blocks use ``stats``.
     """
+    from .calibrate import hessians
+
     check_plan(model, plan)  # fail on a bad plan before any work
     check_stats(plan, stats)
-    reports = {}
-    for name, spec in tqdm(plan.items(), desc="compress", unit="matrix", disable=not progress):
-        lin = model.get_submodule(name)
-        home, dtype = lin.weight.device, lin.weight.dtype
-        t0 = time.time()
-        ms = stats.get(name) if stats is not None else None
-        d = decompose(lin.weight.detach().to(device or home), spec, ms)
-        if not math.isfinite(d.error):
-            raise SpecError(f"compressing {name} with {spec.label()} gave a non-finite reconstruction; "
-                            "its weights or calibration statistics contain NaN/inf")
-        bias = lin.bias.detach().to(device or home) if lin.bias is not None else None
-        new = CompressedLinear.from_decomposition(d, bias, dtype=dtype).to(home)
-        set_submodule(model, name, new)
-        reports[name] = MatrixReport(name, d.shape, d.spec.label(), d.nbits, d.error, len(d.history),
-                                     time.time() - t0, d.weighted_error)
-        log.debug("%s %s error=%.4f bits/param=%.3f", name, spec.label(), d.error, reports[name].bits_per_param)
-    return reports
+    reports: dict[str, MatrixReport] = {}
+    bar = tqdm(total=len(plan), desc="compress", unit="matrix", disable=not progress)
+
+    def one(name: str, ms: MatrixStats | None) -> None:
+        reports[name] = _compress_one(model, name, plan[name], ms, device)
+        bar.update()
+
+    if sequential is not None:
+        def on_block(k: int, acc) -> None:
+            for name in acc.linears:
+                base = stats.get(name) if stats is not None else None
+                one(name, MatrixStats(h=acc.mean(name), fisher=base.fisher if base is not None else None))
+
+        hessians(model, sequential, list(plan), progress=False, on_block=on_block)
+    for name in plan:
+        if name not in reports:
+            one(name, stats.get(name) if stats is not None else None)
+    bar.close()
+    return {n: reports[n] for n in plan}
+
+
+def _compress_one(model: nn.Module, name: str, spec: MatrixSpec, ms: MatrixStats | None, device) -> MatrixReport:
+    lin = model.get_submodule(name)
+    home, dtype = lin.weight.device, lin.weight.dtype
+    t0 = time.time()
+    d = decompose(lin.weight.detach().to(device or home), spec, ms)
+    if not math.isfinite(d.error):
+        raise SpecError(f"compressing {name} with {spec.label()} gave a non-finite reconstruction; "
+                        "its weights or calibration statistics contain NaN/inf")
+    bias = lin.bias.detach().to(device or home) if lin.bias is not None else None
+    new = CompressedLinear.from_decomposition(d, bias, dtype=dtype).to(home)
+    set_submodule(model, name, new)
+    report = MatrixReport(name, d.shape, d.spec.label(), d.nbits, d.error, len(d.history), time.time() - t0,
+                          d.weighted_error)
+    log.debug("%s %s error=%.4f bits/param=%.3f", name, spec.label(), d.error, report.bits_per_param)
+    return report
 
 
 def size_summary(model: nn.Module) -> SizeSummary:
