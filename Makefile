@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= demo,test,plot
 
-.PHONY: demo test test-fast venv bench clean
+.PHONY: demo test test-fast venv bench peers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,5 +30,21 @@ test-fast: venv
 bench: venv
 	HF_HUB_OFFLINE=1 $(PY) bench/quality.py
 
+# Existing quantization tools (HQQ, GPTQModel, peft NF/LoftQ, bitsandbytes) side by side with lqkit's
+# RTN, in their own venv. Torch is installed only when missing and then pinned to the installed version, so
+# that no peer package can replace it (GPTQModel's newest release would pull a newer torch).
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -c "import torch" 2>/dev/null || $(PEERS_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PEERS_PY) -m pip install -q -e ".[demo,plot,peers]" \
+		"torch==$$($(PEERS_PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	touch $@
+
+peers: $(PEERS_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PEERS_PY) bench/peers.py
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info out
+	rm -rf $(VENV) $(PEERS_VENV) build dist src/*.egg-info out

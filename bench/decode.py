@@ -224,7 +224,7 @@ def main() -> None:
         t = time.time()
         variants[f"lqkit-rtn{bits}-g128-r{args.rank}"] = lqkit_linears(weights, bits, args.rank)
         print(f"lqkit {bits}-bit layers prepared in {time.time() - t:.0f} s", flush=True)
-    from kernels import env_info  # bench/kernels.py (this script's folder is on sys.path)
+    from kernel_layers import env_info  # bench/kernel_layers.py (this script's folder is on sys.path)
 
     result = {"env": env_info(), "model": args.model, "shape": asdict(s), "random_weights": True,
               "notes": "randomly initialised weights (speed only; outputs meaningless); embeddings and "

@@ -1,7 +1,8 @@
 """Sensitivity benchmark: data-aware quantizers and decompositions against their data-free
 baselines on the default model (google/gemma-3-270m), under the protocol of bench/quality.py
 (40 windows x 512 tokens of WikiText-2 test, BOS first, fp32, CPU; only the linear layers inside
-the decoder blocks are compressed).
+the decoder blocks are compressed). Rows that use H compress sequentially (each block's H from the
+already compressed blocks, as `lqkit compress` does).
 
 Calibration statistics (H and Fisher; 64 x 512 tokens of the bundled WikiText-2 validation split)
 are computed once and cached in $LQKIT_CACHE/stats/. Baseline rows (RTN, plain LQ/LoRC) are taken
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, base_parser, fmt_ppl, machine_info, write_json, write_text  # noqa: E402
 
 from lqkit import checkpoint
-from lqkit.calibrate import CalibConfig, calibrate
+from lqkit.calibrate import CalibConfig, calibrate, calibration_ids
 from lqkit.compress import compress_model, needed_stats, size_summary
 from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.data import DEFAULT_CALIB_TEXT, read_text
@@ -59,24 +60,31 @@ def q(method, bits, g=128, **kw) -> QuantSpec:
 def configs() -> dict[str, tuple[MatrixSpec, str]]:
     """Row name -> (spec, baseline row name), most informative first."""
     r = RANK
+    best = dict(act_order=True, clip=True)  # lqkit's GPTQ as the allocation uses it
     return {
         "gptq3-g128": (MatrixSpec("quant", q("gptq", 3)), "rtn3-g128-in"),
-        f"lq-rtn3-g128-r{r}-hessian": (MatrixSpec("lq", q("rtn", 3), r, weighting="hessian"), f"lq-rtn3-g128-r{r}"),
-        f"lorc-gptq3-g128-r{r}-hessian": (MatrixSpec("lorc", q("gptq", 3), r, weighting="hessian"),
-                                          f"lorc-rtn3-g128-r{r}"),
-        "rtn3-g128-sp0.5%": (MatrixSpec("quant", q("rtn", 3, outliers=0.005)), "rtn3-g128-in"),
+        "gptq3-g128-ao-mse": (MatrixSpec("quant", q("gptq", 3, **best)), "rtn3-g128-mse"),
         "gptq2-g128": (MatrixSpec("quant", q("gptq", 2)), "rtn2-g128-in"),
-        "nuq3": (MatrixSpec("quant", q("nuq", 3)), "rtn3-g128-in"),
-        f"lq-rtn3-g128-r{r}-fisher": (MatrixSpec("lq", q("rtn", 3), r, weighting="fisher"), f"lq-rtn3-g128-r{r}"),
+        "gptq2-g128-ao-mse": (MatrixSpec("quant", q("gptq", 2, **best)), "rtn2-g128-mse"),
         "gptq3-g64": (MatrixSpec("quant", q("gptq", 3, 64)), "rtn3-g64-in"),
+        "gptq2-g64": (MatrixSpec("quant", q("gptq", 2, 64)), "rtn2-g64-in"),
+        "gptq3-g128-ao": (MatrixSpec("quant", q("gptq", 3, act_order=True)), "gptq3-g128"),
+        "nuq3": (MatrixSpec("quant", q("nuq", 3)), "rtn3-g128-in"),
+        "nuq2": (MatrixSpec("quant", q("nuq", 2)), "rtn2-g128-in"),
+        "rtn3-g128-sp0.5%": (MatrixSpec("quant", q("rtn", 3, outliers=0.005)), "rtn3-g128-in"),
         "gptq3-g128-sp0.5%": (MatrixSpec("quant", q("gptq", 3, outliers=0.005)), "gptq3-g128"),
         "nuq3-sp0.5%": (MatrixSpec("quant", q("nuq", 3, outliers=0.005)), "nuq3"),
-        f"lq-gptq3-g128-r{r}-hessian": (MatrixSpec("lq", q("gptq", 3), r, iters=5, weighting="hessian"),
-                                        f"lq-rtn3-g128-r{r}"),
-        "gptq3-g128-ao": (MatrixSpec("quant", q("gptq", 3, act_order=True)), "gptq3-g128"),
+        f"lq-rtn3-g128-r{r}-fisher": (MatrixSpec("lq", q("rtn", 3), r, weighting="fisher"), f"lq-rtn3-g128-r{r}"),
+        f"lq-rtn3-g128-r{r}-hessian": (MatrixSpec("lq", q("rtn", 3), r, weighting="hessian"), f"lq-rtn3-g128-r{r}"),
+        f"lq-rtn3-g128-r{r}-kfac": (MatrixSpec("lq", q("rtn", 3), r, weighting="kfac"), f"lq-rtn3-g128-r{r}"),
+        f"lorc-rtn3-g128-r{r}-fisher": (MatrixSpec("lorc", q("rtn", 3), r, weighting="fisher"), f"lorc-rtn3-g128-r{r}"),
+        f"lorc-rtn3-g128-r{r}-hessian": (MatrixSpec("lorc", q("rtn", 3), r, weighting="hessian"),
+                                         f"lorc-rtn3-g128-r{r}"),
+        f"lorc-gptq3-g128-r{r}-kfac": (MatrixSpec("lorc", q("gptq", 3, **best), r, weighting="kfac"),
+                                       f"lorc-rtn3-g128-r{r}"),
         "rtn3-g128-auto-hessian": (MatrixSpec("quant", q("rtn", 3, group_dim="auto"), weighting="hessian"),
                                    "rtn3-g128-in"),
-        "gptq2-g64": (MatrixSpec("quant", q("gptq", 2, 64)), "rtn2-g64-in"),
+        "rtn3-g128-outfeat1%": (MatrixSpec("quant", q("rtn", 3, outlier_features=0.01)), "rtn3-g128-in"),
     }
 
 
@@ -86,6 +94,7 @@ def baseline_specs() -> dict[str, MatrixSpec]:
     for bits in (3, 2):
         for g in (128, 64):
             b[f"rtn{bits}-g{g}-in"] = MatrixSpec("quant", q("rtn", bits, g))
+        b[f"rtn{bits}-g128-mse"] = MatrixSpec("quant", q("rtn", bits, clip=True))
     return b
 
 
@@ -107,7 +116,10 @@ def run_row(name: str, spec: MatrixSpec, stats, text: str, proto: EvalProtocol) 
     model, tok = loaded.model, loaded.tokenizer
     row = {"name": name, "spec": spec.to_dict(), "label": spec.label()}
     t0 = time.time()
-    reports = compress_model(model, uniform_plan(model, spec), progress=False, stats=stats)
+    plan = uniform_plan(model, spec)
+    seq = calibration_ids(tok, read_text(None, DEFAULT_CALIB_TEXT)[0], CALIB) if "h" in needed_stats(plan) else None
+    row["sequential"] = seq is not None
+    reports = compress_model(model, plan, progress=False, stats=stats, sequential=seq)
     row["compress_seconds"] = round(time.time() - t0, 1)
     row["effective_bits"] = size_summary(model).effective_bits
     row["mean_rel_error"] = sum(r.error for r in reports.values()) / len(reports)

@@ -11,7 +11,7 @@ ratio to the bandwidth floor = those bytes / the device's copy bandwidth measure
 - tinygemm int4 g128 (``torch.ops.aten._weight_int4pack_mm``, the CUDA kernel behind torchao's
   int4 weight-only path) and bitsandbytes NF4 block 64 (fp32 absmax) when its wheel is importable.
 
-Usage: PYTHONPATH=src python bench/kernels.py --out bench/results/kernels-h100.json [--quick]
+Usage: PYTHONPATH=src python bench/kernel_layers.py --out bench/results/kernels-h100.json [--quick]
 """
 
 from __future__ import annotations
