@@ -47,24 +47,23 @@ BUDGETS = (2.25, 2.5, 2.75, 3.0, 3.5, 4.25)
 
 def uniform_configs() -> dict[str, MatrixSpec]:
     """The uniform lqkit configurations a budget plan must beat: lqkit's best quantizers (GPTQ with
-    act-order and MSE range search, SqueezeLLM-style NUQ, NF4) and data-aware LoRC, one spec for every
-    matrix (approximate bits/param in the comments)."""
+    act-order and MSE range search, SqueezeLLM-style NUQ) and data-aware LoRC, one spec for every
+    matrix (approximate bits/param in the comments). Data-free uniform configurations (RTN, NF4, HQQ,
+    ...) are the rows of bench/peers.py and bench/quality.py, under the same protocol."""
     def g(b, gs=128, **kw):
         return QuantSpec("gptq", b, gs, act_order=True, clip=True, **kw)
 
-    return {
-        "nuq2": MatrixSpec("quant", QuantSpec("nuq", 2)),  # ~2.1
+    return {  # most telling first
         "gptq2-g128": MatrixSpec("quant", g(2)),  # 2.25
         "gptq2-g64": MatrixSpec("quant", g(2, 64)),  # 2.5
-        "lorc-gptq2-g128-r8-kfac": MatrixSpec("lorc", g(2), 8, weighting="kfac"),  # ~2.55
-        "lorc-gptq2-g128-r16-kfac": MatrixSpec("lorc", g(2), 16, weighting="kfac"),  # ~2.86
-        "gptq2-g32": MatrixSpec("quant", g(2, 32)),  # 3.0
-        "nuq3": MatrixSpec("quant", QuantSpec("nuq", 3)),  # ~3.2
         "gptq3-g128": MatrixSpec("quant", g(3)),  # 3.25
-        "gptq3-g64": MatrixSpec("quant", g(3, 64)),  # 3.5
-        "lorc-gptq3-g128-r8-kfac": MatrixSpec("lorc", g(3), 8, weighting="kfac"),  # ~3.55
-        "nf4-g64": MatrixSpec("quant", QuantSpec("nf", 4, 64)),  # 4.25
         "gptq4-g128": MatrixSpec("quant", g(4)),  # 4.25
+        "gptq3-g64": MatrixSpec("quant", g(3, 64)),  # 3.5
+        "nuq3": MatrixSpec("quant", QuantSpec("nuq", 3)),  # ~3.2
+        "lorc-gptq2-g128-r16-kfac": MatrixSpec("lorc", g(2), 16, weighting="kfac"),  # ~2.86
+        "lorc-gptq2-g128-r8-kfac": MatrixSpec("lorc", g(2), 8, weighting="kfac"),  # ~2.55
+        "nuq2": MatrixSpec("quant", QuantSpec("nuq", 2)),  # ~2.1
+        "gptq2-g32": MatrixSpec("quant", g(2, 32)),  # 3.0
     }
 
 
