@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Torch is installed only when the venv cannot import it; bring your own by installing it into
 # $(VENV) first (or override TORCH_SPEC, e.g. TORCH_SPEC="torch --index-url ...").
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= demo,test,plot
+EXTRAS ?= demo,test,plot,finetune
 
 .PHONY: demo test test-fast venv bench peers clean
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, base_parser, fmt_ppl, machine_info, write_json, write_text  # noqa: E402
+from common import RESULTS, base_parser, machine_info, write_json, write_text  # noqa: E402
 
 from lqkit.compress import compress_model, size_summary
 from lqkit.core import MatrixSpec, QuantSpec

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from lqkit import checkpoint, pipeline
 from lqkit.allocate import AllocationConfig, Budget, Constraint, CostTable, parse_bytes

@@ -17,7 +17,6 @@ from lqkit.compress import compress_model
 from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.errors import CheckpointError, DataError, SpecError
 from lqkit.finetune import FinetuneConfig, finetune, freeze_all_but, train, trainable_parameters
-from lqkit.nn.linear import CompressedLinear
 from lqkit.plan import uniform_plan
 from lqkit.train_data import IGNORE, load_packed, pack, read_examples
 

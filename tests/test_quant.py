@@ -1,6 +1,5 @@
 """Quantizers against straightforward per-group loop references."""
 
-import math
 
 import pytest
 import torch

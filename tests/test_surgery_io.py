@@ -1,6 +1,5 @@
 """Surgery and checkpoint save/load on tiny random llama / gemma3 / qwen2 models."""
 
-import json
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from lqkit import checkpoint
 from lqkit.compress import compress_model, size_summary
 from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.errors import CheckpointError, SpecError
-from lqkit.nn import CompressedLinear, compressed_modules, find_linears
+from lqkit.nn import compressed_modules, find_linears
 from lqkit.plan import uniform_plan
 
 SPECS = [

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-from pathlib import Path
 
 from .core.costs import CandidateSet
 from .errors import LqkitError, SpecError

@@ -41,7 +41,6 @@ from torch import nn
 from . import checkpoint
 from .errors import CheckpointError
 from .models import load_tokenizer
-from .nn.linear import CompressedLinear
 from .nn.surgery import compressed_modules, set_submodule
 
 log = logging.getLogger(__name__)
