@@ -249,10 +249,9 @@ def table_path(key: str) -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    from .checkpoint import write_atomic
+
+    write_atomic(path, json.dumps(data).encode())
 
 
 # ----------------------------------------------------------------------------------------------

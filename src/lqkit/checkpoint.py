@@ -265,6 +265,22 @@ STATS_FORMAT = "lqkit-stats"
 STATS_VERSION = 1
 
 
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename: readers see the old
+    file or the new one, never a part (the temporary file is removed if writing fails)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_stats(stats, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write :class:`lqkit.calibrate.CalibrationStats` to a safetensors file (atomically)."""
     path = Path(path).expanduser()

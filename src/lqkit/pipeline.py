@@ -200,9 +200,6 @@ def inspect(path: str) -> dict:
 
 def plot_plan(path: str, png: str) -> None:
     """Draw a checkpoint's plan to ``png`` (written atomically)."""
-    import os
-    from pathlib import Path
-
     from .plan import plan_from_json
     from .report import plan_png
 
@@ -210,11 +207,7 @@ def plot_plan(path: str, png: str) -> None:
     shapes = {n: tuple(r["shape"]) for n, r in meta["reports"].items()}
     s = meta.get("summary") or {}
     title = f"{(meta.get('extra') or {}).get('source_model', path)}: {s.get('effective_bits', 0):.3f} bits/param"
-    data = plan_png(plan_from_json(meta["plan"]), shapes, title)
-    out = Path(png).expanduser()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    checkpoint.write_atomic(png, plan_png(plan_from_json(meta["plan"]), shapes, title))
 
 
 def _fmt_bits(b) -> str:
