@@ -3,7 +3,9 @@
 The same minimal Llama decoder (RMSNorm, RoPE, grouped-query attention over a static KV cache,
 SwiGLU MLP) runs with its 224 decoder linears either as bf16 ``F.linear`` or as lqkit compressed
 layers (rtn g128 + rank-16 L·R, fused Triton kernels); embeddings and lm_head stay bf16 in both.
-One decode step is captured in a CUDA graph for every variant (same loop, same graph treatment);
+One decode step is captured in a CUDA graph for every variant (same loop, same graph treatment); the
+work between the linears (residual add + RMSNorm, RoPE, SiLU·up) runs through torch.compile in every
+variant (``--eager-glue``: eagerly);
 tokens/s = batch × generated tokens / time of the generation loop. Weights are random (speed does
 not depend on their values), so the generated text is meaningless.
 
@@ -57,11 +59,31 @@ def rms(x, w, eps=1e-5):
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
+def add_rms(h, d, w):
+    """Residual add, then RMSNorm: (h + d, rms(h + d))."""
+    h = h + d
+    return h, rms(h, w)
+
+
+def rope(x, cos, sin):
+    """Rotary embedding on interleaved pairs; x (B, 1, H, hd), cos/sin (1, 1, 1, hd/2) fp32."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
+
+
+def silu_mul(g, u):
+    return F.silu(g) * u
+
+
+GLUE = {"add_rms": add_rms, "rope": rope, "silu_mul": silu_mul}  # the step's work between the linears
+
+
 class Decoder:
     """Minimal Llama decoder for one-token steps with a static KV cache."""
 
-    def __init__(self, s: Shape, linears: list[dict], embed, lm_head, batch: int, max_len: int):
+    def __init__(self, s: Shape, linears: list[dict], embed, lm_head, batch: int, max_len: int, glue=None):
         self.s, self.lin, self.embed, self.lm_head = s, linears, embed, lm_head
+        self.g = glue or GLUE  # eager functions, or the same compiled (torch.compile)
         dev, dt = embed.device, embed.dtype
         self.norms = [(torch.ones(s.hidden, device=dev, dtype=dt), torch.ones(s.hidden, device=dev, dtype=dt))
                       for _ in range(s.layers)]
@@ -71,36 +93,34 @@ class Decoder:
         self.vc = [torch.zeros(cache, device=dev, dtype=dt) for _ in range(s.layers)]
         inv = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, device=dev).float() / s.head_dim))
         ang = torch.arange(max_len, device=dev).float()[:, None] * inv[None, :]  # (T, hd/2)
-        self.freqs = torch.polar(torch.ones_like(ang), ang)  # (T, hd/2) complex64
+        self.cos, self.sin = ang.cos(), ang.sin()
         self.max_len = max_len
-
-    def rope(self, x, f):  # x (B, 1, H, hd); f (1, 1, 1, hd/2) complex
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * f).flatten(-2).to(x.dtype)
 
     def step(self, ids, pos):
         """ids (B, 1) int64, pos (1,) int64 tensor -> next ids (B, 1)."""
         s = self.s
         b = ids.shape[0]
         grp = s.heads // s.kv_heads
+        g = self.g
         h = self.embed[ids]  # (B, 1, D)
         ar = torch.arange(self.max_len, device=ids.device)
         mask = torch.zeros(self.max_len, device=ids.device, dtype=h.dtype).masked_fill_(ar > pos, float("-inf"))
         mask = mask.view(1, 1, 1, -1)
-        f = self.freqs[pos].view(1, 1, 1, -1)
+        cos, sin = self.cos[pos].view(1, 1, 1, -1), self.sin[pos].view(1, 1, 1, -1)
+        d = torch.zeros_like(h)
         for i, lin in enumerate(self.lin):
-            a = rms(h, self.norms[i][0])
-            q = self.rope(lin["q"](a).view(b, 1, s.heads, s.head_dim), f)
-            k = self.rope(lin["k"](a).view(b, 1, s.kv_heads, s.head_dim), f)
+            h, a = g["add_rms"](h, d, self.norms[i][0])  # d: the previous layer's MLP output
+            q = g["rope"](lin["q"](a).view(b, 1, s.heads, s.head_dim), cos, sin)
+            k = g["rope"](lin["k"](a).view(b, 1, s.kv_heads, s.head_dim), cos, sin)
             v = lin["v"](a).view(b, 1, s.kv_heads, s.head_dim)
             self.kc[i].index_copy_(2, pos, k.transpose(1, 2))
             self.vc[i].index_copy_(2, pos, v.transpose(1, 2))
             qg = q.view(b, s.kv_heads, grp, s.head_dim)  # the query heads of one KV head as its "queries"
             o = F.scaled_dot_product_attention(qg, self.kc[i], self.vc[i], attn_mask=mask)  # (B, KVH, grp, hd)
-            h = h + lin["o"](o.reshape(b, 1, -1))
-            m = rms(h, self.norms[i][1])
-            h = h + lin["down"](F.silu(lin["gate"](m)) * lin["up"](m))
-        logits = F.linear(rms(h, self.final_norm), self.lm_head)  # (B, 1, V)
+            h, m = g["add_rms"](h, lin["o"](o.reshape(b, 1, -1)), self.norms[i][1])
+            d = lin["down"](g["silu_mul"](lin["gate"](m), lin["up"](m)))
+        _, hn = g["add_rms"](h, d, self.final_norm)
+        logits = F.linear(hn, self.lm_head)  # (B, 1, V)
         return logits.argmax(-1)
 
 
@@ -176,6 +196,49 @@ def generate(dec: Decoder, batch: int, prompt: int, new: int, graph: bool = True
             "cuda_graph": graph}
 
 
+def compiled_glue(s: Shape, batches: list[int]) -> dict | None:
+    """The step's non-linear work through torch.compile (fused Triton kernels), one function each;
+    compiled here for every batch size, or None (eager) when compiling fails."""
+    glue = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in GLUE.items()}
+    try:
+        for b in batches:
+            h = torch.randn(b, 1, s.hidden, device="cuda", dtype=torch.bfloat16)
+            w = torch.ones(s.hidden, device="cuda", dtype=torch.bfloat16)
+            glue["add_rms"](h, h, w)
+            cs = torch.rand(1, 1, 1, s.head_dim // 2, device="cuda")
+            for heads in (s.heads, s.kv_heads):
+                glue["rope"](torch.randn(b, 1, heads, s.head_dim, device="cuda", dtype=torch.bfloat16), cs, cs)
+            g = torch.randn(b, 1, s.inter, device="cuda", dtype=torch.bfloat16)
+            glue["silu_mul"](g, g)
+    except Exception as e:  # no working compiler stack: measure with eager glue, and say so
+        print("torch.compile failed, eager glue:", repr(e)[:300], flush=True)
+        return None
+    return glue
+
+
+def profile_step(dec: Decoder, batch: int, steps: int = 5) -> dict:
+    """Device time per decode step by kernel (torch.profiler over eager steps; µs per step), top 12
+    plus the total: where the step's time goes (graph replay removes the host gaps, not these)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = dec.embed.device
+    ids = torch.randint(0, dec.s.vocab, (batch, 1), device=dev)
+    pos = torch.zeros(1, dtype=torch.long, device=dev)
+    dec.step(ids, pos)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec.step(ids, pos)
+        torch.cuda.synchronize()
+    tot: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if t and e.key and not e.key.startswith("cuda") and e.device_type.name == "CUDA":
+            tot[e.key[:60]] = tot.get(e.key[:60], 0.0) + t / steps
+    top = dict(sorted(tot.items(), key=lambda kv: -kv[1])[:12])
+    return {"total_us": round(sum(tot.values()), 1), "top_us": {k: round(v, 1) for k, v in top.items()}}
+
+
 def tune_layers(linears, batch: int, hidden_dtype=torch.bfloat16) -> dict:
     """Tune the kernel launch for each distinct layer shape at this batch (first layer's weights)."""
     chosen = {}
@@ -198,6 +261,9 @@ def main() -> None:
     ap.add_argument("--bits", default="3,4", help="comma-separated lqkit bit widths")
     ap.add_argument("--rank", type=int, default=16, help="rank of L·R")
     ap.add_argument("--jobs", type=int, default=14, help="worker processes that precompile kernels (0: none)")
+    ap.add_argument("--profile", action="store_true", help="also record device time per kernel of one step")
+    ap.add_argument("--eager-glue", action="store_true",
+                    help="run norms, RoPE and SiLU eagerly (default: torch.compile, in every variant)")
     args = ap.parse_args()
 
     s = LLAMA3_8B if args.model == "llama3-8b" else LLAMA3_2_3B
@@ -214,7 +280,7 @@ def main() -> None:
     print(f"random weights built in {time.time() - t:.0f} s", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     if args.jobs:  # compile the tuning candidates in parallel worker processes first
-        from kernels import precompile
+        from kernel_layers import precompile
 
         precompile(args.jobs, False, bits_list=[int(b) for b in args.bits.split(",")], ranks=(args.rank,),
                    tokens=tuple(batches))
@@ -226,17 +292,28 @@ def main() -> None:
         print(f"lqkit {bits}-bit layers prepared in {time.time() - t:.0f} s", flush=True)
     from kernel_layers import env_info  # bench/kernel_layers.py (this script's folder is on sys.path)
 
+    t = time.time()
+    glue = None if args.eager_glue else compiled_glue(s, batches)
+    print(f"glue: {'torch.compile' if glue else 'eager'} ({time.time() - t:.0f} s)", flush=True)
     result = {"env": env_info(), "model": args.model, "shape": asdict(s), "random_weights": True,
+              "glue": "torch.compile" if glue else "eager",
               "notes": "randomly initialised weights (speed only; outputs meaningless); embeddings and "
-                       "lm_head bf16 in every variant; one decode step captured in a CUDA graph; batch × "
-                       "new tokens / time of the generation loop (median of 3 runs).",
+                       "lm_head bf16 in every variant; one decode step captured in a CUDA graph; residual "
+                       "add + RMSNorm, RoPE and SiLU·up through torch.compile in every variant (unless glue is "
+                       "eager); batch × new tokens / time of the generation loop (median of 3 runs).",
               "runs": []}
     for name, (lin, bits_per_weight) in variants.items():
         for b in batches:
             tuned = tune_layers(lin, b) if name != "bf16" else None
-            dec = Decoder(s, lin, embed, lm_head, b, max_len)
+            dec = Decoder(s, lin, embed, lm_head, b, max_len, glue)
             r = generate(dec, b, args.prompt, args.new)
             r.update({"variant": name, "bits_per_weight": round(bits_per_weight, 3), "tuned": tuned})
+            if args.profile:
+                try:
+                    r["profile"] = profile_step(dec, b)
+                    print(json.dumps(r["profile"]), flush=True)
+                except Exception as e:
+                    print("profiling failed:", repr(e)[:200], flush=True)
             result["runs"].append(r)
             print(f"{name:<24} batch {b}: {r['tokens_per_s']:9.1f} tok/s  ({r['ms_per_step']:.2f} ms/step)",
                   flush=True)

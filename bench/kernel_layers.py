@@ -224,8 +224,8 @@ def _compile_job(item) -> None:
     L = torch.randn(512, rank, device="cuda", dtype=torch.bfloat16) if rank else None
     R = torch.randn(rank, 1024, device="cuda", dtype=torch.bfloat16) if rank else None
     seen = set()
-    for cfg in kt.candidates(kw, m):
-        key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages, cfg.maxnreg)
+    for cfg in kt.candidates(kw, m, x.dtype):
+        key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages, cfg.maxnreg, cfg.pf)
         if key in seen:
             continue
         seen.add(key)

@@ -148,8 +148,12 @@ def test_kernels_match_torch(i, f):
     kw, W, L, R, b = _case(f, shape, rank, bias, device, dtype)
     configs = [(None, 1), (None, 3), (None, 17),  # default dispatch
                (kt.Config(kind="gemv", bn=32, occ=8.0), 3),  # split-K with several tokens
+               (kt.Config(kind="gemv", bn=64, occ=1.0), 1),  # 64-row blocks, few K-splits
                (kt.Config(kind="gemm", bm=16, bn=64, occ=8.0), 17),
                (kt.Config(kind="dequant"), 40)]  # many tokens: decode once, then cuBLAS
+    if kt.mma_ok(kw, dtype):  # tensor-core kernel: split-K or not, several blocks of tokens
+        configs += [(kt.Config(kind="mma", bn=64, occ=8.0), 5), (kt.Config(kind="mma", bn=128, occ=1.0), 16),
+                    (kt.Config(kind="mma", bn=32, warps=4, stages=3, occ=4.0), 19)]
     for cfg, m in configs:
         for _ in range(2):  # twice: the self-resetting counters must leave the next call correct
             x = torch.randn(m, shape[1], device=device).to(dtype)  # fresh inputs every check

@@ -8,7 +8,8 @@ lqkit`` works without either. Usage::
 
 Covers every stored format: rtn / rtn_sym at 2..8 bits, nf at 2/3/4 bits (with or without
 double-quantized absmax), groups along "in" or "out", any group size (multiples of 32 take the
-fast paths). See :mod:`.layout` for the layout and :mod:`._triton` for the kernels.
+fast paths). See :mod:`.layout` for the layout and :mod:`._triton` for the kernels (a GEMV kernel for
+one token, a tensor-core kernel for 2–16, tiled ``tl.dot`` or dequantize + cuBLAS for more).
 """
 
 from __future__ import annotations

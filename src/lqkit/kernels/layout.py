@@ -7,7 +7,12 @@ k's ("interleaved" packing):
 
     S = 32 // b codes per word (3 bits: 10 codes, 30 of 32 bits used);
     a K-tile is S·32 codes held by 32 consecutive words of a row;
-    word (n, t·32 + i), bits [j·b, j·b + b)  ↔  code of k = t·S·32 + j·32 + i   (slice j, lane i).
+    word (n, t·32 + i), bits [p_j, p_j + b)  ↔  code of k = t·S·32 + j·32 + i   (slice j, lane i),
+
+with p_j = j·b, except that when the S codes split evenly between the word's two 16-bit halves
+(H = S/2 codes each: 2, 3, 4, 5, 7, 8 bits) slice j sits in half j // H at p_j = 16·(j // H) +
+b·(j % H). Then one shift and one and-or of a word decode a *pair* of codes (slices j and j + H)
+into two fp16/bf16 values at once (the tensor-core kernel's decoding).
 
 So a kernel loads a (rows × 32 words) tile once and gets slice j, a (rows × 32) block of codes for
 32 consecutive k, with ``(w >> j·b) & mask``: no reshapes, no gathers. N is padded to a multiple of
@@ -39,6 +44,18 @@ def codes_per_word(bits: int) -> int:
 
 def k_tile(bits: int) -> int:
     return codes_per_word(bits) * LANES
+
+
+def half_codes(bits: int) -> int:
+    """Codes per 16-bit half of a word when they split evenly between the halves, else S."""
+    h = 16 // bits
+    return h if 2 * h == codes_per_word(bits) else codes_per_word(bits)
+
+
+def slot(bits: int, j: int) -> int:
+    """Bit position of slice j's code inside its word."""
+    h = half_codes(bits)
+    return 16 * (j // h) + bits * (j % h)
 
 
 @dataclass
@@ -87,7 +104,7 @@ def interleave(codes: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
     c = c.view(n, tiles, s, LANES)  # (N, T, slice j, lane i)
     words = torch.zeros(n, tiles, LANES, dtype=torch.int64, device=codes.device)
     for j in range(s):
-        words |= c[:, :, j, :] << (j * bits)
+        words |= c[:, :, j, :] << slot(bits, j)
     words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
     return words.view(n, tiles * LANES).to(torch.int32)
 
@@ -97,7 +114,7 @@ def deinterleave(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     n, kw = words.shape
     s = codes_per_word(bits)
     w = words.to(torch.int64).view(n, kw // LANES, 1, LANES)
-    shifts = (torch.arange(s, device=words.device) * bits).view(1, 1, s, 1)
+    shifts = torch.tensor([slot(bits, j) for j in range(s)], device=words.device).view(1, 1, s, 1)
     c = (w >> shifts) & ((1 << bits) - 1)  # (N, T, S, LANES)
     return c.reshape(n, -1)[:, :k].to(torch.uint8)
 
