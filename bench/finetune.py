@@ -7,8 +7,12 @@ split) with the same packing, steps, schedule and seed, and is evaluated on Wiki
 and after with lqkit's protocol (40 windows x 512 tokens, BOS first, fp32).
 
 Pairs of equal total bits (codes + scales + fp16 factors, counted exactly by lqkit):
-- ~2.5 bits: LQ rtn2/g128 + r8 (2 + 32/128 bits/weight + factors) vs NF2/g64 + r8 (2 + 16/64 + factors)
-- ~3.5 bits: LQ rtn3/g128 + r8 vs NF3/g64 + r8 (the 3-bit base nearest to 3 bits at rank 8)
+- ~2.55 bits: lqkit GPTQ2/g128 + K-FAC-weighted r8 (2 + 32/128 bits/weight + factors) vs NF2/g64 + r8
+  (2 + 16/64 + factors)
+- ~2.86 bits: the same with rank 16 (no NF3 base fits under 3 bits with a rank-16 adapter)
+- ablation: the GPTQ2/g128 base with a zero-initialised rank-8 LoRA (init vs base)
+- data-free LQ (rtn2/rtn3 g128 + r8, 2.55/3.55 bits) vs NF2/NF3 g64 + r8: further rows, run on request
+The GPTQ rows use the calibration statistics of bench/sensitivity.py (cached; computed on first use).
 
 Each row runs in its own process so that its peak resident memory (Linux VmHWM, reset before
 training) is its own; "of it training" is that peak minus the resident size when training starts
@@ -18,7 +22,7 @@ bench/results/finetune-gemma-3-270m.json (after every row; finished rows are ski
 and a Markdown table beside it.
 
     python bench/finetune.py [--only 'lq|qlora'] [--steps 100] [--fresh]
-    python bench/finetune.py --model tests/tiny --steps 2 --windows 2 --seq-len 64 --out /tmp/ft.json  # smoke
+    python bench/finetune.py --model DIR --steps 2 --windows 2 --seq-len 64 --out /tmp/ft.json  # smoke, any local model
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, base_parser, machine_info, write_json, write_text  # noqa: E402
 
-from lqkit.compress import compress_model, size_summary
+from lqkit.calibrate import CalibConfig, calibrate, calibration_ids
+from lqkit.compress import compress_model, needed_stats, size_summary
 from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.data import DEFAULT_CALIB_TEXT, bundled_path, read_text
 from lqkit.evaluate import EvalProtocol, perplexity, tokenize
@@ -53,14 +58,43 @@ OUT = RESULTS / "finetune-gemma-3-270m.json"
 
 
 def rows() -> dict[str, tuple[str, MatrixSpec | None]]:
-    """Row name -> (kind, spec). kind: lq (decomposition init), qlora (zero-init LoRA), full (dense)."""
+    """Row name -> (kind, spec). kind: lq (decomposition init), qlora (zero-init LoRA), full (dense).
+
+    The lqkit rows are its best low-rank decomposition at these sizes (GPTQ 2-bit, act-order + MSE
+    range, then a K-FAC-weighted SVD of the residual, i.e. data-aware LoRC); the QLoRA rows have the
+    same total bits (NF2 with absmax per 64 = 2.25 bits, as rtn/gptq 2-bit g128's 2 + 32/128)."""
+    gptq2 = QuantSpec("gptq", 2, 128, act_order=True, clip=True)
     return {
-        "lq-rtn2-g128-r8": ("lq", MatrixSpec("lq", QuantSpec("rtn", 2, 128), 8)),
+        "lq-gptq2-g128-r8-kfac": ("lq", MatrixSpec("lorc", gptq2, 8, weighting="kfac")),
         "qlora-nf2-g64-r8": ("qlora", MatrixSpec("lorc", QuantSpec("nf", 2, 64), 8)),
+        "lq-gptq2-g128-r16-kfac": ("lq", MatrixSpec("lorc", gptq2, 16, weighting="kfac")),
+        "qlora-nf2-g64-r16": ("qlora", MatrixSpec("lorc", QuantSpec("nf", 2, 64), 16)),
+        # ablation: lqkit's GPTQ base with a zero-initialised LoRA (separates the init from the base)
+        "zeroinit-gptq2-g128-r8": ("qlora", MatrixSpec("lorc", gptq2, 8)),
+        "lq-rtn2-g128-r8": ("lq", MatrixSpec("lq", QuantSpec("rtn", 2, 128), 8)),  # data-free LQ init
         "lq-rtn3-g128-r8": ("lq", MatrixSpec("lq", QuantSpec("rtn", 3, 128), 8)),
         "qlora-nf3-g64-r8": ("qlora", MatrixSpec("lorc", QuantSpec("nf", 3, 64), 8)),
         "full-ft-fp32": ("full", None),  # memory only (a few steps)
     }
+
+
+def calibration(model_id: str | None, loaded, plan) -> tuple[object, torch.Tensor | None]:
+    """(statistics, sequential calibration ids) for a plan that needs them, else (None, None).
+    The default model's statistics are bench/sensitivity.py's cached ones (64 x 512 tokens of the
+    calibration text); another model is calibrated here on 8 x 128 tokens (smoke runs)."""
+    need = needed_stats(plan)
+    if not need:
+        return None, None
+    text = read_text(None, DEFAULT_CALIB_TEXT)[0]
+    if model_id is None:
+        from sensitivity import CALIB, get_stats
+        stats, cfg = get_stats(progress=False), CALIB
+    else:
+        cfg = CalibConfig(samples=8, seqlen=128, fisher="fisher" in need)
+        stats = calibrate(loaded.model, loaded.tokenizer, text, list(plan), cfg, text_label="calib",
+                          model_label=model_id, progress=False)
+    ids = calibration_ids(loaded.tokenizer, text, cfg) if "h" in need else None
+    return stats, ids
 
 
 def _release_freed_memory() -> None:
@@ -88,8 +122,11 @@ def run_row(name: str, a: argparse.Namespace) -> dict:
            "train_sequences": int(data.input_ids.shape[0])}
     params = None
     if spec is not None:
+        plan = uniform_plan(model, spec)
+        stats, seq = calibration(a.model, loaded, plan)
         t0 = time.time()
-        compress_model(model, uniform_plan(model, spec), progress=False)
+        compress_model(model, plan, progress=False, stats=stats, sequential=seq)
+        del stats
         row["compress_seconds"] = round(time.time() - t0, 1)
         row["effective_bits"] = size_summary(model).effective_bits
         if kind == "qlora":
