@@ -10,6 +10,7 @@ Pairs of equal total bits (codes + scales + fp16 factors, counted exactly by lqk
 - ~2.55 bits: lqkit GPTQ2/g128 + K-FAC-weighted r8 (2 + 32/128 bits/weight + factors) vs NF2/g64 + r8
   (2 + 16/64 + factors)
 - ~2.86 bits: the same with rank 16 (no NF3 base fits under 3 bits with a rank-16 adapter)
+- ~3.55 bits: lqkit GPTQ3/g128 + K-FAC-weighted r8 vs NF3/g64 + r8
 - ablation: the GPTQ2/g128 base with a zero-initialised rank-8 LoRA (init vs base)
 - data-free LQ (rtn2/rtn3 g128 + r8, 2.55/3.55 bits) vs NF2/NF3 g64 + r8: further rows, run on request
 The GPTQ rows use the calibration statistics of bench/sensitivity.py (cached; computed on first use).
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,6 +71,7 @@ def rows() -> dict[str, tuple[str, MatrixSpec | None]]:
         "qlora-nf2-g64-r8": ("qlora", MatrixSpec("lorc", QuantSpec("nf", 2, 64), 8)),
         "lq-gptq2-g128-r16-kfac": ("lq", MatrixSpec("lorc", gptq2, 16, weighting="kfac")),
         "qlora-nf2-g64-r16": ("qlora", MatrixSpec("lorc", QuantSpec("nf", 2, 64), 16)),
+        "lq-gptq3-g128-r8-kfac": ("lq", MatrixSpec("lorc", replace(gptq2, bits=3), 8, weighting="kfac")),
         # ablation: lqkit's GPTQ base with a zero-initialised LoRA (separates the init from the base)
         "zeroinit-gptq2-g128-r8": ("qlora", MatrixSpec("lorc", gptq2, 8)),
         "lq-rtn2-g128-r8": ("lq", MatrixSpec("lq", QuantSpec("rtn", 2, 128), 8)),  # data-free LQ init
