@@ -36,7 +36,7 @@ from lqkit.core.quant import QuantSpec  # noqa: E402
 from lqkit.kernels import _triton as kt  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]  # (out, in)
-TOKENS = [1, 4, 16, 64, 256]
+TOKENS = [1, 4, 8, 16, 64, 256]
 BITS = [4, 3, 2]
 RANKS = [0, 32]
 GROUP = 128
@@ -181,10 +181,13 @@ def bnb_nf4(w: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 
 
-def lqkit_layer(w: torch.Tensor, bits: int):
+LAYOUT = "auto"  # --layout: "auto" (= "interleaved", the default) or "frag" (experimental)
+
+
+def lqkit_layer(w: torch.Tensor, bits: int, layout: str | None = None):
     spec = QuantSpec(method="rtn", bits=bits, group_size=GROUP, group_dim="in")
     q = qmod.quantize(w, spec)
-    kw = kernels.prepare(q.packed, q.aux, spec, tuple(w.shape), "cuda")
+    kw = kernels.prepare(q.packed, q.aux, spec, tuple(w.shape), "cuda", layout=layout or LAYOUT)
     w_hat = qmod.dequantize_packed(q.packed, q.aux, spec, tuple(w.shape))
     return kw, w_hat, qmod.storage_bits(spec, tuple(w.shape)) / w.numel()
 
@@ -194,21 +197,22 @@ def clone_kw(kw):
 
     c = lambda t: t.clone() if t is not None else None  # noqa: E731
     return KernelWeight(spec=kw.spec, shape=kw.shape, qweight=c(kw.qweight), scale=c(kw.scale), offset=c(kw.offset),
-                        lut=c(kw.lut), n_pad=kw.n_pad, k_pad=kw.k_pad)
+                        lut=c(kw.lut), n_pad=kw.n_pad, k_pad=kw.k_pad, layout=kw.layout)
 
 
 def rel_err(y, ref) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def precompile(jobs: int, quick: bool, bits_list=BITS, ranks=RANKS, tokens=None) -> None:
+def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None, layout: str = "auto") -> None:
     """Compile every kernel variant the tuning will try, in parallel worker processes (they share
     triton's on-disk cache), so that the timing process finds them compiled."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    tokens = tokens or ((1, 4, 16, 64, 256) if not quick else (1, 16))
-    work = [(bits, rank, m) for bits in bits_list for rank in ranks for m in tokens]
+    tokens = tokens or (tuple(TOKENS) if not quick else (1, 8, 16))
+    bits_list = BITS if bits_list is None else bits_list
+    work = [(bits, rank, m, layout) for bits in bits_list for rank in ranks for m in tokens]
     t = time.time()
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(_compile_job, work))
@@ -216,10 +220,10 @@ def precompile(jobs: int, quick: bool, bits_list=BITS, ranks=RANKS, tokens=None)
 
 
 def _compile_job(item) -> None:
-    bits, rank, m = item
+    bits, rank, m, layout = item
     torch.manual_seed(0)
     w = torch.randn(512, 1024, device="cuda")
-    kw, _, _ = lqkit_layer(w, bits)
+    kw, _, _ = lqkit_layer(w, bits, layout)
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     L = torch.randn(512, rank, device="cuda", dtype=torch.bfloat16) if rank else None
     R = torch.randn(rank, 1024, device="cuda", dtype=torch.bfloat16) if rank else None
@@ -248,7 +252,7 @@ def run(args) -> dict:
         print("bitsandbytes unavailable:", repr(e)[:200])
         have_bnb = False
     shapes = SHAPES if not args.quick else [(4096, 14336), (4096, 4096)]
-    tokens = TOKENS if not args.quick else [1, 16]
+    tokens = TOKENS if not args.quick or args.tokens else [1, 8, 16]
     result = {"env": info, "copy_bandwidth_GBps": bw, "group_size": GROUP, "rows": [],
               "notes": "time_us: per call, back-to-back calls each on its own copy of the weights (copies "
                        "together > 2.5x L2, so weights are always read cold), captured in one CUDA graph, median "
@@ -374,7 +378,7 @@ def dump_kernels(path: str) -> None:
 
     with tarfile.open(path, "w:gz") as tar:
         rows = []
-        for fn in (kt._gemv_kernel, kt._gemm_kernel):
+        for fn in (kt._gemv_kernel, kt._gemm_kernel, kt._mma_kernel, kt._frag._frag_kernel):
             for dev, entry in getattr(fn, "device_caches", {}).items():
                 cache = entry[0] if isinstance(entry, tuple) else entry
                 for i, (key, k) in enumerate(cache.items()):
@@ -403,7 +407,11 @@ def dump_kernels(path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/kernels.json", help="result JSON path")
-    ap.add_argument("--quick", action="store_true", help="two shapes, tokens 1 and 16")
+    ap.add_argument("--quick", action="store_true", help="two shapes, tokens 1, 8 and 16")
+    ap.add_argument("--bits", default="", help="comma-separated lqkit bit widths (default 4,3,2)")
+    ap.add_argument("--tokens", default="", help="comma-separated tokens per call (default: all, or --quick's)")
+    ap.add_argument("--layout", default="auto", choices=["auto", "interleaved", "frag"],
+                    help="lqkit weight layout (auto: interleaved; frag: the experimental tensor-core GEMV)")
     ap.add_argument("--jobs", type=int, default=12, help="worker processes that precompile kernels (0: none)")
     ap.add_argument("--tune-ms", type=int, default=10, help="do_bench budget per tuning candidate (ms)")
     ap.add_argument("--dump", default="", help="write PTX/SASS and register use of the kernels to this tar.gz")
@@ -412,8 +420,14 @@ def main() -> None:
     if args.summary_only:
         print(summary(json.loads(Path(args.out).read_text())))
         return
+    global LAYOUT, BITS, TOKENS
+    LAYOUT = args.layout
+    if args.bits:
+        BITS = [int(b) for b in args.bits.split(",")]
+    if args.tokens:
+        TOKENS = [int(t) for t in args.tokens.split(",")]
     if args.jobs:
-        precompile(args.jobs, args.quick)
+        precompile(args.jobs, args.quick, tokens=TOKENS if args.tokens else None, layout=args.layout)
     result = run(args)
     if args.dump:
         dump_kernels(args.dump)

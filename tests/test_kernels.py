@@ -77,6 +77,52 @@ def test_layout_decodes_to_stored_weight(f):
     assert kw.k_pad % layout.k_tile(spec.bits) == 0
 
 
+@pytest.mark.parametrize("f", [f for f in FORMATS if layout.frag_ok(_spec(f))], ids=_fid)
+def test_layout_frag_decodes_to_stored_weight(f):
+    spec = _spec(f)
+    w = torch.randn(40, 300)
+    q = qmod.quantize(w, spec)
+    kw = layout.prepare_weight(q.packed, q.aux, spec, (40, 300), layout="frag")
+    assert kw.layout == "frag" and kw.k_pad % layout.frag_kblock(spec.bits) == 0
+    torch.testing.assert_close(layout.reference_weight(kw), qmod.dequantize(q), rtol=0, atol=1e-6)
+
+
+def test_layout_frag_opt_in_and_refuses_other_formats():
+    spec = QuantSpec(method="rtn", bits=4, group_size=64)
+    q = qmod.quantize(torch.randn(16, 64), spec)
+    assert layout.prepare_weight(q.packed, q.aux, spec, (16, 64)).layout == "interleaved"
+    kw = layout.prepare_weight(q.packed, q.aux, spec, (16, 64), layout="frag")
+    assert kw.layout == "frag"
+    torch.testing.assert_close(layout.reference_weight(kw), qmod.dequantize(q), rtol=0, atol=1e-6)
+    spec = QuantSpec(method="nf", bits=4, group_size=64)
+    q = qmod.quantize(torch.randn(16, 64), spec)
+    with pytest.raises(ValueError, match="fragment layout"):
+        layout.prepare_weight(q.packed, q.aux, spec, (16, 64), layout="frag")
+
+
+@pytest.mark.parametrize("bits", range(2, 8))
+def test_frag_pack_roundtrip_and_fragment_order(bits):
+    """Round trip, and the documented order: lane 4g + q, word v, slot p -> row g + 8·(u & 1),
+    k = 16·(u // 4) + 4q + 2·((u % 4) >> 1) (+1 in the high half), u = P·v + p."""
+    codes = torch.randint(0, 2 ** bits, (48, 301), dtype=torch.uint8)
+    kb = layout.frag_kblock(bits)
+    k_pad = -(-301 // kb) * kb
+    words = layout.frag_pack(codes, bits, k_pad)
+    assert words.shape == (3, k_pad // kb * 4 * 32)
+    assert torch.equal(layout.frag_unpack(words, bits, 301), codes)
+    full = torch.zeros(48, k_pad, dtype=torch.uint8)
+    full[:, :301] = codes
+    pw, mask = 16 // bits, (1 << bits) - 1
+    gen = torch.Generator().manual_seed(bits)
+    for _ in range(50):
+        rb, blk, v, g, q, p = (int(torch.randint(0, n, (1,), generator=gen)) for n in (3, k_pad // kb, 4, 8, 4, pw))
+        word = int(words[rb, (blk * 4 + v) * 32 + 4 * g + q]) & 0xFFFFFFFF
+        u = pw * v + p
+        row, k = 16 * rb + g + 8 * (u & 1), blk * kb + 16 * (u // 4) + 4 * q + 2 * ((u % 4) >> 1)
+        assert (word >> (bits * p)) & mask == full[row, k]
+        assert (word >> (16 + bits * p)) & mask == full[row, k + 1]
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_interleave_roundtrip(bits):
     codes = torch.randint(0, 2 ** bits, (5, 777), dtype=torch.uint8)
@@ -114,13 +160,13 @@ def _check(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-2) -> float:
     return err
 
 
-def _case(f, shape, rank, bias, device, dtype):
+def _case(f, shape, rank, bias, device, dtype, layout="auto"):
     spec = _spec(f)
     w = torch.randn(shape, device=device)
     q = qmod.quantize(w, spec)
     from lqkit import kernels
 
-    kw = kernels.prepare(q.packed, q.aux, spec, shape, device)
+    kw = kernels.prepare(q.packed, q.aux, spec, shape, device, layout=layout)
     W = qmod.dequantize_packed(q.packed, q.aux, spec, shape)  # fp32 reference weight
     L = (torch.randn(shape[0], rank, device=device) / rank ** 0.5).to(dtype) if rank else None
     R = (torch.randn(rank, shape[1], device=device) / shape[1] ** 0.5).to(dtype) if rank else None
@@ -135,17 +181,69 @@ def _ref(x, W, L, R, b):
     return y + b.float() if b is not None else y
 
 
+def _run_configs(kw, W, L, R, b, shape, device, dtype, configs):
+    from lqkit import kernels
+
+    for cfg, m in configs:
+        for _ in range(2):  # twice: the self-resetting counters must leave the next call correct
+            x = torch.randn(m, shape[1], device=device).to(dtype)  # fresh inputs every check
+            out = torch.full((m, shape[0]), float("nan"), device=device, dtype=dtype)  # poison
+            y = kernels.linear(x, kw, L, R, b, config=cfg, out=out)
+            _check(y, _ref(x, W, L, R, b), 1e-2 if dtype != torch.float32 else 1e-4)
+
+
+FRAG = [f for f in FORMATS if layout.frag_ok(_spec(f))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("i,f", list(enumerate(FRAG)), ids=[_fid(f) for f in FRAG])
+def test_frag_kernel_matches_torch(i, f):
+    """The tensor-core GEMV over the (opt-in) fragment layout: 1-16 tokens,
+    split-K or not, 2 and 4 warps, both prefetch depths, odd shapes, rank 0 / odd / even."""
+    device = _device()
+    if device == "cpu":
+        pytest.skip("the fragment kernel's inline PTX needs a GPU")
+    from lqkit.kernels import _triton as kt
+
+    for j, dtype in enumerate((torch.bfloat16, torch.float16)):
+        shape = SHAPES[(i + j) % len(SHAPES)]
+        rank, bias = (0, 5, 16, 32)[(i + j) % 4], (i + j) % 2 == 0
+        kw, W, L, R, b = _case(f, shape, rank, bias, device, dtype, layout="frag")
+        assert kw.layout == "frag"
+        # few distinct compilations (the unrolled kernel takes 15-40 s each): the default, U = 1 and 2
+        configs = [(None, 1), (None, 40),  # default dispatch (40 tokens: dequantize + cuBLAS)
+                   (kt.Config(kind="frag", bn=32, warps=2, occ=16.0, pf=1), 3),  # one block per step
+                   (kt.Config(kind="frag", bn=64, warps=4, split=1, pf=2), 9),  # no split-K, tokens 8-15
+                   (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, maxnreg=80), 16),  # many splits
+                   (kt.Config(kind="dequant"), 4)]
+        _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("f", FRAG, ids=_fid)
+def test_frag_dequantize_kernel(f):
+    """The fragment layout's decode-to-dense kernel (more than 16 tokens) gives the stored weight."""
+    device = _device()
+    from lqkit.kernels import _frag
+
+    spec = _spec(f)
+    shape = (130, 333)
+    q = qmod.quantize(torch.randn(shape, device=device), spec)
+    kw = layout.prepare_weight(q.packed, q.aux, spec, shape, device, layout="frag")
+    torch.testing.assert_close(_frag.dequantize(kw, torch.float32), qmod.dequantize(q), rtol=0, atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("i,f", list(enumerate(FORMATS)), ids=[_fid(f) for f in FORMATS])
 def test_kernels_match_torch(i, f):
+    """The kernels over the interleaved layout (every format; the default layout)."""
     device = _device()  # skips before importing triton when there is no CUDA + triton
-    from lqkit import kernels
     from lqkit.kernels import _triton as kt
 
     dtype = torch.float32 if device == "cpu" else (torch.bfloat16, torch.float16)[i % 2]
     shape = SHAPES[i % len(SHAPES)]
     rank, bias = (0, 5, 16)[i % 3], i % 2 == 0
-    kw, W, L, R, b = _case(f, shape, rank, bias, device, dtype)
+    kw, W, L, R, b = _case(f, shape, rank, bias, device, dtype, layout="interleaved")
     configs = [(None, 1), (None, 3), (None, 17),  # default dispatch
                (kt.Config(kind="gemv", bn=32, occ=8.0), 3),  # split-K with several tokens
                (kt.Config(kind="gemv", bn=64, occ=1.0), 1),  # 64-row blocks, few K-splits
@@ -154,12 +252,7 @@ def test_kernels_match_torch(i, f):
     if kt.mma_ok(kw, dtype):  # tensor-core kernel: split-K or not, several blocks of tokens
         configs += [(kt.Config(kind="mma", bn=64, occ=8.0), 5), (kt.Config(kind="mma", bn=128, occ=1.0), 16),
                     (kt.Config(kind="mma", bn=32, warps=4, stages=3, occ=4.0), 19)]
-    for cfg, m in configs:
-        for _ in range(2):  # twice: the self-resetting counters must leave the next call correct
-            x = torch.randn(m, shape[1], device=device).to(dtype)  # fresh inputs every check
-            out = torch.full((m, shape[0]), float("nan"), device=device, dtype=dtype)  # poison
-            y = kernels.linear(x, kw, L, R, b, config=cfg, out=out)
-            _check(y, _ref(x, W, L, R, b), 1e-2 if dtype != torch.float32 else 1e-4)
+    _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
 
 
 @pytest.mark.cuda

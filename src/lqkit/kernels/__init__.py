@@ -47,10 +47,12 @@ def available() -> bool:
 
 
 def prepare(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec,
-            shape: tuple[int, int], device: torch.device | str | None = None) -> KernelWeight:
+            shape: tuple[int, int], device: torch.device | str | None = None, layout: str = "auto") -> KernelWeight:
     """Convert one stored quantized matrix (packed codes + aux, as in ``core.quant``) into the
-    kernels' layout on ``device``. Pure torch; do it once per layer, not per call."""
-    return prepare_weight(packed, aux, spec, shape, device)
+    kernels' layout on ``device``. Pure torch; do it once per layer, not per call. ``layout``:
+    "interleaved" (every format; the default) or "frag" (experimental: a tensor-core GEMV for 1-16
+    tokens, rtn/rtn_sym 2-7 bits with groups along ``in``; see bench/KERNELS.md for its status)."""
+    return prepare_weight(packed, aux, spec, shape, device, layout)
 
 
 def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,

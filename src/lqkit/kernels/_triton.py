@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _frag
+from ._jit import _rx_partial, _wait
 from .layout import LANES, KernelWeight, half_codes, k_tile
 
 GB = tl.constexpr(16)  # 32-wide chunks per step of the offset loop
@@ -93,16 +95,8 @@ def _affine(sv, o_ptr, oidx, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.cons
 @triton.jit
 def _t_work(tid, x_ptr, r_ptr, tp_ptr, cnt_ptr, M, K, RANK, stride_xm,
             RP: tl.constexpr, KC_: tl.constexpr):
-    """Partial t[m, :] = R[:, chunk]·x[m, chunk] for one (chunk, token), loaded in one round trip;
-    then count it done."""
-    m = tid % M
-    c = tid // M
-    r_off = tl.arange(0, RP)
-    k = c * KC_ + tl.arange(0, KC_)
-    xv = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-    rv = tl.load(r_ptr + r_off[:, None] * K + k[None, :], mask=(r_off[:, None] < RANK) & (k[None, :] < K),
-                 other=0.0).to(tl.float32)
-    tl.store(tp_ptr + (c * M + m) * RP + r_off, tl.sum(rv * xv[None, :], axis=1))
+    """Partial t[m, :] = R[:, chunk]·x[m, chunk] for one (chunk, token); then count it done."""
+    _rx_partial(tid, x_ptr, r_ptr, tp_ptr, M, K, RANK, stride_xm, RP, KC_)
     tl.debug_barrier()
     tl.atomic_add(cnt_ptr + 1, 1)
 
@@ -425,13 +419,6 @@ def _prologue_work(pid, x_ptr, r_ptr, xs_ptr, tp_ptr, cnt_ptr, M, K, RANK, NXC, 
 
 
 @triton.jit
-def _wait(cnt_ptr, need):
-    done = tl.atomic_add(cnt_ptr, 0)
-    while done < need:  # the prologue programs come first in launch order: they are running or done
-        done = tl.atomic_add(cnt_ptr, 0)
-
-
-@triton.jit
 def _mma_finish(acc, m_off, n_off, mmask, nmask, y_ptr, b_ptr, l_ptr, tp_ptr, M, NTC, RANK, stride_ym,
                 BM: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr):
     """acc (rows × tokens) + bias + L·t -> y[m, n] (t = R·x summed from the prologue's partials)."""
@@ -575,6 +562,8 @@ def _dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, N, K, KW, SROW, NTILES,
 
 def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The (N, K) weight in ``dtype``, decoded on the GPU by one kernel launch."""
+    if kw.layout == "frag":
+        return _frag.dequantize(kw, dtype)
     n, k = kw.shape
     w = torch.empty(n, k, dtype=dtype, device=kw.device)
     bn = 64
@@ -593,8 +582,8 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.T
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. kind: "gemv", "mma" (few tokens, tensor cores), "gemm" or "dequant";
-    occ: target programs per SM (sets split-K)."""
+    """One launch configuration. kind: "frag" (1-16 tokens on the fragment layout), "gemv", "mma"
+    (few tokens, tensor cores), "gemm" or "dequant"; occ: target programs per SM (sets split-K)."""
 
     kind: str = "gemv"
     bn: int = 64
@@ -604,7 +593,7 @@ class Config:
     occ: float = 4.0
     split: int = 0  # 0: from occ
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); more programs fit per SM
-    pf: int = 1  # gemv: weight tiles requested ahead of the one being decoded (1 or 2)
+    pf: int = 1  # gemv: weight tiles requested ahead of the one being decoded (1 or 2); frag: blocks per step (U)
 
 
 GEMV_MAX_M = 4  # default: GEMV kernel up to this many tokens, GEMM kernel above
@@ -664,11 +653,14 @@ def mma_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
     word and fit the half type's mantissa, fp16/bf16 activations (fp32 only in the interpreter)."""
     b, spec = kw.bits, kw.spec
     dtypes = (torch.float16, torch.bfloat16) + ((torch.float32,) if not _asm() else ())
-    return (kw.mode in (0, 1) and spec.group_dim == "in" and spec.group_size % LANES == 0
-            and 2 * half_codes(b) == 32 // b and b <= 7 and _unroll(kw) <= 4 and dtype in dtypes)
+    return (kw.layout == "interleaved" and kw.mode in (0, 1) and spec.group_dim == "in"
+            and spec.group_size % LANES == 0 and 2 * half_codes(b) == 32 // b and b <= 7 and _unroll(kw) <= 4
+            and dtype in dtypes)
 
 
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> Config:
+    if kw.layout == "frag":
+        return _frag.default_config() if _frag.ok(kw, m, dtype) else Config(kind="dequant")
     if 1 < m <= MMA_MAX_M and dtype is not None and mma_ok(kw, dtype):
         return Config(kind="mma", bn=64, bm=16, warps=4, stages=3, occ=2.0)
     if m <= GEMV_MAX_M:
@@ -706,7 +698,13 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
         return y.view(*lead, n)
     has_lr = L is not None and R is not None and L.shape[1] > 0
     cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, x.dtype)) or default_config(kw, m, x.dtype)
-    if cfg.kind == "mma":
+    if (cfg.kind == "frag") != (kw.layout == "frag") and cfg.kind != "dequant":
+        raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout")
+    if cfg.kind == "frag":
+        if not _frag.ok(kw, m, x.dtype):
+            raise ValueError(f"the fragment kernel takes 1-{_frag.MAX_M} fp16/bf16 tokens, got {m} {x.dtype}")
+        _frag.launch(x2, y, kw, L, R, bias, has_lr, cfg)
+    elif cfg.kind == "mma":
         _launch_mma(x2, y, kw, L, R, bias, has_lr, cfg)
     elif cfg.kind == "gemv":
         _launch_gemv(x2, y, kw, L, R, bias, has_lr, cfg)
@@ -771,12 +769,22 @@ def _plan(kw: KernelWeight, key: tuple, make) -> dict:
     return p
 
 
+def _lowrank_operands(L, R, has_lr: bool) -> tuple:
+    """(rank, contiguous L, contiguous R), or (0, None, None) without a low-rank term."""
+    if not has_lr:
+        return 0, None, None
+    return L.shape[1], L.contiguous(), R.contiguous()
+
+
+def split_workspace(split: int, m: int, n: int, device: torch.device) -> torch.Tensor:
+    """fp32 partial sums of the K-splits (split × m × n), or a placeholder without split-K."""
+    return torch.empty(split * m * n if split > 1 else 1, dtype=torch.float32, device=device)
+
+
 def _launch_gemv(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
     n, k = kw.shape
     m = x.shape[0]
-    rank = L.shape[1] if has_lr else 0
-    Lc = L.contiguous() if has_lr else None
-    Rc = R.contiguous() if has_lr else None
+    rank, Lc, Rc = _lowrank_operands(L, R, has_lr)
     key = ("gemv", cfg, m, rank, x.dtype, x.device, bias is not None and bias.dtype,
            has_lr and (Lc.dtype, Rc.dtype))
 
@@ -787,7 +795,7 @@ def _launch_gemv(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
         rp = _rank_pad(rank)
         return dict(grid=(ntc * m + nb * split * m,), split=split, tps=tps, ntc=ntc,
                     cnt=_counters(kw, N_COUNTERS + m * nb, x.device),
-                    ws=torch.empty(max(split * m * n, 1) if split > 1 else 1, dtype=torch.float32, device=x.device),
+                    ws=split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
                     const=_gemv_constexprs(kw, cfg.bn, rp, bias is not None, has_lr, split > 1, cfg.pf))
 
@@ -805,9 +813,7 @@ def _launch_gemv(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
 def _launch_mma(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
     n, k = kw.shape
     m = x.shape[0]
-    rank = L.shape[1] if has_lr else 0
-    Lc = L.contiguous() if has_lr else None
-    Rc = R.contiguous() if has_lr else None
+    rank, Lc, Rc = _lowrank_operands(L, R, has_lr)
     key = ("mma", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
            has_lr and (Lc.dtype, Rc.dtype))
 
@@ -824,7 +830,7 @@ def _launch_mma(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
         b = kw.bits
         return dict(grid=((nxc + ntc) * m + nb * split * mbk,), split=split, ips=ips, ntc=ntc, nxc=nxc,
                     cnt=_counters(kw, N_COUNTERS + mbk * nb, x.device),
-                    ws=torch.empty(max(split * m * n, 1) if split > 1 else 1, dtype=torch.float32, device=x.device),
+                    ws=split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
                     xs=torch.empty(m * nxc * 16, dtype=torch.float32, device=x.device),
                     const=(b, kw.mode, kw.spec.group_size, u, float(2 ** b), float(2 ** (b - 1)), cfg.bn, cfg.bm,
@@ -860,7 +866,7 @@ def _launch_gemm(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
         split, tps = _split(kw, mbk * nbk, cfg, x.device)
         return dict(grid=(mbk * nbk * split,), split=split, tps=tps,
                     cnt=_counters(kw, N_COUNTERS + mbk * nbk, x.device),
-                    ws=torch.empty(max(split * m * n, 1) if split > 1 else 1, dtype=torch.float32, device=x.device),
+                    ws=split_workspace(split, m, n, x.device),
                     const=(*_constexprs(kw, cfg.bn).values(), cfg.bm, cfg.bn, _rank_pad(rank), bias is not None,
                            has_lr, split > 1, _asm()))
 
@@ -880,6 +886,8 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
     """Configurations :func:`tune` tries for ``m`` tokens (of ``dtype``). Where the tensor-core
     kernel reads the format it replaces the GEMV from 3 tokens on (measured 2× faster at 4 tokens
     on an H200, 6× at 16)."""
+    if kw.layout == "frag":
+        return _frag.candidates(kw, m) if _frag.ok(kw, m, dtype) else [Config(kind="dequant")]
     out: list[Config] = []
     mma = m <= 16 and dtype is not None and mma_ok(kw, dtype)
     if mma:

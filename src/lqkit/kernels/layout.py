@@ -20,6 +20,18 @@ So a kernel loads a (rows × 32 words) tile once and gets slice j, a (rows × 32
 so padding adds nothing). Scales, offsets and absmax are padded the same way; for group_dim "out"
 they are stored transposed, (groups of n, k), so that a slice of 32 k's reads them contiguously.
 Double-quantized NF absmax is dequantized here once to float32.
+
+**Fragment layout** ("frag", experimental and opt-in: rtn / rtn_sym, 2–7 bits, groups of a
+multiple of 16 along ``in``). Built for the tensor-core GEMV of :mod:`._frag`, where one warp
+multiplies 16 rows at a time with ``mma.m16n8k16`` and each lane's 32-bit word *is* its operand:
+the two 16-bit halves of a word hold codes of the same row at adjacent k (slot p of the low half
+at k, of the high half at k + 1), so one shift and one ``lop3`` turn a word into a register of two
+fp16/bf16 values 2ᵇ + code, exactly the A-fragment register the instruction wants. With P = 16 // b
+codes per half and 4 words per lane (one 16-byte load), a block of 16 rows × 16·P k's is 4·32 words;
+word v of lane (g, q) (lane = 4g + q) holds pairs P·v … P·v + P − 1, and pair u is register u % 4
+of chunk u // 4 (16 k's): row g + 8·(u & 1), k = 16·chunk + 4q + 2·(u >> 1) (+1 in the high half).
+Words are stored block by block, ``[row block, k block, v, lane]``, so a warp's 32 lanes read
+128 contiguous bytes per word.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from ..core import quant as qmod
 from ..core.quant import QuantSpec
 
 LANES = 32  # words per row of a K-tile (and k's per slice)
+FRAG_WORDS = 4  # fragment layout: words per lane and block (one 16-byte load)
 N_PAD = 128  # rows are padded to a multiple of the largest block of rows a kernel uses
 MODES = {"rtn": 0, "rtn_sym": 1, "nf": 2}  # affine (scale, offset) / symmetric (scale) / table (absmax)
 
@@ -44,6 +57,48 @@ def codes_per_word(bits: int) -> int:
 
 def k_tile(bits: int) -> int:
     return codes_per_word(bits) * LANES
+
+
+def frag_ok(spec: QuantSpec) -> bool:
+    """Formats the fragment layout holds (codes fit a bf16 mantissa; groups span whole 16-k chunks)."""
+    return (spec.method in ("rtn", "rtn_sym") and spec.group_dim == "in" and spec.group_size % 16 == 0
+            and 2 <= spec.bits <= 7)
+
+
+def frag_kblock(bits: int) -> int:
+    """k's per block of the fragment layout (16 rows × this many k's = 4 words × 32 lanes)."""
+    return 16 * (16 // bits) * FRAG_WORDS // 4
+
+
+def frag_pack(codes: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
+    """(N, K) integer codes, N a multiple of 16 -> int32 (N // 16, k_pad // kblock · 4 · 32) words of
+    the fragment layout (zero-padded along K)."""
+    n, k = codes.shape
+    pw, kb = 16 // bits, frag_kblock(bits)
+    nch = kb // 16
+    c = torch.zeros(n, k_pad, dtype=torch.int64, device=codes.device)
+    c[:, :k] = codes
+    # rows (rb, h8, g), k (kb, chunk, q, kk, e): pair u = 4·chunk + 2·kk + h8, e = half
+    c = c.view(n // 16, 2, 8, k_pad // kb, nch, 4, 2, 2).permute(0, 3, 2, 5, 4, 6, 1, 7)
+    c = c.reshape(n // 16, k_pad // kb, 8, 4, FRAG_WORDS, pw, 2)  # (rb, kb, g, q, v, p, e)
+    shift = (16 * torch.arange(2, device=c.device).view(1, 2) + bits * torch.arange(pw, device=c.device).view(pw, 1))
+    words = (c << shift).sum(dim=(-2, -1))  # (rb, kb, g, q, v): disjoint bits, so the sum is an or
+    words = words.permute(0, 1, 4, 2, 3).reshape(n // 16, -1)  # (rb, kb, v, lane = 4g + q)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def frag_unpack(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of :func:`frag_pack` (for tests and the reference): uint8 (N, k) codes."""
+    rbs = words.shape[0]
+    pw, kb = 16 // bits, frag_kblock(bits)
+    nkb = words.shape[1] // (FRAG_WORDS * LANES)
+    w = words.to(torch.int64).view(rbs, nkb, FRAG_WORDS, 8, 4).permute(0, 1, 3, 4, 2)  # (rb, kb, g, q, v)
+    shift = (16 * torch.arange(2, device=w.device).view(1, 2) + bits * torch.arange(pw, device=w.device).view(pw, 1))
+    c = (w[..., None, None] >> shift) & ((1 << bits) - 1)  # (rb, kb, g, q, v, p, e)
+    c = c.reshape(rbs, nkb, 8, 4, kb // 16, 2, 2, 2)  # (rb, kb, g, q, chunk, kk, h8, e)
+    c = c.permute(0, 6, 2, 1, 4, 3, 5, 7).reshape(rbs * 16, nkb * kb)
+    return c[:, :k].to(torch.uint8)
 
 
 def half_codes(bits: int) -> int:
@@ -70,6 +125,7 @@ class KernelWeight:
     lut: torch.Tensor | None  # nf only: float32 (2**bits,) levels
     n_pad: int
     k_pad: int
+    layout: str = "interleaved"  # or "frag" (see the module docstring)
     cache: dict = field(default_factory=dict, repr=False)  # per-device scratch (counters)
 
     @property
@@ -86,7 +142,8 @@ class KernelWeight:
 
     @property
     def n_tiles(self) -> int:
-        return self.k_pad // k_tile(self.bits)
+        """K-tiles (interleaved) or k blocks (frag) per row."""
+        return self.k_pad // (frag_kblock(self.bits) if self.layout == "frag" else k_tile(self.bits))
 
     def nbytes(self) -> int:
         """Bytes a kernel reads for the whole weight (words, scales, offsets, table)."""
@@ -125,9 +182,21 @@ def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
+LAYOUTS = ("auto", "frag", "interleaved")
+
+
 def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec,
-                   shape: tuple[int, int], device: torch.device | str | None = None) -> KernelWeight:
-    """Convert one stored quantized matrix into the kernels' layout (done once per layer)."""
+                   shape: tuple[int, int], device: torch.device | str | None = None,
+                   layout: str = "auto") -> KernelWeight:
+    """Convert one stored quantized matrix into the kernels' layout (done once per layer).
+    ``layout``: "interleaved" (every format; the default, "auto") or "frag" (experimental: the
+    tensor-core GEMV of :mod:`._frag`, for the formats :func:`frag_ok` accepts)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "frag" and not frag_ok(spec):
+        raise ValueError(f"the fragment layout does not hold {spec.label()} (rtn/rtn_sym, 2-7 bits, "
+                         "groups of a multiple of 16 along 'in'); use layout='interleaved'")
+    frag = layout == "frag"
     device = torch.device(device) if device is not None else packed.device
     n, k = shape
     rows, cols = qmod.layout_shape(shape, spec)
@@ -136,10 +205,15 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
     if spec.group_dim == "out":
         codes = codes.t()  # layout (in, out) -> (out, in)
     n_pad = -(-n // N_PAD) * N_PAD
-    kt = k_tile(spec.bits)
+    kt = frag_kblock(spec.bits) if frag else k_tile(spec.bits)
     k_pad = -(-k // kt) * kt
-    qweight = torch.zeros(n_pad, k_pad // codes_per_word(spec.bits), dtype=torch.int32, device=device)
-    qweight[:n] = interleave(codes, spec.bits, k_pad)
+    if frag:
+        padded = torch.zeros(n_pad, k, dtype=codes.dtype, device=device)
+        padded[:n] = codes
+        qweight = frag_pack(padded, spec.bits, k_pad)
+    else:
+        qweight = torch.zeros(n_pad, k_pad // codes_per_word(spec.bits), dtype=torch.int32, device=device)
+        qweight[:n] = interleave(codes, spec.bits, k_pad)
 
     aux = {name: t.to(device) for name, t in aux.items()}
     if spec.method == "nf":
@@ -158,14 +232,17 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
     scale = _pad2(scale.contiguous(), *dims)
     offset = _pad2(offset.contiguous(), *dims) if offset is not None else None
     return KernelWeight(spec=spec, shape=(n, k), qweight=qweight, scale=scale, offset=offset, lut=lut,
-                        n_pad=n_pad, k_pad=k_pad)
+                        n_pad=n_pad, k_pad=k_pad, layout="frag" if frag else "interleaved")
 
 
 def reference_weight(kw: KernelWeight) -> torch.Tensor:
     """Dense fp32 (N, K) matrix decoded from the kernel layout (pure torch; for tests)."""
     n, k = kw.shape
     spec, g = kw.spec, kw.spec.group_size
-    codes = deinterleave(kw.qweight[:n], kw.bits, k).float()  # (N, K)
+    if kw.layout == "frag":
+        codes = frag_unpack(kw.qweight, kw.bits, k)[:n].float()
+    else:
+        codes = deinterleave(kw.qweight[:n], kw.bits, k).float()  # (N, K)
     if spec.group_dim == "in":
         s = kw.scale[:n].float().repeat_interleave(g, dim=1)[:, :k]
         o = kw.offset[:n].float().repeat_interleave(g, dim=1)[:, :k] if kw.offset is not None else None

@@ -1,0 +1,544 @@
+"""Tensor-core GEMV for 1–16 tokens over the fragment layout (:func:`.layout.frag_pack`).
+
+Imported lazily (it imports triton). One program = ``NW`` warps × 16 output rows each × a range of
+k blocks (split-K). Every tensor is 1-D with one element per thread, so element r *is* lane r % 32
+of warp r // 32, and each 32-bit word a lane loads is, after one shift and one ``lop3``, one
+register of its ``mma.m16n8k16`` A fragment: two bf16/fp16 values v = 2ᵇ + code (exact). The
+B fragment is x itself, read as 32-bit pairs (lane 4g + q reads token g's x at k = 4q … 4q + 3 of
+each 16-k chunk); tokens 8–15 take a second ``mma`` on the same A registers. So a weight costs
+about one instruction (decode) where a CUDA-core GEMV spends three to six, and batch 8 costs what
+batch 1 does.
+
+The fp32 accumulators of a group's chunks are scaled once per group: y[n] = Σ_g a[n, g]·(V·x)_g +
+b[n, g]·xs[g] with a = s and b = o − s·2ᵇ (rtn) or b = −s·(2ᵇ + 2ᵇ⁻¹) (rtn_sym), xs[g] the group
+sums of x. The first programs of the grid compute xs and t = R·x (as bf16/fp16, like the torch
+path), the others wait for them through counters; K-splits write fp32 partials and the last
+program of a block to finish (atomic counter) sums them, adds the bias and the low-rank term
+L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment). Counters reset themselves:
+a call is one launch and CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._jit import _rx_partial, _wait
+from .layout import KernelWeight
+
+_NC = 4  # xs programs done, R·x partials done, t ready, programs done; then one per block of rows
+_XG = 16  # groups per program of the xs prologue
+N_COUNTERS = tl.constexpr(_NC)
+XG = tl.constexpr(_XG)
+KC = 256  # k's per round trip of the R·x prologue
+
+
+@triton.jit
+def _lop3(t, MASK: tl.constexpr, ONE: tl.constexpr):
+    """(t & MASK) | ONE in one instruction (ptxas splits it in two otherwise)."""
+    return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                     [t, tl.full(t.shape, MASK, tl.int32), tl.full(t.shape, ONE, tl.int32)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _pair(w, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """Slot p of both halves of w -> one register of two fp16 (DT 1) / bf16 (DT 2) values 2ᵇ + code."""
+    MB: tl.constexpr = 10 if DT == 1 else 7  # mantissa bits
+    EB: tl.constexpr = 15 if DT == 1 else 127  # exponent bias
+    SH: tl.constexpr = BITS * p - (MB - BITS)
+    if SH > 0:
+        t = w >> SH
+    elif SH < 0:
+        t = w << (-SH)
+    else:
+        t = w
+    M1: tl.constexpr = ((1 << BITS) - 1) << (MB - BITS)
+    O1: tl.constexpr = (EB + BITS) << MB
+    return _lop3(t, M1 | (M1 << 16), O1 | (O1 << 16))
+
+
+@triton.jit
+def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT: tl.constexpr):
+    """One warp-wide mma.m16n8k16 (fp32 accumulate); each argument is one register per lane."""
+    if DT == 1:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+            "{$8, $9}, {$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+            [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
+            "{$8, $9}, {$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+            [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
+
+
+@triton.jit
+def _xpair(xrow, xo, K2, MASKED: tl.constexpr):
+    """The lane's B-fragment registers: x's 32-bit pairs xo and xo + 1 of its token's row (one 8-byte
+    load; zero past K only in the masked tail block)."""
+    j = tl.arange(0, 2)
+    ptr = xrow[:, None] + xo[:, None] + j[None, :]
+    if MASKED:
+        v = tl.load(ptr, mask=(xo[:, None] + j[None, :]) < K2, other=0)
+    else:
+        v = tl.load(ptr)
+    return tl.split(v)
+
+
+@triton.jit
+def _zeros8(n: tl.constexpr):
+    z = tl.zeros([n], dtype=tl.float32)
+    return (z, z, z, z, z, z, z, z)
+
+
+@triton.jit
+def _chunk(W, xrow0, xrow1, xo, K2, C, c: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
+           MT: tl.constexpr, MASKED: tl.constexpr):
+    """One 16-k chunk: decode the lane's four A registers (pairs 4c … 4c + 3 of its words W), load
+    the B fragment, mma into C[0:4] [and C[4:8] for tokens 8-15, on the same A registers]."""
+    PW: tl.constexpr = 16 // BITS
+    a0 = _pair(W[(4 * c) // PW], (4 * c) % PW, BITS, DT)
+    a1 = _pair(W[(4 * c + 1) // PW], (4 * c + 1) % PW, BITS, DT)
+    a2 = _pair(W[(4 * c + 2) // PW], (4 * c + 2) % PW, BITS, DT)
+    a3 = _pair(W[(4 * c + 3) // PW], (4 * c + 3) % PW, BITS, DT)
+    b0, b1 = _xpair(xrow0, xo, K2, MASKED)
+    c0, c1, c2, c3 = _mma(a0, a1, a2, a3, b0, b1, C[0], C[1], C[2], C[3], DT)
+    d0, d1, d2, d3 = C[4], C[5], C[6], C[7]
+    if MT == 2:
+        e0, e1 = _xpair(xrow1, xo, K2, MASKED)
+        d0, d1, d2, d3 = _mma(a0, a1, a2, a3, e0, e1, d0, d1, d2, d3, DT)
+    return (c0, c1, c2, c3, d0, d1, d2, d3)
+
+
+@triton.jit
+def _load_group(qp, kb, kend, U: tl.constexpr):
+    """The lane's 4 words of each of blocks kb … kb + U − 1 (zeros from kend on), as one tuple."""
+    ws = ()
+    for u in tl.static_range(U):
+        ok = kb + u < kend
+        for v in tl.static_range(4):
+            ws = ws + (tl.load(qp + (kb + u) * 128 + 32 * v, mask=ok, other=0),)
+    return ws
+
+
+@triton.jit
+def _params(s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M, gi, SROW, NGX, MODE: tl.constexpr,
+            VS: tl.constexpr, HALF: tl.constexpr, MT: tl.constexpr):
+    """P = group gi's (a, b) of the lane's two rows and the group sums of x of its C-fragment tokens;
+    requested one group ahead of their use."""
+    ok = gi < SROW
+    s0 = tl.load(s_ptr + row0 * SROW + gi, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr + row1 * SROW + gi, mask=ok, other=0.0).to(tl.float32)
+    if MODE == 0:
+        b0 = tl.load(o_ptr + row0 * SROW + gi, mask=ok, other=0.0).to(tl.float32) - s0 * VS
+        b1 = tl.load(o_ptr + row1 * SROW + gi, mask=ok, other=0.0).to(tl.float32) - s1 * VS
+    else:
+        b0 = -s0 * (VS + HALF)
+        b1 = -s1 * (VS + HALF)
+    xa = tl.load(xs_ptr + tokA * NGX + gi, mask=ok & (tokA < M), other=0.0, cache_modifier=".cg")
+    xb = tl.load(xs_ptr + tokB * NGX + gi, mask=ok & (tokB < M), other=0.0, cache_modifier=".cg")
+    xa8 = tl.zeros(xa.shape, dtype=tl.float32)
+    xb8 = tl.zeros(xa.shape, dtype=tl.float32)
+    if MT == 2:
+        xa8 = tl.load(xs_ptr + (tokA + 8) * NGX + gi, mask=ok & (tokA + 8 < M), other=0.0, cache_modifier=".cg")
+        xb8 = tl.load(xs_ptr + (tokB + 8) * NGX + gi, mask=ok & (tokB + 8 < M), other=0.0, cache_modifier=".cg")
+    return (s0, s1, b0, b1, xa, xb, xa8, xb8)
+
+
+@triton.jit
+def _flush(A, C, P, R, gi, SROW, NGX, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr,
+           MT: tl.constexpr, OFS: tl.constexpr = True):
+    """Group gi ends: A += a·C (+ b·xs, the offsets' share, with OFS); C = 0; P = group gi + 1's
+    parameters. R = (s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M)."""
+    a0 = A[0] + P[0] * C[0]
+    a1 = A[1] + P[0] * C[1]
+    a2 = A[2] + P[1] * C[2]
+    a3 = A[3] + P[1] * C[3]
+    a4 = A[4] + P[0] * C[4]
+    a5 = A[5] + P[0] * C[5]
+    a6 = A[6] + P[1] * C[6]
+    a7 = A[7] + P[1] * C[7]
+    if OFS:
+        a0 += P[2] * P[4]
+        a1 += P[2] * P[5]
+        a2 += P[3] * P[4]
+        a3 += P[3] * P[5]
+        a4 += P[2] * P[6]
+        a5 += P[2] * P[7]
+        a6 += P[3] * P[6]
+        a7 += P[3] * P[7]
+    P = _params(R[0], R[1], R[2], R[3], R[4], R[5], R[6], R[7], gi + 1, SROW, NGX, MODE, VS, HALF, MT)
+    return (a0, a1, a2, a3, a4, a5, a6, a7), _zeros8(C[0].shape[0]), P
+
+
+@triton.jit
+def _block(kb, W, xrow0, xrow1, q, K2, A, C, P, R, SROW, NGX, BITS: tl.constexpr, MODE: tl.constexpr,
+           G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
+           MASKED: tl.constexpr):
+    """All chunks of k block kb (the lane's words W), with the group flushes that fall inside it."""
+    NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block (4 words × P pairs / 4 registers)
+    KB: tl.constexpr = 16 * NCH
+    CPG: tl.constexpr = G // 16  # chunks per group
+    for c in tl.static_range(NCH):
+        xo = kb * (KB // 2) + 8 * c + 2 * q  # x's 32-bit pair index of k = kb·KB + 16c + 4q
+        C = _chunk(W, xrow0, xrow1, xo, K2, C, c, BITS, DT, MT, MASKED)
+        gc = kb * NCH + c
+        if NCH % CPG == 0:  # groups end at fixed chunks of every block
+            if (c + 1) % CPG == 0:
+                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT)
+        elif CPG % NCH == 0:  # a group spans whole blocks
+            if c == NCH - 1:
+                if (kb + 1) % (CPG // NCH) == 0:
+                    A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT)
+        else:
+            if (gc + 1) % CPG == 0:
+                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT)
+    return A, C, P
+
+
+@triton.jit
+def _xs_work(pid, x_ptr, xs_ptr, cnt_ptr, M, K, NGX, stride_xm, G: tl.constexpr, GP: tl.constexpr):
+    """Group sums xs[m, g] of x for XG groups of one token, in one round trip; then count it done."""
+    m = pid % M
+    g = (pid // M) * XG + tl.arange(0, XG)
+    i = tl.arange(0, GP)
+    k = g[:, None] * G + i[None, :]
+    xv = tl.load(x_ptr + m * stride_xm + k, mask=(i[None, :] < G) & (k < K), other=0.0).to(tl.float32)
+    tl.store(xs_ptr + m * NGX + g, tl.sum(xv, axis=1), mask=g < NGX)
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1)
+
+
+@triton.jit
+def _t_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP: tl.constexpr,
+            KC_: tl.constexpr):
+    """Partial t = R[:, chunk]·x[m, chunk] over KC_ k's; the last partial to finish sums them all
+    into t (M, RP) in x's dtype and raises the ready flag."""
+    _rx_partial(tid, x_ptr, r_ptr, tp_ptr, M, K, RANK, stride_xm, RP, KC_)
+    tl.debug_barrier()
+    r_off = tl.arange(0, RP)
+    if tl.atomic_add(cnt_ptr + 1, 1) == NTC * M - 1:
+        c_off = tl.arange(0, 16)
+        for mm in range(0, M):
+            tv = tl.zeros([16, RP], dtype=tl.float32)
+            for c0 in range(0, NTC, 16):  # 16 partials per round trip
+                cc = c0 + c_off
+                tv += tl.load(tp_ptr + (cc[:, None] * M + mm) * RP + r_off[None, :], mask=(cc < NTC)[:, None],
+                              other=0.0, cache_modifier=".cg")
+            tl.store(t_ptr + mm * RP + r_off, tl.sum(tv, axis=0).to(t_ptr.dtype.element_ty))
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr + 2, 1)
+
+
+@triton.jit
+def _finish(v, row, tok, N, M, y_ptr, b_ptr, sy, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        v += tl.load(b_ptr + row, mask=row < N, other=0.0).to(tl.float32)
+    tl.store(y_ptr + tok * sy + row, v.to(y_ptr.dtype.element_ty), mask=(row < N) & (tok < M))
+
+
+@triton.jit
+def _part(ws_ptr, v, row, tok, ks, N, M):
+    tl.store(ws_ptr + (ks * M + tok) * N + row, v, mask=(row < N) & (tok < M))
+
+
+@triton.jit
+def _psum(ws_ptr, row, tok, N, M, SPLIT):
+    tot = tl.zeros(row.shape, dtype=tl.float32)
+    for s in range(0, SPLIT):
+        tot += tl.load(ws_ptr + (s * M + tok) * N + row, mask=(row < N) & (tok < M), other=0.0,
+                       cache_modifier=".cg")
+    return tot
+
+
+@triton.jit
+def _lowrank(v0, v1, v2, v3, row0, row1, tb, l32_ptr, t32_ptr, N, M, RANK, RP: tl.constexpr, DT: tl.constexpr):
+    """+ L·t for one token group (tokens tb + 0..7): L (N, RANK) read as 32-bit pairs in A-fragment
+    order, t (M, RP) in x's dtype (zero-padded to RP) as the B fragment."""
+    lane = tl.arange(0, row0.shape[0]) % 32
+    q = lane % 4
+    tk = tb + lane // 4
+    r2 = RANK // 2  # 32-bit pairs per row of L
+    c0 = tl.zeros(row0.shape, dtype=tl.float32)
+    c1 = tl.zeros(row0.shape, dtype=tl.float32)
+    c2 = tl.zeros(row0.shape, dtype=tl.float32)
+    c3 = tl.zeros(row0.shape, dtype=tl.float32)
+    for c in tl.static_range(RP // 16):
+        p = 8 * c + 2 * q  # pair index of rank 16c + 4q
+        a0 = tl.load(l32_ptr + row0 * r2 + p, mask=(row0 < N) & (p < r2), other=0)
+        a1 = tl.load(l32_ptr + row1 * r2 + p, mask=(row1 < N) & (p < r2), other=0)
+        a2 = tl.load(l32_ptr + row0 * r2 + p + 1, mask=(row0 < N) & (p + 1 < r2), other=0)
+        a3 = tl.load(l32_ptr + row1 * r2 + p + 1, mask=(row1 < N) & (p + 1 < r2), other=0)
+        b0 = tl.load(t32_ptr + tk * (RP // 2) + p, mask=tk < M, other=0, cache_modifier=".cg")
+        b1 = tl.load(t32_ptr + tk * (RP // 2) + p + 1, mask=tk < M, other=0, cache_modifier=".cg")
+        c0, c1, c2, c3 = _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT)
+    return v0 + c0, v1 + c1, v2 + c2, v3 + c3
+
+
+@triton.jit
+def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy,
+           RP: tl.constexpr, DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr):
+    if HAS_LR:
+        v0, v1, v2, v3 = _lowrank(v0, v1, v2, v3, row0, row1, tb, l32_ptr, t32_ptr, N, M, RANK, RP, DT)
+    _finish(v0, row0, tok0, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    _finish(v1, row0, tok0 + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    _finish(v2, row1, tok0, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    _finish(v3, row1, tok0 + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["M", "N", "SROW", "NKB", "BPS", "SPLIT", "NXC", "NGX", "NTC", "RANK", "sy"])
+def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_ptr, ws_ptr, tp_ptr, t_ptr,
+                 t32_ptr, xs_ptr, cnt_ptr, M, N, K, K2, SROW, NKB, BPS, SPLIT, NXC, NGX, NTC, RANK,
+                 stride_xm, sx32, sy,
+                 BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, VS: tl.constexpr,
+                 HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
+                 KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
+                 SPLITK: tl.constexpr, U: tl.constexpr):
+    NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
+    KB: tl.constexpr = 16 * NCH
+    CPG: tl.constexpr = G // 16  # chunks per group
+    WB: tl.constexpr = 4 * 32  # words per warp and block
+    pid = tl.program_id(0)
+    n_pre = (NXC + NTC) * M
+    if pid < n_pre:
+        if pid < NXC * M:  # group sums of x
+            _xs_work(pid, x_ptr, xs_ptr, cnt_ptr, M, K, NGX, stride_xm, G, GP)
+        else:  # t = R·x
+            _t_work(pid - NXC * M, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP, KC_)
+    else:
+        wid = pid - n_pre
+        NB = tl.cdiv(N, 16 * NW)
+        nb = wid % NB
+        ks = wid // NB
+        r = tl.arange(0, 32 * NW)
+        lane = r % 32
+        g = lane // 4
+        q = lane % 4
+        rb = nb * NW + r // 32
+        row0 = rb * 16 + g
+        row1 = row0 + 8
+        tokA = 2 * q  # C-fragment tokens: 2q, 2q + 1 (+ 8 for the second token group)
+        tokB = tokA + 1
+        qp = q_ptr + rb * (NKB * WB) + lane
+        kb0 = ks * BPS
+        kb1 = tl.minimum(kb0 + BPS, NKB)
+        # B-fragment rows: token g (and g + 8); lanes past the last token read its row again (their
+        # products land in output columns that are never stored)
+        xrow0 = x32_ptr + tl.minimum(g, M - 1) * sx32
+        xrow1 = x32_ptr + tl.minimum(g + 8, M - 1) * sx32
+        R = (s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M)
+        # fp32 results (row0, tokA), (row0, tokB), (row1, tokA), (row1, tokB), then the same + 8 tokens;
+        # C: the current group's mma accumulators in the same order; P: its parameters (_params)
+        A = _zeros8(32 * NW)
+        C = _zeros8(32 * NW)
+        kf = tl.minimum(kb1, K2 // (KB // 2))  # blocks before kf have their x wholly inside K: no masks
+        # U blocks per iteration; the next U blocks' words are requested before this U's are decoded,
+        # so a warp has U to 2U blocks (U·512 to 2U·512 bytes) in flight
+        ws = _load_group(qp, kb0, kf, U)
+        _wait(cnt_ptr, NXC * M)  # group sums of x (the flushes need them)
+        P = _params(s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M, (kb0 * NCH) // CPG, SROW, NGX, MODE, VS,
+                    HALF, MT)
+        for kb in range(kb0, kf, U):
+            nx = _load_group(qp, kb + U, kf, U)
+            for u in tl.static_range(U):
+                if kb + u < kf:
+                    A, C, P = _block(kb + u, (ws[4 * u], ws[4 * u + 1], ws[4 * u + 2], ws[4 * u + 3]), xrow0,
+                                     xrow1, q, K2, A, C, P, R, SROW, NGX, BITS, MODE, G, VS, HALF, DT, MT, False)
+            ws = nx
+        for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
+            W = (tl.load(qp + kb * WB), tl.load(qp + kb * WB + 32), tl.load(qp + kb * WB + 64),
+                 tl.load(qp + kb * WB + 96))
+            A, C, P = _block(kb, W, xrow0, xrow1, q, K2, A, C, P, R, SROW, NGX, BITS, MODE, G, VS, HALF, DT, MT,
+                             True)
+        # a split that ends inside a group: scale its part of that group; the offsets' share is added
+        # once, by the program where the group ends (the last group ends with K, wherever that falls)
+        gl = kb1 * NCH - 1
+        if (gl + 1) % CPG != 0:
+            if kb1 == NKB:
+                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, True)
+            else:
+                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, False)
+        if SPLITK:
+            _part(ws_ptr, A[0], row0, tokA, ks, N, M)
+            _part(ws_ptr, A[1], row0, tokB, ks, N, M)
+            _part(ws_ptr, A[2], row1, tokA, ks, N, M)
+            _part(ws_ptr, A[3], row1, tokB, ks, N, M)
+            if MT == 2:
+                _part(ws_ptr, A[4], row0, tokA + 8, ks, N, M)
+                _part(ws_ptr, A[5], row0, tokB + 8, ks, N, M)
+                _part(ws_ptr, A[6], row1, tokA + 8, ks, N, M)
+                _part(ws_ptr, A[7], row1, tokB + 8, ks, N, M)
+            tl.debug_barrier()
+            cidx = cnt_ptr + N_COUNTERS + nb
+            if tl.atomic_add(cidx, 1) == SPLIT - 1:  # last split of this block of rows: reduce and finish
+                if HAS_LR:
+                    _wait(cnt_ptr + 2, 1)
+                _final(_psum(ws_ptr, row0, tokA, N, M, SPLIT), _psum(ws_ptr, row0, tokB, N, M, SPLIT),
+                       _psum(ws_ptr, row1, tokA, N, M, SPLIT), _psum(ws_ptr, row1, tokB, N, M, SPLIT), row0, row1,
+                       0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
+                if MT == 2:
+                    _final(_psum(ws_ptr, row0, tokA + 8, N, M, SPLIT), _psum(ws_ptr, row0, tokB + 8, N, M, SPLIT),
+                           _psum(ws_ptr, row1, tokA + 8, N, M, SPLIT), _psum(ws_ptr, row1, tokB + 8, N, M, SPLIT),
+                           row0, row1, 8, tokA + 8, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy, RP, DT,
+                           HAS_BIAS, HAS_LR)
+                tl.store(cidx, 0)
+        else:
+            if HAS_LR:
+                _wait(cnt_ptr + 2, 1)
+            _final(A[0], A[1], A[2], A[3], row0, row1, 0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK,
+                   sy, RP, DT, HAS_BIAS, HAS_LR)
+            if MT == 2:
+                _final(A[4], A[5], A[6], A[7], row0, row1, 8, tokA + 8, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M,
+                       RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
+    total = n_pre + tl.cdiv(N, 16 * NW) * SPLIT
+    if tl.atomic_add(cnt_ptr + 3, 1) == total - 1:  # the last program: reset the prologue counters
+        tl.store(cnt_ptr, 0)
+        tl.store(cnt_ptr + 1, 0)
+        tl.store(cnt_ptr + 2, 0)
+        tl.store(cnt_ptr + 3, 0)
+
+
+@triton.jit(do_not_specialize=["N", "K", "SROW", "NKB"])
+def _frag_dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, N, K, SROW, NKB, BITS: tl.constexpr, MODE: tl.constexpr,
+                         G: tl.constexpr, HALF: tl.constexpr, NW: tl.constexpr):
+    """W[n, k] (row-major (N, K), w_ptr's dtype) for one (NW·16 rows × k block) of the fragment layout."""
+    PW: tl.constexpr = 16 // BITS
+    KB: tl.constexpr = 16 * PW
+    nb = tl.program_id(0)
+    kb = tl.program_id(1)
+    r = tl.arange(0, 32 * NW)
+    lane = r % 32
+    g = lane // 4
+    q = lane % 4
+    rb = nb * NW + r // 32
+    qp = q_ptr + rb * (NKB * 128) + kb * 128 + lane
+    for v in tl.static_range(4):
+        w = tl.load(qp + 32 * v)
+        for p in tl.static_range(PW):
+            row = rb * 16 + g + 8 * (((v * PW + p) % 4) % 2)  # pair u = v·P + p: register u % 4 of chunk u // 4
+            for e in tl.static_range(2):
+                k = kb * KB + 16 * ((v * PW + p) // 4) + 4 * q + 2 * (((v * PW + p) % 4) // 2) + e
+                code = ((w >> (16 * e + BITS * p)) & ((1 << BITS) - 1)).to(tl.float32)
+                sv = tl.load(s_ptr + row * SROW + k // G).to(tl.float32)
+                if MODE == 0:
+                    val = sv * code + tl.load(o_ptr + row * SROW + k // G).to(tl.float32)
+                else:
+                    val = sv * (code - HALF)
+                tl.store(w_ptr + row * K + k, val.to(w_ptr.dtype.element_ty), mask=(row < N) & (k < K))
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+_DT = {torch.float16: 1, torch.bfloat16: 2}
+MAX_M = 16  # tokens per call the kernel takes (two mma token groups); more: dequantize + cuBLAS
+
+
+def ok(kw: KernelWeight, m: int, dtype: torch.dtype | None) -> bool:
+    """The fragment kernel runs this call (else: dequantize + cuBLAS). Not in triton's CPU
+    interpreter, which cannot run the kernel's inline PTX."""
+    return kw.layout == "frag" and 1 <= m <= MAX_M and dtype in _DT and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    n, k = kw.shape
+    w = torch.empty(n, k, dtype=dtype, device=kw.device)
+    nw = 4
+    _frag_dequant_kernel[(kw.n_pad // (16 * nw), kw.n_tiles)](
+        w, kw.qweight, kw.scale, kw.offset if kw.offset is not None else kw.scale, n, k, kw.scale.shape[1],
+        kw.n_tiles, BITS=kw.bits, MODE=kw.mode, G=kw.spec.group_size, HALF=float(2 ** (kw.bits - 1)), NW=nw,
+        num_warps=nw)
+    return w
+
+
+def _pairs(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous 2-D fp16/bf16 tensor with an even row length, viewed as 32-bit pairs."""
+    return t.view(torch.int32)
+
+
+def _even(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) with rows readable as 32-bit pairs: K even, row stride even, 4-byte aligned (else a
+    zero-padded copy)."""
+    if x.shape[1] % 2 == 0 and x.stride(0) % 2 == 0 and x.stride(1) == 1 and x.data_ptr() % 4 == 0:
+        return x
+    xp = torch.zeros(x.shape[0], x.shape[1] + x.shape[1] % 2, dtype=x.dtype, device=x.device)
+    xp[:, : x.shape[1]] = x
+    return xp
+
+
+def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
+    """y (M, N) = the fragment kernel on x (M, K), fp16/bf16, M <= 16."""
+    from . import _triton as T
+
+    n, k = kw.shape
+    m = x.shape[0]
+    rank = L.shape[1] if has_lr else 0
+    xe = _even(x)
+    x32 = xe.view(torch.int32) if xe.stride(0) % 2 == 0 else xe.contiguous().view(torch.int32)
+    if has_lr:
+        Lc = L.to(x.dtype).contiguous()
+        Rc = R.contiguous()
+        if rank % 2:  # L is read as 32-bit pairs: pad to an even rank with a zero column / row
+            Lc = torch.nn.functional.pad(Lc, (0, 1))
+            Rc = torch.nn.functional.pad(Rc, (0, 0, 0, 1))
+            rank += 1
+    else:
+        Lc = Rc = None
+    rp = T._rank_pad(rank)
+    key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
+           has_lr and (Lc.dtype, Rc.dtype))
+
+    def make():
+        nw = cfg.warps
+        nb = -(-n // (16 * nw))
+        nkb = kw.n_tiles
+        split = cfg.split or max(1, min(nkb, round(cfg.occ * T._sms(x.device) / nb)))
+        bps = -(-(-(-nkb // split)) // cfg.pf) * cfg.pf  # blocks per split: a multiple of U
+        split = -(-nkb // bps)
+        ngx = kw.scale.shape[1]
+        nxc = -(-ngx // _XG)
+        ntc = -(-k // KC) if has_lr else 0
+        t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
+        g = kw.spec.group_size
+        return dict(grid=((nxc + ntc) * m + nb * split,), split=split, bps=bps, nxc=nxc, ntc=ntc, ngx=ngx,
+                    cnt=T._counters(kw, _NC + nb + 1, x.device),
+                    ws=T.split_workspace(split, m, n, x.device),
+                    tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
+                    t=t, t32=t.view(torch.int32),
+                    xs=torch.empty(m * ngx, dtype=torch.float32, device=x.device),
+                    const=(kw.bits, kw.mode, g, triton.next_power_of_2(g), float(2 ** kw.bits),
+                           float(2 ** (kw.bits - 1)), nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC,
+                           bias is not None, has_lr, split > 1, cfg.pf))
+
+    plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
+    p = plan or make()
+    dummy = kw.scale
+    args = (xe, x32, y, kw.qweight, kw.scale, kw.offset if kw.offset is not None else dummy,
+            bias if bias is not None else dummy, _pairs(Lc) if has_lr else dummy, Rc if has_lr else dummy,
+            p["ws"], p["tp"], p["t"], p["t32"], p["xs"], p["cnt"], m, n, k, x32.shape[1], kw.scale.shape[1],
+            kw.n_tiles, p["bps"], p["split"], p["nxc"], p["ngx"], p["ntc"], rank,
+            xe.stride(0), x32.stride(0), y.stride(0), *p["const"])
+    T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg)
+
+
+def candidates(kw: KernelWeight, m: int) -> list:
+    from ._triton import Config
+
+    out = []
+    for warps in (2, 4):
+        for u in (4, 8):
+            for occ in (2.0, 4.0):
+                out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=u))
+    return out
+
+
+def default_config():
+    from ._triton import Config
+
+    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4)
