@@ -31,6 +31,9 @@ from .layout import KernelWeight
 
 _NC = 4  # xs programs done, R·x partials done, t ready, programs done; then one per block of rows
 _XG = 16  # groups per program of the xs prologue
+# inline PTX on GPUs; triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)
+# cannot run it and takes the emulations below
+ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 N_COUNTERS = tl.constexpr(_NC)
 XG = tl.constexpr(_XG)
 KC = 256  # k's per round trip of the R·x prologue
@@ -39,6 +42,8 @@ KC = 256  # k's per round trip of the R·x prologue
 @triton.jit
 def _lop3(t, MASK: tl.constexpr, ONE: tl.constexpr):
     """(t & MASK) | ONE in one instruction (ptxas splits it in two otherwise)."""
+    if not ASM:  # triton's CPU interpreter
+        return (t & MASK) | ONE
     return tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
                                      [t, tl.full(t.shape, MASK, tl.int32), tl.full(t.shape, ONE, tl.int32)],
                                      dtype=tl.int32, is_pure=True, pack=1)
@@ -64,6 +69,8 @@ def _pair(w, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT: tl.constexpr):
     """One warp-wide mma.m16n8k16 (fp32 accumulate); each argument is one register per lane."""
+    if not ASM:
+        return _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT)
     if DT == 1:
         return tl.inline_asm_elementwise(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, "
@@ -76,6 +83,52 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT: tl.constexpr):
             "{$8, $9}, {$10, $11, $12, $13};", "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
             [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
             is_pure=True, pack=1)
+
+
+@triton.jit
+def _half(v, HI: tl.constexpr, DT: tl.constexpr):
+    """The low (HI false) or high 16-bit half of each int32 as an fp16 (DT 1) / bf16 value, in fp32."""
+    h = v >> 16 if HI else v
+    h = (h & 0xFFFF).to(tl.int16)
+    if DT == 1:
+        return h.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return h.to(tl.bfloat16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _dot2(x, y, DT: tl.constexpr):
+    return _half(x, False, DT) * _half(y, False, DT) + _half(x, True, DT) * _half(y, True, DT)
+
+
+@triton.jit
+def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT: tl.constexpr):
+    """mma.m16n8k16 computed from the PTX fragment layouts with gathers across the warp's lanes (for
+    triton's CPU interpreter, which cannot run the inline PTX): lane 4g + q holds A rows g / g + 8
+    at k 2q, 2q + 1 (a0, a1) and 2q + 8, 2q + 9 (a2, a3), B column g at the same k's (b0, b1), and
+    C rows g / g + 8 at columns 2q, 2q + 1."""
+    r = tl.arange(0, a0.shape[0])
+    lane = r % 32
+    base = r - lane
+    g = lane // 4
+    q = lane % 4
+    for qq in tl.static_range(4):
+        ia = base + 4 * g + qq  # the lane holding A rows g, g + 8 at k 2qq (+1, +8, +9)
+        ib0 = base + 8 * q + qq  # ... holding B column 2q at those k
+        ib1 = ib0 + 4  # ... column 2q + 1
+        A0 = tl.gather(a0, ia, 0)
+        A1 = tl.gather(a1, ia, 0)
+        A2 = tl.gather(a2, ia, 0)
+        A3 = tl.gather(a3, ia, 0)
+        B00 = tl.gather(b0, ib0, 0)
+        B01 = tl.gather(b1, ib0, 0)
+        B10 = tl.gather(b0, ib1, 0)
+        B11 = tl.gather(b1, ib1, 0)
+        c0 += _dot2(A0, B00, DT) + _dot2(A2, B01, DT)
+        c1 += _dot2(A0, B10, DT) + _dot2(A2, B11, DT)
+        c2 += _dot2(A1, B00, DT) + _dot2(A3, B01, DT)
+        c3 += _dot2(A1, B10, DT) + _dot2(A3, B11, DT)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -153,9 +206,10 @@ def _params(s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M, gi, SROW, NGX, MODE
 
 @triton.jit
 def _flush(A, C, P, R, gi, SROW, NGX, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr,
-           MT: tl.constexpr, OFS: tl.constexpr = True):
-    """Group gi ends: A += a·C (+ b·xs, the offsets' share, with OFS); C = 0; P = group gi + 1's
-    parameters. R = (s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M)."""
+           MT: tl.constexpr, PD: tl.constexpr, OFS: tl.constexpr = True):
+    """Group gi ends: A += a·C (+ b·xs, the offsets' share, with OFS); C = 0. P holds the parameters
+    of groups gi … gi + PD − 1 (8 values each, see _params): drop gi's, request gi + PD's.
+    R = (s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M)."""
     a0 = A[0] + P[0] * C[0]
     a1 = A[1] + P[0] * C[1]
     a2 = A[2] + P[1] * C[2]
@@ -173,14 +227,17 @@ def _flush(A, C, P, R, gi, SROW, NGX, MODE: tl.constexpr, VS: tl.constexpr, HALF
         a5 += P[2] * P[7]
         a6 += P[3] * P[6]
         a7 += P[3] * P[7]
-    P = _params(R[0], R[1], R[2], R[3], R[4], R[5], R[6], R[7], gi + 1, SROW, NGX, MODE, VS, HALF, MT)
-    return (a0, a1, a2, a3, a4, a5, a6, a7), _zeros8(C[0].shape[0]), P
+    nxt = ()
+    for i in tl.static_range(8, 8 * PD):
+        nxt = nxt + (P[i],)
+    nxt = nxt + _params(R[0], R[1], R[2], R[3], R[4], R[5], R[6], R[7], gi + PD, SROW, NGX, MODE, VS, HALF, MT)
+    return (a0, a1, a2, a3, a4, a5, a6, a7), _zeros8(C[0].shape[0]), nxt
 
 
 @triton.jit
 def _block(kb, W, xrow0, xrow1, q, K2, A, C, P, R, SROW, NGX, BITS: tl.constexpr, MODE: tl.constexpr,
            G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
-           MASKED: tl.constexpr):
+           PD: tl.constexpr, MASKED: tl.constexpr):
     """All chunks of k block kb (the lane's words W), with the group flushes that fall inside it."""
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block (4 words × P pairs / 4 registers)
     KB: tl.constexpr = 16 * NCH
@@ -191,14 +248,14 @@ def _block(kb, W, xrow0, xrow1, q, K2, A, C, P, R, SROW, NGX, BITS: tl.constexpr
         gc = kb * NCH + c
         if NCH % CPG == 0:  # groups end at fixed chunks of every block
             if (c + 1) % CPG == 0:
-                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT)
+                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT, PD)
         elif CPG % NCH == 0:  # a group spans whole blocks
             if c == NCH - 1:
                 if (kb + 1) % (CPG // NCH) == 0:
-                    A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT)
+                    A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT, PD)
         else:
             if (gc + 1) % CPG == 0:
-                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT)
+                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT, PD)
     return A, C, P
 
 
@@ -216,7 +273,7 @@ def _xs_work(pid, x_ptr, xs_ptr, cnt_ptr, M, K, NGX, stride_xm, G: tl.constexpr,
 
 
 @triton.jit
-def _t_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP: tl.constexpr,
+def _rx_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP: tl.constexpr,
             KC_: tl.constexpr):
     """Partial t = R[:, chunk]·x[m, chunk] over KC_ k's; the last partial to finish sums them all
     into t (M, RP) in x's dtype and raises the ready flag."""
@@ -299,7 +356,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_p
                  BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-                 SPLITK: tl.constexpr, U: tl.constexpr):
+                 SPLITK: tl.constexpr, U: tl.constexpr, PD: tl.constexpr):
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -310,7 +367,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_p
         if pid < NXC * M:  # group sums of x
             _xs_work(pid, x_ptr, xs_ptr, cnt_ptr, M, K, NGX, stride_xm, G, GP)
         else:  # t = R·x
-            _t_work(pid - NXC * M, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP, KC_)
+            _rx_work(pid - NXC * M, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP, KC_)
     else:
         wid = pid - n_pre
         NB = tl.cdiv(N, 16 * NW)
@@ -342,28 +399,31 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_p
         # so a warp has U to 2U blocks (U·512 to 2U·512 bytes) in flight
         ws = _load_group(qp, kb0, kf, U)
         _wait(cnt_ptr, NXC * M)  # group sums of x (the flushes need them)
-        P = _params(s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M, (kb0 * NCH) // CPG, SROW, NGX, MODE, VS,
-                    HALF, MT)
+        P = ()  # the parameters of this program's first PD groups, requested before any is needed
+        for i in tl.static_range(PD):
+            P = P + _params(s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M, (kb0 * NCH) // CPG + i, SROW, NGX,
+                            MODE, VS, HALF, MT)
         for kb in range(kb0, kf, U):
             nx = _load_group(qp, kb + U, kf, U)
             for u in tl.static_range(U):
                 if kb + u < kf:
                     A, C, P = _block(kb + u, (ws[4 * u], ws[4 * u + 1], ws[4 * u + 2], ws[4 * u + 3]), xrow0,
-                                     xrow1, q, K2, A, C, P, R, SROW, NGX, BITS, MODE, G, VS, HALF, DT, MT, False)
+                                     xrow1, q, K2, A, C, P, R, SROW, NGX, BITS, MODE, G, VS, HALF, DT, MT, PD,
+                                     False)
             ws = nx
         for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
             W = (tl.load(qp + kb * WB), tl.load(qp + kb * WB + 32), tl.load(qp + kb * WB + 64),
                  tl.load(qp + kb * WB + 96))
             A, C, P = _block(kb, W, xrow0, xrow1, q, K2, A, C, P, R, SROW, NGX, BITS, MODE, G, VS, HALF, DT, MT,
-                             True)
+                             PD, True)
         # a split that ends inside a group: scale its part of that group; the offsets' share is added
         # once, by the program where the group ends (the last group ends with K, wherever that falls)
         gl = kb1 * NCH - 1
         if (gl + 1) % CPG != 0:
             if kb1 == NKB:
-                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, True)
+                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, PD, True)
             else:
-                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, False)
+                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, PD, False)
         if SPLITK:
             _part(ws_ptr, A[0], row0, tokA, ks, N, M)
             _part(ws_ptr, A[1], row0, tokB, ks, N, M)
@@ -441,9 +501,10 @@ MAX_M = 16  # tokens per call the kernel takes (two mma token groups); more: deq
 
 
 def ok(kw: KernelWeight, m: int, dtype: torch.dtype | None) -> bool:
-    """The fragment kernel runs this call (else: dequantize + cuBLAS). Not in triton's CPU
-    interpreter, which cannot run the kernel's inline PTX."""
-    return kw.layout == "frag" and 1 <= m <= MAX_M and dtype in _DT and os.environ.get("TRITON_INTERPRET") != "1"
+    """The fragment kernel runs this call (else: dequantize + cuBLAS); fp16 only in triton's CPU
+    interpreter (numpy has no bf16)."""
+    dts = _DT if ASM else (torch.float16,)
+    return kw.layout == "frag" and 1 <= m <= MAX_M and dtype in dts
 
 
 def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -514,7 +575,7 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
                     xs=torch.empty(m * ngx, dtype=torch.float32, device=x.device),
                     const=(kw.bits, kw.mode, g, triton.next_power_of_2(g), float(2 ** kw.bits),
                            float(2 ** (kw.bits - 1)), nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC,
-                           bias is not None, has_lr, split > 1, cfg.pf))
+                           bias is not None, has_lr, split > 1, cfg.pf, cfg.ahead))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
@@ -534,11 +595,12 @@ def candidates(kw: KernelWeight, m: int) -> list:
     for warps in (2, 4):
         for u in (4, 8):
             for occ in (2.0, 4.0):
-                out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=u))
+                for ahead in (1, 3):
+                    out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=u, ahead=ahead))
     return out
 
 
 def default_config():
     from ._triton import Config
 
-    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4)
+    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, ahead=2)
