@@ -518,11 +518,6 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.T
     return w
 
 
-def _pairs(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous 2-D fp16/bf16 tensor with an even row length, viewed as 32-bit pairs."""
-    return t.view(torch.int32)
-
-
 def _even(x: torch.Tensor) -> torch.Tensor:
     """x (M, K) with rows readable as 32-bit pairs: K even, row stride even, 4-byte aligned (else a
     zero-padded copy)."""
@@ -541,7 +536,7 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     m = x.shape[0]
     rank = L.shape[1] if has_lr else 0
     xe = _even(x)
-    x32 = xe.view(torch.int32) if xe.stride(0) % 2 == 0 else xe.contiguous().view(torch.int32)
+    x32 = xe.view(torch.int32)  # 32-bit pairs of x's row (the B fragment)
     if has_lr:
         Lc = L.to(x.dtype).contiguous()
         Rc = R.contiguous()
@@ -581,7 +576,7 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     p = plan or make()
     dummy = kw.scale
     args = (xe, x32, y, kw.qweight, kw.scale, kw.offset if kw.offset is not None else dummy,
-            bias if bias is not None else dummy, _pairs(Lc) if has_lr else dummy, Rc if has_lr else dummy,
+            bias if bias is not None else dummy, Lc.view(torch.int32) if has_lr else dummy, Rc if has_lr else dummy,
             p["ws"], p["tp"], p["t"], p["t32"], p["xs"], p["cnt"], m, n, k, x32.shape[1], kw.scale.shape[1],
             kw.n_tiles, p["bps"], p["split"], p["nxc"], p["ngx"], p["ntc"], rank,
             xe.stride(0), x32.stride(0), y.stride(0), *p["const"])
