@@ -534,18 +534,15 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
 
     n, k = kw.shape
     m = x.shape[0]
-    rank = L.shape[1] if has_lr else 0
     xe = _even(x)
     x32 = xe.view(torch.int32)  # 32-bit pairs of x's row (the B fragment)
+    rank, Lc, Rc = T._lowrank_operands(L, R, has_lr)
     if has_lr:
-        Lc = L.to(x.dtype).contiguous()
-        Rc = R.contiguous()
-        if rank % 2:  # L is read as 32-bit pairs: pad to an even rank with a zero column / row
+        Lc = Lc.to(x.dtype)  # L is read as 32-bit pairs of x's dtype (the A fragment)
+        if rank % 2:  # pad to an even rank with a zero column / row
             Lc = torch.nn.functional.pad(Lc, (0, 1))
             Rc = torch.nn.functional.pad(Rc, (0, 0, 0, 1))
             rank += 1
-    else:
-        Lc = Rc = None
     rp = T._rank_pad(rank)
     key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
            has_lr and (Lc.dtype, Rc.dtype))
@@ -553,10 +550,7 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     def make():
         nw = cfg.warps
         nb = -(-n // (16 * nw))
-        nkb = kw.n_tiles
-        split = cfg.split or max(1, min(nkb, round(cfg.occ * T._sms(x.device) / nb)))
-        bps = -(-(-(-nkb // split)) // cfg.pf) * cfg.pf  # blocks per split: a multiple of U
-        split = -(-nkb // bps)
+        split, bps = T._split(kw, nb, cfg, x.device, multiple=cfg.pf)  # blocks per split: a multiple of U
         ngx = kw.scale.shape[1]
         nxc = -(-ngx // _XG)
         ntc = -(-k // KC) if has_lr else 0

@@ -627,10 +627,12 @@ def _rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(max(rank, 1)))
 
 
-def _split(kw: KernelWeight, blocks: int, cfg: Config, device: torch.device) -> tuple[int, int]:
+def _split(kw: KernelWeight, blocks: int, cfg: Config, device: torch.device, multiple: int = 1) -> tuple[int, int]:
+    """(K-splits, K-tiles per split) for ``blocks`` programs per split; tiles per split rounded up to
+    a multiple of ``multiple``."""
     n_tiles = kw.n_tiles
     split = cfg.split or max(1, min(n_tiles, round(cfg.occ * _sms(device) / max(blocks, 1))))
-    tps = -(-n_tiles // split)
+    tps = -(-(-(-n_tiles // split)) // multiple) * multiple
     return -(-n_tiles // tps), tps
 
 
