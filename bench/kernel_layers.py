@@ -181,7 +181,7 @@ def bnb_nf4(w: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 
 
-LAYOUT = "auto"  # --layout: "auto" (= "interleaved", the default) or "frag" (experimental)
+LAYOUT = "auto"  # --layout: "auto" (frag where it holds the format, else interleaved), "interleaved" or "frag"
 
 
 def lqkit_layer(w: torch.Tensor, bits: int, layout: str | None = None):
@@ -411,7 +411,7 @@ def main() -> None:
     ap.add_argument("--bits", default="", help="comma-separated lqkit bit widths (default 4,3,2)")
     ap.add_argument("--tokens", default="", help="comma-separated tokens per call (default: all, or --quick's)")
     ap.add_argument("--layout", default="auto", choices=["auto", "interleaved", "frag"],
-                    help="lqkit weight layout (auto: interleaved; frag: the experimental tensor-core GEMV)")
+                    help="lqkit weight layout (auto: frag where it holds the format, else interleaved)")
     ap.add_argument("--jobs", type=int, default=12, help="worker processes that precompile kernels (0: none)")
     ap.add_argument("--tune-ms", type=int, default=10, help="do_bench budget per tuning candidate (ms)")
     ap.add_argument("--dump", default="", help="write PTX/SASS and register use of the kernels to this tar.gz")

@@ -72,7 +72,7 @@ def test_layout_decodes_to_stored_weight(f):
     shape = (70, 333)
     w = torch.randn(shape)
     q = qmod.quantize(w, spec)
-    kw = layout.prepare_weight(q.packed, q.aux, spec, shape)
+    kw = layout.prepare_weight(q.packed, q.aux, spec, shape, layout="interleaved")
     torch.testing.assert_close(layout.reference_weight(kw), qmod.dequantize(q), rtol=0, atol=1e-6)
     assert kw.qweight.shape[0] % layout.N_PAD == 0
     assert kw.k_pad % layout.k_tile(spec.bits) == 0
@@ -88,22 +88,39 @@ def test_layout_frag_decodes_to_stored_weight(f):
     torch.testing.assert_close(layout.reference_weight(kw), qmod.dequantize(q), rtol=0, atol=1e-6)
 
 
-def test_layout_frag_opt_in_and_refuses_other_formats():
+def test_layout_auto_picks_frag_where_it_holds_the_format():
     spec = QuantSpec(method="rtn", bits=4, group_size=64)
     q = qmod.quantize(torch.randn(16, 64), spec)
-    assert layout.prepare_weight(q.packed, q.aux, spec, (16, 64)).layout == "interleaved"
+    assert layout.prepare_weight(q.packed, q.aux, spec, (16, 64)).layout == "frag" == layout.auto_layout(spec)
+    assert layout.prepare_weight(q.packed, q.aux, spec, (16, 64), layout="interleaved").layout == "interleaved"
     kw = layout.prepare_weight(q.packed, q.aux, spec, (16, 64), layout="frag")
     assert kw.layout == "frag"
     torch.testing.assert_close(layout.reference_weight(kw), qmod.dequantize(q), rtol=0, atol=1e-6)
-    spec = QuantSpec(method="nf", bits=4, group_size=64)
-    q = qmod.quantize(torch.randn(16, 64), spec)
-    with pytest.raises(ValueError, match="fragment layout"):
-        layout.prepare_weight(q.packed, q.aux, spec, (16, 64), layout="frag")
+    for spec in (QuantSpec(method="nf", bits=4, group_size=64), QuantSpec(method="rtn", bits=8, group_size=64),
+                 QuantSpec(method="rtn", bits=4, group_size=64, group_dim="out")):
+        q = qmod.quantize(torch.randn(64, 64), spec)
+        assert layout.prepare_weight(q.packed, q.aux, spec, (64, 64)).layout == "interleaved"
+        with pytest.raises(ValueError, match="fragment layout"):
+            layout.prepare_weight(q.packed, q.aux, spec, (64, 64), layout="frag")
+
+
+@pytest.mark.parametrize("with_offset", [True, False])
+def test_frag_params_order_and_roundtrip(with_offset):
+    """Fragment-ordered parameters: [row block, group, g] holds (s[g], s[g + 8], o[g], o[g + 8])."""
+    s, o = torch.randn(48, 5), torch.randn(48, 5)
+    p = layout.frag_params(s, o if with_offset else None)
+    assert p.shape == (3, 5, 8, 4 if with_offset else 2)
+    for rb, j, g in [(0, 0, 0), (1, 3, 7), (2, 4, 5)]:
+        want = [s[16 * rb + g, j], s[16 * rb + g + 8, j]] + ([o[16 * rb + g, j], o[16 * rb + g + 8, j]] if with_offset
+                                                              else [])
+        assert torch.equal(p[rb, j, g], torch.stack(want))
+    s2, o2 = layout.frag_unparams(p)
+    assert torch.equal(s2, s) and (torch.equal(o2, o) if with_offset else o2 is None)
 
 
 @pytest.mark.parametrize("bits", range(2, 8))
 def test_frag_pack_roundtrip_and_fragment_order(bits):
-    """Round trip, and the documented order: lane 4g + q, word v, slot p -> row g + 8·(u & 1),
+    """Round trip, and the documented order: lane 4g + q, its word v (words [rb, kb, lane, v]), slot p -> row g + 8·(u & 1),
     k = 16·(u // 4) + 4q + 2·((u % 4) >> 1) (+1 in the high half), u = P·v + p."""
     codes = torch.randint(0, 2 ** bits, (48, 301), dtype=torch.uint8)
     kb = layout.frag_kblock(bits)
@@ -117,7 +134,7 @@ def test_frag_pack_roundtrip_and_fragment_order(bits):
     gen = torch.Generator().manual_seed(bits)
     for _ in range(50):
         rb, blk, v, g, q, p = (int(torch.randint(0, n, (1,), generator=gen)) for n in (3, k_pad // kb, 4, 8, 4, pw))
-        word = int(words[rb, (blk * 4 + v) * 32 + 4 * g + q]) & 0xFFFFFFFF
+        word = int(words[rb, (blk * 32 + 4 * g + q) * 4 + v]) & 0xFFFFFFFF
         u = pw * v + p
         row, k = 16 * rb + g + 8 * (u & 1), blk * kb + 16 * (u // 4) + 4 * q + 2 * ((u % 4) >> 1)
         assert (word >> (bits * p)) & mask == full[row, k]
@@ -311,8 +328,9 @@ def test_dispatch_forced_and_invalid_backends():
     assert m.resolve_backend(x) == "torch"
 
 
-def test_dispatch_auto_needs_no_grad(monkeypatch):
-    """auto takes the kernels only when usable and no gradient is needed (they have no backward)."""
+def test_dispatch_auto_needs_no_grad(monkeypatch, caplog):
+    """auto takes the kernels only when usable and no gradient is needed (they have no backward);
+    the log line names the kernels' layout."""
     from lqkit import kernels
 
     m = _module()
@@ -325,8 +343,9 @@ def test_dispatch_auto_needs_no_grad(monkeypatch):
 
     x = torch.randn(2, 320).as_subclass(FakeCuda)
     assert m.resolve_backend(x) == "torch"  # L, R require grad and grad mode is on
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("DEBUG", logger="lqkit.nn.linear"):
         assert m.resolve_backend(x) == "triton"
+    assert "backend triton (frag layout)" in caplog.text  # rtn 4-bit g64: the fragment layout
 
 
 def test_kernel_layout_cached_and_invalidated():

@@ -21,9 +21,9 @@ from typing import Mapping
 import torch
 
 from ..core.quant import QuantSpec
-from .layout import KernelWeight, prepare_weight
+from .layout import KernelWeight, auto_layout, prepare_weight
 
-__all__ = ["available", "prepare", "linear", "tune", "KernelWeight"]
+__all__ = ["available", "prepare", "linear", "tune", "auto_layout", "KernelWeight"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,8 +50,9 @@ def prepare(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSp
             shape: tuple[int, int], device: torch.device | str | None = None, layout: str = "auto") -> KernelWeight:
     """Convert one stored quantized matrix (packed codes + aux, as in ``core.quant``) into the
     kernels' layout on ``device``. Pure torch; do it once per layer, not per call. ``layout``:
-    "interleaved" (every format; the default) or "frag" (experimental: a tensor-core GEMV for 1-16
-    tokens, rtn/rtn_sym 2-7 bits with groups along ``in``; see bench/KERNELS.md for its status)."""
+    "auto" (the default: "frag" where it holds the format, else "interleaved"), "frag" (a
+    tensor-core GEMV for 1-16 tokens, rtn/rtn_sym 2-7 bits with groups along ``in``; more tokens:
+    dequantize + cuBLAS) or "interleaved" (every format; GEMV, tensor-core and tiled kernels)."""
     return prepare_weight(packed, aux, spec, shape, device, layout)
 
 

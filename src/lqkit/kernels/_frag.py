@@ -11,11 +11,14 @@ batch 1 does.
 
 The fp32 accumulators of a group's chunks are scaled once per group: y[n] = Σ_g a[n, g]·(V·x)_g +
 b[n, g]·xs[g] with a = s and b = o − s·2ᵇ (rtn) or b = −s·(2ᵇ + 2ᵇ⁻¹) (rtn_sym), xs[g] the group
-sums of x. The first programs of the grid compute xs and t = R·x (as bf16/fp16, like the torch
-path), the others wait for them through counters; K-splits write fp32 partials and the last
-program of a block to finish (atomic counter) sums them, adds the bias and the low-rank term
-L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment). Counters reset themselves:
-a call is one launch and CUDA-graph safe.
+sums of x, which a second ``mma`` with A = ones accumulates alongside (each program adds the
+offsets' share of its own part of a group: no prologue, no wait). A step of U k blocks issues all
+the next step's loads (16-byte word loads, the B fragments, the raw parameter words of every group
+that can end in it: one 8-byte load per lane and group, decoded only where used) before it uses its
+own. The first programs of the grid compute t = R·x (as bf16/fp16, like the torch path); K-splits
+write fp32 partials and the last program of a block to finish (atomic counter) sums them, adds the
+bias and the low-rank term L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment)
+once t is ready. Counters reset themselves: a call is one launch and CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -29,13 +32,11 @@ import triton.language as tl
 from ._jit import _rx_partial, _wait
 from .layout import KernelWeight
 
-_NC = 4  # xs programs done, R·x partials done, t ready, programs done; then one per block of rows
-_XG = 16  # groups per program of the xs prologue
+_NC = 3  # R·x partials done, t ready, programs done (with a low-rank term); then one per block of rows
 # inline PTX on GPUs; triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)
 # cannot run it and takes the emulations below
 ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 N_COUNTERS = tl.constexpr(_NC)
-XG = tl.constexpr(_XG)
 KC = 256  # k's per round trip of the R·x prologue
 
 
@@ -134,7 +135,7 @@ def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT: tl.constexpr):
 @triton.jit
 def _xpair(xrow, xo, K2, MASKED: tl.constexpr):
     """The lane's B-fragment registers: x's 32-bit pairs xo and xo + 1 of its token's row (one 8-byte
-    load; zero past K only in the masked tail block)."""
+    load; zero past K in the masked tail block)."""
     j = tl.arange(0, 2)
     ptr = xrow[:, None] + xo[:, None] + j[None, :]
     if MASKED:
@@ -145,131 +146,193 @@ def _xpair(xrow, xo, K2, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _zeros8(n: tl.constexpr):
+def _zeros(n: tl.constexpr, c: tl.constexpr):
     z = tl.zeros([n], dtype=tl.float32)
-    return (z, z, z, z, z, z, z, z)
+    out = ()
+    for _ in tl.static_range(c):
+        out = out + (z,)
+    return out
 
 
 @triton.jit
-def _chunk(W, xrow0, xrow1, xo, K2, C, c: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
-           MT: tl.constexpr, MASKED: tl.constexpr):
-    """One 16-k chunk: decode the lane's four A registers (pairs 4c … 4c + 3 of its words W), load
-    the B fragment, mma into C[0:4] [and C[4:8] for tokens 8-15, on the same A registers]."""
+def _chunk(W, X, xrow0, xrow1, xo, K2, C, c: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr,
+           MT: tl.constexpr, XP: tl.constexpr, MASKED: tl.constexpr):
+    """One 16-k chunk: decode the lane's four A registers (pairs 4c … 4c + 3 of its words W), take
+    the B fragment (prefetched in X with XP, else loaded here), mma into C[0:4] [and C[4:8] for
+    tokens 8-15, on the same A registers]; one more mma with A = ones adds the chunk's sums of x
+    (the offsets' share needs them) into C[8:12] [C[12:16]]: every row of that product is the same,
+    so C[8], C[9] hold the sums for tokens 2q, 2q + 1 (C[10], C[11] repeat them)."""
     PW: tl.constexpr = 16 // BITS
     a0 = _pair(W[(4 * c) // PW], (4 * c) % PW, BITS, DT)
     a1 = _pair(W[(4 * c + 1) // PW], (4 * c + 1) % PW, BITS, DT)
     a2 = _pair(W[(4 * c + 2) // PW], (4 * c + 2) % PW, BITS, DT)
     a3 = _pair(W[(4 * c + 3) // PW], (4 * c + 3) % PW, BITS, DT)
-    b0, b1 = _xpair(xrow0, xo, K2, MASKED)
+    ONE: tl.constexpr = 0x3C003C00 if DT == 1 else 0x3F803F80  # two 1.0 in fp16 / bf16
+    one = tl.full(a0.shape, ONE, tl.int32)
+    if XP:
+        b0, b1 = X[2 * c], X[2 * c + 1]
+    else:
+        b0, b1 = _xpair(xrow0, xo, K2, MASKED)
     c0, c1, c2, c3 = _mma(a0, a1, a2, a3, b0, b1, C[0], C[1], C[2], C[3], DT)
-    d0, d1, d2, d3 = C[4], C[5], C[6], C[7]
+    s0, s1, s2, s3 = _mma(one, one, one, one, b0, b1, C[8], C[9], C[10], C[11], DT)
+    d0, d1, d2, d3, t0, t1, t2, t3 = C[4], C[5], C[6], C[7], C[12], C[13], C[14], C[15]
     if MT == 2:
         e0, e1 = _xpair(xrow1, xo, K2, MASKED)
         d0, d1, d2, d3 = _mma(a0, a1, a2, a3, e0, e1, d0, d1, d2, d3, DT)
-    return (c0, c1, c2, c3, d0, d1, d2, d3)
+        t0, t1, t2, t3 = _mma(one, one, one, one, e0, e1, t0, t1, t2, t3, DT)
+    return (c0, c1, c2, c3, d0, d1, d2, d3, s0, s1, s2, s3, t0, t1, t2, t3)
 
 
 @triton.jit
-def _load_group(qp, kb, kend, U: tl.constexpr):
-    """The lane's 4 words of each of blocks kb … kb + U − 1 (zeros from kend on), as one tuple."""
+def _load_group(qp, xrow0, q, kb, kend, R, SROW, U: tl.constexpr, NCH: tl.constexpr, XP: tl.constexpr,
+                G: tl.constexpr, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr):
+    """One step's loads, all issued here, a step before their use: the lane's 4 words of each of
+    blocks kb … kb + U − 1 (one 16-byte load each; none from kend on: those registers are left
+    undefined and never used), with XP the B-fragment registers of their chunks, and the parameter
+    words of the NGI groups from the one holding k = kb·KB (every group that can end in the step);
+    as three tuples."""
+    KB: tl.constexpr = 16 * NCH
+    j = tl.arange(0, 4)
     ws = ()
+    xs = ()
     for u in tl.static_range(U):
         ok = kb + u < kend
-        for v in tl.static_range(4):
-            ws = ws + (tl.load(qp + (kb + u) * 128 + 32 * v, mask=ok, other=0),)
-    return ws
+        v = tl.load(qp[:, None] + (kb + u) * 128 + j[None, :], mask=ok)
+        v02, v13 = tl.split(v.reshape([qp.shape[0], 2, 2]))
+        w0, w2 = tl.split(v02)
+        w1, w3 = tl.split(v13)
+        ws = ws + (w0, w1, w2, w3)
+        if XP:
+            for c in tl.static_range(NCH):
+                xo = (kb + u) * (KB // 2) + 8 * c + 2 * q
+                b0, b1 = tl.split(tl.load(xrow0[:, None] + xo[:, None] + tl.arange(0, 2)[None, :], mask=ok))
+                xs = xs + (b0, b1)
+    ps = ()
+    for i in tl.static_range(NGI):
+        ps = ps + (_params(R[0], R[1], (kb * KB) // G + i, SROW, MODE, PDT),)
+    return ws, xs, ps
 
 
 @triton.jit
-def _params(s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M, gi, SROW, NGX, MODE: tl.constexpr,
-            VS: tl.constexpr, HALF: tl.constexpr, MT: tl.constexpr):
-    """P = group gi's (a, b) of the lane's two rows and the group sums of x of its C-fragment tokens;
-    requested one group ahead of their use."""
-    ok = gi < SROW
-    s0 = tl.load(s_ptr + row0 * SROW + gi, mask=ok, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + row1 * SROW + gi, mask=ok, other=0.0).to(tl.float32)
-    if MODE == 0:
-        b0 = tl.load(o_ptr + row0 * SROW + gi, mask=ok, other=0.0).to(tl.float32) - s0 * VS
-        b1 = tl.load(o_ptr + row1 * SROW + gi, mask=ok, other=0.0).to(tl.float32) - s1 * VS
+def _params(p_ptr, pbase, gi, SROW, MODE: tl.constexpr, PDT: tl.constexpr):
+    """Group gi's parameters of the lane's two rows, one load of the fragment-ordered tensor: (s_g,
+    s_g+8, o_g, o_g+8) (rtn) or (s_g, s_g+8) (rtn_sym), as raw 32-bit words (decoded by _ab where
+    used, so that nothing waits for the load before then)."""
+    NWD: tl.constexpr = (4 if MODE == 0 else 2) // (2 if PDT < 3 else 1)  # words per lane and group
+    j = tl.arange(0, NWD)
+    w = tl.load(p_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (pbase[:, None] + gi * 8) * NWD + j[None, :],
+                mask=gi < SROW)
+    if NWD == 1:
+        w = w.reshape([pbase.shape[0]])
+    return w
+
+
+@triton.jit
+def _pval(w, HI: tl.constexpr, PDT: tl.constexpr):
+    """A parameter as fp32 from its 32-bit word (PDT 1 fp16 / 2 bf16: the low or high half; 3 fp32)."""
+    if PDT == 3:
+        return w.to(tl.float32, bitcast=True)
+    return _half(w, HI, PDT)
+
+
+@triton.jit
+def _ab(v, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, PDT: tl.constexpr):
+    """(a0, a1, b0, b1) of both rows from _params' words: y += a·(mma sum) + b·(sum of x) with a = s
+    and b = o − s·2ᵇ (rtn) or −s·(2ᵇ + 2ᵇ⁻¹) (rtn_sym)."""
+    if PDT == 3:
+        if MODE == 0:
+            ss, oo = tl.split(v.reshape([v.shape[0], 2, 2]))  # (s_g, s_g+8), (o_g, o_g+8)
+            w0, w1 = tl.split(ss)
+            w2, w3 = tl.split(oo)
+            s0, s1, o0, o1 = _pval(w0, False, 3), _pval(w1, False, 3), _pval(w2, False, 3), _pval(w3, False, 3)
+        else:
+            w0, w1 = tl.split(v)
+            s0, s1 = _pval(w0, False, 3), _pval(w1, False, 3)
     else:
-        b0 = -s0 * (VS + HALF)
-        b1 = -s1 * (VS + HALF)
-    xa = tl.load(xs_ptr + tokA * NGX + gi, mask=ok & (tokA < M), other=0.0, cache_modifier=".cg")
-    xb = tl.load(xs_ptr + tokB * NGX + gi, mask=ok & (tokB < M), other=0.0, cache_modifier=".cg")
-    xa8 = tl.zeros(xa.shape, dtype=tl.float32)
-    xb8 = tl.zeros(xa.shape, dtype=tl.float32)
-    if MT == 2:
-        xa8 = tl.load(xs_ptr + (tokA + 8) * NGX + gi, mask=ok & (tokA + 8 < M), other=0.0, cache_modifier=".cg")
-        xb8 = tl.load(xs_ptr + (tokB + 8) * NGX + gi, mask=ok & (tokB + 8 < M), other=0.0, cache_modifier=".cg")
-    return (s0, s1, b0, b1, xa, xb, xa8, xb8)
+        if MODE == 0:
+            w0, w1 = tl.split(v)
+            s0, s1, o0, o1 = _pval(w0, False, PDT), _pval(w0, True, PDT), _pval(w1, False, PDT), _pval(w1, True, PDT)
+        else:
+            s0, s1 = _pval(v, False, PDT), _pval(v, True, PDT)
+    if MODE == 0:
+        return s0, s1, o0 - s0 * VS, o1 - s1 * VS
+    else:
+        return s0, s1, -s0 * (VS + HALF), -s1 * (VS + HALF)
 
 
 @triton.jit
-def _flush(A, C, P, R, gi, SROW, NGX, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr,
-           MT: tl.constexpr, PD: tl.constexpr, OFS: tl.constexpr = True):
-    """Group gi ends: A += a·C (+ b·xs, the offsets' share, with OFS); C = 0. P holds the parameters
-    of groups gi … gi + PD − 1 (8 values each, see _params): drop gi's, request gi + PD's.
-    R = (s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M)."""
-    a0 = A[0] + P[0] * C[0]
-    a1 = A[1] + P[0] * C[1]
-    a2 = A[2] + P[1] * C[2]
-    a3 = A[3] + P[1] * C[3]
-    a4 = A[4] + P[0] * C[4]
-    a5 = A[5] + P[0] * C[5]
-    a6 = A[6] + P[1] * C[6]
-    a7 = A[7] + P[1] * C[7]
-    if OFS:
-        a0 += P[2] * P[4]
-        a1 += P[2] * P[5]
-        a2 += P[3] * P[4]
-        a3 += P[3] * P[5]
-        a4 += P[2] * P[6]
-        a5 += P[2] * P[7]
-        a6 += P[3] * P[6]
-        a7 += P[3] * P[7]
-    nxt = ()
-    for i in tl.static_range(8, 8 * PD):
-        nxt = nxt + (P[i],)
-    nxt = nxt + _params(R[0], R[1], R[2], R[3], R[4], R[5], R[6], R[7], gi + PD, SROW, NGX, MODE, VS, HALF, MT)
-    return (a0, a1, a2, a3, a4, a5, a6, a7), _zeros8(C[0].shape[0]), nxt
+def _flush(A, C, Pw, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, PDT: tl.constexpr):
+    """A group ends (or this program's part of it): A += a·C + b·(C's sums of x) with the group's
+    parameter words Pw (_params); C = 0."""
+    sa, sb, ba, bb = _ab(Pw, MODE, VS, HALF, PDT)
+    a0 = A[0] + sa * C[0] + ba * C[8]
+    a1 = A[1] + sa * C[1] + ba * C[9]
+    a2 = A[2] + sb * C[2] + bb * C[8]
+    a3 = A[3] + sb * C[3] + bb * C[9]
+    a4 = A[4] + sa * C[4] + ba * C[12]
+    a5 = A[5] + sa * C[5] + ba * C[13]
+    a6 = A[6] + sb * C[6] + bb * C[12]
+    a7 = A[7] + sb * C[7] + bb * C[13]
+    return (a0, a1, a2, a3, a4, a5, a6, a7), _zeros(C[0].shape[0], 16)
 
 
 @triton.jit
-def _block(kb, W, xrow0, xrow1, q, K2, A, C, P, R, SROW, NGX, BITS: tl.constexpr, MODE: tl.constexpr,
+def _group_words(PS, gq, gi, R, SROW, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr):
+    """Group gi's parameter words: PS[gi − gq] of the NGI requested with this step's words, or (NGI
+    0: the tail block) loaded now."""
+    if NGI == 0:
+        v = _params(R[0], R[1], gi, SROW, MODE, PDT)
+    else:
+        d = gi - gq
+        v = PS[NGI - 1]
+        for i in tl.static_range(NGI - 1):
+            v = tl.where(d == NGI - 2 - i, PS[NGI - 2 - i], v)
+    return v
+
+
+@triton.jit
+def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.constexpr, MODE: tl.constexpr,
            G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
-           PD: tl.constexpr, MASKED: tl.constexpr):
-    """All chunks of k block kb (the lane's words W), with the group flushes that fall inside it."""
+           XP: tl.constexpr, MASKED: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr):
+    """All chunks of k block kb (the lane's words W, B fragments X), with the group flushes that
+    fall inside it (parameters PS of groups gq … gq + NGI − 1, see _group_words)."""
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block (4 words × P pairs / 4 registers)
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
     for c in tl.static_range(NCH):
         xo = kb * (KB // 2) + 8 * c + 2 * q  # x's 32-bit pair index of k = kb·KB + 16c + 4q
-        C = _chunk(W, xrow0, xrow1, xo, K2, C, c, BITS, DT, MT, MASKED)
+        C = _chunk(W, X, xrow0, xrow1, xo, K2, C, c, BITS, DT, MT, XP, MASKED)
         gc = kb * NCH + c
         if NCH % CPG == 0:  # groups end at fixed chunks of every block
             if (c + 1) % CPG == 0:
-                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT, PD)
+                A, C = _flush(A, C, _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT), MODE, VS, HALF, PDT)
         elif CPG % NCH == 0:  # a group spans whole blocks
             if c == NCH - 1:
                 if (kb + 1) % (CPG // NCH) == 0:
-                    A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT, PD)
+                    A, C = _flush(A, C, _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT), MODE, VS, HALF,
+                                  PDT)
         else:
             if (gc + 1) % CPG == 0:
-                A, C, P = _flush(A, C, P, R, gc // CPG, SROW, NGX, MODE, VS, HALF, MT, PD)
-    return A, C, P
+                A, C = _flush(A, C, _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT), MODE, VS, HALF, PDT)
+    return A, C
 
 
 @triton.jit
-def _xs_work(pid, x_ptr, xs_ptr, cnt_ptr, M, K, NGX, stride_xm, G: tl.constexpr, GP: tl.constexpr):
-    """Group sums xs[m, g] of x for XG groups of one token, in one round trip; then count it done."""
-    m = pid % M
-    g = (pid // M) * XG + tl.arange(0, XG)
-    i = tl.arange(0, GP)
-    k = g[:, None] * G + i[None, :]
-    xv = tl.load(x_ptr + m * stride_xm + k, mask=(i[None, :] < G) & (k < K), other=0.0).to(tl.float32)
-    tl.store(xs_ptr + m * NGX + g, tl.sum(xv, axis=1), mask=g < NGX)
-    tl.debug_barrier()
-    tl.atomic_add(cnt_ptr, 1)
+def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.constexpr, MODE: tl.constexpr,
+          G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
+          XP: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr, U: tl.constexpr):
+    """Blocks kb … kb + U − 1 (those before kf) from one step's loads (_load_group)."""
+    NCH: tl.constexpr = 16 // BITS
+    KB: tl.constexpr = 16 * NCH
+    for u in tl.static_range(U):
+        if kb + u < kf:
+            X = ()
+            if XP:
+                for c in tl.static_range(2 * NCH):
+                    X = X + (xs[2 * NCH * u + c],)
+            A, C = _block(kb + u, (ws[4 * u], ws[4 * u + 1], ws[4 * u + 2], ws[4 * u + 3]), X, ps, (kb * KB) // G,
+                          xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT, MT, XP, False, NGI, PDT)
+    return A, C
 
 
 @triton.jit
@@ -280,7 +343,7 @@ def _rx_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_
     _rx_partial(tid, x_ptr, r_ptr, tp_ptr, M, K, RANK, stride_xm, RP, KC_)
     tl.debug_barrier()
     r_off = tl.arange(0, RP)
-    if tl.atomic_add(cnt_ptr + 1, 1) == NTC * M - 1:
+    if tl.atomic_add(cnt_ptr, 1) == NTC * M - 1:
         c_off = tl.arange(0, 16)
         for mm in range(0, M):
             tv = tl.zeros([16, RP], dtype=tl.float32)
@@ -290,7 +353,7 @@ def _rx_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_
                               other=0.0, cache_modifier=".cg")
             tl.store(t_ptr + mm * RP + r_off, tl.sum(tv, axis=0).to(t_ptr.dtype.element_ty))
         tl.debug_barrier()
-        tl.atomic_add(cnt_ptr + 2, 1)
+        tl.atomic_add(cnt_ptr + 1, 1)
 
 
 @triton.jit
@@ -349,25 +412,24 @@ def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, l32_ptr, t32_ptr,
     _finish(v3, row1, tok0 + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
 
 
-@triton.jit(do_not_specialize=["M", "N", "SROW", "NKB", "BPS", "SPLIT", "NXC", "NGX", "NTC", "RANK", "sy"])
-def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_ptr, ws_ptr, tp_ptr, t_ptr,
-                 t32_ptr, xs_ptr, cnt_ptr, M, N, K, K2, SROW, NKB, BPS, SPLIT, NXC, NGX, NTC, RANK,
+@triton.jit(do_not_specialize=["M", "N", "SROW", "NKB", "BPS", "SPLIT", "NTC", "RANK", "sy"])
+def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_ptr, tp_ptr, t_ptr,
+                 t32_ptr, cnt_ptr, M, N, K, K2, SROW, NKB, BPS, SPLIT, NTC, RANK,
                  stride_xm, sx32, sy,
-                 BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, VS: tl.constexpr,
+                 BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-                 SPLITK: tl.constexpr, U: tl.constexpr, PD: tl.constexpr):
+                 SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr):
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
     WB: tl.constexpr = 4 * 32  # words per warp and block
+    XP: tl.constexpr = MT == 1  # B fragments requested with the words (one token group only: registers)
+    NGI: tl.constexpr = (U * KB) // G + 1  # the most groups that can end within one step
     pid = tl.program_id(0)
-    n_pre = (NXC + NTC) * M
-    if pid < n_pre:
-        if pid < NXC * M:  # group sums of x
-            _xs_work(pid, x_ptr, xs_ptr, cnt_ptr, M, K, NGX, stride_xm, G, GP)
-        else:  # t = R·x
-            _rx_work(pid - NXC * M, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP, KC_)
+    n_pre = NTC * M
+    if pid < n_pre:  # t = R·x
+        _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP, KC_)
     else:
         wid = pid - n_pre
         NB = tl.cdiv(N, 16 * NW)
@@ -382,48 +444,42 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_p
         row1 = row0 + 8
         tokA = 2 * q  # C-fragment tokens: 2q, 2q + 1 (+ 8 for the second token group)
         tokB = tokA + 1
-        qp = q_ptr + rb * (NKB * WB) + lane
+        qp = q_ptr + rb * (NKB * WB) + 4 * lane
         kb0 = ks * BPS
         kb1 = tl.minimum(kb0 + BPS, NKB)
         # B-fragment rows: token g (and g + 8); lanes past the last token read its row again (their
         # products land in output columns that are never stored)
         xrow0 = x32_ptr + tl.minimum(g, M - 1) * sx32
         xrow1 = x32_ptr + tl.minimum(g + 8, M - 1) * sx32
-        R = (s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M)
+        R = (p_ptr, rb * (SROW * 8) + g)
         # fp32 results (row0, tokA), (row0, tokB), (row1, tokA), (row1, tokB), then the same + 8 tokens;
-        # C: the current group's mma accumulators in the same order; P: its parameters (_params)
-        A = _zeros8(32 * NW)
-        C = _zeros8(32 * NW)
+        # C: the current group's mma accumulators in the same order, then its sums of x (_chunk)
+        A = _zeros(32 * NW, 8)
+        C = _zeros(32 * NW, 16)
         kf = tl.minimum(kb1, K2 // (KB // 2))  # blocks before kf have their x wholly inside K: no masks
-        # U blocks per iteration; the next U blocks' words are requested before this U's are decoded,
-        # so a warp has U to 2U blocks (U·512 to 2U·512 bytes) in flight
-        ws = _load_group(qp, kb0, kf, U)
-        _wait(cnt_ptr, NXC * M)  # group sums of x (the flushes need them)
-        P = ()  # the parameters of this program's first PD groups, requested before any is needed
-        for i in tl.static_range(PD):
-            P = P + _params(s_ptr, o_ptr, xs_ptr, row0, row1, tokA, tokB, M, (kb0 * NCH) // CPG + i, SROW, NGX,
-                            MODE, VS, HALF, MT)
+        # U blocks per step; the next step's loads (words, B fragments, parameters) are all issued
+        # before this step's are used, so a warp has U to 2U blocks (U·512 to 2U·512 bytes of words)
+        # in flight
+        ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT)
         for kb in range(kb0, kf, U):
-            nx = _load_group(qp, kb + U, kf, U)
-            for u in tl.static_range(U):
-                if kb + u < kf:
-                    A, C, P = _block(kb + u, (ws[4 * u], ws[4 * u + 1], ws[4 * u + 2], ws[4 * u + 3]), xrow0,
-                                     xrow1, q, K2, A, C, P, R, SROW, NGX, BITS, MODE, G, VS, HALF, DT, MT, PD,
-                                     False)
-            ws = nx
+            nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT)
+            A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT, MT,
+                         XP, NGI, PDT, U)
+            ws = nw_
+            xs = nx_
+            ps = np_
         for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
-            W = (tl.load(qp + kb * WB), tl.load(qp + kb * WB + 32), tl.load(qp + kb * WB + 64),
-                 tl.load(qp + kb * WB + 96))
-            A, C, P = _block(kb, W, xrow0, xrow1, q, K2, A, C, P, R, SROW, NGX, BITS, MODE, G, VS, HALF, DT, MT,
-                             PD, True)
-        # a split that ends inside a group: scale its part of that group; the offsets' share is added
-        # once, by the program where the group ends (the last group ends with K, wherever that falls)
+            wv = tl.load(qp[:, None] + kb * WB + tl.arange(0, 4)[None, :])
+            v02, v13 = tl.split(wv.reshape([32 * NW, 2, 2]))
+            w0, w2 = tl.split(v02)
+            w1, w3 = tl.split(v13)
+            A, C = _block(kb, (w0, w1, w2, w3), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS,
+                          HALF, DT, MT, False, True, 0, PDT)
+        # a split (or K) that ends inside a group: scale this program's part of that group (its
+        # offsets' share too: the sums of x in C are this program's part of the group's)
         gl = kb1 * NCH - 1
         if (gl + 1) % CPG != 0:
-            if kb1 == NKB:
-                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, PD, True)
-            else:
-                A, C, P = _flush(A, C, P, R, gl // CPG, SROW, NGX, MODE, VS, HALF, MT, PD, False)
+            A, C = _flush(A, C, _params(p_ptr, R[1], gl // CPG, SROW, MODE, PDT), MODE, VS, HALF, PDT)
         if SPLITK:
             _part(ws_ptr, A[0], row0, tokA, ks, N, M)
             _part(ws_ptr, A[1], row0, tokB, ks, N, M)
@@ -438,7 +494,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_p
             cidx = cnt_ptr + N_COUNTERS + nb
             if tl.atomic_add(cidx, 1) == SPLIT - 1:  # last split of this block of rows: reduce and finish
                 if HAS_LR:
-                    _wait(cnt_ptr + 2, 1)
+                    _wait(cnt_ptr + 1, 1)
                 _final(_psum(ws_ptr, row0, tokA, N, M, SPLIT), _psum(ws_ptr, row0, tokB, N, M, SPLIT),
                        _psum(ws_ptr, row1, tokA, N, M, SPLIT), _psum(ws_ptr, row1, tokB, N, M, SPLIT), row0, row1,
                        0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
@@ -450,26 +506,27 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l32_ptr, r_p
                 tl.store(cidx, 0)
         else:
             if HAS_LR:
-                _wait(cnt_ptr + 2, 1)
+                _wait(cnt_ptr + 1, 1)
             _final(A[0], A[1], A[2], A[3], row0, row1, 0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK,
                    sy, RP, DT, HAS_BIAS, HAS_LR)
             if MT == 2:
                 _final(A[4], A[5], A[6], A[7], row0, row1, 8, tokA + 8, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M,
                        RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
-    total = n_pre + tl.cdiv(N, 16 * NW) * SPLIT
-    if tl.atomic_add(cnt_ptr + 3, 1) == total - 1:  # the last program: reset the prologue counters
-        tl.store(cnt_ptr, 0)
-        tl.store(cnt_ptr + 1, 0)
-        tl.store(cnt_ptr + 2, 0)
-        tl.store(cnt_ptr + 3, 0)
+    if HAS_LR:
+        total = n_pre + tl.cdiv(N, 16 * NW) * SPLIT
+        if tl.atomic_add(cnt_ptr + 2, 1) == total - 1:  # the last program: reset the prologue counters
+            tl.store(cnt_ptr, 0)
+            tl.store(cnt_ptr + 1, 0)
+            tl.store(cnt_ptr + 2, 0)
 
 
 @triton.jit(do_not_specialize=["N", "K", "SROW", "NKB"])
-def _frag_dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, N, K, SROW, NKB, BITS: tl.constexpr, MODE: tl.constexpr,
+def _frag_dequant_kernel(w_ptr, q_ptr, p_ptr, N, K, SROW, NKB, BITS: tl.constexpr, MODE: tl.constexpr,
                          G: tl.constexpr, HALF: tl.constexpr, NW: tl.constexpr):
     """W[n, k] (row-major (N, K), w_ptr's dtype) for one (NW·16 rows × k block) of the fragment layout."""
     PW: tl.constexpr = 16 // BITS
     KB: tl.constexpr = 16 * PW
+    NP: tl.constexpr = 4 if MODE == 0 else 2  # parameters per (row block, group, g)
     nb = tl.program_id(0)
     kb = tl.program_id(1)
     r = tl.arange(0, 32 * NW)
@@ -477,17 +534,19 @@ def _frag_dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, N, K, SROW, NKB, BITS: tl.c
     g = lane // 4
     q = lane % 4
     rb = nb * NW + r // 32
-    qp = q_ptr + rb * (NKB * 128) + kb * 128 + lane
+    qp = q_ptr + rb * (NKB * 128) + kb * 128 + 4 * lane
     for v in tl.static_range(4):
-        w = tl.load(qp + 32 * v)
+        w = tl.load(qp + v)
         for p in tl.static_range(PW):
-            row = rb * 16 + g + 8 * (((v * PW + p) % 4) % 2)  # pair u = v·P + p: register u % 4 of chunk u // 4
+            h8 = ((v * PW + p) % 4) % 2  # pair u = v·P + p: register u % 4 of chunk u // 4
+            row = rb * 16 + g + 8 * h8
             for e in tl.static_range(2):
                 k = kb * KB + 16 * ((v * PW + p) // 4) + 4 * q + 2 * (((v * PW + p) % 4) // 2) + e
                 code = ((w >> (16 * e + BITS * p)) & ((1 << BITS) - 1)).to(tl.float32)
-                sv = tl.load(s_ptr + row * SROW + k // G).to(tl.float32)
+                pp = p_ptr + ((rb * SROW + k // G) * 8 + g) * NP + h8
+                sv = tl.load(pp).to(tl.float32)
                 if MODE == 0:
-                    val = sv * code + tl.load(o_ptr + row * SROW + k // G).to(tl.float32)
+                    val = sv * code + tl.load(pp + 2).to(tl.float32)
                 else:
                     val = sv * (code - HALF)
                 tl.store(w_ptr + row * K + k, val.to(w_ptr.dtype.element_ty), mask=(row < N) & (k < K))
@@ -497,6 +556,7 @@ def _frag_dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, N, K, SROW, NKB, BITS: tl.c
 # host side
 
 _DT = {torch.float16: 1, torch.bfloat16: 2}
+_PDT = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the parameters' (scales') dtype
 MAX_M = 16  # tokens per call the kernel takes (two mma token groups); more: dequantize + cuBLAS
 
 
@@ -512,9 +572,8 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.T
     w = torch.empty(n, k, dtype=dtype, device=kw.device)
     nw = 4
     _frag_dequant_kernel[(kw.n_pad // (16 * nw), kw.n_tiles)](
-        w, kw.qweight, kw.scale, kw.offset if kw.offset is not None else kw.scale, n, k, kw.scale.shape[1],
-        kw.n_tiles, BITS=kw.bits, MODE=kw.mode, G=kw.spec.group_size, HALF=float(2 ** (kw.bits - 1)), NW=nw,
-        num_warps=nw)
+        w, kw.qweight, kw.scale, n, k, kw.scale.shape[1], kw.n_tiles, BITS=kw.bits, MODE=kw.mode,
+        G=kw.spec.group_size, HALF=float(2 ** (kw.bits - 1)), NW=nw, num_warps=nw)
     return w
 
 
@@ -551,29 +610,24 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
         nw = cfg.warps
         nb = -(-n // (16 * nw))
         split, bps = T._split(kw, nb, cfg, x.device, multiple=cfg.pf)  # blocks per split: a multiple of U
-        ngx = kw.scale.shape[1]
-        nxc = -(-ngx // _XG)
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
-        g = kw.spec.group_size
-        return dict(grid=((nxc + ntc) * m + nb * split,), split=split, bps=bps, nxc=nxc, ntc=ntc, ngx=ngx,
+        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc,
                     cnt=T._counters(kw, _NC + nb + 1, x.device),
                     ws=T.split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
                     t=t, t32=t.view(torch.int32),
-                    xs=torch.empty(m * ngx, dtype=torch.float32, device=x.device),
-                    const=(kw.bits, kw.mode, g, triton.next_power_of_2(g), float(2 ** kw.bits),
-                           float(2 ** (kw.bits - 1)), nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC,
-                           bias is not None, has_lr, split > 1, cfg.pf, cfg.ahead))
+                    const=(kw.bits, kw.mode, kw.spec.group_size, float(2 ** kw.bits), float(2 ** (kw.bits - 1)),
+                           nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
+                           cfg.pf, _PDT[kw.scale.dtype]))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
     dummy = kw.scale
-    args = (xe, x32, y, kw.qweight, kw.scale, kw.offset if kw.offset is not None else dummy,
-            bias if bias is not None else dummy, Lc.view(torch.int32) if has_lr else dummy, Rc if has_lr else dummy,
-            p["ws"], p["tp"], p["t"], p["t32"], p["xs"], p["cnt"], m, n, k, x32.shape[1], kw.scale.shape[1],
-            kw.n_tiles, p["bps"], p["split"], p["nxc"], p["ngx"], p["ntc"], rank,
-            xe.stride(0), x32.stride(0), y.stride(0), *p["const"])
+    args = (xe, x32, y, kw.qweight, kw.scale, bias if bias is not None else dummy,
+            Lc.view(torch.int32) if has_lr else dummy, Rc if has_lr else dummy,
+            p["ws"], p["tp"], p["t"], p["t32"], p["cnt"], m, n, k, x32.shape[1], kw.scale.shape[1],
+            kw.n_tiles, p["bps"], p["split"], p["ntc"], rank, xe.stride(0), x32.stride(0), y.stride(0), *p["const"])
     T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg)
 
 
@@ -581,15 +635,14 @@ def candidates(kw: KernelWeight, m: int) -> list:
     from ._triton import Config
 
     out = []
-    for warps in (2, 4):
-        for u in (4, 8):
+    for warps in (4, 8):
+        for u in (2, 4):
             for occ in (2.0, 4.0):
-                for ahead in (1, 3):
-                    out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=u, ahead=ahead))
+                out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=u))
     return out
 
 
 def default_config():
     from ._triton import Config
 
-    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, ahead=2)
+    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)

@@ -594,7 +594,6 @@ class Config:
     split: int = 0  # 0: from occ
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); more programs fit per SM
     pf: int = 1  # gemv: weight tiles requested ahead of the one being decoded (1 or 2); frag: blocks per step (U)
-    ahead: int = 1  # frag: groups whose scales, offsets and x sums are requested ahead of their use
 
 
 GEMV_MAX_M = 4  # default: GEMV kernel up to this many tokens, GEMM kernel above

@@ -21,8 +21,8 @@ so padding adds nothing). Scales, offsets and absmax are padded the same way; fo
 they are stored transposed, (groups of n, k), so that a slice of 32 k's reads them contiguously.
 Double-quantized NF absmax is dequantized here once to float32.
 
-**Fragment layout** ("frag", experimental and opt-in: rtn / rtn_sym, 2–7 bits, groups of a
-multiple of 16 along ``in``). Built for the tensor-core GEMV of :mod:`._frag`, where one warp
+**Fragment layout** ("frag"; the default for the formats it holds: rtn / rtn_sym, 2–7 bits,
+groups of a multiple of 16 along ``in``). Built for the tensor-core GEMV of :mod:`._frag`, where one warp
 multiplies 16 rows at a time with ``mma.m16n8k16`` and each lane's 32-bit word *is* its operand:
 the two 16-bit halves of a word hold codes of the same row at adjacent k (slot p of the low half
 at k, of the high half at k + 1), so one shift and one ``lop3`` turn a word into a register of two
@@ -30,8 +30,12 @@ fp16/bf16 values 2ᵇ + code, exactly the A-fragment register the instruction wa
 codes per half and 4 words per lane (one 16-byte load), a block of 16 rows × 16·P k's is 4·32 words;
 word v of lane (g, q) (lane = 4g + q) holds pairs P·v … P·v + P − 1, and pair u is register u % 4
 of chunk u // 4 (16 k's): row g + 8·(u & 1), k = 16·chunk + 4q + 2·(u >> 1) (+1 in the high half).
-Words are stored block by block, ``[row block, k block, v, lane]``, so a warp's 32 lanes read
-128 contiguous bytes per word.
+Words are stored block by block, ``[row block, k block, lane, v]``: a lane's 4 words are one
+16-byte load and a warp reads 512 contiguous bytes per block.
+
+Its scales (and offsets) are stored in fragment order too, ``[row block, group, g, (s_g, s_g+8
+[, o_g, o_g+8])]`` (:func:`frag_params`), so a lane reads the parameters of both of its rows in one
+load per group; ``KernelWeight.scale`` holds that tensor and ``offset`` is None.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def frag_pack(codes: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
     c = c.reshape(n // 16, k_pad // kb, 8, 4, FRAG_WORDS, pw, 2)  # (rb, kb, g, q, v, p, e)
     shift = (16 * torch.arange(2, device=c.device).view(1, 2) + bits * torch.arange(pw, device=c.device).view(pw, 1))
     words = (c << shift).sum(dim=(-2, -1))  # (rb, kb, g, q, v): disjoint bits, so the sum is an or
-    words = words.permute(0, 1, 4, 2, 3).reshape(n // 16, -1)  # (rb, kb, v, lane = 4g + q)
+    words = words.reshape(n // 16, -1)  # (rb, kb, lane = 4g + q, v)
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32)
 
@@ -93,12 +97,27 @@ def frag_unpack(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     rbs = words.shape[0]
     pw, kb = 16 // bits, frag_kblock(bits)
     nkb = words.shape[1] // (FRAG_WORDS * LANES)
-    w = words.to(torch.int64).view(rbs, nkb, FRAG_WORDS, 8, 4).permute(0, 1, 3, 4, 2)  # (rb, kb, g, q, v)
+    w = words.to(torch.int64).view(rbs, nkb, 8, 4, FRAG_WORDS)  # (rb, kb, g, q, v)
     shift = (16 * torch.arange(2, device=w.device).view(1, 2) + bits * torch.arange(pw, device=w.device).view(pw, 1))
     c = (w[..., None, None] >> shift) & ((1 << bits) - 1)  # (rb, kb, g, q, v, p, e)
     c = c.reshape(rbs, nkb, 8, 4, kb // 16, 2, 2, 2)  # (rb, kb, g, q, chunk, kk, h8, e)
     c = c.permute(0, 6, 2, 1, 4, 3, 5, 7).reshape(rbs * 16, nkb * kb)
     return c[:, :k].to(torch.uint8)
+
+
+def frag_params(scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """(N, ng) scales [and offsets], N a multiple of 16 -> (N // 16, ng, 8, 2 or 4): for row block
+    rb, group j and lane row g: (s[g], s[g + 8]) [+ (o[g], o[g + 8])] of the block's rows."""
+    n, ng = scale.shape
+    parts = [t.reshape(n // 16, 2, 8, ng).permute(0, 3, 2, 1) for t in (scale, offset) if t is not None]
+    return torch.cat(parts, dim=-1).contiguous()
+
+
+def frag_unparams(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inverse of :func:`frag_params`: (scale, offset or None), each (N, ng)."""
+    rbs, ng = params.shape[:2]
+    out = [params[..., i:i + 2].permute(0, 3, 2, 1).reshape(rbs * 16, ng) for i in range(0, params.shape[-1], 2)]
+    return out[0], (out[1] if len(out) > 1 else None)
 
 
 def half_codes(bits: int) -> int:
@@ -120,8 +139,8 @@ class KernelWeight:
     spec: QuantSpec
     shape: tuple[int, int]  # (N, K) = (out, in)
     qweight: torch.Tensor  # int32 (NP, KP // S): interleaved words along K
-    scale: torch.Tensor  # 'in': (NP, NGP) per (n, group of k); 'out': (NGP, KP) per (group of n, k)
-    offset: torch.Tensor | None  # rtn only, same layout as scale
+    scale: torch.Tensor  # 'in': (NP, NGP) per (n, group of k); 'out': (NGP, KP) per (group of n, k); frag: frag_params
+    offset: torch.Tensor | None  # rtn only, same layout as scale (frag: inside scale, None here)
     lut: torch.Tensor | None  # nf only: float32 (2**bits,) levels
     n_pad: int
     k_pad: int
@@ -185,18 +204,23 @@ def _pad2(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 LAYOUTS = ("auto", "frag", "interleaved")
 
 
+def auto_layout(spec: QuantSpec) -> str:
+    """The layout ``prepare_weight(..., layout="auto")`` picks for a format."""
+    return "frag" if frag_ok(spec) else "interleaved"
+
+
 def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec,
                    shape: tuple[int, int], device: torch.device | str | None = None,
                    layout: str = "auto") -> KernelWeight:
     """Convert one stored quantized matrix into the kernels' layout (done once per layer).
-    ``layout``: "interleaved" (every format; the default, "auto") or "frag" (experimental: the
-    tensor-core GEMV of :mod:`._frag`, for the formats :func:`frag_ok` accepts)."""
+    ``layout``: "auto" (the default: "frag" for the formats :func:`frag_ok` accepts, else
+    "interleaved"), "frag" (the tensor-core GEMV of :mod:`._frag`) or "interleaved" (every format)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "frag" and not frag_ok(spec):
         raise ValueError(f"the fragment layout does not hold {spec.label()} (rtn/rtn_sym, 2-7 bits, "
                          "groups of a multiple of 16 along 'in'); use layout='interleaved'")
-    frag = layout == "frag"
+    frag = (auto_layout(spec) if layout == "auto" else layout) == "frag"
     device = torch.device(device) if device is not None else packed.device
     n, k = shape
     rows, cols = qmod.layout_shape(shape, spec)
@@ -231,6 +255,8 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
         dims = (-(-n_pad // g), k_pad)
     scale = _pad2(scale.contiguous(), *dims)
     offset = _pad2(offset.contiguous(), *dims) if offset is not None else None
+    if frag:
+        scale, offset = frag_params(scale, offset), None
     return KernelWeight(spec=spec, shape=(n, k), qweight=qweight, scale=scale, offset=offset, lut=lut,
                         n_pad=n_pad, k_pad=k_pad, layout="frag" if frag else "interleaved")
 
@@ -239,13 +265,15 @@ def reference_weight(kw: KernelWeight) -> torch.Tensor:
     """Dense fp32 (N, K) matrix decoded from the kernel layout (pure torch; for tests)."""
     n, k = kw.shape
     spec, g = kw.spec, kw.spec.group_size
+    scale, offset = kw.scale, kw.offset
     if kw.layout == "frag":
         codes = frag_unpack(kw.qweight, kw.bits, k)[:n].float()
+        scale, offset = frag_unparams(scale)
     else:
         codes = deinterleave(kw.qweight[:n], kw.bits, k).float()  # (N, K)
     if spec.group_dim == "in":
-        s = kw.scale[:n].float().repeat_interleave(g, dim=1)[:, :k]
-        o = kw.offset[:n].float().repeat_interleave(g, dim=1)[:, :k] if kw.offset is not None else None
+        s = scale[:n].float().repeat_interleave(g, dim=1)[:, :k]
+        o = offset[:n].float().repeat_interleave(g, dim=1)[:, :k] if offset is not None else None
     else:
         s = kw.scale[:, :k].float().repeat_interleave(g, dim=0)[:n]
         o = kw.offset[:, :k].float().repeat_interleave(g, dim=0)[:n] if kw.offset is not None else None

@@ -130,7 +130,12 @@ class CompressedLinear(nn.Module):
             key = (self.shape, self.spec.label(), chosen)
             level = logging.DEBUG if key in _LOGGED else logging.INFO
             _LOGGED.add(key)
-            log.log(level, "CompressedLinear(%dx%d, %s): backend %s", *self.shape, self.spec.label(), chosen)
+            how = chosen
+            if chosen == "triton":
+                from .. import kernels
+
+                how += f" ({kernels.auto_layout(qmod.kernel_spec(self.spec.quant))} layout)"
+            log.log(level, "CompressedLinear(%dx%d, %s): backend %s", *self.shape, self.spec.label(), how)
         return chosen
 
     def kernel_weight(self):
