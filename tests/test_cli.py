@@ -38,8 +38,10 @@ def test_compress_eval_inspect_smoke(tiny_model_dir, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["effective_bits"] is None
     r = run("inspect", str(out))
     assert r.returncode == 0 and "model.layers.1.mlp.down_proj" in r.stdout and "lq:rtn3/g32in+r4" in r.stdout
+    assert "triton/frag" in r.stdout  # where each matrix runs on a GPU (rtn 3-bit, groups along in)
     r = run("inspect", str(out), "--json")
-    assert len(json.loads(r.stdout)["plan"]) == 14
+    d = json.loads(r.stdout)
+    assert len(d["plan"]) == 14 and set(d["gpu"].values()) == {"triton/frag"}
 
 
 def _bad(args, tmp_path, expect):

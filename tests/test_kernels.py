@@ -118,6 +118,19 @@ def test_frag_params_order_and_roundtrip(with_offset):
     assert torch.equal(s2, s) and (torch.equal(o2, o) if with_offset else o2 is None)
 
 
+def test_path_for_names_where_a_format_runs():
+    from lqkit import kernels
+
+    assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=128)) == "triton/frag"
+    assert kernels.path_for(QuantSpec(method="gptq", bits=3, group_size=64)) == "triton/frag"  # rtn's codes
+    assert kernels.path_for(QuantSpec(method="rtn", bits=8, group_size=128)) == "triton/interleaved"
+    assert kernels.path_for(QuantSpec(method="nf", bits=4, group_size=64)) == "triton/interleaved"
+    assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=64, group_dim="out")) == "triton/interleaved"
+    assert kernels.path_for(QuantSpec(method="nuq", bits=3, group_size=128)) == "torch"
+    assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=128, outliers=0.01)) == "torch"
+    assert kernels.path_for(None) == "torch"
+
+
 @pytest.mark.parametrize("bits", range(2, 8))
 def test_frag_pack_roundtrip_and_fragment_order(bits):
     """Round trip, and the documented order: lane 4g + q, its word v (words [rb, kb, lane, v]), slot p -> row g + 8·(u & 1),

@@ -194,8 +194,14 @@ def evaluate(path: str | None, protocol: EvalProtocol = EvalProtocol(), *, text:
 
 
 def inspect(path: str) -> dict:
+    """A checkpoint's metadata, plus where each matrix runs on a GPU ("gpu": module -> path_for)."""
+    from . import kernels
+    from .plan import plan_from_json
+
     meta = checkpoint.read_meta(path)
-    return {k: meta.get(k) for k in ("lqkit_version", "created", "plan", "reports", "summary", "extra")}
+    out = {k: meta.get(k) for k in ("lqkit_version", "created", "plan", "reports", "summary", "extra")}
+    out["gpu"] = {n: kernels.path_for(spec.quant) for n, spec in plan_from_json(meta.get("plan") or {}).items()}
+    return out
 
 
 def plot_plan(path: str, png: str) -> None:
@@ -244,10 +250,12 @@ def format_allocation(a: dict) -> str:
 
 
 def format_inspect(report: dict) -> str:
-    rows = [f"{'module':<48} {'spec':<28} {'shape':>11} {'bits/param':>10} {'rel.err':>8}"]
+    gpu = report.get("gpu") or {}
+    rows = [f"{'module':<48} {'spec':<28} {'shape':>11} {'bits/param':>10} {'rel.err':>8}  {'on GPU'}"]
     for name, r in report["reports"].items():
         shape = "x".join(str(v) for v in r["shape"])
-        rows.append(f"{name:<48} {r['spec']:<28} {shape:>11} {r['bits_per_param']:>10.3f} {r['error']:>8.4f}")
+        rows.append(f"{name:<48} {r['spec']:<28} {shape:>11} {r['bits_per_param']:>10.3f} {r['error']:>8.4f}  "
+                    f"{gpu.get(name, '-')}")
     s = report.get("summary") or {}
     rows.append("")
     rows.append(f"effective bits {_fmt_bits(s.get('effective_bits'))} over {s.get('compressed_params', 0) / 1e6:.1f}M "

@@ -23,7 +23,7 @@ import torch
 from ..core.quant import QuantSpec
 from .layout import KernelWeight, auto_layout, prepare_weight
 
-__all__ = ["available", "prepare", "linear", "tune", "auto_layout", "KernelWeight"]
+__all__ = ["available", "prepare", "linear", "tune", "auto_layout", "path_for", "KernelWeight"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,6 +44,16 @@ def interpreting() -> bool:
 def available() -> bool:
     """True when the kernels can run here: triton importable and a CUDA device present."""
     return torch.cuda.is_available() and _triton_importable()
+
+
+def path_for(quant: QuantSpec | None) -> str:
+    """Where a matrix stored in this format runs on a CUDA GPU with triton: "triton/frag" (the
+    tensor-core GEMV's fragment layout), "triton/interleaved", or "torch" (no quantized part,
+    non-uniform codebooks, exactly kept outliers). Pure: imports neither triton nor CUDA."""
+    from ..core import quant as qmod
+
+    k = qmod.kernel_spec(quant) if quant is not None else None
+    return f"triton/{auto_layout(k)}" if k is not None else "torch"
 
 
 def prepare(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec,
