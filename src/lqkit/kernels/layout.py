@@ -138,7 +138,7 @@ class KernelWeight:
 
     spec: QuantSpec
     shape: tuple[int, int]  # (N, K) = (out, in)
-    qweight: torch.Tensor  # int32 (NP, KP // S): interleaved words along K
+    qweight: torch.Tensor  # int32 (NP, KP // S): interleaved words along K; frag: (NP // 16, k blocks · 128)
     scale: torch.Tensor  # 'in': (NP, NGP) per (n, group of k); 'out': (NGP, KP) per (group of n, k); frag: frag_params
     offset: torch.Tensor | None  # rtn only, same layout as scale (frag: inside scale, None here)
     lut: torch.Tensor | None  # nf only: float32 (2**bits,) levels
