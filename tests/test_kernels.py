@@ -229,7 +229,7 @@ FRAG = [f for f in FORMATS if layout.frag_ok(_spec(f))]
 @pytest.mark.cuda
 @pytest.mark.parametrize("i,f", list(enumerate(FRAG)), ids=[_fid(f) for f in FRAG])
 def test_frag_kernel_matches_torch(i, f):
-    """The tensor-core GEMV over the (opt-in) fragment layout: 1-16 tokens,
+    """The tensor-core GEMV over the fragment layout (the default where it holds the format): 1-16 tokens,
     split-K or not, 2 and 4 warps, one or more blocks per step, odd shapes, rank 0 / odd / even.
     In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts."""
     device = _device()
