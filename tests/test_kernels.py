@@ -230,7 +230,8 @@ FRAG = [f for f in FORMATS if layout.frag_ok(_spec(f))]
 @pytest.mark.parametrize("i,f", list(enumerate(FRAG)), ids=[_fid(f) for f in FRAG])
 def test_frag_kernel_matches_torch(i, f):
     """The tensor-core GEMV over the fragment layout (the default where it holds the format): 1-16 tokens,
-    split-K or not, 2 and 4 warps, one or more blocks per step, odd shapes, rank 0 / odd / even.
+    split-K or not, 2 and 4 warps, one or more blocks per step, odd shapes, rank 0 / odd / even; more
+    tokens in launches of 16; dequantize + cuBLAS.
     In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts."""
     device = _device()
     from lqkit.kernels import _triton as kt
@@ -242,18 +243,40 @@ def test_frag_kernel_matches_torch(i, f):
         kw, W, L, R, b = _case(f, shape, rank, bias, device, dtype, layout="frag")
         assert kw.layout == "frag"
         # few distinct compilations (the unrolled kernel takes 15-40 s each): the default, U = 1 and 2
-        configs = [(None, 1), (None, 40),  # default dispatch (40 tokens: dequantize + cuBLAS)
+        configs = [(None, 1), (None, 40 if device != "cpu" else 20),  # default (more than 16: launches of 16)
                    (kt.Config(kind="frag", bn=32, warps=2, occ=16.0, pf=1), 3),  # one block per step
                    (kt.Config(kind="frag", bn=64, warps=4, split=1, pf=2), 9),  # no split-K, tokens 8-15
                    (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, maxnreg=80), 16),  # many splits
                    (kt.Config(kind="dequant"), 4)]
+        if device != "cpu":  # more tokens: dequantize + cuBLAS by default
+            configs.append((None, 70))
         _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
+    with pytest.raises(ValueError, match="does not read the 'frag' layout"):  # interleaved-only kinds
+        kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="mma"))
+
+
+@pytest.mark.cuda
+def test_frag_default_config_by_tokens():
+    """The fragment layout's dispatch: its kernel up to SLICED_MAX_M tokens (in launches of 16), then
+    (and for fp32 activations) dequantize + cuBLAS; tuning tries both where both apply."""
+    device = _device()
+    from lqkit.kernels import _frag
+    from lqkit.kernels import _triton as kt
+
+    kw = _case(FRAG[0], (64, 256), 0, False, device, torch.float16, layout="frag")[0]
+    h = torch.float16
+    assert [kt.default_config(kw, m, h).kind for m in (1, 16, 17, _frag.SLICED_MAX_M, _frag.SLICED_MAX_M + 1)] == \
+        ["frag"] * 4 + ["dequant"]
+    assert kt.default_config(kw, 4, torch.float32).kind == "dequant"
+    assert {c.kind for c in kt.candidates(kw, 8, h)} == {"frag"}
+    assert {c.kind for c in kt.candidates(kw, 40, h)} == {"frag", "dequant"}
+    assert {c.kind for c in kt.candidates(kw, 256, h)} == {"dequant"}
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("f", FRAG, ids=_fid)
 def test_frag_dequantize_kernel(f):
-    """The fragment layout's decode-to-dense kernel (more than 16 tokens) gives the stored weight."""
+    """The fragment layout's decode-to-dense kernel (many tokens) gives the stored weight."""
     device = _device()
     from lqkit.kernels import _frag
 

@@ -18,7 +18,9 @@ that can end in it: one 8-byte load per lane and group, decoded only where used)
 own. The first programs of the grid compute t = R·x (as bf16/fp16, like the torch path); K-splits
 write fp32 partials and the last program of a block to finish (atomic counter) sums them, adds the
 bias and the low-rank term L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment)
-once t is ready. Counters reset themselves: a call is one launch and CUDA-graph safe.
+once t is ready. Counters reset themselves: a call is one launch and CUDA-graph safe. More than 16
+tokens: one launch per 16 (the default up to SLICED_MAX_M), else the weight decoded to dense
+(_frag_dequant_kernel) and cuBLAS.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import triton.language as tl
 from ._jit import _rx_partial, _wait
 from .layout import KernelWeight
 
-_NC = 3  # R·x partials done, t ready, programs done (with a low-rank term); then one per block of rows
+_NC = 3  # R·x partials done, t ready, finals done (with a low-rank term); then one per block of rows
 # inline PTX on GPUs; triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)
 # cannot run it and takes the emulations below
 ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
@@ -357,6 +359,16 @@ def _rx_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_
 
 
 @triton.jit
+def _lr_done(cnt_ptr, NB):
+    """A block's final program has seen t ready, so every R·x program is done: the last of the NB
+    finals resets the R·x counters (only the finals count, no program waits at the end)."""
+    if tl.atomic_add(cnt_ptr + 2, 1) == NB - 1:
+        tl.store(cnt_ptr, 0)
+        tl.store(cnt_ptr + 1, 0)
+        tl.store(cnt_ptr + 2, 0)
+
+
+@triton.jit
 def _finish(v, row, tok, N, M, y_ptr, b_ptr, sy, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         v += tl.load(b_ptr + row, mask=row < N, other=0.0).to(tl.float32)
@@ -495,6 +507,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             if tl.atomic_add(cidx, 1) == SPLIT - 1:  # last split of this block of rows: reduce and finish
                 if HAS_LR:
                     _wait(cnt_ptr + 1, 1)
+                    _lr_done(cnt_ptr, NB)
                 _final(_psum(ws_ptr, row0, tokA, N, M, SPLIT), _psum(ws_ptr, row0, tokB, N, M, SPLIT),
                        _psum(ws_ptr, row1, tokA, N, M, SPLIT), _psum(ws_ptr, row1, tokB, N, M, SPLIT), row0, row1,
                        0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
@@ -507,49 +520,48 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         else:
             if HAS_LR:
                 _wait(cnt_ptr + 1, 1)
+                _lr_done(cnt_ptr, NB)
             _final(A[0], A[1], A[2], A[3], row0, row1, 0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK,
                    sy, RP, DT, HAS_BIAS, HAS_LR)
             if MT == 2:
                 _final(A[4], A[5], A[6], A[7], row0, row1, 8, tokA + 8, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M,
                        RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
-    if HAS_LR:
-        total = n_pre + tl.cdiv(N, 16 * NW) * SPLIT
-        if tl.atomic_add(cnt_ptr + 2, 1) == total - 1:  # the last program: reset the prologue counters
-            tl.store(cnt_ptr, 0)
-            tl.store(cnt_ptr + 1, 0)
-            tl.store(cnt_ptr + 2, 0)
 
 
 @triton.jit(do_not_specialize=["N", "K", "SROW", "NKB"])
 def _frag_dequant_kernel(w_ptr, q_ptr, p_ptr, N, K, SROW, NKB, BITS: tl.constexpr, MODE: tl.constexpr,
-                         G: tl.constexpr, HALF: tl.constexpr, NW: tl.constexpr):
-    """W[n, k] (row-major (N, K), w_ptr's dtype) for one (NW·16 rows × k block) of the fragment layout."""
-    PW: tl.constexpr = 16 // BITS
-    KB: tl.constexpr = 16 * PW
+                         G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr):
+    """W (row-major (N, K), w_ptr's dtype) for one (BN × BK) tile, BK a divisor of the group size:
+    each element gathers its code from the fragment layout (a lane's word serves 32/b codes, so the
+    gathers hit L1), becomes 2ᵇ + code by the exponent trick and then a·v + b; rows are stored
+    contiguously."""
+    PW: tl.constexpr = 16 // BITS  # pairs per word
+    KB: tl.constexpr = 16 * PW  # k's per block
     NP: tl.constexpr = 4 if MODE == 0 else 2  # parameters per (row block, group, g)
-    nb = tl.program_id(0)
-    kb = tl.program_id(1)
-    r = tl.arange(0, 32 * NW)
-    lane = r % 32
-    g = lane // 4
-    q = lane % 4
-    rb = nb * NW + r // 32
-    qp = q_ptr + rb * (NKB * 128) + kb * 128 + 4 * lane
-    for v in tl.static_range(4):
-        w = tl.load(qp + v)
-        for p in tl.static_range(PW):
-            h8 = ((v * PW + p) % 4) % 2  # pair u = v·P + p: register u % 4 of chunk u // 4
-            row = rb * 16 + g + 8 * h8
-            for e in tl.static_range(2):
-                k = kb * KB + 16 * ((v * PW + p) // 4) + 4 * q + 2 * (((v * PW + p) % 4) // 2) + e
-                code = ((w >> (16 * e + BITS * p)) & ((1 << BITS) - 1)).to(tl.float32)
-                pp = p_ptr + ((rb * SROW + k // G) * 8 + g) * NP + h8
-                sv = tl.load(pp).to(tl.float32)
-                if MODE == 0:
-                    val = sv * code + tl.load(pp + 2).to(tl.float32)
-                else:
-                    val = sv * (code - HALF)
-                tl.store(w_ptr + row * K + k, val.to(w_ptr.dtype.element_ty), mask=(row < N) & (k < K))
+    n = (tl.program_id(0) * BN + tl.arange(0, BN))[:, None]
+    k = (tl.program_id(1) * BK + tl.arange(0, BK))[None, :]
+    gi = (tl.program_id(1) * BK) // G
+    # rows n = 16·rb + 8·h8 + g; k = KB·kb + 16·chunk + 4·q + 2·kk + e; pair u = 4·chunk + 2·kk + h8
+    # is slot u % PW of word u // PW of lane 4g + q, half e
+    rb = n // 16
+    h8 = (n // 8) % 2
+    g = n % 8
+    kk = k % KB
+    u = 4 * (kk // 16) + 2 * ((kk % 4) // 2) + h8
+    word = rb * (NKB * 128) + 16 * g + ((k // KB) * 128 + 4 * ((kk % 16) // 4)) + u // PW
+    ok = (n < N) & (k < K)
+    w = tl.load(q_ptr + word, mask=ok, other=0)
+    v = (((w >> (16 * (kk % 2) + BITS * (u % PW))) << (23 - BITS)) & (((1 << BITS) - 1) << (23 - BITS))) \
+        | ((127 + BITS) << 23)
+    v = v.to(tl.float32, bitcast=True)  # 2ᵇ + code, exact
+    pp = p_ptr + ((rb * SROW + gi) * 8 + g) * NP + h8
+    s = tl.load(pp, mask=n < N, other=0.0).to(tl.float32)
+    if MODE == 0:
+        b = tl.load(pp + 2, mask=n < N, other=0.0).to(tl.float32) - s * VS
+    else:
+        b = -s * (VS + HALF)
+    tl.store(w_ptr + n * K + k, (v * s + b).to(w_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,23 +569,27 @@ def _frag_dequant_kernel(w_ptr, q_ptr, p_ptr, N, K, SROW, NKB, BITS: tl.constexp
 
 _DT = {torch.float16: 1, torch.bfloat16: 2}
 _PDT = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the parameters' (scales') dtype
-MAX_M = 16  # tokens per call the kernel takes (two mma token groups); more: dequantize + cuBLAS
+MAX_M = 16  # tokens per launch of the fragment kernel (two mma token groups); more: one launch per 16
+SLICED_MAX_M = 48  # default: the fragment kernel (in launches of 16 tokens) up to this many, dequantize + cuBLAS above
 
 
 def ok(kw: KernelWeight, m: int, dtype: torch.dtype | None) -> bool:
-    """The fragment kernel runs this call (else: dequantize + cuBLAS); fp16 only in triton's CPU
-    interpreter (numpy has no bf16)."""
+    """The fragment kernel can run this call (more than MAX_M tokens: one launch per MAX_M); fp16
+    only in triton's CPU interpreter (numpy has no bf16)."""
     dts = _DT if ASM else (torch.float16,)
-    return kw.layout == "frag" and 1 <= m <= MAX_M and dtype in dts
+    return kw.layout == "frag" and m >= 1 and dtype in dts
 
 
 def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The (N, K) weight in ``dtype``, decoded on the GPU by one launch."""
     n, k = kw.shape
     w = torch.empty(n, k, dtype=dtype, device=kw.device)
-    nw = 4
-    _frag_dequant_kernel[(kw.n_pad // (16 * nw), kw.n_tiles)](
+    bn, bk = 64, 64
+    while kw.spec.group_size % bk:  # a tile's k's share one group (groups are multiples of 16)
+        bk //= 2
+    _frag_dequant_kernel[(-(-n // bn), -(-k // bk))](
         w, kw.qweight, kw.scale, n, k, kw.scale.shape[1], kw.n_tiles, BITS=kw.bits, MODE=kw.mode,
-        G=kw.spec.group_size, HALF=float(2 ** (kw.bits - 1)), NW=nw, num_warps=nw)
+        G=kw.spec.group_size, VS=float(2 ** kw.bits), HALF=float(2 ** (kw.bits - 1)), BN=bn, BK=bk, num_warps=4)
     return w
 
 
@@ -588,7 +604,12 @@ def _even(x: torch.Tensor) -> torch.Tensor:
 
 
 def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
-    """y (M, N) = the fragment kernel on x (M, K), fp16/bf16, M <= 16."""
+    """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens."""
+    for i in range(0, x.shape[0], MAX_M):
+        _launch16(x[i:i + MAX_M], y[i:i + MAX_M], kw, L, R, bias, has_lr, cfg)
+
+
+def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     from . import _triton as T
 
     n, k = kw.shape
@@ -631,18 +652,28 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg)
 
 
-def candidates(kw: KernelWeight, m: int) -> list:
+def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
+    """What :func:`.tune` tries: the fragment kernel (up to 64 tokens, in launches of 16) and, above
+    16 tokens, dequantize + cuBLAS."""
     from ._triton import Config
 
     out = []
-    for warps in (4, 8):
-        for u in (2, 4):
-            for occ in (2.0, 4.0):
-                out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=u))
+    if ok(kw, m, dtype) and m <= 64:
+        for warps in (4, 8):
+            for u in (2, 4):
+                for occ in (2.0, 4.0):
+                    out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=u))
+    if m > MAX_M or not out:
+        out.append(Config(kind="dequant"))
     return out
 
 
-def default_config():
+def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
+    """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
+    an H200, 4096×14336 4-bit: 2 launches at 32 tokens 57 µs vs 137 µs; at 64 tokens 113 vs 125 µs;
+    bench/KERNELS.md)."""
     from ._triton import Config
 
-    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)
+    if ok(kw, m, dtype) and m <= SLICED_MAX_M:
+        return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)
+    return Config(kind="dequant")

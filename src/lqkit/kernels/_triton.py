@@ -596,6 +596,7 @@ class Config:
     pf: int = 1  # gemv: weight tiles requested ahead of the one being decoded (1 or 2); frag: blocks per step (U)
 
 
+_KINDS = {"frag": ("frag", "dequant"), "interleaved": ("gemv", "mma", "gemm", "dequant")}
 GEMV_MAX_M = 4  # default: GEMV kernel up to this many tokens, GEMM kernel above
 MMA_MAX_M = 16  # default: the tensor-core kernel up to this many tokens, where the format allows
 DEQUANT_MIN_M = 32  # default: above this many tokens, dequantize and use cuBLAS
@@ -662,7 +663,7 @@ def mma_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
 
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> Config:
     if kw.layout == "frag":
-        return _frag.default_config() if _frag.ok(kw, m, dtype) else Config(kind="dequant")
+        return _frag.default_config(kw, m, dtype)
     if 1 < m <= MMA_MAX_M and dtype is not None and mma_ok(kw, dtype):
         return Config(kind="mma", bn=64, bm=16, warps=4, stages=3, occ=2.0)
     if m <= GEMV_MAX_M:
@@ -700,11 +701,12 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
         return y.view(*lead, n)
     has_lr = L is not None and R is not None and L.shape[1] > 0
     cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, x.dtype)) or default_config(kw, m, x.dtype)
-    if (cfg.kind == "frag") != (kw.layout == "frag") and cfg.kind != "dequant":
-        raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout")
+    if cfg.kind not in _KINDS[kw.layout]:
+        raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout "
+                         f"(kinds for it: {', '.join(_KINDS[kw.layout])})")
     if cfg.kind == "frag":
         if not _frag.ok(kw, m, x.dtype):
-            raise ValueError(f"the fragment kernel takes 1-{_frag.MAX_M} fp16/bf16 tokens, got {m} {x.dtype}")
+            raise ValueError(f"the fragment kernel takes fp16/bf16 tokens, got {x.dtype}")
         _frag.launch(x2, y, kw, L, R, bias, has_lr, cfg)
     elif cfg.kind == "mma":
         _launch_mma(x2, y, kw, L, R, bias, has_lr, cfg)
@@ -889,7 +891,7 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
     kernel reads the format it replaces the GEMV from 3 tokens on (measured 2× faster at 4 tokens
     on an H200, 6× at 16)."""
     if kw.layout == "frag":
-        return _frag.candidates(kw, m) if _frag.ok(kw, m, dtype) else [Config(kind="dequant")]
+        return _frag.candidates(kw, m, dtype)
     out: list[Config] = []
     mma = m <= 16 and dtype is not None and mma_ok(kw, dtype)
     if mma:
