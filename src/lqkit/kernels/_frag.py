@@ -186,6 +186,17 @@ def _chunk(W, X, xrow0, xrow1, xo, K2, C, c: tl.constexpr, BITS: tl.constexpr, D
 
 
 @triton.jit
+def _words(qp, kb, ok):
+    """The lane's 4 words of k block kb, one 16-byte load (none where ok is false: those registers
+    are left undefined and never used), as a tuple of the A-fragment words."""
+    v = tl.load(qp[:, None] + kb * 128 + tl.arange(0, 4)[None, :], mask=ok)
+    v02, v13 = tl.split(v.reshape([qp.shape[0], 2, 2]))
+    w0, w2 = tl.split(v02)
+    w1, w3 = tl.split(v13)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _load_group(qp, xrow0, q, kb, kend, R, SROW, U: tl.constexpr, NCH: tl.constexpr, XP: tl.constexpr,
                 G: tl.constexpr, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr):
     """One step's loads, all issued here, a step before their use: the lane's 4 words of each of
@@ -194,15 +205,11 @@ def _load_group(qp, xrow0, q, kb, kend, R, SROW, U: tl.constexpr, NCH: tl.conste
     words of the NGI groups from the one holding k = kb·KB (every group that can end in the step);
     as three tuples."""
     KB: tl.constexpr = 16 * NCH
-    j = tl.arange(0, 4)
     ws = ()
     xs = ()
     for u in tl.static_range(U):
         ok = kb + u < kend
-        v = tl.load(qp[:, None] + (kb + u) * 128 + j[None, :], mask=ok)
-        v02, v13 = tl.split(v.reshape([qp.shape[0], 2, 2]))
-        w0, w2 = tl.split(v02)
-        w1, w3 = tl.split(v13)
+        w0, w1, w2, w3 = _words(qp, kb + u, ok)
         ws = ws + (w0, w1, w2, w3)
         if XP:
             for c in tl.static_range(NCH):
@@ -481,12 +488,8 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             xs = nx_
             ps = np_
         for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
-            wv = tl.load(qp[:, None] + kb * WB + tl.arange(0, 4)[None, :])
-            v02, v13 = tl.split(wv.reshape([32 * NW, 2, 2]))
-            w0, w2 = tl.split(v02)
-            w1, w3 = tl.split(v13)
-            A, C = _block(kb, (w0, w1, w2, w3), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS,
-                          HALF, DT, MT, False, True, 0, PDT)
+            A, C = _block(kb, _words(qp, kb, kb < kb1), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G,
+                          VS, HALF, DT, MT, False, True, 0, PDT)
         # a split (or K) that ends inside a group: scale this program's part of that group (its
         # offsets' share too: the sums of x in C are this program's part of the group's)
         gl = kb1 * NCH - 1
