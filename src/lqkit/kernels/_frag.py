@@ -673,8 +673,7 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
 
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
     """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
-    an H200, 4096×14336 4-bit: 2 launches at 32 tokens 57 µs vs 137 µs; at 64 tokens 113 vs 125 µs;
-    bench/KERNELS.md)."""
+    an H200, 4096×14336 4-bit: 58 vs 122 µs at 32 tokens, 87 vs 123 µs at 48; bench/KERNELS.md)."""
     from ._triton import Config
 
     if ok(kw, m, dtype) and m <= SLICED_MAX_M:
