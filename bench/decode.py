@@ -5,7 +5,9 @@ SwiGLU MLP) runs with its 224 decoder linears either as bf16 ``F.linear`` or as 
 layers (rtn g128 + rank-16 L·R, fused Triton kernels); embeddings and lm_head stay bf16 in both.
 One decode step is captured in a CUDA graph for every variant (same loop, same graph treatment); the
 work between the linears (residual add + RMSNorm, RoPE, SiLU·up) runs through torch.compile in every
-variant (``--eager-glue``: eagerly);
+variant (``--eager-glue``: eagerly). ``--fuse`` (default ``both``) also runs every variant with
+q/k/v and gate/up as one launch each (lqkit: ``kernels.stack``, as ``lqkit.nn.fuse_shared_inputs``
+does for a model; bf16: one concatenated weight);
 tokens/s = batch × generated tokens / time of the generation loop. Weights are random (speed does
 not depend on their values), so the generated text is meaningless.
 
@@ -110,42 +112,79 @@ class Decoder:
         d = torch.zeros_like(h)
         for i, lin in enumerate(self.lin):
             h, a = g["add_rms"](h, d, self.norms[i][0])  # d: the previous layer's MLP output
-            q = g["rope"](lin["q"](a).view(b, 1, s.heads, s.head_dim), cos, sin)
-            k = g["rope"](lin["k"](a).view(b, 1, s.kv_heads, s.head_dim), cos, sin)
-            v = lin["v"](a).view(b, 1, s.kv_heads, s.head_dim)
+            qa, ka, va = lin["qkv"](a) if "qkv" in lin else (lin["q"](a), lin["k"](a), lin["v"](a))
+            q = g["rope"](qa.view(b, 1, s.heads, s.head_dim), cos, sin)
+            k = g["rope"](ka.view(b, 1, s.kv_heads, s.head_dim), cos, sin)
+            v = va.view(b, 1, s.kv_heads, s.head_dim)
             self.kc[i].index_copy_(2, pos, k.transpose(1, 2))
             self.vc[i].index_copy_(2, pos, v.transpose(1, 2))
             qg = q.view(b, s.kv_heads, grp, s.head_dim)  # the query heads of one KV head as its "queries"
             o = F.scaled_dot_product_attention(qg, self.kc[i], self.vc[i], attn_mask=mask)  # (B, KVH, grp, hd)
             h, m = g["add_rms"](h, lin["o"](o.reshape(b, 1, -1)), self.norms[i][1])
-            d = lin["down"](g["silu_mul"](lin["gate"](m), lin["up"](m)))
+            gm, um = lin["gateup"](m) if "gateup" in lin else (lin["gate"](m), lin["up"](m))
+            d = lin["down"](g["silu_mul"](gm, um))
         _, hn = g["add_rms"](h, d, self.final_norm)
         logits = F.linear(hn, self.lm_head)  # (B, 1, V)
         return logits.argmax(-1)
 
 
-def bf16_linears(weights):
-    return [{n: (lambda x, w=w[n]: F.linear(x, w)) for n in NAMES} for w in weights]
+FUSED = {"qkv": ("q", "k", "v"), "gateup": ("gate", "up")}  # --fuse: the linears that share an input
 
 
-def lqkit_linears(weights, bits: int, rank: int):
+def _split(y, sizes):
+    return torch.split(y, sizes, dim=-1)  # views, as nn.fuse's outputs are
+
+
+def bf16_linears(weights, fuse: bool = False):
+    """``F.linear`` per matrix; with ``fuse`` q/k/v and gate/up as one concatenated matrix each (the
+    same fusion as lqkit's, so that the comparison stays like for like)."""
+    out = []
+    for w in weights:
+        layer = {n: (lambda x, w=w[n]: F.linear(x, w)) for n in NAMES}
+        if fuse:
+            for f, parts in FUSED.items():
+                wc = torch.cat([w[p] for p in parts])
+                layer[f] = (lambda x, wc=wc, sz=[w[p].shape[0] for p in parts]: _split(F.linear(x, wc), sz))
+                for p in parts:
+                    del layer[p]
+        out.append(layer)
+    return out
+
+
+def lqkit_linears(weights, bits: int, rank: int, fuse: bool = False):
     """Quantize each bf16 weight (rtn g128 along in) and add random rank-r factors; returns the
-    callables and the stored bits per weight (codes, scales, offsets, factors)."""
+    callables and the stored bits per weight (codes, scales, offsets, factors). With ``fuse`` q/k/v and
+    gate/up run as one stacked launch each (``kernels.stack``, as ``lqkit.nn.fuse_shared_inputs`` does)."""
     spec = QuantSpec(method="rtn", bits=bits, group_size=128, group_dim="in")
     out, stored, count = [], 0, 0
     for w in weights:
-        layer = {}
+        parts = {}
         for n in NAMES:
             wt = w[n]
             q = qmod.quantize(wt.float(), spec)
             kw = kernels.prepare(q.packed, q.aux, spec, tuple(wt.shape), wt.device)
             L = (torch.randn(wt.shape[0], rank, device=wt.device) * 0.02).to(torch.bfloat16)
             R = (torch.randn(rank, wt.shape[1], device=wt.device) * 0.02).to(torch.bfloat16)
-            layer[n] = (lambda x, kw=kw, L=L, R=R: kernels.linear(x, kw, L, R))
-            layer[n].kw, layer[n].L, layer[n].R = kw, L, R
+            parts[n] = (kw, L, R)
             stored += q.nbits + (L.numel() + R.numel()) * 16
             count += wt.numel()
             del q
+        groups = {f: ps for f, ps in FUSED.items()} if fuse else {}
+        singles = [n for n in NAMES if not any(n in ps for ps in groups.values())]
+        layer = {}
+        for n in singles:
+            kw, L, R = parts[n]
+            layer[n] = (lambda x, kw=kw, L=L, R=R: kernels.linear(x, kw, L, R))
+            layer[n].kw, layer[n].L, layer[n].R = kw, L, R
+        for f, ps in groups.items():
+            kw, offs = kernels.stack([parts[p][0] for p in ps])
+            sizes = tuple(parts[p][0].shape[0] for p in ps)
+            L, R, _ = kernels.stack_factors([parts[p][1] for p in ps], [parts[p][2] for p in ps], [None] * len(ps),
+                                            sizes, offs, kw.shape[0])
+            assert offs == tuple(sum(sizes[:i]) for i in range(len(sizes)))  # no padding rows at these shapes
+            layer[f] = (lambda x, kw=kw, L=L, R=R, sz=list(sizes): _split(kernels.linear(x, kw, L, R), sz))
+            layer[f].kw, layer[f].L, layer[f].R = kw, L, R
+        del parts
         out.append(layer)
     return out, stored / count
 
@@ -199,6 +238,8 @@ def generate(dec: Decoder, batch: int, prompt: int, new: int, graph: bool = True
 def compiled_glue(s: Shape, batches: list[int]) -> dict | None:
     """The step's non-linear work through torch.compile (fused Triton kernels), one function each;
     compiled here for every batch size, or None (eager) when compiling fails."""
+    # one compilation per input shape and stride pattern (fused q/k/v outputs are strided views)
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
     glue = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in GLUE.items()}
     try:
         for b in batches:
@@ -242,8 +283,7 @@ def profile_step(dec: Decoder, batch: int, steps: int = 5) -> dict:
 def tune_layers(linears, batch: int, hidden_dtype=torch.bfloat16) -> dict:
     """Tune the kernel launch for each distinct layer shape at this batch (first layer's weights)."""
     chosen = {}
-    for n in NAMES:
-        f = linears[0][n]
+    for n, f in linears[0].items():
         x = torch.randn(batch, f.kw.shape[1], device="cuda", dtype=hidden_dtype)
         cfg, ms = kernels.tune(x, f.kw, f.L, f.R, None, rep_ms=10)
         chosen[n] = {"config": cfg.__dict__ if cfg else None, "us": round(ms * 1e3, 2)}
@@ -261,6 +301,8 @@ def main() -> None:
     ap.add_argument("--bits", default="3,4", help="comma-separated lqkit bit widths")
     ap.add_argument("--rank", type=int, default=16, help="rank of L·R")
     ap.add_argument("--jobs", type=int, default=14, help="worker processes that precompile kernels (0: none)")
+    ap.add_argument("--fuse", choices=["off", "on", "both"], default="both",
+                    help="q/k/v and gate/up as one launch each (bf16: one concatenated matrix), or not, or both")
     ap.add_argument("--profile", action="store_true", help="also record device time per kernel of one step")
     ap.add_argument("--eager-glue", action="store_true",
                     help="run norms, RoPE and SiLU eagerly (default: torch.compile, in every variant)")
@@ -282,14 +324,18 @@ def main() -> None:
     if args.jobs:  # compile the tuning candidates in parallel worker processes first
         from kernel_layers import precompile
 
-        precompile(args.jobs, False, bits_list=[int(b) for b in args.bits.split(",")], ranks=(args.rank,),
+        ranks = (args.rank,) + ((2 * args.rank, 3 * args.rank) if args.fuse != "off" else ())  # stacked: Σ ranks
+        precompile(args.jobs, False, bits_list=[int(b) for b in args.bits.split(",")], ranks=ranks,
                    tokens=tuple(batches))
     max_len = args.prompt + args.new + 8
-    variants = {"bf16": (bf16_linears(weights), 16.0)}
+    fuses = {"off": (False,), "on": (True,), "both": (False, True)}[args.fuse]
+    variants = {}  # name -> builder of (linears, bits per weight); built one at a time (memory)
+    for fz in fuses:
+        variants["bf16" + ("-fused" if fz else "")] = lambda fz=fz: (bf16_linears(weights, fz), 16.0)
     for bits in [int(b) for b in args.bits.split(",")]:
-        t = time.time()
-        variants[f"lqkit-rtn{bits}-g128-r{args.rank}"] = lqkit_linears(weights, bits, args.rank)
-        print(f"lqkit {bits}-bit layers prepared in {time.time() - t:.0f} s", flush=True)
+        for fz in fuses:
+            variants[f"lqkit-rtn{bits}-g128-r{args.rank}" + ("-fused" if fz else "")] = \
+                lambda bits=bits, fz=fz: lqkit_linears(weights, bits, args.rank, fz)
     from kernel_layers import env_info  # bench/kernel_layers.py (this script's folder is on sys.path)
 
     t = time.time()
@@ -302,9 +348,12 @@ def main() -> None:
                        "add + RMSNorm, RoPE and SiLU·up through torch.compile in every variant (unless glue is "
                        "eager); batch × new tokens / time of the generation loop (median of 3 runs).",
               "runs": []}
-    for name, (lin, bits_per_weight) in variants.items():
+    for name, build in variants.items():
+        t = time.time()
+        lin, bits_per_weight = build()
+        print(f"{name}: layers prepared in {time.time() - t:.0f} s", flush=True)
         for b in batches:
-            tuned = tune_layers(lin, b) if name != "bf16" else None
+            tuned = tune_layers(lin, b) if name.startswith("lqkit") else None
             dec = Decoder(s, lin, embed, lm_head, b, max_len, glue)
             r = generate(dec, b, args.prompt, args.new)
             r.update({"variant": name, "bits_per_weight": round(bits_per_weight, 3), "tuned": tuned})
@@ -321,14 +370,20 @@ def main() -> None:
             torch.cuda.empty_cache()
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1))
-    base = {r["batch"]: r["tokens_per_s"] for r in result["runs"] if r["variant"] == "bf16"}
-    for r in result["runs"]:
-        r["speedup_vs_bf16"] = round(r["tokens_per_s"] / base[r["batch"]], 2) if r["batch"] in base else None
+        del lin
+        torch.cuda.empty_cache()
+    tps = {(r["variant"], r["batch"]): r["tokens_per_s"] for r in result["runs"]}
+    for r in result["runs"]:  # against plain bf16, and against bf16 fused the same way
+        same = "bf16-fused" if r["variant"].endswith("-fused") else "bf16"
+        for key, base in (("speedup_vs_bf16", "bf16"), ("speedup_vs_bf16_same_fusion", same)):
+            b = tps.get((base, r["batch"]))
+            r[key] = round(r["tokens_per_s"] / b, 2) if b else None
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print("| variant | bits/weight | batch | tokens/s | ms/step | × bf16 |\n|---|---|---|---|---|---|")
+    print("| variant | bits/weight | batch | tokens/s | ms/step | × bf16 | × bf16 same fusion |\n"
+          "|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         print(f"| {r['variant']} | {r['bits_per_weight']} | {r['batch']} | {r['tokens_per_s']} | "
-              f"{r['ms_per_step']} | {r['speedup_vs_bf16']} |")
+              f"{r['ms_per_step']} | {r['speedup_vs_bf16']} | {r['speedup_vs_bf16_same_fusion']} |")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,29 @@ def test_frag_kernel_matches_torch(i, f):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("f", [FORMATS[0], FORMATS[10]], ids=_fid)  # fragment / interleaved layout
+def test_stacked_kernel_matches_members(f):
+    """Matrices stacked into one (nn.fuse's q/k/v, gate/up): one call gives every member's output,
+    with block-diagonal low-rank factors (ranks 5, 0, 3) and biases on some members only."""
+    device = _device()
+    dtype = torch.bfloat16 if device != "cpu" else torch.float16
+    from lqkit import kernels
+
+    k = 1000 if device != "cpu" else 333
+    members = [_case(f, (n, k), rank, bias, device, dtype) for n, rank, bias in ((40, 5, True), (24, 0, False),
+                                                                               (70, 3, True))]
+    s, offs = kernels.stack([c[0] for c in members])
+    assert s.layout == members[0][0].layout and offs == (0, 128, 256)
+    L, R, b = kernels.stack_factors([c[2] for c in members], [c[3] for c in members], [c[4] for c in members],
+                                    tuple(c[0].shape[0] for c in members), offs, s.shape[0])
+    for m in (1, 3) + ((17,) if device != "cpu" else ()):
+        x = torch.randn(m, k, device=device).to(dtype)
+        y = kernels.linear(x, s, L, R, b)
+        for (kw, W, Li, Ri, bi), o in zip(members, offs):
+            _check(y[:, o:o + kw.shape[0]], _ref(x, W, Li, Ri, bi))
+
+
+@pytest.mark.cuda
 def test_frag_default_config_by_tokens():
     """The fragment layout's dispatch: its kernel up to SLICED_MAX_M tokens (in launches of 16), then
     (and for fp32 activations) dequantize + cuBLAS; tuning tries both where both apply."""

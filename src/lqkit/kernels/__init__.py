@@ -23,9 +23,10 @@ from typing import Mapping
 import torch
 
 from ..core.quant import QuantSpec
-from .layout import KernelWeight, auto_layout, prepare_weight
+from .layout import KernelWeight, auto_layout, prepare_weight, stack_factors, stack_weights, stackable
 
-__all__ = ["available", "prepare", "linear", "tune", "auto_layout", "path_for", "KernelWeight"]
+__all__ = ["available", "prepare", "linear", "tune", "auto_layout", "path_for", "KernelWeight", "stack",
+           "stackable", "stack_factors"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +67,14 @@ def prepare(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSp
     tensor-core GEMV, rtn/rtn_sym 2-7 bits with groups along ``in``, up to 48 tokens in launches of
     16; more tokens: dequantize + cuBLAS) or "interleaved" (every format; GEMV, tensor-core and tiled kernels)."""
     return prepare_weight(packed, aux, spec, shape, device, layout)
+
+
+def stack(prepared: "list[KernelWeight]") -> tuple[KernelWeight, tuple[int, ...]]:
+    """Matrices that share an input (q/k/v, gate/up), same format and K, as one stacked matrix: one
+    launch computes all their outputs (fewer launches and fixed costs per decoder layer). Returns it
+    and the row where each member's output begins (``stackable`` says why a set cannot be stacked;
+    ``stack_factors`` stacks their L, R and bias to match). Pure torch."""
+    return stack_weights(prepared)
 
 
 def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,

@@ -282,3 +282,74 @@ def reference_weight(kw: KernelWeight) -> torch.Tensor:
     if kw.mode == 1:
         return (codes - (1 << (kw.bits - 1))) * s
     return kw.lut[codes.long()] * s
+
+
+def stackable(ws: "list[KernelWeight]") -> str | None:
+    """Why these matrices cannot be stacked into one (a reason), or None when they can: same format,
+    same K and layout, and a layout whose parameters run along the rows (fragment layout, or groups
+    along ``in``)."""
+    if len(ws) < 2:
+        return "fewer than two matrices"
+    a = ws[0]
+    for w in ws[1:]:
+        if w.spec != a.spec or w.layout != a.layout:
+            return f"formats differ ({a.spec.label()}/{a.layout} vs {w.spec.label()}/{w.layout})"
+        if w.shape[1] != a.shape[1] or w.k_pad != a.k_pad:
+            return f"input sizes differ ({a.shape[1]} vs {w.shape[1]})"
+        if w.scale.dtype != a.scale.dtype or w.device != a.device:
+            return "scales' dtypes or devices differ"
+    if a.layout != "frag" and a.spec.group_dim != "in":
+        return "groups along 'out' (their parameters do not stack by rows)"
+    return None
+
+
+def stack_weights(ws: "list[KernelWeight]") -> tuple[KernelWeight, tuple[int, ...]]:
+    """Matrices with one input (q/k/v, gate/up) as one (ΣN, K) matrix in the kernels' layout, and the
+    row where each begins in it (member i's rows: offsets[i] … offsets[i] + N_i; rows between members
+    are zero padding). Every layout pads N to a multiple of N_PAD, so the members' words and
+    parameters concatenate as they are."""
+    why = stackable(ws)
+    if why is not None:
+        raise ValueError(f"cannot stack these matrices: {why}")
+    offsets, row = [], 0
+    for w in ws:
+        offsets.append(row)
+        row += w.n_pad
+    a = ws[0]
+    stacked = KernelWeight(spec=a.spec, shape=(offsets[-1] + ws[-1].shape[0], a.shape[1]),
+                           qweight=_cat_rows([w.qweight for w in ws]), scale=_cat_rows([w.scale for w in ws]),
+                           offset=_cat_rows([w.offset for w in ws]), lut=a.lut, n_pad=row, k_pad=a.k_pad,
+                           layout=a.layout)
+    return stacked, tuple(offsets)
+
+
+def _cat_rows(ts: "list[torch.Tensor | None]") -> torch.Tensor | None:
+    return torch.cat(ts, dim=0) if ts[0] is not None else None
+
+
+def stack_factors(Ls: "list[torch.Tensor | None]", Rs: "list[torch.Tensor | None]",
+                  biases: "list[torch.Tensor | None]", sizes: "tuple[int, ...]", offsets: "tuple[int, ...]",
+                  n: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The stacked matrix's low-rank factors and bias: R the members' R one above the other (Σr, K),
+    L block-diagonal (n, Σr) (member i's rows see only its own rank), the biases at their rows (zero
+    where a member has none). None where no member has one. Pure torch."""
+    ranks = [L.shape[1] if L is not None else 0 for L in Ls]
+    L = R = b = None
+    if sum(ranks):
+        ref = next(t for t in Ls if t is not None)
+        rr = next(t for t in Rs if t is not None)
+        L = torch.zeros(n, sum(ranks), dtype=ref.dtype, device=ref.device)
+        R = torch.zeros(sum(ranks), rr.shape[1], dtype=rr.dtype, device=rr.device)
+        c = 0
+        for Li, Ri, r, o, s in zip(Ls, Rs, ranks, offsets, sizes):
+            if r:
+                L[o:o + s, c:c + r] = Li
+                R[c:c + r] = Ri
+                c += r
+    if any(t is not None for t in biases):
+        ref = next(t for t in biases if t is not None)
+        b = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+        for bi, o, s in zip(biases, offsets, sizes):
+            if bi is not None:
+                b[o:o + s] = bi
+    return L, R, b

@@ -93,7 +93,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resolve_backend(x) == "triton":
-            return self._kernel_forward(x)
+            group = self.__dict__.get("_shared_input")  # nn.fuse: siblings computed in one launch
+            return group.forward(self, x) if group is not None else self._kernel_forward(x)
         y = None
         if self.spec.quant is not None:
             w = self._dense_q if self._dense_q is not None else self.dequantized_weight(x.dtype)

@@ -1,0 +1,167 @@
+"""Sibling compressed layers that read the same input (q/k/v, gate/up) run as one kernel launch.
+
+At batch 1 a decoder's small projections cost mostly fixed per-launch work (the launch, the
+low-rank prologue, the split-K reduction), not bytes. :func:`fuse_shared_inputs` finds, by running
+the model once, which :class:`CompressedLinear` layers always receive the *same* input tensor, and
+ties each such set (same format and input size) to a :class:`SharedInputGroup`: on the kernel path
+the first member called computes every member's output in one launch over their stacked weights
+(``kernels.stack``) and hands the others theirs when they are called with that same tensor. Any
+architecture works (nothing is matched by name); the torch path, training and calls with another
+input are unchanged. :func:`unfuse` undoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core import quant as qmod
+from .linear import CompressedLinear
+
+log = logging.getLogger(__name__)
+_ATTR = "_shared_input"  # where a member keeps its group (module __dict__, not a submodule or buffer)
+
+
+@dataclass
+class _Pending:
+    """Outputs computed for the input ``x`` (at version ``version``) not yet handed to every member."""
+
+    x: torch.Tensor
+    version: int
+    outs: tuple[torch.Tensor, ...]
+    served: set[int] = field(default_factory=set)
+
+
+class SharedInputGroup:
+    """Members computed together: one launch over their stacked weights per shared input."""
+
+    def __init__(self, names: tuple[str, ...], members: list[CompressedLinear]):
+        self.names = names
+        self.members = members
+        self.launches = 0  # stacked launches so far (for tests and inspection)
+        self._pending: _Pending | None = None
+        self._stack: tuple | None = None  # (key, weight, (L, R, bias), row offsets)
+
+    def __repr__(self) -> str:
+        return f"SharedInputGroup({' + '.join(self.names)})"
+
+    def forward(self, member: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s output for ``x`` (the caller already chose the kernel path)."""
+        i = next(j for j, m in enumerate(self.members) if m is member)
+        p = self._pending
+        if p is not None and p.x is x and p.version == x._version and i not in p.served:
+            p.served.add(i)
+            if len(p.served) == len(self.members):
+                self._pending = None  # all handed out: hold no tensors
+            return p.outs[i]
+        if any(m.resolve_backend(x) != "triton" for m in self.members if m is not member):
+            return member._kernel_forward(x)  # a sibling needs the torch path (e.g. a gradient)
+        outs = self._run(x)
+        self._pending = _Pending(x, x._version, outs, {i})
+        return outs[i]
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from .. import kernels
+
+        weight, (L, R, bias), offsets = self._stacked()
+        y = kernels.linear(x, weight, L, R, bias)
+        self.launches += 1
+        return tuple(y[..., o:o + m.out_features] for o, m in zip(offsets, self.members))
+
+    def _stacked(self):
+        """The members' stacked kernel weight and factors, rebuilt only when a member's stored
+        tensors change (moved, reloaded, fine-tuned)."""
+        from .. import kernels
+
+        tensors = [t for m in self.members for t in (m.qcodes, *m.aux().values(), m.L, m.R, m.bias) if t is not None]
+        key = tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        if self._stack is None or self._stack[0] != key:
+            self._stack = None  # free the old stack before building the new one
+            ws = [kernels.prepare(m.qcodes, m.aux(), qmod.kernel_spec(m.spec.quant), m.shape, m.qcodes.device)
+                  for m in self.members]
+            weight, offsets = kernels.stack(ws)
+            del ws
+            with torch.no_grad():
+                factors = kernels.stack_factors(
+                    [m.L.detach() if m.L is not None else None for m in self.members],
+                    [m.R.detach() if m.R is not None else None for m in self.members],
+                    [m.bias.detach() if m.bias is not None else None for m in self.members],
+                    tuple(m.out_features for m in self.members), offsets, weight.shape[0])
+            self._stack = (key, weight, factors, offsets)
+        return self._stack[1:]
+
+
+def _fusable_key(m: CompressedLinear):
+    """Members must agree on this to stack (None: this layer cannot be stacked)."""
+    from ..kernels import layout
+
+    k = qmod.kernel_spec(m.spec.quant) if m.spec.quant is not None else None
+    if k is None or (layout.auto_layout(k) != "frag" and k.group_dim != "in"):
+        return None
+    return (k, m.in_features)
+
+
+def find_shared_inputs(model: nn.Module, *args, **kwargs) -> list[tuple[str, ...]]:
+    """Run ``model(*args, **kwargs)`` once (no gradient) and return the sets of CompressedLinear
+    names that received the same input tensor in every call, split by format (only layers of one
+    format and input size stack); sets of one are left out."""
+    mods = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    seen: list[tuple[str, torch.Tensor, int]] = []  # the inputs are held, so their ids stay unique
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: seen.append((name, inp[0], inp[0]._version)))
+             for name, m in mods.items()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    by_input: dict[tuple[int, int], set[str]] = {}
+    for name, x, v in seen:
+        by_input.setdefault((id(x), v), set()).add(name)
+    partners: dict[str, frozenset[str]] = {}
+    for name, x, v in seen:  # who shared every one of this layer's inputs
+        s = frozenset(by_input[(id(x), v)])
+        partners[name] = s if name not in partners else partners[name] & s
+    groups, done = [], set()
+    for name in mods:
+        s = partners.get(name)
+        if s is None or name in done or len(s) < 2 or any(partners.get(o) != s for o in s):
+            continue
+        done |= s
+        by_key: dict = {}
+        for o in (n for n in mods if n in s):  # model order
+            key = _fusable_key(mods[o])
+            if key is not None:
+                by_key.setdefault(key, []).append(o)
+        groups += [tuple(g) for g in by_key.values() if len(g) > 1]
+    return groups
+
+
+def fuse_shared_inputs(model: nn.Module, *args, **kwargs) -> list[SharedInputGroup]:
+    """Find the layers that share inputs (:func:`find_shared_inputs`, one forward of ``model`` on
+    the example inputs) and tie each set to a :class:`SharedInputGroup`: on the kernel path their
+    outputs then come from one launch. Outputs are views into one (…, ΣN) tensor. Returns the groups
+    (:func:`unfuse` removes them)."""
+    unfuse(model)
+    mods = dict(model.named_modules())
+    groups = []
+    for names in find_shared_inputs(model, *args, **kwargs):
+        g = SharedInputGroup(names, [mods[n] for n in names])
+        for m in g.members:
+            m.__dict__[_ATTR] = g
+        groups.append(g)
+    log.info("fused %d sets of layers that share an input%s", len(groups),
+             f", e.g. {' + '.join(groups[0].names)}" if groups else "")
+    return groups
+
+
+def unfuse(model: nn.Module) -> int:
+    """Undo :func:`fuse_shared_inputs`; returns how many layers were in a group."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, CompressedLinear) and m.__dict__.pop(_ATTR, None) is not None:
+            n += 1
+    return n
