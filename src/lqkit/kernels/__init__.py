@@ -9,7 +9,7 @@ lqkit`` works without either. Usage::
 Covers every stored format: rtn / rtn_sym at 2..8 bits, nf at 2/3/4 bits (with or without
 double-quantized absmax), groups along "in" or "out", any group size (multiples of 32 take the
 fast paths). See :mod:`.layout` for the layouts, :mod:`._frag` for the fragment layout's tensor-core
-GEMV (the default where it holds the format: 1–48 tokens, in launches of 16; dequantize + cuBLAS for
+GEMV (the default where it holds the format: 1–32 tokens, in launches of 16; dequantize + cuBLAS for
 more) and :mod:`._triton` for the interleaved layout's kernels (a GEMV kernel for one token, a
 tensor-core kernel for 2–16, tiled ``tl.dot`` or dequantize + cuBLAS for more).
 """
@@ -64,7 +64,7 @@ def prepare(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSp
     """Convert one stored quantized matrix (packed codes + aux, as in ``core.quant``) into the
     kernels' layout on ``device``. Pure torch; do it once per layer, not per call. ``layout``:
     "auto" (the default: "frag" where it holds the format, else "interleaved"), "frag" (a
-    tensor-core GEMV, rtn/rtn_sym 2-7 bits with groups along ``in``, up to 48 tokens in launches of
+    tensor-core GEMV, rtn/rtn_sym 2-7 bits with groups along ``in``, up to 32 tokens in launches of
     16; more tokens: dequantize + cuBLAS) or "interleaved" (every format; GEMV, tensor-core and tiled kernels)."""
     return prepare_weight(packed, aux, spec, shape, device, layout)
 

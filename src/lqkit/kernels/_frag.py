@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._jit import _rx_partial, _wait
-from .layout import KernelWeight
+from .layout import KernelWeight, frag_kblock
 
 _NC = 3  # R·x partials done, t ready, finals done (with a low-rank term); then one per block of rows
 # inline PTX on GPUs; triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)
@@ -531,32 +531,45 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                        RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
 
 
-@triton.jit(do_not_specialize=["N", "K", "SROW", "NKB"])
+@triton.jit(do_not_specialize=["N", "SROW", "NKB"])  # K specialized (16 | K: rows start aligned, 16-byte stores)
 def _frag_dequant_kernel(w_ptr, q_ptr, p_ptr, N, K, SROW, NKB, BITS: tl.constexpr, MODE: tl.constexpr,
                          G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr):
-    """W (row-major (N, K), w_ptr's dtype) for one (BN × BK) tile, BK a divisor of the group size:
-    each element gathers its code from the fragment layout (a lane's word serves 32/b codes, so the
-    gathers hit L1), becomes 2ᵇ + code by the exponent trick and then a·v + b; rows are stored
-    contiguously."""
+    """W (row-major (N, K), w_ptr's dtype) for one (BN × BK) tile, BK a divisor of the group size and
+    of the k block: each element gathers its code from the fragment layout (a lane's word serves 32/b
+    codes, so the gathers hit L1), becomes 2ᵇ + code by the exponent trick and then a·v + b; rows are
+    stored contiguously. The word index and shift are split into a row part and a column part (computed
+    once per row / column of the tile), so an element costs a few adds; tiles inside W take no masks."""
     PW: tl.constexpr = 16 // BITS  # pairs per word
     KB: tl.constexpr = 16 * PW  # k's per block
     NP: tl.constexpr = 4 if MODE == 0 else 2  # parameters per (row block, group, g)
-    n = (tl.program_id(0) * BN + tl.arange(0, BN))[:, None]
-    k = (tl.program_id(1) * BK + tl.arange(0, BK))[None, :]
-    gi = (tl.program_id(1) * BK) // G
-    # rows n = 16·rb + 8·h8 + g; k = KB·kb + 16·chunk + 4·q + 2·kk + e; pair u = 4·chunk + 2·kk + h8
-    # is slot u % PW of word u // PW of lane 4g + q, half e
+    pn = tl.program_id(0)
+    pk = tl.program_id(1)
+    n = (pn * BN + tl.arange(0, BN))[:, None]
+    j = tl.arange(0, BK)[None, :]
+    k = pk * BK + j
+    gi = (pk * BK) // G
+    kb = (pk * BK) // KB  # the tile's k block (BK divides KB)
+    # rows n = 16·rb + 8·h8 + g; k = KB·kb + 16·chunk + 4·q + 2·kk + e; pair u = 4·chunk + 2·kk + h8 is
+    # slot u % PW of word u // PW of lane 4g + q, half e. With cu = u − h8 (even, columns only):
     rb = n // 16
     h8 = (n // 8) % 2
     g = n % 8
-    kk = k % KB
-    u = 4 * (kk // 16) + 2 * ((kk % 4) // 2) + h8
-    word = rb * (NKB * 128) + 16 * g + ((k // KB) * 128 + 4 * ((kk % 16) // 4)) + u // PW
+    kk = (pk * BK) % KB + j
+    cu = 4 * (kk // 16) + 2 * ((kk % 4) // 2)
+    word = rb * (NKB * 128) + 16 * g + (kb * 128 + 4 * ((kk % 16) // 4) + cu // PW)
+    shift = (16 * (kk % 2) + BITS * (cu % PW)) + BITS * h8
+    if PW % 2 == 1:  # odd PW (3 and 5 bits): cu % PW + h8 can reach the next word
+        carry = ((cu % PW) + h8 >= PW).to(tl.int32)
+        word += carry
+        shift -= (BITS * PW) * carry
+    full = ((pn + 1) * BN <= N) & ((pk + 1) * BK <= K)
     ok = (n < N) & (k < K)
-    w = tl.load(q_ptr + word, mask=ok, other=0)
-    v = (((w >> (16 * (kk % 2) + BITS * (u % PW))) << (23 - BITS)) & (((1 << BITS) - 1) << (23 - BITS))) \
-        | ((127 + BITS) << 23)
+    if full:
+        w = tl.load(q_ptr + word)
+    else:
+        w = tl.load(q_ptr + word, mask=ok, other=0)
+    v = (((w >> shift) << (23 - BITS)) & (((1 << BITS) - 1) << (23 - BITS))) | ((127 + BITS) << 23)
     v = v.to(tl.float32, bitcast=True)  # 2ᵇ + code, exact
     pp = p_ptr + ((rb * SROW + gi) * 8 + g) * NP + h8
     s = tl.load(pp, mask=n < N, other=0.0).to(tl.float32)
@@ -564,7 +577,11 @@ def _frag_dequant_kernel(w_ptr, q_ptr, p_ptr, N, K, SROW, NKB, BITS: tl.constexp
         b = tl.load(pp + 2, mask=n < N, other=0.0).to(tl.float32) - s * VS
     else:
         b = -s * (VS + HALF)
-    tl.store(w_ptr + n * K + k, (v * s + b).to(w_ptr.dtype.element_ty), mask=ok)
+    out = (v * s + b).to(w_ptr.dtype.element_ty)
+    if full:
+        tl.store(w_ptr + n * K + k, out)
+    else:
+        tl.store(w_ptr + n * K + k, out, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,7 +590,7 @@ def _frag_dequant_kernel(w_ptr, q_ptr, p_ptr, N, K, SROW, NKB, BITS: tl.constexp
 _DT = {torch.float16: 1, torch.bfloat16: 2}
 _PDT = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}  # the parameters' (scales') dtype
 MAX_M = 16  # tokens per launch of the fragment kernel (two mma token groups); more: one launch per 16
-SLICED_MAX_M = 48  # default: the fragment kernel (in launches of 16 tokens) up to this many, dequantize + cuBLAS above
+SLICED_MAX_M = 32  # default: the fragment kernel (in launches of 16 tokens) up to this many, dequantize + cuBLAS above
 
 
 def ok(kw: KernelWeight, m: int, dtype: torch.dtype | None) -> bool:
@@ -587,9 +604,10 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.T
     """The (N, K) weight in ``dtype``, decoded on the GPU by one launch."""
     n, k = kw.shape
     w = torch.empty(n, k, dtype=dtype, device=kw.device)
-    bn, bk = 64, 64
-    while kw.spec.group_size % bk:  # a tile's k's share one group (groups are multiples of 16)
+    bk = 64
+    while kw.spec.group_size % bk or frag_kblock(kw.bits) % bk:  # one group and one k block per tile
         bk //= 2
+    bn = 4096 // bk
     _frag_dequant_kernel[(-(-n // bn), -(-k // bk))](
         w, kw.qweight, kw.scale, n, k, kw.scale.shape[1], kw.n_tiles, BITS=kw.bits, MODE=kw.mode,
         G=kw.spec.group_size, VS=float(2 ** kw.bits), HALF=float(2 ** (kw.bits - 1)), BN=bn, BK=bk, num_warps=4)
@@ -673,7 +691,9 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
 
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
     """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
-    an H200, 4096×14336 4-bit: 58 vs 122 µs at 32 tokens, 87 vs 123 µs at 48; bench/KERNELS.md)."""
+    an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
+    tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
+    between 32 and 64 tokens; bench/KERNELS.md)."""
     from ._triton import Config
 
     if ok(kw, m, dtype) and m <= SLICED_MAX_M:
