@@ -284,6 +284,12 @@ def reference_weight(kw: KernelWeight) -> torch.Tensor:
     return kw.lut[codes.long()] * s
 
 
+def rows_stack(layout: str, spec: QuantSpec) -> bool:
+    """Whether matrices in this layout and format stack by rows: their parameters run along the rows
+    (the fragment layout, or groups along ``in``)."""
+    return layout == "frag" or spec.group_dim == "in"
+
+
 def stackable(ws: "list[KernelWeight]") -> str | None:
     """Why these matrices cannot be stacked into one (a reason), or None when they can: same format,
     same K and layout, and a layout whose parameters run along the rows (fragment layout, or groups
@@ -298,7 +304,7 @@ def stackable(ws: "list[KernelWeight]") -> str | None:
             return f"input sizes differ ({a.shape[1]} vs {w.shape[1]})"
         if w.scale.dtype != a.scale.dtype or w.device != a.device:
             return "scales' dtypes or devices differ"
-    if a.layout != "frag" and a.spec.group_dim != "in":
+    if not rows_stack(a.layout, a.spec):
         return "groups along 'out' (their parameters do not stack by rows)"
     return None
 

@@ -99,7 +99,7 @@ def _fusable_key(m: CompressedLinear):
     from ..kernels import layout
 
     k = qmod.kernel_spec(m.spec.quant) if m.spec.quant is not None else None
-    if k is None or (layout.auto_layout(k) != "frag" and k.group_dim != "in"):
+    if k is None or not layout.rows_stack(layout.auto_layout(k), k):
         return None
     return (k, m.in_features)
 
@@ -110,8 +110,10 @@ def find_shared_inputs(model: nn.Module, *args, **kwargs) -> list[tuple[str, ...
     format and input size stack); sets of one are left out."""
     mods = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
     seen: list[tuple[str, torch.Tensor, int]] = []  # the inputs are held, so their ids stay unique
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: seen.append((name, inp[0], inp[0]._version)))
-             for name, m in mods.items()]
+    def hook(name):  # layers called with keyword arguments only are never grouped
+        return lambda mod, inp: seen.append((name, inp[0], inp[0]._version)) if inp else None
+
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in mods.items()]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
