@@ -169,7 +169,7 @@ def lqkit_linears(weights, bits: int, rank: int, fuse: bool = False):
             stored += q.nbits + (L.numel() + R.numel()) * 16
             count += wt.numel()
             del q
-        groups = {f: ps for f, ps in FUSED.items()} if fuse else {}
+        groups = FUSED if fuse else {}
         singles = [n for n in NAMES if not any(n in ps for ps in groups.values())]
         layer = {}
         for n in singles:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core import quant as qmod
-from .linear import CompressedLinear
+from .linear import CompressedLinear, tensors_key
 
 log = logging.getLogger(__name__)
 _ATTR = "_shared_input"  # where a member keeps its group (module __dict__, not a submodule or buffer)
@@ -76,12 +76,11 @@ class SharedInputGroup:
         tensors change (moved, reloaded, fine-tuned)."""
         from .. import kernels
 
-        tensors = [t for m in self.members for t in (m.qcodes, *m.aux().values(), m.L, m.R, m.bias) if t is not None]
-        key = tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        key = tensors_key(t for m in self.members for t in (m.qcodes, *m.aux().values(), m.L, m.R, m.bias)
+                          if t is not None)
         if self._stack is None or self._stack[0] != key:
             self._stack = None  # free the old stack before building the new one
-            ws = [kernels.prepare(m.qcodes, m.aux(), qmod.kernel_spec(m.spec.quant), m.shape, m.qcodes.device)
-                  for m in self.members]
+            ws = [m.prepare_kernel_weight() for m in self.members]
             weight, offsets = kernels.stack(ws)
             del ws
             with torch.no_grad():

@@ -142,16 +142,19 @@ class CompressedLinear(nn.Module):
     def kernel_weight(self):
         """Q in the kernels' layout, prepared once and rebuilt only when the stored buffers change
         (moved to another device, reloaded)."""
-        from .. import kernels
-
-        bufs = (self.qcodes, *self.aux().values())
-        key = tuple((t.device, t.data_ptr(), t._version) for t in bufs)
+        key = tensors_key((self.qcodes, *self.aux().values()))
         cached = self.__dict__.get("_kernel_cache")
         if cached is None or cached[0] != key:
-            cached = (key, kernels.prepare(self.qcodes, self.aux(), qmod.kernel_spec(self.spec.quant), self.shape,
-                                            self.qcodes.device))
+            cached = (key, self.prepare_kernel_weight())
             self.__dict__["_kernel_cache"] = cached
         return cached[1]
+
+    def prepare_kernel_weight(self):
+        """Q converted into the kernels' layout now, on the buffers' device (not cached)."""
+        from .. import kernels
+
+        return kernels.prepare(self.qcodes, self.aux(), qmod.kernel_spec(self.spec.quant), self.shape,
+                               self.qcodes.device)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels
@@ -160,6 +163,12 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.label()}"
+
+
+def tensors_key(ts) -> tuple:
+    """Identifies the current contents of these tensors (device, storage, in-place version): a cache
+    keyed on it is rebuilt when one is moved, reloaded or changed in place."""
+    return tuple((t.device, t.data_ptr(), t._version) for t in ts)
 
 
 @contextmanager
