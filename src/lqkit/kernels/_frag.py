@@ -15,11 +15,13 @@ sums of x, which a second ``mma`` with A = ones accumulates alongside (each prog
 offsets' share of its own part of a group: no prologue, no wait). A step of U k blocks issues all
 the next step's loads (16-byte word loads, the B fragments, the raw parameter words of every group
 that can end in it: one 8-byte load per lane and group, decoded only where used) before it uses its
-own. The first programs of the grid compute t = R·x (as bf16/fp16, like the torch path); K-splits
-write fp32 partials and the last program of a block to finish (atomic counter) sums them, adds the
-bias and the low-rank term L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment)
-once t is ready. Counters reset themselves: a call is one launch and CUDA-graph safe. More than 16
-tokens: one launch per 16 (the default up to SLICED_MAX_M), else the weight decoded to dense
+own. The first programs of the grid compute t = R·x (as bf16/fp16, like the torch path) and the last
+of them raises a ready flag per block of rows; K-splits write fp32 partials and the last program of a
+block to finish (atomic counter) reads its flag with the partials (8 per round trip), sums them, adds
+the bias and the low-rank term L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment,
+its loads issued before the handshake) and lowers the flag. Counters and flags reset themselves: a
+call is one launch and CUDA-graph safe. More than 16 tokens: one launch per 16 (the default up to
+SLICED_MAX_M), else the weight decoded to dense
 (_frag_dequant_kernel) and cuBLAS.
 """
 
@@ -31,15 +33,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import _rx_partial, _wait
+from ._jit import _rx_partial
 from .layout import KernelWeight, frag_kblock
 
-_NC = 3  # R·x partials done, t ready, finals done (with a low-rank term); then one per block of rows
+# R·x partials done; then a split-K counter per block of rows; then (with a low-rank term) a t-ready flag per block
+_NC = 1
 # inline PTX on GPUs; triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)
 # cannot run it and takes the emulations below
 ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 N_COUNTERS = tl.constexpr(_NC)
-KC = 256  # k's per round trip of the R·x prologue
+KC = 256  # k's per program of the R·x prologue
+PSUM_UNROLL = 8  # split-K partials per round trip of a block's final program
 
 
 @triton.jit
@@ -345,34 +349,41 @@ def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.const
 
 
 @triton.jit
-def _rx_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP: tl.constexpr,
-            KC_: tl.constexpr):
+def _rx_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP: tl.constexpr,
+             KC_: tl.constexpr, NW: tl.constexpr):
     """Partial t = R[:, chunk]·x[m, chunk] over KC_ k's; the last partial to finish sums them all
-    into t (M, RP) in x's dtype and raises the ready flag."""
+    (fixed order: the same t on every call) into t (M, RP) in x's dtype, resets the partials'
+    counter and raises every block's ready flag."""
     _rx_partial(tid, x_ptr, r_ptr, tp_ptr, M, K, RANK, stride_xm, RP, KC_)
     tl.debug_barrier()
     r_off = tl.arange(0, RP)
     if tl.atomic_add(cnt_ptr, 1) == NTC * M - 1:
-        c_off = tl.arange(0, 16)
+        c_off = tl.arange(0, 64)
         for mm in range(0, M):
-            tv = tl.zeros([16, RP], dtype=tl.float32)
-            for c0 in range(0, NTC, 16):  # 16 partials per round trip
+            tv = tl.zeros([64, RP], dtype=tl.float32)
+            for c0 in range(0, NTC, 64):  # 64 partials per round trip
                 cc = c0 + c_off
                 tv += tl.load(tp_ptr + (cc[:, None] * M + mm) * RP + r_off[None, :], mask=(cc < NTC)[:, None],
                               other=0.0, cache_modifier=".cg")
             tl.store(t_ptr + mm * RP + r_off, tl.sum(tv, axis=0).to(t_ptr.dtype.element_ty))
+        tl.store(cnt_ptr, 0)  # every partial has arrived
         tl.debug_barrier()
-        tl.atomic_add(cnt_ptr + 1, 1)
+        f_off = tl.arange(0, 32 * NW)
+        for f0 in range(0, NB, 32 * NW):  # release: t is written before any flag reads 1
+            tl.atomic_xchg(cnt_ptr + N_COUNTERS + NB + f0 + f_off, 1, mask=f0 + f_off < NB)
 
 
 @triton.jit
-def _lr_done(cnt_ptr, NB):
-    """A block's final program has seen t ready, so every R·x program is done: the last of the NB
-    finals resets the R·x counters (only the finals count, no program waits at the end)."""
-    if tl.atomic_add(cnt_ptr + 2, 1) == NB - 1:
-        tl.store(cnt_ptr, 0)
-        tl.store(cnt_ptr + 1, 0)
-        tl.store(cnt_ptr + 2, 0)
+def _t_ready(flag_ptr, rdy):
+    """Wait for this block's t-ready flag (``rdy``: a relaxed read issued earlier, so its round trip
+    overlapped other loads), acquire, then lower the flag for the next call (only this program reads it)."""
+    while rdy < 1:
+        rdy = _flag_read(flag_ptr, ASM)
+    if ASM:  # acquire: t's loads below see what the R·x program wrote before it raised the flag
+        rdy = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [rdy], dtype=tl.int32,
+                                        is_pure=False, pack=1)
+    tl.debug_barrier()  # every lane has seen it
+    tl.store(flag_ptr, rdy - rdy)
 
 
 @triton.jit
@@ -388,43 +399,79 @@ def _part(ws_ptr, v, row, tok, ks, N, M):
 
 
 @triton.jit
-def _psum(ws_ptr, row, tok, N, M, SPLIT):
-    tot = tl.zeros(row.shape, dtype=tl.float32)
-    for s in range(0, SPLIT):
-        tot += tl.load(ws_ptr + (s * M + tok) * N + row, mask=(row < N) & (tok < M), other=0.0,
-                       cache_modifier=".cg")
-    return tot
+def _psum(ws_ptr, row0, row1, tokA, tokB, N, M, SPLIT, SU: tl.constexpr):
+    """Σ of the SPLIT partials of a thread's four (row, token) results, SU partials per round trip:
+    the 4·SU loads are all issued before the first is used (a loop per result over SPLIT waited once
+    per few partials and result)."""
+    t0 = tl.zeros(row0.shape, dtype=tl.float32)
+    t1 = tl.zeros(row0.shape, dtype=tl.float32)
+    t2 = tl.zeros(row0.shape, dtype=tl.float32)
+    t3 = tl.zeros(row0.shape, dtype=tl.float32)
+    m0 = (row0 < N) & (tokA < M)
+    m1 = (row0 < N) & (tokB < M)
+    m2 = (row1 < N) & (tokA < M)
+    m3 = (row1 < N) & (tokB < M)
+    for s0 in range(0, SPLIT, SU):
+        for j in tl.static_range(SU):
+            s = s0 + j
+            t0 += tl.load(ws_ptr + (s * M + tokA) * N + row0, mask=m0 & (s < SPLIT), other=0.0, cache_modifier=".cg")
+            t1 += tl.load(ws_ptr + (s * M + tokB) * N + row0, mask=m1 & (s < SPLIT), other=0.0, cache_modifier=".cg")
+            t2 += tl.load(ws_ptr + (s * M + tokA) * N + row1, mask=m2 & (s < SPLIT), other=0.0, cache_modifier=".cg")
+            t3 += tl.load(ws_ptr + (s * M + tokB) * N + row1, mask=m3 & (s < SPLIT), other=0.0, cache_modifier=".cg")
+    return t0, t1, t2, t3
 
 
 @triton.jit
-def _lowrank(v0, v1, v2, v3, row0, row1, tb, l32_ptr, t32_ptr, N, M, RANK, RP: tl.constexpr, DT: tl.constexpr):
-    """+ L·t for one token group (tokens tb + 0..7): L (N, RANK) read as 32-bit pairs in A-fragment
-    order, t (M, RP) in x's dtype (zero-padded to RP) as the B fragment."""
-    lane = tl.arange(0, row0.shape[0]) % 32
-    q = lane % 4
-    tk = tb + lane // 4
+def _flag_read(flag_ptr, ASM_: tl.constexpr):
+    """A relaxed read of a flag, issued where it stands (inline PTX: not sunk past later loads)."""
+    if ASM_:
+        return tl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [flag_ptr], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    else:
+        return tl.atomic_add(flag_ptr, 0, sem="relaxed")
+
+
+@triton.jit
+def _lfrag(row0, row1, l32_ptr, N, RANK, RP: tl.constexpr):
+    """L (N, RANK) as the A fragments of the low-rank term (32-bit pairs, one tuple entry per register
+    of each 16-rank chunk): loaded before a program knows whether it finishes its block of rows, so
+    their latency hides behind the split-K handshake."""
+    q = tl.arange(0, row0.shape[0]) % 4
     r2 = RANK // 2  # 32-bit pairs per row of L
-    c0 = tl.zeros(row0.shape, dtype=tl.float32)
-    c1 = tl.zeros(row0.shape, dtype=tl.float32)
-    c2 = tl.zeros(row0.shape, dtype=tl.float32)
-    c3 = tl.zeros(row0.shape, dtype=tl.float32)
+    out = ()
     for c in tl.static_range(RP // 16):
         p = 8 * c + 2 * q  # pair index of rank 16c + 4q
-        a0 = tl.load(l32_ptr + row0 * r2 + p, mask=(row0 < N) & (p < r2), other=0)
-        a1 = tl.load(l32_ptr + row1 * r2 + p, mask=(row1 < N) & (p < r2), other=0)
-        a2 = tl.load(l32_ptr + row0 * r2 + p + 1, mask=(row0 < N) & (p + 1 < r2), other=0)
-        a3 = tl.load(l32_ptr + row1 * r2 + p + 1, mask=(row1 < N) & (p + 1 < r2), other=0)
+        out = out + (tl.load(l32_ptr + row0 * r2 + p, mask=(row0 < N) & (p < r2), other=0),
+                     tl.load(l32_ptr + row1 * r2 + p, mask=(row1 < N) & (p < r2), other=0),
+                     tl.load(l32_ptr + row0 * r2 + p + 1, mask=(row0 < N) & (p + 1 < r2), other=0),
+                     tl.load(l32_ptr + row1 * r2 + p + 1, mask=(row1 < N) & (p + 1 < r2), other=0))
+    return out
+
+
+@triton.jit
+def _lowrank(v0, v1, v2, v3, lf, tb, t32_ptr, M, RP: tl.constexpr, DT: tl.constexpr):
+    """+ L·t for one token group (tokens tb + 0..7): L's A fragments ``lf`` (:func:`_lfrag`), t (M, RP)
+    in x's dtype (zero-padded to RP) as the B fragment."""
+    lane = tl.arange(0, v0.shape[0]) % 32
+    q = lane % 4
+    tk = tb + lane // 4
+    c0 = tl.zeros(v0.shape, dtype=tl.float32)
+    c1 = tl.zeros(v0.shape, dtype=tl.float32)
+    c2 = tl.zeros(v0.shape, dtype=tl.float32)
+    c3 = tl.zeros(v0.shape, dtype=tl.float32)
+    for c in tl.static_range(RP // 16):
+        p = 8 * c + 2 * q
         b0 = tl.load(t32_ptr + tk * (RP // 2) + p, mask=tk < M, other=0, cache_modifier=".cg")
         b1 = tl.load(t32_ptr + tk * (RP // 2) + p + 1, mask=tk < M, other=0, cache_modifier=".cg")
-        c0, c1, c2, c3 = _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT)
+        c0, c1, c2, c3 = _mma(lf[4 * c], lf[4 * c + 1], lf[4 * c + 2], lf[4 * c + 3], b0, b1, c0, c1, c2, c3, DT)
     return v0 + c0, v1 + c1, v2 + c2, v3 + c3
 
 
 @triton.jit
-def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy,
+def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, lf, t32_ptr, N, M, sy,
            RP: tl.constexpr, DT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr):
     if HAS_LR:
-        v0, v1, v2, v3 = _lowrank(v0, v1, v2, v3, row0, row1, tb, l32_ptr, t32_ptr, N, M, RANK, RP, DT)
+        v0, v1, v2, v3 = _lowrank(v0, v1, v2, v3, lf, tb, t32_ptr, M, RP, DT)
     _finish(v0, row0, tok0, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
     _finish(v1, row0, tok0 + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
     _finish(v2, row1, tok0, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
@@ -438,7 +485,8 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                  BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
-                 SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr):
+                 SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
+                 SU: tl.constexpr):
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -447,11 +495,11 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     NGI: tl.constexpr = (U * KB) // G + 1  # the most groups that can end within one step
     pid = tl.program_id(0)
     n_pre = NTC * M
+    NB = tl.cdiv(N, 16 * NW)
     if pid < n_pre:  # t = R·x
-        _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, stride_xm, RP, KC_)
+        _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
     else:
         wid = pid - n_pre
-        NB = tl.cdiv(N, 16 * NW)
         nb = wid % NB
         ks = wid // NB
         r = tl.arange(0, 32 * NW)
@@ -495,6 +543,10 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         gl = kb1 * NCH - 1
         if (gl + 1) % CPG != 0:
             A, C = _flush(A, C, _params(p_ptr, R[1], gl // CPG, SROW, MODE, PDT), MODE, VS, HALF, PDT)
+        lf = ()
+        if HAS_LR:  # L's A fragments: in flight during the split-K handshake
+            lf = _lfrag(row0, row1, l32_ptr, N, RANK, RP)
+        flag = cnt_ptr + N_COUNTERS + NB + nb
         if SPLITK:
             _part(ws_ptr, A[0], row0, tokA, ks, N, M)
             _part(ws_ptr, A[1], row0, tokB, ks, N, M)
@@ -508,27 +560,29 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             tl.debug_barrier()
             cidx = cnt_ptr + N_COUNTERS + nb
             if tl.atomic_add(cidx, 1) == SPLIT - 1:  # last split of this block of rows: reduce and finish
+                # the flag read and the partial sums are in flight together (one round trip)
+                rdy = 0
                 if HAS_LR:
-                    _wait(cnt_ptr + 1, 1)
-                    _lr_done(cnt_ptr, NB)
-                _final(_psum(ws_ptr, row0, tokA, N, M, SPLIT), _psum(ws_ptr, row0, tokB, N, M, SPLIT),
-                       _psum(ws_ptr, row1, tokA, N, M, SPLIT), _psum(ws_ptr, row1, tokB, N, M, SPLIT), row0, row1,
-                       0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
+                    rdy = _flag_read(flag, ASM)
+                v = _psum(ws_ptr, row0, row1, tokA, tokB, N, M, SPLIT, SU)
                 if MT == 2:
-                    _final(_psum(ws_ptr, row0, tokA + 8, N, M, SPLIT), _psum(ws_ptr, row0, tokB + 8, N, M, SPLIT),
-                           _psum(ws_ptr, row1, tokA + 8, N, M, SPLIT), _psum(ws_ptr, row1, tokB + 8, N, M, SPLIT),
-                           row0, row1, 8, tokA + 8, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK, sy, RP, DT,
-                           HAS_BIAS, HAS_LR)
+                    v = v + _psum(ws_ptr, row0, row1, tokA + 8, tokB + 8, N, M, SPLIT, SU)
                 tl.store(cidx, 0)
+                if HAS_LR:
+                    _t_ready(flag, rdy)
+                _final(v[0], v[1], v[2], v[3], row0, row1, 0, tokA, y_ptr, b_ptr, lf, t32_ptr, N, M, sy, RP, DT,
+                       HAS_BIAS, HAS_LR)
+                if MT == 2:
+                    _final(v[4], v[5], v[6], v[7], row0, row1, 8, tokA + 8, y_ptr, b_ptr, lf, t32_ptr, N, M, sy,
+                           RP, DT, HAS_BIAS, HAS_LR)
         else:
             if HAS_LR:
-                _wait(cnt_ptr + 1, 1)
-                _lr_done(cnt_ptr, NB)
-            _final(A[0], A[1], A[2], A[3], row0, row1, 0, tokA, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M, RANK,
-                   sy, RP, DT, HAS_BIAS, HAS_LR)
+                _t_ready(flag, _flag_read(flag, ASM))
+            _final(A[0], A[1], A[2], A[3], row0, row1, 0, tokA, y_ptr, b_ptr, lf, t32_ptr, N, M, sy, RP, DT,
+                   HAS_BIAS, HAS_LR)
             if MT == 2:
-                _final(A[4], A[5], A[6], A[7], row0, row1, 8, tokA + 8, y_ptr, b_ptr, l32_ptr, t32_ptr, N, M,
-                       RANK, sy, RP, DT, HAS_BIAS, HAS_LR)
+                _final(A[4], A[5], A[6], A[7], row0, row1, 8, tokA + 8, y_ptr, b_ptr, lf, t32_ptr, N, M, sy, RP,
+                       DT, HAS_BIAS, HAS_LR)
 
 
 @triton.jit(do_not_specialize=["N", "SROW", "NKB"])  # K specialized (16 | K: rows start aligned, 16-byte stores)
@@ -655,13 +709,13 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
         return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc,
-                    cnt=T._counters(kw, _NC + nb + 1, x.device),
+                    cnt=T._counters(kw, _NC + 2 * nb, x.device),
                     ws=T.split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
                     t=t, t32=t.view(torch.int32),
                     const=(kw.bits, kw.mode, kw.spec.group_size, float(2 ** kw.bits), float(2 ** (kw.bits - 1)),
                            nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
-                           cfg.pf, _PDT[kw.scale.dtype]))
+                           cfg.pf, _PDT[kw.scale.dtype], min(PSUM_UNROLL, triton.next_power_of_2(split))))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
