@@ -378,7 +378,7 @@ def _t_ready(flag_ptr, rdy):
     """Wait for this block's t-ready flag (``rdy``: a relaxed read issued earlier, so its round trip
     overlapped other loads), acquire, then lower the flag for the next call (only this program reads it)."""
     while rdy < 1:
-        rdy = _flag_read(flag_ptr, ASM)
+        rdy = _flag_read(flag_ptr)
     if ASM:  # acquire: t's loads below see what the R·x program wrote before it raised the flag
         rdy = tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [rdy], dtype=tl.int32,
                                         is_pure=False, pack=1)
@@ -422,9 +422,9 @@ def _psum(ws_ptr, row0, row1, tokA, tokB, N, M, SPLIT, SU: tl.constexpr):
 
 
 @triton.jit
-def _flag_read(flag_ptr, ASM_: tl.constexpr):
+def _flag_read(flag_ptr):
     """A relaxed read of a flag, issued where it stands (inline PTX: not sunk past later loads)."""
-    if ASM_:
+    if ASM:
         return tl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l", [flag_ptr], dtype=tl.int32,
                                          is_pure=False, pack=1)
     else:
@@ -563,7 +563,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                 # the flag read and the partial sums are in flight together (one round trip)
                 rdy = 0
                 if HAS_LR:
-                    rdy = _flag_read(flag, ASM)
+                    rdy = _flag_read(flag)
                 v = _psum(ws_ptr, row0, row1, tokA, tokB, N, M, SPLIT, SU)
                 if MT == 2:
                     v = v + _psum(ws_ptr, row0, row1, tokA + 8, tokB + 8, N, M, SPLIT, SU)
@@ -577,7 +577,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                            RP, DT, HAS_BIAS, HAS_LR)
         else:
             if HAS_LR:
-                _t_ready(flag, _flag_read(flag, ASM))
+                _t_ready(flag, _flag_read(flag))
             _final(A[0], A[1], A[2], A[3], row0, row1, 0, tokA, y_ptr, b_ptr, lf, t32_ptr, N, M, sy, RP, DT,
                    HAS_BIAS, HAS_LR)
             if MT == 2:
