@@ -1,7 +1,7 @@
 """Time (or hand to a profiler) a few kernel variants on one layer shape: a development tool.
 
 Each variant is ``bf16``, ``tinygemm`` or ``LAYOUT:BITS[:key=value,...]`` where the keys are
-``_triton.Config`` fields (kind, bn, warps, occ, split, maxnreg, pf; no keys: the default
+``_triton.Config`` fields (kind, bn, warps, occ, split, maxnreg, pf, unroll; no keys: the default
 configuration) plus ``rank``. Times are kernel_layers.py's rotating-copies measurement (cold weights,
 one CUDA graph, µs per call). With ``--plain`` every variant is just called ``--calls`` times, no
 graph and no copies, for a profiler, e.g.::

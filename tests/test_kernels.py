@@ -230,8 +230,8 @@ FRAG = [f for f in FORMATS if layout.frag_ok(_spec(f))]
 @pytest.mark.parametrize("i,f", list(enumerate(FRAG)), ids=[_fid(f) for f in FRAG])
 def test_frag_kernel_matches_torch(i, f):
     """The tensor-core GEMV over the fragment layout (the default where it holds the format): 1-16 tokens,
-    split-K or not, 2 and 4 warps, one or more blocks per step, odd shapes, rank 0 / odd / even; more
-    tokens in launches of 16; dequantize + cuBLAS.
+    split-K or not, 2 and 4 warps, one or more blocks per step, one or two steps per loop iteration, odd
+    shapes, rank 0 / odd / even; more tokens in launches of 16; dequantize + cuBLAS.
     In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts."""
     device = _device()
     from lqkit.kernels import _triton as kt
@@ -247,12 +247,16 @@ def test_frag_kernel_matches_torch(i, f):
                    (kt.Config(kind="frag", bn=32, warps=2, occ=16.0, pf=1), 3),  # one block per step
                    (kt.Config(kind="frag", bn=64, warps=4, split=1, pf=2), 9),  # no split-K, tokens 8-15
                    (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, maxnreg=80), 16),  # many splits
+                   (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2), 5),  # two steps per iteration
+                   (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, unroll=2), 1),  # ... and few per split
                    (kt.Config(kind="dequant"), 4)]
         if device != "cpu":  # more tokens: dequantize + cuBLAS by default
             configs.append((None, 70))
         _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
     with pytest.raises(ValueError, match="does not read the 'frag' layout"):  # interleaved-only kinds
         kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="mma"))
+    with pytest.raises(ValueError, match="1 or 2 steps"):
+        kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="frag", unroll=3))
 
 
 @pytest.mark.cuda

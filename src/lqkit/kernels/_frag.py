@@ -190,10 +190,13 @@ def _chunk(W, X, xrow0, xrow1, xo, K2, C, c: tl.constexpr, BITS: tl.constexpr, D
 
 
 @triton.jit
-def _words(qp, kb, ok):
-    """The lane's 4 words of k block kb, one 16-byte load (none where ok is false: those registers
-    are left undefined and never used), as a tuple of the A-fragment words."""
-    v = tl.load(qp[:, None] + kb * 128 + tl.arange(0, 4)[None, :], mask=ok)
+def _words(qp, kb, ok, MASKED: tl.constexpr = True):
+    """The lane's 4 words of k block kb, one 16-byte load (MASKED: none where ok is false, those
+    registers are never used), as a tuple of the A-fragment words."""
+    if MASKED:
+        v = tl.load(qp[:, None] + kb * 128 + tl.arange(0, 4)[None, :], mask=ok)
+    else:
+        v = tl.load(qp[:, None] + kb * 128 + tl.arange(0, 4)[None, :])
     v02, v13 = tl.split(v.reshape([qp.shape[0], 2, 2]))
     w0, w2 = tl.split(v02)
     w1, w3 = tl.split(v13)
@@ -202,39 +205,53 @@ def _words(qp, kb, ok):
 
 @triton.jit
 def _load_group(qp, xrow0, q, kb, kend, R, SROW, U: tl.constexpr, NCH: tl.constexpr, XP: tl.constexpr,
-                G: tl.constexpr, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr):
+                G: tl.constexpr, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr, CLAMP: tl.constexpr):
     """One step's loads, all issued here, a step before their use: the lane's 4 words of each of
-    blocks kb … kb + U − 1 (one 16-byte load each; none from kend on: those registers are left
-    undefined and never used), with XP the B-fragment registers of their chunks, and the parameter
-    words of the NGI groups from the one holding k = kb·KB (every group that can end in the step);
-    as three tuples."""
+    blocks kb … kb + U − 1 (one 16-byte load each), with XP the B-fragment registers of their
+    chunks, and the parameter words of the NGI groups from the one holding k = kb·KB (every group
+    that can end in the step); as three tuples. Blocks from kend on are never used: masked off (their
+    registers are zeroed before each load), or with CLAMP (needs kend ≥ 1) block kend − 1 and group
+    SROW − 1 are read again instead, unmasked."""
     KB: tl.constexpr = 16 * NCH
     ws = ()
     xs = ()
     for u in tl.static_range(U):
-        ok = kb + u < kend
-        w0, w1, w2, w3 = _words(qp, kb + u, ok)
+        if CLAMP:
+            kc = tl.minimum(kb + u, kend - 1)
+            w0, w1, w2, w3 = _words(qp, kc, True, False)
+        else:
+            kc = kb + u
+            ok = kc < kend
+            w0, w1, w2, w3 = _words(qp, kc, ok, True)
         ws = ws + (w0, w1, w2, w3)
         if XP:
             for c in tl.static_range(NCH):
-                xo = (kb + u) * (KB // 2) + 8 * c + 2 * q
-                b0, b1 = tl.split(tl.load(xrow0[:, None] + xo[:, None] + tl.arange(0, 2)[None, :], mask=ok))
+                xo = kc * (KB // 2) + 8 * c + 2 * q
+                xp = xrow0[:, None] + xo[:, None] + tl.arange(0, 2)[None, :]
+                if CLAMP:
+                    b0, b1 = tl.split(tl.load(xp))
+                else:
+                    b0, b1 = tl.split(tl.load(xp, mask=ok))
                 xs = xs + (b0, b1)
     ps = ()
     for i in tl.static_range(NGI):
-        ps = ps + (_params(R[0], R[1], (kb * KB) // G + i, SROW, MODE, PDT),)
+        ps = ps + (_params(R[0], R[1], (kb * KB) // G + i, SROW, MODE, PDT, CLAMP),)
     return ws, xs, ps
 
 
 @triton.jit
-def _params(p_ptr, pbase, gi, SROW, MODE: tl.constexpr, PDT: tl.constexpr):
+def _params(p_ptr, pbase, gi, SROW, MODE: tl.constexpr, PDT: tl.constexpr, CLAMP: tl.constexpr = False):
     """Group gi's parameters of the lane's two rows, one load of the fragment-ordered tensor: (s_g,
     s_g+8, o_g, o_g+8) (rtn) or (s_g, s_g+8) (rtn_sym), as raw 32-bit words (decoded by _ab where
-    used, so that nothing waits for the load before then)."""
+    used, so that nothing waits for the load before then). Groups from SROW on are never used:
+    masked off, or with CLAMP group SROW − 1 is read instead."""
     NWD: tl.constexpr = (4 if MODE == 0 else 2) // (2 if PDT < 3 else 1)  # words per lane and group
     j = tl.arange(0, NWD)
-    w = tl.load(p_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (pbase[:, None] + gi * 8) * NWD + j[None, :],
-                mask=gi < SROW)
+    wp = p_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + j[None, :]
+    if CLAMP:
+        w = tl.load(wp + (pbase[:, None] + tl.minimum(gi, SROW - 1) * 8) * NWD)
+    else:
+        w = tl.load(wp + (pbase[:, None] + gi * 8) * NWD, mask=gi < SROW)
     if NWD == 1:
         w = w.reshape([pbase.shape[0]])
     return w
@@ -290,11 +307,12 @@ def _flush(A, C, Pw, MODE: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, P
 
 
 @triton.jit
-def _group_words(PS, gq, gi, R, SROW, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr):
+def _group_words(PS, gq, gi, R, SROW, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr,
+                 CLAMP: tl.constexpr):
     """Group gi's parameter words: PS[gi − gq] of the NGI requested with this step's words, or (NGI
     0: the tail block) loaded now."""
     if NGI == 0:
-        v = _params(R[0], R[1], gi, SROW, MODE, PDT)
+        v = _params(R[0], R[1], gi, SROW, MODE, PDT, CLAMP)
     else:
         d = gi - gq
         v = PS[NGI - 1]
@@ -306,7 +324,8 @@ def _group_words(PS, gq, gi, R, SROW, NGI: tl.constexpr, MODE: tl.constexpr, PDT
 @triton.jit
 def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.constexpr, MODE: tl.constexpr,
            G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
-           XP: tl.constexpr, MASKED: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr):
+           XP: tl.constexpr, MASKED: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr,
+           CLAMP: tl.constexpr = False):
     """All chunks of k block kb (the lane's words W, B fragments X), with the group flushes that
     fall inside it (parameters PS of groups gq … gq + NGI − 1, see _group_words)."""
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block (4 words × P pairs / 4 registers)
@@ -318,15 +337,17 @@ def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.conste
         gc = kb * NCH + c
         if NCH % CPG == 0:  # groups end at fixed chunks of every block
             if (c + 1) % CPG == 0:
-                A, C = _flush(A, C, _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT), MODE, VS, HALF, PDT)
+                pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
+                A, C = _flush(A, C, pw, MODE, VS, HALF, PDT)
         elif CPG % NCH == 0:  # a group spans whole blocks
             if c == NCH - 1:
                 if (kb + 1) % (CPG // NCH) == 0:
-                    A, C = _flush(A, C, _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT), MODE, VS, HALF,
-                                  PDT)
+                    pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
+                    A, C = _flush(A, C, pw, MODE, VS, HALF, PDT)
         else:
             if (gc + 1) % CPG == 0:
-                A, C = _flush(A, C, _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT), MODE, VS, HALF, PDT)
+                pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
+                A, C = _flush(A, C, pw, MODE, VS, HALF, PDT)
     return A, C
 
 
@@ -486,7 +507,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                  SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
-                 SU: tl.constexpr):
+                 SU: tl.constexpr, UNR: tl.constexpr):
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -527,22 +548,35 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         # U blocks per step; the next step's loads (words, B fragments, parameters) are all issued
         # before this step's are used, so a warp has U to 2U blocks (U·512 to 2U·512 bytes of words)
         # in flight
-        ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT)
-        for kb in range(kb0, kf, U):
-            nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT)
-            A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT, MT,
-                         XP, NGI, PDT, U)
-            ws = nw_
-            xs = nx_
-            ps = np_
+        if UNR == 1:
+            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False)
+            for kb in range(kb0, kf, U):
+                nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False)
+                A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
+                             MT, XP, NGI, PDT, U)
+                ws = nw_
+                xs = nx_
+                ps = np_
+        elif kb0 < kf:
+            # two steps per iteration on two register sets: a set is loaded after its previous contents
+            # were used, so nothing is copied from one iteration to the next (the loop above moves every
+            # prefetched register once per step), and unmasked loads (CLAMP) zero no registers first
+            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True)
+            for kb in range(kb0, kf, 2 * U):
+                w2, x2, p2 = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True)
+                A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
+                             MT, XP, NGI, PDT, U)
+                ws, xs, ps = _load_group(qp, xrow0, q, kb + 2 * U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True)
+                A, C = _step(kb + U, kf, w2, x2, p2, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF,
+                             DT, MT, XP, NGI, PDT, U)
         for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
             A, C = _block(kb, _words(qp, kb, kb < kb1), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G,
-                          VS, HALF, DT, MT, False, True, 0, PDT)
+                          VS, HALF, DT, MT, False, True, 0, PDT, UNR == 2)
         # a split (or K) that ends inside a group: scale this program's part of that group (its
         # offsets' share too: the sums of x in C are this program's part of the group's)
         gl = kb1 * NCH - 1
         if (gl + 1) % CPG != 0:
-            A, C = _flush(A, C, _params(p_ptr, R[1], gl // CPG, SROW, MODE, PDT), MODE, VS, HALF, PDT)
+            A, C = _flush(A, C, _params(p_ptr, R[1], gl // CPG, SROW, MODE, PDT, UNR == 2), MODE, VS, HALF, PDT)
         lf = ()
         if HAS_LR:  # L's A fragments: in flight during the split-K handshake
             lf = _lfrag(row0, row1, l32_ptr, N, RANK, RP)
@@ -680,6 +714,8 @@ def _even(x: torch.Tensor) -> torch.Tensor:
 
 def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens."""
+    if cfg.unroll not in (1, 2):
+        raise ValueError(f"Config(unroll={cfg.unroll}): the fragment kernel runs 1 or 2 steps per loop iteration")
     for i in range(0, x.shape[0], MAX_M):
         _launch16(x[i:i + MAX_M], y[i:i + MAX_M], kw, L, R, bias, has_lr, cfg)
 
@@ -715,7 +751,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
                     t=t, t32=t.view(torch.int32),
                     const=(kw.bits, kw.mode, kw.spec.group_size, float(2 ** kw.bits), float(2 ** (kw.bits - 1)),
                            nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
-                           cfg.pf, _PDT[kw.scale.dtype], min(PSUM_UNROLL, triton.next_power_of_2(split))))
+                           cfg.pf, _PDT[kw.scale.dtype], min(PSUM_UNROLL, triton.next_power_of_2(split)), cfg.unroll))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()

@@ -594,6 +594,7 @@ class Config:
     split: int = 0  # 0: from occ
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); more programs fit per SM
     pf: int = 1  # gemv: weight tiles requested ahead of the one being decoded (1 or 2); frag: blocks per step (U)
+    unroll: int = 1  # frag: steps per main-loop iteration (2: two register sets, unmasked loads)
 
 
 _KINDS = {"frag": ("frag", "dequant"), "interleaved": ("gemv", "mma", "gemm", "dequant")}
