@@ -326,7 +326,7 @@ def main() -> None:
 
         ranks = (args.rank,) + ((2 * args.rank, 3 * args.rank) if args.fuse != "off" else ())  # stacked: Σ ranks
         precompile(args.jobs, False, bits_list=[int(b) for b in args.bits.split(",")], ranks=ranks,
-                   tokens=tuple(batches))
+                   tokens=tuple(batches), both_splits=True)  # the stacked gate/up does not split K
     max_len = args.prompt + args.new + 8
     fuses = {"off": (False,), "on": (True,), "both": (False, True)}[args.fuse]
     variants = {}  # name -> builder of (linears, bits per weight); built one at a time (memory)

@@ -17,6 +17,7 @@ Usage: PYTHONPATH=src python bench/kernel_layers.py --out bench/results/kernels-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -203,15 +204,18 @@ def rel_err(y, ref) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
-def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None, layout: str = "auto") -> None:
+def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None, layout: str = "auto",
+               both_splits: bool = False) -> None:
     """Compile every kernel variant the tuning will try, in parallel worker processes (they share
-    triton's on-disk cache), so that the timing process finds them compiled."""
+    triton's on-disk cache), so that the timing process finds them compiled. The workers' small
+    matrix always splits K; ``both_splits`` also compiles each candidate without split-K, which a
+    shape with many row blocks takes (e.g. 28672×4096 at 4 programs per SM)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     tokens = tokens or (tuple(TOKENS) if not quick else (1, 8, 16))
     bits_list = BITS if bits_list is None else bits_list
-    work = [(bits, rank, m, layout) for bits in bits_list for rank in ranks for m in tokens]
+    work = [(bits, rank, m, layout, both_splits) for bits in bits_list for rank in ranks for m in tokens]
     t = time.time()
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
         list(ex.map(_compile_job, work))
@@ -219,7 +223,7 @@ def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None,
 
 
 def _compile_job(item) -> None:
-    bits, rank, m, layout = item
+    bits, rank, m, layout, both_splits = item
     torch.manual_seed(0)
     w = torch.randn(512, 1024, device="cuda")
     kw, _, _ = lqkit_layer(w, bits, layout)
@@ -227,15 +231,17 @@ def _compile_job(item) -> None:
     L = torch.randn(512, rank, device="cuda", dtype=torch.bfloat16) if rank else None
     R = torch.randn(rank, 1024, device="cuda", dtype=torch.bfloat16) if rank else None
     seen = set()
-    for cfg in kt.candidates(kw, m, x.dtype):
-        key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages, cfg.maxnreg, cfg.pf)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            kernels.linear(x, kw, L, R, None, config=cfg)
-        except Exception as e:  # reported again by the timing process
-            print("compile failed", bits, rank, m, cfg, repr(e)[:200], flush=True)
+    for cand in kt.candidates(kw, m, x.dtype):
+        split1 = both_splits and cand.kind in ("frag", "gemv", "mma")  # the kernels with a split-K constexpr
+        for cfg in (cand, dataclasses.replace(cand, split=1)) if split1 else (cand,):
+            key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages, cfg.maxnreg, cfg.pf, cfg.unroll, cfg.split == 1)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                kernels.linear(x, kw, L, R, None, config=cfg)
+            except Exception as e:  # reported again by the timing process
+                print("compile failed", bits, rank, m, cfg, repr(e)[:200], flush=True)
     torch.cuda.synchronize()
 
 
