@@ -234,7 +234,8 @@ def _compile_job(item) -> None:
     for cand in kt.candidates(kw, m, x.dtype):
         split1 = both_splits and cand.kind in ("frag", "gemv", "mma")  # the kernels with a split-K constexpr
         for cfg in (cand, dataclasses.replace(cand, split=1)) if split1 else (cand,):
-            key = (cfg.kind, cfg.bn, cfg.bm, cfg.warps, cfg.stages, cfg.maxnreg, cfg.pf, cfg.unroll, cfg.split == 1)
+            # occ only sets the split, and only split-K or not is compiled in: one kernel per rest of the config
+            key = (dataclasses.replace(cfg, occ=0.0, split=0), cfg.split == 1)
             if key in seen:
                 continue
             seen.add(key)
