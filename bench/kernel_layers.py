@@ -207,42 +207,48 @@ def rel_err(y, ref) -> float:
 def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None, layout: str = "auto",
                both_splits: bool = False) -> None:
     """Compile every kernel variant the tuning will try, in parallel worker processes (they share
-    triton's on-disk cache), so that the timing process finds them compiled. The workers' small
-    matrix always splits K; ``both_splits`` also compiles each candidate without split-K, which a
-    shape with many row blocks takes (e.g. 28672×4096 at 4 programs per SM)."""
+    triton's on-disk cache), so that the timing process finds them compiled. Each work item is one
+    kernel (one configuration, rank, token count and bit width), so slow compiles spread over the
+    workers. The workers' small matrix always splits K; ``both_splits`` also compiles each candidate
+    without split-K, which a shape with many row blocks takes (e.g. 28672×4096 at 4 programs per SM)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     tokens = tokens or (tuple(TOKENS) if not quick else (1, 8, 16))
     bits_list = BITS if bits_list is None else bits_list
-    work = [(bits, rank, m, layout, both_splits) for bits in bits_list for rank in ranks for m in tokens]
+    work = []
+    for bits in bits_list:
+        kw = lqkit_layer(torch.randn(512, 1024, device="cuda"), bits, layout)[0]
+        for rank in ranks:
+            for m in tokens:
+                seen = set()
+                for cand in kt.candidates(kw, m, torch.bfloat16):
+                    split1 = both_splits and cand.kind in ("frag", "gemv", "mma")  # kernels with a split-K constexpr
+                    for cfg in (cand, dataclasses.replace(cand, split=1)) if split1 else (cand,):
+                        # occ only sets the split, and only split-K or not is compiled in
+                        key = (dataclasses.replace(cfg, occ=0.0, split=0), cfg.split == 1)
+                        if key not in seen:
+                            seen.add(key)
+                            work.append((bits, rank, m, layout, cfg))
+    work.sort(key=lambda w: -w[4].unroll)  # the slowest compiles first
     t = time.time()
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
-        list(ex.map(_compile_job, work))
-    print(f"precompiled {len(work)} groups of variants in {time.time() - t:.0f} s", flush=True)
+        list(ex.map(_compile_job, work, chunksize=1))
+    print(f"precompiled {len(work)} kernels in {time.time() - t:.0f} s", flush=True)
 
 
 def _compile_job(item) -> None:
-    bits, rank, m, layout, both_splits = item
+    bits, rank, m, layout, cfg = item
     torch.manual_seed(0)
     w = torch.randn(512, 1024, device="cuda")
     kw, _, _ = lqkit_layer(w, bits, layout)
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     L = torch.randn(512, rank, device="cuda", dtype=torch.bfloat16) if rank else None
     R = torch.randn(rank, 1024, device="cuda", dtype=torch.bfloat16) if rank else None
-    seen = set()
-    for cand in kt.candidates(kw, m, x.dtype):
-        split1 = both_splits and cand.kind in ("frag", "gemv", "mma")  # the kernels with a split-K constexpr
-        for cfg in (cand, dataclasses.replace(cand, split=1)) if split1 else (cand,):
-            # occ only sets the split, and only split-K or not is compiled in: one kernel per rest of the config
-            key = (dataclasses.replace(cfg, occ=0.0, split=0), cfg.split == 1)
-            if key in seen:
-                continue
-            seen.add(key)
-            try:
-                kernels.linear(x, kw, L, R, None, config=cfg)
-            except Exception as e:  # reported again by the timing process
-                print("compile failed", bits, rank, m, cfg, repr(e)[:200], flush=True)
+    try:
+        kernels.linear(x, kw, L, R, None, config=cfg)
+    except Exception as e:  # reported again by the timing process
+        print("compile failed", bits, rank, m, cfg, repr(e)[:200], flush=True)
     torch.cuda.synchronize()
 
 
@@ -258,6 +264,8 @@ def run(args) -> dict:
         print("bitsandbytes unavailable:", repr(e)[:200])
         have_bnb = False
     shapes = SHAPES if not args.quick else [(4096, 14336), (4096, 4096)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     tokens = TOKENS if not args.quick or args.tokens else [1, 8, 16]
     result = {"env": info, "copy_bandwidth_GBps": bw, "group_size": GROUP, "rows": [],
               "notes": "time_us: per call, back-to-back calls each on its own copy of the weights (copies "
@@ -347,8 +355,8 @@ def run(args) -> dict:
                         copies = [(lambda c=c, i=i: unfused(c, LR[rank][i])) for i, c in enumerate(kws[bits])]
                         row("lqkit-unfused-lr", bits, rank, measure(unfused, copies=copies),
                             kw.nbytes() + lr_bytes + act)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))  # after every shape: partial results survive
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every token count: a run cut
+            Path(args.out).write_text(json.dumps(result, indent=1))  # short keeps what it measured
         del w, w16, W16, layers, kws, tg, tgs, nf4, nf4s, LR
         torch.cuda.empty_cache()
     return result
@@ -415,6 +423,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/kernels.json", help="result JSON path")
     ap.add_argument("--quick", action="store_true", help="two shapes, tokens 1, 8 and 16")
     ap.add_argument("--bits", default="", help="comma-separated lqkit bit widths (default 4,3,2)")
+    ap.add_argument("--shapes", default="", help="comma-separated layers OUTxIN (default: the five Llama-3-8B shapes)")
     ap.add_argument("--tokens", default="", help="comma-separated tokens per call (default: all, or --quick's)")
     ap.add_argument("--layout", default="auto", choices=["auto", "interleaved", "frag"],
                     help="lqkit weight layout (auto: frag where it holds the format, else interleaved)")

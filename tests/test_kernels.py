@@ -298,6 +298,9 @@ def test_frag_default_config_by_tokens():
     assert {c.kind for c in kt.candidates(kw, 8, h)} == {"frag"}
     assert {c.kind for c in kt.candidates(kw, 40, h)} == {"frag", "dequant"}
     assert {c.kind for c in kt.candidates(kw, 256, h)} == {"dequant"}
+    # the two-steps-per-iteration loop competes at one token only
+    assert {c.unroll for c in kt.candidates(kw, 1, h)} == {1, 2}
+    assert {c.unroll for c in kt.candidates(kw, 8, h)} == {1}
 
 
 @pytest.mark.cuda
