@@ -330,7 +330,7 @@ def main() -> None:
     max_len = args.prompt + args.new + 8
     fuses = {"off": (False,), "on": (True,), "both": (False, True)}[args.fuse]
     variants = {}  # name -> builder of (linears, bits per weight); built one at a time (memory)
-    for fz in fuses:
+    for fz in (False,) + tuple(f for f in fuses if f):  # plain bf16 always: the "× bf16" reference
         variants["bf16" + ("-fused" if fz else "")] = lambda fz=fz: (bf16_linears(weights, fz), 16.0)
     for bits in [int(b) for b in args.bits.split(",")]:
         for fz in fuses:

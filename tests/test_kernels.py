@@ -230,7 +230,8 @@ FRAG = [f for f in FORMATS if layout.frag_ok(_spec(f))]
 @pytest.mark.parametrize("i,f", list(enumerate(FRAG)), ids=[_fid(f) for f in FRAG])
 def test_frag_kernel_matches_torch(i, f):
     """The tensor-core GEMV over the fragment layout (the default where it holds the format): 1-16 tokens,
-    split-K or not, 2 and 4 warps, one or more blocks per step, one or two steps per loop iteration, odd
+    split-K or not, 2 and 4 warps, 1, 2 or 4 blocks per step (steps that start at group boundaries take
+    their group ends from compile-time positions), one or two steps per loop iteration, odd
     shapes, rank 0 / odd / even; more tokens in launches of 16; dequantize + cuBLAS.
     In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts."""
     device = _device()
@@ -246,6 +247,7 @@ def test_frag_kernel_matches_torch(i, f):
         configs = [(None, 1), (None, 24 if device != "cpu" else 20),  # default (17-32: launches of 16)
                    (kt.Config(kind="frag", bn=32, warps=2, occ=16.0, pf=1), 3),  # one block per step
                    (kt.Config(kind="frag", bn=64, warps=4, split=1, pf=2), 9),  # no split-K, tokens 8-15
+                   (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4), 2),  # 4 blocks per step (2 groups at 4 bits)
                    (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, maxnreg=80), 16),  # many splits
                    (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2), 5),  # two steps per iteration
                    (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, unroll=2), 1),  # ... and few per split
@@ -440,3 +442,35 @@ def test_module_triton_matches_torch():
         m.cpu()  # moving the buffers invalidates the prepared layout
         assert m.kernel_weight().device.type == "cpu"
     _check(y, ref.float())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["frag", "frag-pf", "frag+params", "flat"])
+def test_stream_probe_reads_every_word_once(kind, monkeypatch):
+    """bench/stream_probe.py (the access-pattern baseline of bench/KERNELS.md) reads every word of a
+    fragment-layout buffer exactly once, over several grids and splits: the XOR of its outputs is the
+    XOR of all words (a parameter word is read by the 4 lanes that share its rows: it cancels)."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    device = _device()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import stream_probe as sp
+
+    if device == "cpu":
+        monkeypatch.setattr(sp, "sms", lambda: 8)
+    xor = lambda t: int(np.bitwise_xor.reduce(t.cpu().numpy()))  # noqa: E731
+    n, k, bits = 64, 640, 4  # 10 k blocks per row block: splits that do not divide it
+    nkb, ng = k // (16 * 16 // bits), k // 128
+    q = torch.randint(-2**31, 2**31 - 1, ((n // 16) * nkb * sp.WB,), dtype=torch.int32, device=device)
+    p = torch.randint(-2**31, 2**31 - 1, ((n // 16) * ng * 16,), dtype=torch.int32, device=device)
+    for nw, u, occ in ((4, 1, 2.0), (2, 2, 3.0), (2, 4, 8.0), (1, 2, 5.0)):
+        out = torch.zeros(1 << 16, dtype=torch.int32, device=device)
+        if kind == "flat":
+            fn, _ = sp.flat_fn(q, out, nw, u, occ)
+        else:
+            fn, _ = sp.frag_fn(q, p, out, n, nkb, ng, nw, u, occ, kind == "frag-pf", kind == "frag+params", 2)
+        fn()
+        assert xor(out) == xor(q), (kind, nw, u, occ)

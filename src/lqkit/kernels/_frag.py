@@ -326,9 +326,11 @@ def _group_words(PS, gq, gi, R, SROW, NGI: tl.constexpr, MODE: tl.constexpr, PDT
 def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.constexpr, MODE: tl.constexpr,
            G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
            XP: tl.constexpr, MASKED: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr,
-           CLAMP: tl.constexpr = False):
+           CLAMP: tl.constexpr = False, US: tl.constexpr = -1):
     """All chunks of k block kb (the lane's words W, B fragments X), with the group flushes that
-    fall inside it (parameters PS of groups gq … gq + NGI − 1, see _group_words)."""
+    fall inside it (parameters PS of groups gq … gq + NGI − 1, see _group_words). US ≥ 0: kb is
+    block US of a step that starts at a group boundary, so where groups end and which of PS each
+    one takes are known at compile time (no runtime test, no select)."""
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block (4 words × P pairs / 4 registers)
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -338,11 +340,17 @@ def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.conste
         gc = kb * NCH + c
         if NCH % CPG == 0:  # groups end at fixed chunks of every block
             if (c + 1) % CPG == 0:
-                pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
+                if US >= 0:
+                    pw = PS[(US * NCH + c) // CPG]
+                else:
+                    pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
                 A, C = _flush(A, C, pw, MODE, VS, HALF, PDT)
         elif CPG % NCH == 0:  # a group spans whole blocks
             if c == NCH - 1:
-                if (kb + 1) % (CPG // NCH) == 0:
+                if US >= 0:
+                    if (US + 1) % (CPG // NCH) == 0:
+                        A, C = _flush(A, C, PS[(US * NCH) // CPG], MODE, VS, HALF, PDT)
+                elif (kb + 1) % (CPG // NCH) == 0:
                     pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
                     A, C = _flush(A, C, pw, MODE, VS, HALF, PDT)
         else:
@@ -359,6 +367,9 @@ def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.const
     """Blocks kb … kb + U − 1 (those before kf) from one step's loads (_load_group)."""
     NCH: tl.constexpr = 16 // BITS
     KB: tl.constexpr = 16 * NCH
+    CPG: tl.constexpr = G // 16
+    # steps start at group boundaries (kb is a multiple of U): group ends are static
+    AL: tl.constexpr = (NCH % CPG == 0) or (CPG % NCH == 0 and U % (CPG // NCH) == 0)
     for u in tl.static_range(U):
         if kb + u < kf:
             X = ()
@@ -366,7 +377,8 @@ def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.const
                 for c in tl.static_range(2 * NCH):
                     X = X + (xs[2 * NCH * u + c],)
             A, C = _block(kb + u, (ws[4 * u], ws[4 * u + 1], ws[4 * u + 2], ws[4 * u + 3]), X, ps, (kb * KB) // G,
-                          xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT, MT, XP, False, NGI, PDT)
+                          xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT, MT, XP, False, NGI, PDT,
+                          False, u if AL else -1)
     return A, C
 
 
@@ -742,7 +754,8 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     def make():
         nw = cfg.warps
         nb = -(-n // (16 * nw))
-        split, bps = T._split(kw, nb, cfg, x.device, multiple=cfg.pf)  # blocks per split: a multiple of U
+        # blocks per split: a multiple of U, so every step starts at a multiple of U (_step relies on it)
+        split, bps = T._split(kw, nb, cfg, x.device, multiple=cfg.pf)
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
         return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc,
