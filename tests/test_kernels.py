@@ -450,13 +450,12 @@ def test_stream_probe_reads_every_word_once(kind, monkeypatch):
     """bench/stream_probe.py (the access-pattern baseline of bench/KERNELS.md) reads every word of a
     fragment-layout buffer exactly once, over several grids and splits: the XOR of its outputs is the
     XOR of all words (a parameter word is read by the 4 lanes that share its rows: it cancels)."""
-    import sys
     from pathlib import Path
 
     import numpy as np
 
     device = _device()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import stream_probe as sp
 
     if device == "cpu":
