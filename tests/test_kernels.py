@@ -232,7 +232,8 @@ def test_frag_kernel_matches_torch(i, f):
     """The tensor-core GEMV over the fragment layout (the default where it holds the format): 1-16 tokens,
     split-K or not, 2 and 4 warps, 1, 2 or 4 blocks per step (steps that start at group boundaries take
     their group ends from compile-time positions), one or two steps per loop iteration, odd
-    shapes, rank 0 / odd / even; more tokens in launches of 16; dequantize + cuBLAS.
+    shapes, rank 0 / odd / even, one token with x read once per step and shuffled (Config(xs=1)); more
+    tokens in launches of 16; dequantize + cuBLAS.
     In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts."""
     device = _device()
     from lqkit.kernels import _triton as kt
@@ -251,14 +252,19 @@ def test_frag_kernel_matches_torch(i, f):
                    (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, maxnreg=80), 16),  # many splits
                    (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2), 5),  # two steps per iteration
                    (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, unroll=2), 1),  # ... and few per split
+                   # one token: x's words once per step, shuffled into the B fragments
+                   (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, xs=1), 1),
                    (kt.Config(kind="dequant"), 4)]
-        if device != "cpu":  # more tokens: dequantize + cuBLAS by default
-            configs.append((None, 70))
+        if device != "cpu":  # more tokens: dequantize + cuBLAS by default; x shuffled with U = 4 and unroll 2
+            configs += [(None, 70), (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4, xs=1), 1),
+                        (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2, xs=1), 1)]
         _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
     with pytest.raises(ValueError, match="does not read the 'frag' layout"):  # interleaved-only kinds
         kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="mma"))
     with pytest.raises(ValueError, match="1 or 2 steps"):
         kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="frag", unroll=3))
+    with pytest.raises(ValueError, match="xs=2"):
+        kt.linear(torch.randn(1, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="frag", xs=2))
 
 
 @pytest.mark.cuda

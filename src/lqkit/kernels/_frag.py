@@ -15,14 +15,16 @@ sums of x, which a second ``mma`` with A = ones accumulates alongside (each prog
 offsets' share of its own part of a group: no prologue, no wait). A step of U k blocks issues all
 the next step's loads (16-byte word loads, the B fragments, the raw parameter words of every group
 that can end in it: one 8-byte load per lane and group, decoded only where used) before it uses its
-own. The first programs of the grid compute t = R·x (as bf16/fp16, like the torch path) and the last
-of them raises a ready flag per block of rows; K-splits write fp32 partials and the last program of a
-block to finish (atomic counter) reads its flag with the partials (8 per round trip), sums them, adds
-the bias and the low-rank term L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment,
-its loads issued before the handshake) and lowers the flag. Counters and flags reset themselves: a
-call is one launch and CUDA-graph safe. More than 16 tokens: one launch per 16 (the default up to
-SLICED_MAX_M), else the weight decoded to dense
-(_frag_dequant_kernel) and cuBLAS.
+own. At one token, ``Config(xs=1)`` requests x's words of a step once instead (one 8-byte load per
+lane and 64 words: 2 registers in flight where the B fragments take 2 per 16-k chunk) and hands each
+chunk its B fragment by two warp shuffles (opt-in, not yet timed on a GPU). The first programs of
+the grid compute t = R·x (as bf16/fp16, like the torch path) and the last of them raises a ready
+flag per block of rows; K-splits write fp32 partials and the last program of a block to finish
+(atomic counter) reads its flag with the partials (8 per round trip), sums them, adds the bias and
+the low-rank term L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment, its loads
+issued before the handshake) and lowers the flag. Counters and flags reset themselves: a call is one
+launch and CUDA-graph safe. More than 16 tokens: one launch per 16 (the default up to SLICED_MAX_M),
+else the weight decoded to dense (_frag_dequant_kernel) and cuBLAS.
 """
 
 from __future__ import annotations
@@ -153,6 +155,16 @@ def _xpair(xrow, xo, K2, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _shfl(v, src):
+    """Each lane's value of v from lane src of its warp (one warp shuffle)."""
+    if not ASM:
+        r = tl.arange(0, v.shape[0])
+        return tl.gather(v, r - r % 32 + src, 0)
+    return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [v, src],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _zeros(n: tl.constexpr, c: tl.constexpr):
     z = tl.zeros([n], dtype=tl.float32)
     out = ()
@@ -206,16 +218,27 @@ def _words(qp, kb, ok, MASKED: tl.constexpr = True):
 
 @triton.jit
 def _load_group(qp, xrow0, q, kb, kend, R, SROW, U: tl.constexpr, NCH: tl.constexpr, XP: tl.constexpr,
-                G: tl.constexpr, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr, CLAMP: tl.constexpr):
+                G: tl.constexpr, NGI: tl.constexpr, MODE: tl.constexpr, PDT: tl.constexpr, CLAMP: tl.constexpr,
+                X1: tl.constexpr = False):
     """One step's loads, all issued here, a step before their use: the lane's 4 words of each of
     blocks kb … kb + U − 1 (one 16-byte load each), with XP the B-fragment registers of their
     chunks, and the parameter words of the NGI groups from the one holding k = kb·KB (every group
     that can end in the step); as three tuples. Blocks from kend on are never used: masked off (their
     registers are zeroed before each load), or with CLAMP (needs kend ≥ 1) block kend − 1 and group
-    SROW − 1 are read again instead, unmasked."""
+    SROW − 1 are read again instead, unmasked. X1 (one token): the step's x words once, lane l holding
+    pairs 2l, 2l + 1 of each 64 (one 8-byte load per 64 words), for _step to shuffle into B fragments."""
     KB: tl.constexpr = 16 * NCH
+    KW: tl.constexpr = KB // 2  # x's 32-bit words per block
     ws = ()
     xs = ()
+    if X1:
+        lane2 = 2 * (tl.arange(0, qp.shape[0]) % 32)
+        for j in tl.static_range((U * KW + 63) // 64):
+            w = 64 * j + lane2  # the lane's pair of words within the step
+            ok = (w < U * KW) & (kb + w // KW < kend)
+            v = tl.load(xrow0[:, None] + (kb * KW + w)[:, None] + tl.arange(0, 2)[None, :], mask=ok[:, None])
+            b0, b1 = tl.split(v)
+            xs = xs + (b0, b1)
     for u in tl.static_range(U):
         if CLAMP:
             kc = tl.minimum(kb + u, kend - 1)
@@ -225,7 +248,7 @@ def _load_group(qp, xrow0, q, kb, kend, R, SROW, U: tl.constexpr, NCH: tl.conste
             ok = kc < kend
             w0, w1, w2, w3 = _words(qp, kc, ok, True)
         ws = ws + (w0, w1, w2, w3)
-        if XP:
+        if XP and not X1:
             for c in tl.static_range(NCH):
                 xo = kc * (KB // 2) + 8 * c + 2 * q
                 xp = xrow0[:, None] + xo[:, None] + tl.arange(0, 2)[None, :]
@@ -361,10 +384,19 @@ def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.conste
 
 
 @triton.jit
+def _xfrag(xs, q, W0: tl.constexpr):
+    """The B fragment of the chunk whose x words start at W0 within the step (lane q takes words
+    W0 + 2q, W0 + 2q + 1: pair (W0 % 64) / 2 + q of load W0 / 64 in _load_group's X1 layout)."""
+    src = (W0 % 64) // 2 + q
+    return _shfl(xs[2 * (W0 // 64)], src), _shfl(xs[2 * (W0 // 64) + 1], src)
+
+
+@triton.jit
 def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.constexpr, MODE: tl.constexpr,
           G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
-          XP: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr, U: tl.constexpr):
-    """Blocks kb … kb + U − 1 (those before kf) from one step's loads (_load_group)."""
+          XP: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr, U: tl.constexpr, X1: tl.constexpr = False):
+    """Blocks kb … kb + U − 1 (those before kf) from one step's loads (_load_group); X1: each chunk's
+    B fragment (x's words 8c + 2q, 8c + 2q + 1 of its block) shuffled from the lane that loaded it."""
     NCH: tl.constexpr = 16 // BITS
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16
@@ -373,7 +405,10 @@ def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.const
     for u in tl.static_range(U):
         if kb + u < kf:
             X = ()
-            if XP:
+            if X1:
+                for c in tl.static_range(NCH):
+                    X = X + _xfrag(xs, q, (KB // 2) * u + 8 * c)
+            elif XP:
                 for c in tl.static_range(2 * NCH):
                     X = X + (xs[2 * NCH * u + c],)
             A, C = _block(kb + u, (ws[4 * u], ws[4 * u + 1], ws[4 * u + 2], ws[4 * u + 3]), X, ps, (kb * KB) // G,
@@ -520,12 +555,14 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                  SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
-                 SU: tl.constexpr, UNR: tl.constexpr):
+                 SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr):
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
     WB: tl.constexpr = 4 * 32  # words per warp and block
     XP: tl.constexpr = MT == 1  # B fragments requested with the words (one token group only: registers)
+    # X1 (one token, Config(xs=1)): the step's x words requested once (2 registers per 64 words instead
+    # of 2 per 16-k chunk) and handed to the B fragments by warp shuffles
     NGI: tl.constexpr = (U * KB) // G + 1  # the most groups that can end within one step
     pid = tl.program_id(0)
     n_pre = NTC * M
@@ -562,11 +599,11 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         # before this step's are used, so a warp has U to 2U blocks (U·512 to 2U·512 bytes of words)
         # in flight
         if UNR == 1:
-            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False)
+            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False, X1)
             for kb in range(kb0, kf, U):
-                nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False)
+                nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False, X1)
                 A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
-                             MT, XP, NGI, PDT, U)
+                             MT, XP, NGI, PDT, U, X1)
                 ws = nw_
                 xs = nx_
                 ps = np_
@@ -574,14 +611,14 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             # two steps per iteration on two register sets: a set is loaded after its previous contents
             # were used, so nothing is copied from one iteration to the next (the loop above moves every
             # prefetched register once per step), and unmasked loads (CLAMP) zero no registers first
-            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True)
+            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
             for kb in range(kb0, kf, 2 * U):
-                w2, x2, p2 = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True)
+                w2, x2, p2 = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
                 A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
-                             MT, XP, NGI, PDT, U)
-                ws, xs, ps = _load_group(qp, xrow0, q, kb + 2 * U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True)
+                             MT, XP, NGI, PDT, U, X1)
+                ws, xs, ps = _load_group(qp, xrow0, q, kb + 2 * U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
                 A, C = _step(kb + U, kf, w2, x2, p2, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF,
-                             DT, MT, XP, NGI, PDT, U)
+                             DT, MT, XP, NGI, PDT, U, X1)
         for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
             A, C = _block(kb, _words(qp, kb, kb < kb1), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G,
                           VS, HALF, DT, MT, False, True, 0, PDT, UNR == 2)
@@ -729,6 +766,9 @@ def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
     """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens."""
     if cfg.unroll not in (1, 2):
         raise ValueError(f"Config(unroll={cfg.unroll}): the fragment kernel runs 1 or 2 steps per loop iteration")
+    if cfg.xs not in (0, 1):
+        raise ValueError(f"Config(xs={cfg.xs}): expected 0 (B fragments loaded per chunk) or 1 (one token: x's words "
+                         "loaded once per step and shuffled)")
     for i in range(0, x.shape[0], MAX_M):
         _launch16(x[i:i + MAX_M], y[i:i + MAX_M], kw, L, R, bias, has_lr, cfg)
 
@@ -765,7 +805,8 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
                     t=t, t32=t.view(torch.int32),
                     const=(kw.bits, kw.mode, kw.spec.group_size, float(2 ** kw.bits), float(2 ** (kw.bits - 1)),
                            nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
-                           cfg.pf, _PDT[kw.scale.dtype], PSUM_UNROLL if split > 1 else 1, cfg.unroll))
+                           cfg.pf, _PDT[kw.scale.dtype], PSUM_UNROLL if split > 1 else 1, cfg.unroll,
+                           cfg.xs == 1 and m == 1))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()

@@ -595,6 +595,7 @@ class Config:
     maxnreg: int = 0  # register cap per thread (0: the compiler's choice); more programs fit per SM
     pf: int = 1  # gemv: weight tiles requested ahead of the one being decoded (1 or 2); frag: blocks per step (U)
     unroll: int = 1  # frag: steps per main-loop iteration (2: two register sets, unmasked loads)
+    xs: int = 0  # frag at one token: 1 = x's words loaded once per step and shuffled into the B fragments
 
 
 _KINDS = {"frag": ("frag", "dequant"), "interleaved": ("gemv", "mma", "gemm", "dequant")}
