@@ -8,6 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 # The GPU kernels' tests also run on the CPU through triton's interpreter (second step of `make test`);
 # triton is installed for that only when the venv cannot import it (CUDA builds of torch ship it).
 TRITON_SPEC ?= triton==3.6.0
+# Worker processes for that interpreter step (pytest-xdist; the interpreter runs one core per process).
+INTERPRET_JOBS ?= 2
 EXTRAS ?= demo,test,plot,finetune
 
 .PHONY: demo test test-fast venv bench peers clean
@@ -27,7 +29,7 @@ demo: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
-	LQKIT_TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_kernels.py
+	LQKIT_TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(INTERPRET_JOBS) tests/test_kernels.py
 
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

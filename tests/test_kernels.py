@@ -257,7 +257,7 @@ def test_frag_kernel_matches_torch(i, f):
                    (kt.Config(kind="dequant"), 4)]
         if device != "cpu":  # more tokens: dequantize + cuBLAS by default; x shuffled with U = 4 and unroll 2
             configs += [(None, 70), (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4, xs=1), 1),
-                        (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2, xs=1), 1)]
+                        (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, unroll=2, xs=1), 1)]
         _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
     with pytest.raises(ValueError, match="does not read the 'frag' layout"):  # interleaved-only kinds
         kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="mma"))
@@ -309,6 +309,8 @@ def test_frag_default_config_by_tokens():
     # the two-steps-per-iteration loop competes at one token only
     assert {c.unroll for c in kt.candidates(kw, 1, h)} == {1, 2}
     assert {c.unroll for c in kt.candidates(kw, 8, h)} == {1}
+    assert {c.xs for c in kt.candidates(kw, 1, h)} == {0, 1}
+    assert {c.xs for c in kt.candidates(kw, 8, h)} == {0}
 
 
 @pytest.mark.cuda

@@ -17,14 +17,15 @@ the next step's loads (16-byte word loads, the B fragments, the raw parameter wo
 that can end in it: one 8-byte load per lane and group, decoded only where used) before it uses its
 own. At one token, ``Config(xs=1)`` requests x's words of a step once instead (one 8-byte load per
 lane and 64 words: 2 registers in flight where the B fragments take 2 per 16-k chunk) and hands each
-chunk its B fragment by two warp shuffles (opt-in, not yet timed on a GPU). The first programs of
-the grid compute t = R·x (as bf16/fp16, like the torch path) and the last of them raises a ready
-flag per block of rows; K-splits write fp32 partials and the last program of a block to finish
-(atomic counter) reads its flag with the partials (8 per round trip), sums them, adds the bias and
-the low-rank term L·t (one more ``mma`` chunk per 16 of rank, L read as the A fragment, its loads
-issued before the handshake) and lowers the flag. Counters and flags reset themselves: a call is one
-launch and CUDA-graph safe. More than 16 tokens: one launch per 16 (the default up to SLICED_MAX_M),
-else the weight decoded to dense (_frag_dequant_kernel) and cuBLAS.
+chunk its B fragment by two warp shuffles (a tuning candidate at one token, with U = 4 or 6 programs
+per SM: bench/KERNELS.md). The first programs of the grid compute t = R·x (as bf16/fp16, like the
+torch path) and the last of them raises a ready flag per block of rows; K-splits write fp32
+partials and the last program of a block to finish (atomic counter) reads its flag with the partials
+(8 per round trip), sums them, adds the bias and the low-rank term L·t (one more ``mma`` chunk per
+16 of rank, L read as the A fragment, its loads issued before the handshake) and lowers the flag.
+Counters and flags reset themselves: a call is one launch and CUDA-graph safe. More than 16 tokens:
+one launch per 16 (the default up to SLICED_MAX_M), else the weight decoded to dense
+(_frag_dequant_kernel) and cuBLAS.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def _load_group(qp, xrow0, q, kb, kend, R, SROW, U: tl.constexpr, NCH: tl.conste
         ws = ws + (w0, w1, w2, w3)
         if XP and not X1:
             for c in tl.static_range(NCH):
-                xo = kc * (KB // 2) + 8 * c + 2 * q
+                xo = kc * KW + 8 * c + 2 * q
                 xp = xrow0[:, None] + xo[:, None] + tl.arange(0, 2)[None, :]
                 if CLAMP:
                     b0, b1 = tl.split(tl.load(xp))
@@ -822,7 +823,8 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
     """What :func:`.tune` tries: the fragment kernel (up to 64 tokens, in launches of 16) and, above
     16 tokens, dequantize + cuBLAS. At one token also the two-steps-per-iteration loop
     (``unroll=2``: measured 2–10% faster on the 14336-long layers of an H200 at one token, 4–8% slower on
-    small layers and at 8–16 tokens; bench/KERNELS.md)."""
+    small layers and at 8–16 tokens) and x's words loaded once per step (``xs=1``: with U = 4 up to 3%
+    faster on 4096-row layers, with 6 programs per SM 10% faster at rank 32 on 4096×14336; bench/KERNELS.md)."""
     from ._triton import Config
 
     out = []
@@ -834,6 +836,10 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
             if m == 1:
                 for occ in (2.0, 4.0):
                     out.append(Config(kind="frag", bn=16 * warps, warps=warps, occ=occ, pf=2, unroll=2))
+        if m == 1:  # x's words once per step (xs=1): the registers it frees go to U = 4 or to more programs
+            out += [Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1),
+                    Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1, unroll=2),
+                    Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1)]
     if m > MAX_M or not out:
         out.append(Config(kind="dequant"))
     return out
