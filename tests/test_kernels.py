@@ -227,14 +227,16 @@ FRAG = [f for f in FORMATS if layout.frag_ok(_spec(f))]
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("part", [0, 1], ids=["configs0", "configs1"])  # halves: parallel workers share the load
 @pytest.mark.parametrize("i,f", list(enumerate(FRAG)), ids=[_fid(f) for f in FRAG])
-def test_frag_kernel_matches_torch(i, f):
+def test_frag_kernel_matches_torch(i, f, part):
     """The tensor-core GEMV over the fragment layout (the default where it holds the format): 1-16 tokens,
     split-K or not, 2 and 4 warps, 1, 2 or 4 blocks per step (steps that start at group boundaries take
     their group ends from compile-time positions), one or two steps per loop iteration, odd
     shapes, rank 0 / odd / even, one token with x read once per step and shuffled (Config(xs=1)); more
     tokens in launches of 16; dequantize + cuBLAS.
-    In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts."""
+    In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts.
+    Each format runs in two parts, every other configuration each."""
     device = _device()
     from lqkit.kernels import _triton as kt
 
@@ -258,7 +260,7 @@ def test_frag_kernel_matches_torch(i, f):
         if device != "cpu":  # more tokens: dequantize + cuBLAS by default; x shuffled with U = 4 and unroll 2
             configs += [(None, 70), (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4, xs=1), 1),
                         (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, unroll=2, xs=1), 1)]
-        _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
+        _run_configs(kw, W, L, R, b, shape, device, dtype, configs[part::2])
     with pytest.raises(ValueError, match="does not read the 'frag' layout"):  # interleaved-only kinds
         kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="mma"))
     with pytest.raises(ValueError, match="1 or 2 steps"):
