@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The GPU kernels' tests also run on the CPU through triton's interpreter (second step of `make test`);
 # triton is installed for that only when the venv cannot import it (CUDA builds of torch ship it).
 TRITON_SPEC ?= triton==3.6.0
-# Worker processes for that interpreter step (pytest-xdist; the interpreter runs one core per process).
+# Worker processes for that interpreter step (pytest-xdist).
 INTERPRET_JOBS ?= 2
 EXTRAS ?= demo,test,plot,finetune
 
