@@ -97,37 +97,13 @@ def measure(fn, rep: int = 100, copies: list | None = None) -> dict:
 
 def n_copies(nbytes: int) -> int:
     """Weight copies whose total is over 2.5× the L2 cache, so every call reads cold weights."""
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20) or (50 << 20)
-    return int(min(64, max(2, -(-int(2.5 * l2) // max(nbytes, 1)))))
+    return kt.cold_copies(nbytes, torch.device("cuda"))
 
 
 def measure_rot(fns: list, reps: int = 60) -> float:
     """µs per call of back-to-back calls, each on its own weight copy, captured in one CUDA graph:
-    what a decoder sees layer after layer (cold weights, no host launch cost, activations in L2).
-    Median over graph replays (CUDA events) divided by the number of calls."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    for _ in range(3):
-        g.replay()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    times = sorted(a.elapsed_time(b) for a, b in ev)
-    return times[len(times) // 2] * 1e3 / len(fns)
+    what a decoder sees layer after layer (``kt.time_calls``)."""
+    return kt.time_calls(fns, reps) * 1e3
 
 
 def copy_bandwidth() -> float:
@@ -193,11 +169,7 @@ def lqkit_layer(w: torch.Tensor, bits: int, layout: str | None = None):
 
 
 def clone_kw(kw):
-    from lqkit.kernels.layout import KernelWeight
-
-    c = lambda t: t.clone() if t is not None else None  # noqa: E731
-    return KernelWeight(spec=kw.spec, shape=kw.shape, qweight=c(kw.qweight), scale=c(kw.scale), offset=c(kw.offset),
-                        lut=c(kw.lut), n_pad=kw.n_pad, k_pad=kw.k_pad, layout=kw.layout)
+    return kt.clone_weight(kw)
 
 
 def rel_err(y, ref) -> float:

@@ -316,6 +316,33 @@ def test_frag_default_config_by_tokens():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "isolated"])
+def test_tune_keeps_the_fastest_candidate(cold):
+    """Tuning (back-to-back on rotating weight copies, or isolated calls) returns one of the
+    candidates with a positive time, leaves the weight untouched, and later calls use its choice."""
+    from lqkit import kernels
+
+    if INTERPRET or not kernels.available():
+        pytest.skip("times CUDA events: needs a GPU")
+    from lqkit.kernels import _triton as kt
+
+    shape, h = (256, 512), torch.bfloat16
+    kw, W, L, R, b = _case(FRAG[0], shape, 8, False, "cuda", h, layout="frag")
+    words = kw.qweight.clone()
+    copy = kt.clone_weight(kw)
+    assert copy.qweight.data_ptr() != kw.qweight.data_ptr() and torch.equal(copy.qweight, kw.qweight)
+    assert copy.cache == {} and kt.cold_copies(kw.nbytes(), torch.device("cuda")) >= 2
+    configs = kt.candidates(kw, 1, h)[:3]
+    cfg, ms = kernels.tune(torch.randn(1, shape[1], device="cuda", dtype=h), kw, L, R, configs=configs,
+                           rep_ms=2, cold=cold)
+    assert cfg in configs and 0 < ms < 10
+    assert torch.equal(kw.qweight, words)
+    assert kt._TUNED[kt._tune_key(kw, 1, True, h)] == cfg
+    x = torch.randn(1, shape[1], device="cuda", dtype=h)
+    _check(kernels.linear(x, kw, L, R), _ref(x, W, L, R, None))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("f", FRAG + [("rtn", 5, "in", 32, False), ("rtn", 7, "in", 64, False)], ids=_fid)
 def test_frag_dequantize_kernel(f):
     """The fragment layout's decode-to-dense kernel (many tokens) gives the stored weight."""

@@ -88,7 +88,9 @@ def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = Non
 
 
 def tune(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None, **kw):
-    """Time the candidate launch configurations for x's shape and keep the fastest (per process)."""
+    """Time the candidate launch configurations for x's shape and keep the fastest (per process).
+    By default back to back on rotating copies of the weights, larger together than the L2, as a
+    decoder runs its layers (``cold=False``: isolated calls with the L2 flushed before each)."""
     from . import _triton
 
     return _triton.tune(x, prepared, L, R, bias, **kw)
