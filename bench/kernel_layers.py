@@ -224,6 +224,13 @@ def _compile_job(item) -> None:
     torch.cuda.synchronize()
 
 
+def shapes_of(args) -> list[tuple[int, int]]:
+    """The (out, in) layers a run times: --shapes, or the quick pair, or all five."""
+    if args.shapes:
+        return [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    return SHAPES if not args.quick else [(4096, 14336), (4096, 4096)]
+
+
 def run(args) -> dict:
     info = env_info()
     print(json.dumps(info), flush=True)
@@ -235,9 +242,7 @@ def run(args) -> dict:
     except Exception as e:
         print("bitsandbytes unavailable:", repr(e)[:200])
         have_bnb = False
-    shapes = SHAPES if not args.quick else [(4096, 14336), (4096, 4096)]
-    if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = shapes_of(args)
     tokens = TOKENS if not args.quick or args.tokens else [1, 8, 16]
     result = {"env": info, "copy_bandwidth_GBps": bw, "group_size": GROUP, "rows": [],
               "notes": "time_us: per call, back-to-back calls each on its own copy of the weights (copies "
@@ -414,7 +419,11 @@ def main() -> None:
     if args.tokens:
         TOKENS = [int(t) for t in args.tokens.split(",")]
     if args.jobs:
-        precompile(args.jobs, args.quick, tokens=TOKENS if args.tokens else None, layout=args.layout)
+        # a layer with 8192+ rows has so many row blocks that some candidates do not split K (14336x4096 at 2
+        # programs per SM and 4 warps: 224 blocks for 264 programs); without this they compile in the timing process
+        shapes = shapes_of(args)
+        precompile(args.jobs, args.quick, tokens=TOKENS if args.tokens else None, layout=args.layout,
+                   both_splits=any(n >= 8192 for n, _ in shapes))
     result = run(args)
     if args.dump:
         dump_kernels(args.dump)
