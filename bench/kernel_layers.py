@@ -160,8 +160,21 @@ def bnb_nf4(w: torch.Tensor):
 LAYOUT = "auto"  # --layout: "auto" (frag where it holds the format, else interleaved), "interleaved" or "frag"
 
 
-def lqkit_layer(w: torch.Tensor, bits: int, layout: str | None = None):
-    spec = QuantSpec(method="rtn", bits=bits, group_size=GROUP, group_dim="in")
+EXTRA = {  # --extra: more lqkit formats, rank 0 (what a codebook or exactly kept outliers cost)
+    "nf4": QuantSpec(method="nf", bits=4, group_size=64),
+    "nuq4": QuantSpec(method="nuq", bits=4),
+    "nuq3": QuantSpec(method="nuq", bits=3),
+    "rtn4+sp0.005": QuantSpec(method="rtn", bits=4, group_size=GROUP, outliers=0.005),
+    "rtn3+sp0.005": QuantSpec(method="rtn", bits=3, group_size=GROUP, outliers=0.005),
+    "rtn4+of0.01": QuantSpec(method="rtn", bits=4, group_size=GROUP, outlier_features=0.01),
+}
+
+
+def lqkit_layer(w: torch.Tensor, bits: int | QuantSpec, layout: str | None = None):
+    """(kernel weight, fp32 reference weight, stored bits per weight) of w in rtn g128 at ``bits``, or
+    in the given spec."""
+    spec = bits if isinstance(bits, QuantSpec) else QuantSpec(method="rtn", bits=bits, group_size=GROUP,
+                                                              group_dim="in")
     q = qmod.quantize(w, spec)
     kw = kernels.prepare(q.packed, q.aux, spec, tuple(w.shape), "cuda", layout=layout or LAYOUT)
     w_hat = qmod.dequantize_packed(q.packed, q.aux, spec, tuple(w.shape))
@@ -177,7 +190,7 @@ def rel_err(y, ref) -> float:
 
 
 def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None, layout: str = "auto",
-               both_splits: bool = False) -> None:
+               both_splits: bool = False, extra: tuple[str, ...] = ()) -> None:
     """Compile every kernel variant the tuning will try, in parallel worker processes (they share
     triton's on-disk cache), so that the timing process finds them compiled. Each work item is one
     kernel (one configuration, rank, token count and bit width), so slow compiles spread over the
@@ -189,7 +202,7 @@ def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None,
     tokens = tokens or (tuple(TOKENS) if not quick else (1, 8, 16))
     bits_list = BITS if bits_list is None else bits_list
     work = []
-    for bits in bits_list:
+    for bits in list(bits_list) + [EXTRA[e] for e in extra]:
         kw = lqkit_layer(torch.randn(512, 1024, device="cuda"), bits, layout)[0]
         for rank in ranks:
             for m in tokens:
@@ -213,7 +226,7 @@ def _compile_job(item) -> None:
     bits, rank, m, layout, cfg = item
     torch.manual_seed(0)
     w = torch.randn(512, 1024, device="cuda")
-    kw, _, _ = lqkit_layer(w, bits, layout)
+    kw, _, _ = lqkit_layer(w, bits, layout if not isinstance(bits, QuantSpec) else "auto")
     x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
     L = torch.randn(512, rank, device="cuda", dtype=torch.bfloat16) if rank else None
     R = torch.randn(rank, 1024, device="cuda", dtype=torch.bfloat16) if rank else None
@@ -262,6 +275,9 @@ def run(args) -> dict:
         w16 = w.to(torch.bfloat16)
         W16 = [w16] + [w16.clone() for _ in range(n_copies(n * k * 2) - 1)]
         layers = {b: lqkit_layer(w, b) for b in BITS}
+        extra = {e: lqkit_layer(w, EXTRA[e], "auto") for e in args.extra}
+        extra_kws = {e: [extra[e][0]] + [clone_kw(extra[e][0]) for _ in range(n_copies(extra[e][0].nbytes()) - 1)]
+                     for e in args.extra}
         kws = {b: [layers[b][0]] + [clone_kw(layers[b][0]) for _ in range(n_copies(layers[b][0].nbytes()) - 1)]
                for b in BITS}
         tg = tinygemm_int4(w16)
@@ -332,9 +348,17 @@ def run(args) -> dict:
                         copies = [(lambda c=c, i=i: unfused(c, LR[rank][i])) for i, c in enumerate(kws[bits])]
                         row("lqkit-unfused-lr", bits, rank, measure(unfused, copies=copies),
                             kw.nbytes() + lr_bytes + act)
+            for e in args.extra:  # rank 0: the format's own cost (a codebook, the outliers' sparse pass)
+                kw, w_hat, sbits = extra[e]
+                cfg, _ = kernels.tune(x, kw, None, None, None, rep_ms=args.tune_ms)
+                y = kernels.linear(x, kw, config=cfg)
+                copies = [(lambda c=c: kernels.linear(x, c, config=cfg)) for c in extra_kws[e]]
+                t = measure(lambda: kernels.linear(x, kw, config=cfg), copies=copies)
+                row(f"lqkit-{e}", EXTRA[e].bits, 0, t, kw.nbytes() + act, rel_err(y, x.float() @ w_hat.t()),
+                    cfg.__dict__, round(sbits, 3))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every token count: a run cut
             Path(args.out).write_text(json.dumps(result, indent=1))  # short keeps what it measured
-        del w, w16, W16, layers, kws, tg, tgs, nf4, nf4s, LR
+        del w, w16, W16, layers, kws, tg, tgs, nf4, nf4s, LR, extra, extra_kws
         torch.cuda.empty_cache()
     return result
 
@@ -407,8 +431,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="worker processes that precompile kernels (0: none)")
     ap.add_argument("--tune-ms", type=int, default=10, help="do_bench budget per tuning candidate (ms)")
     ap.add_argument("--dump", default="", help="write PTX/SASS and register use of the kernels to this tar.gz")
+    ap.add_argument("--extra", default="", help=f"comma-separated more lqkit formats, rank 0: {', '.join(EXTRA)}")
     ap.add_argument("--summary-only", action="store_true", help="print the table of an existing --out file")
     args = ap.parse_args()
+    args.extra = tuple(e for e in args.extra.split(",") if e)
+    unknown = [e for e in args.extra if e not in EXTRA]
+    if unknown:
+        ap.error(f"unknown --extra format(s) {', '.join(unknown)}; choose from {', '.join(EXTRA)}")
     if args.summary_only:
         print(summary(json.loads(Path(args.out).read_text())))
         return
@@ -423,7 +452,7 @@ def main() -> None:
         # programs per SM and 4 warps: 224 blocks for 264 programs); without this they compile in the timing process
         shapes = shapes_of(args)
         precompile(args.jobs, args.quick, tokens=TOKENS if args.tokens else None, layout=args.layout,
-                   both_splits=any(n >= 8192 for n, _ in shapes))
+                   both_splits=any(n >= 8192 for n, _ in shapes), extra=args.extra)
     result = run(args)
     if args.dump:
         dump_kernels(args.dump)

@@ -10,6 +10,7 @@ from conftest import tiny_model
 from lqkit import kernels
 from lqkit.compress import compress_model
 from lqkit.core import MatrixSpec, QuantSpec
+from lqkit.core.stats import MatrixStats
 from lqkit.kernels import layout
 from lqkit.nn import CompressedLinear, find_shared_inputs, fuse_shared_inputs, unfuse
 from lqkit.plan import uniform_plan
@@ -26,8 +27,20 @@ def _compressed(arch, plan_edit=None):
     plan = dict(uniform_plan(m, SPEC))
     if plan_edit:
         plan = plan_edit(plan)
-    compress_model(m, plan, progress=False)
+    compress_model(m, plan, progress=False, stats=_stats(m, plan) if plan_edit else None)
     return m
+
+
+def _stats(model, plan):
+    """Synthetic calibration statistics (random H and Fisher) for every planned matrix."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name in plan:
+        w = model.get_submodule(name).weight
+        a = torch.randn(w.shape[1], w.shape[1], generator=g)
+        out[name] = MatrixStats(h=a @ a.t() / w.shape[1] + torch.eye(w.shape[1]),
+                                fisher=torch.rand(w.shape, generator=g) + 0.1)
+    return out
 
 
 def _layer_sets(names):
@@ -53,6 +66,24 @@ def test_find_shared_inputs_splits_by_format():
 
     groups = find_shared_inputs(_compressed("llama", edit), _x())
     assert _layer_sets(groups) == [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj")] * 2
+
+
+def _codebooks_and_outliers(plan):
+    """q/v: nuq codebooks; k: rtn with exactly kept outliers; gate: nuq with outlier features."""
+    for n in plan:
+        if n.endswith(("q_proj", "v_proj")):
+            plan[n] = MatrixSpec("lorc", QuantSpec("nuq", 3), rank=4)
+        elif n.endswith("k_proj"):
+            plan[n] = MatrixSpec("lorc", QuantSpec("rtn", 4, 32, outliers=0.02), rank=4)
+        elif n.endswith("gate_proj"):
+            plan[n] = MatrixSpec("lorc", QuantSpec("nuq", 4, outlier_features=0.05), rank=4)
+    return plan
+
+
+def test_outlier_layers_are_not_stacked():
+    """A layer with exactly kept outliers adds its own sparse pass: its siblings stack without it."""
+    groups = find_shared_inputs(_compressed("llama", _codebooks_and_outliers), _x())
+    assert _layer_sets(groups) == [("q_proj", "v_proj")] * 2
 
 
 def _reference_kernels(monkeypatch):
@@ -89,6 +120,25 @@ def test_fused_model_matches_unfused(arch_, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(m(_x(1)).logits, ref, rtol=1e-4, atol=1e-4)
     assert len(calls) == 2 * 7
+
+
+def test_codebook_and_outlier_layers_take_the_kernel_path(monkeypatch):
+    """nuq codebooks and exactly kept outliers reach the kernels' layout from a compressed model (the
+    module's stored buffers, prepared once) and give the torch path's outputs, fused or not."""
+    m = _compressed("llama", _codebooks_and_outliers)
+    assert {kernels.path_for(mod.spec.quant) for mod in m.modules() if isinstance(mod, CompressedLinear)} == \
+        {"triton/frag", "triton/interleaved"}
+    with torch.no_grad():
+        ref = m(_x(1)).logits
+    calls = _reference_kernels(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(m(_x(1)).logits, ref, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 * 7
+    fixes = [mod.kernel_weight().fix for mod in m.modules() if isinstance(mod, CompressedLinear)]
+    assert sum(f is not None for f in fixes) == 2 * 2  # k_proj and gate_proj of both layers
+    fuse_shared_inputs(m, _x())
+    with torch.no_grad():
+        torch.testing.assert_close(m(_x(1)).logits, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_group_recomputes_for_another_or_changed_input(monkeypatch):

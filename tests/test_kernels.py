@@ -48,14 +48,22 @@ FORMATS = [  # (method, bits, group_dim, group_size, double_quant)
     ("nf", 3, "in", 128, True),
     ("nf", 2, "out", 64, True),
     ("nf", 4, "out", 128, False),
+    ("nuq", 4, "in", 128, False),  # a codebook per output row (group size unused)
+    ("nuq", 3, "in", 128, False),
+]
+OUTLIER_FORMATS = [  # (method, bits, group_dim, group_size, double_quant, outliers, outlier_features)
+    ("rtn", 4, "in", 64, False, 0.01, 0.02),  # fragment layout by default
+    ("nf", 4, "in", 64, False, 0.02, 0.0),
+    ("nuq", 3, "in", 128, False, 0.0, 0.03),
 ]
 SHAPES = [(96, 4096 + 64), (1000, 333), (130, 1536), (257, 200)]  # (out, in): odd sizes, tails
 CPU_SHAPES = [(40, 1050), (70, 333), (33, 520), (57, 200)]  # triton's CPU interpreter: smaller, still tails
 
 
 def _spec(f) -> QuantSpec:
-    method, bits, gd, gs, dq = f
-    return QuantSpec(method=method, bits=bits, group_size=gs, group_dim=gd, double_quant=dq)
+    method, bits, gd, gs, dq, sp, of = (*f, 0.0, 0.0)[:7]
+    return QuantSpec(method=method, bits=bits, group_size=gs, group_dim=gd, double_quant=dq, outliers=sp,
+                     outlier_features=of)
 
 
 def _fid(f) -> str:
@@ -104,6 +112,36 @@ def test_layout_auto_picks_frag_where_it_holds_the_format():
             layout.prepare_weight(q.packed, q.aux, spec, (64, 64), layout="frag")
 
 
+@pytest.mark.parametrize("f", OUTLIER_FORMATS, ids=_fid)
+def test_layout_outliers_are_a_sparse_correction(f):
+    """Exactly kept outliers: the plain codes in the kernels' layout plus a CSR correction C =
+    kept − deq(Q) give the stored matrix; C holds every kept position once, sorted by row."""
+    spec = _spec(f)
+    shape = (70, 333)
+    w = torch.randn(shape)
+    w[3, 7] = 40.0  # an outlier
+    q = qmod.quantize(w, spec)
+    want = qmod.dequantize(q)
+    for lay in ("interleaved", "frag") if layout.frag_ok(spec) else ("interleaved",):
+        kw = layout.prepare_weight(q.packed, q.aux, spec, shape, layout=lay)
+        assert kw.fix is not None and kw.spec.outliers == 0 and kw.spec.outlier_features == 0
+        n_kept = qmod.n_outliers(spec, shape) + shape[0] * qmod.n_outlier_features(spec, shape)
+        assert kw.fix.nnz == n_kept and kw.fix.rowptr[-1] == n_kept
+        rows, cols = kw.fix.rows(), kw.fix.col.long()
+        assert torch.all(rows[1:] * shape[1] + cols[1:] > rows[:-1] * shape[1] + cols[:-1])
+        torch.testing.assert_close(layout.reference_weight(kw), want, rtol=0, atol=1e-5)
+        assert kw.nbytes() > kw.fix.nbytes() > 0
+    with pytest.raises(ValueError, match="each matrix adds its own"):
+        layout.stack_weights([kw, kw])
+
+
+def test_layout_refuses_per_column_codebooks():
+    spec = QuantSpec(method="nuq", bits=3, group_dim="out")
+    q = qmod.quantize(torch.randn(32, 64), spec)
+    with pytest.raises(ValueError, match="torch path"):
+        layout.prepare_weight(q.packed, q.aux, spec, (32, 64))
+
+
 @pytest.mark.parametrize("with_offset", [True, False])
 def test_frag_params_order_and_roundtrip(with_offset):
     """Fragment-ordered parameters: [row block, group, g] holds (s[g], s[g + 8], o[g], o[g + 8])."""
@@ -126,8 +164,11 @@ def test_path_for_names_where_a_format_runs():
     assert kernels.path_for(QuantSpec(method="rtn", bits=8, group_size=128)) == "triton/interleaved"
     assert kernels.path_for(QuantSpec(method="nf", bits=4, group_size=64)) == "triton/interleaved"
     assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=64, group_dim="out")) == "triton/interleaved"
-    assert kernels.path_for(QuantSpec(method="nuq", bits=3, group_size=128)) == "torch"
-    assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=128, outliers=0.01)) == "torch"
+    assert kernels.path_for(QuantSpec(method="nuq", bits=3, group_size=128)) == "triton/interleaved"
+    assert kernels.path_for(QuantSpec(method="nuq", bits=3, group_size=128, group_dim="out")) == "torch"
+    assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=128, outliers=0.01)) == "triton/frag"
+    assert kernels.path_for(QuantSpec(method="nf", bits=4, group_size=64, outlier_features=0.01)) == \
+        "triton/interleaved"
     assert kernels.path_for(None) == "torch"
 
 
@@ -270,7 +311,7 @@ def test_frag_kernel_matches_torch(i, f, part):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("f", [FORMATS[0], FORMATS[10]], ids=_fid)  # fragment / interleaved layout
+@pytest.mark.parametrize("f", [FORMATS[0], FORMATS[10], FORMATS[-1]], ids=_fid)  # frag / interleaved / per-row tables
 def test_stacked_kernel_matches_members(f):
     """Matrices stacked into one (nn.fuse's q/k/v, gate/up): one call gives every member's output,
     with block-diagonal low-rank factors (ranks 5, 0, 3) and biases on some members only."""
@@ -376,6 +417,28 @@ def test_kernels_match_torch(i, f):
         configs += [(kt.Config(kind="mma", bn=64, occ=8.0), 5), (kt.Config(kind="mma", bn=128, occ=1.0), 16),
                     (kt.Config(kind="mma", bn=32, warps=4, stages=3, occ=4.0), 19)]
     _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("i,f", list(enumerate(OUTLIER_FORMATS)), ids=[_fid(f) for f in OUTLIER_FORMATS])
+def test_kernels_add_the_outliers(i, f):
+    """Exactly kept outliers on every path: the main kernel on the plain codes, then the sparse pass
+    (one token, a few, split-K, the tiled kernel), or folded into the decoded weight (many tokens)."""
+    device = _device()
+    from lqkit.kernels import _triton as kt
+
+    shape = (300, 1000) if device != "cpu" else (70, 333)
+    for lay in ("interleaved", "frag") if layout.frag_ok(_spec(f)) else ("interleaved",):
+        if device == "cpu":  # the interpreter's fragment kernel takes fp16 only
+            dtype = torch.float32 if lay == "interleaved" else torch.float16
+        else:
+            dtype = (torch.bfloat16, torch.float16)[i % 2]
+        kw, W, L, R, b = _case(f, shape, (0, 5)[i % 2], i % 2 == 0, device, dtype, layout=lay)
+        assert kw.fix is not None and kw.layout == lay
+        configs = [(None, 1), (None, 3), (kt.Config(kind="dequant"), 40)]
+        if lay == "interleaved":
+            configs += [(kt.Config(kind="gemv", bn=32, occ=8.0), 2), (kt.Config(kind="gemm", bm=16, bn=64), 17)]
+        _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
 
 
 @pytest.mark.cuda

@@ -149,7 +149,8 @@ class Quantizer:
     and receives M with outliers still in place (it must ignore ``ctx.keep`` positions in its
     objective); it may return aux["kept"], an (out, in) matrix whose ``keep`` positions hold the
     values to store exactly (GPTQ's error-compensated values). Other quantizers see outliers as 0.
-    ``kernel_format``: the plain stored format the fused kernels know ("rtn", "rtn_sym", "nf"), if any.
+    ``kernel_format``: the plain stored format the fused kernels know ("rtn", "rtn_sym", "nf", "nuq"), if
+    any, for groups along the dims in ``kernel_group_dims``.
     ``quantize_many`` (optional, data-aware only): ``(w (out, in), specs, ctxs) -> [(codes, aux)]``,
     several configurations of one matrix at once, each result as ``quantize`` would return it.
     """
@@ -162,6 +163,7 @@ class Quantizer:
     supports_double_quant: bool = False
     data_aware: bool = False
     kernel_format: str | None = None
+    kernel_group_dims: frozenset[str] = frozenset(("in", "out"))
     quantize_many: Callable[..., list[tuple[torch.Tensor, dict[str, torch.Tensor]]]] | None = None
 
 
@@ -619,12 +621,14 @@ def aux_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, AuxSlot]:
 
 
 def kernel_spec(spec: QuantSpec) -> QuantSpec | None:
-    """``spec`` in a plain stored format the fused kernels read (gptq's codes are rtn's), or None
-    when the format needs the torch path (non-uniform codebooks, exactly kept outliers)."""
-    fmt = QUANTIZERS[spec.method].kernel_format
-    if fmt is None or spec.outliers or spec.outlier_features:
+    """``spec`` in a stored format the fused kernels read (gptq's codes are rtn's; exactly kept
+    outliers stay in it: the kernels add them as a sparse correction), or None when the format
+    needs the torch path (a quantizer without a kernel format, or per-column codebooks: nuq with
+    groups along ``out``)."""
+    q = QUANTIZERS[spec.method]
+    if q.kernel_format is None or spec.group_dim not in q.kernel_group_dims:
         return None
-    return spec if fmt == spec.method else replace(spec, method=fmt, act_order=False)
+    return spec if q.kernel_format == spec.method else replace(spec, method=q.kernel_format, act_order=False)
 
 
 def packed_layout(spec: QuantSpec, shape: tuple[int, int]) -> AuxSlot:

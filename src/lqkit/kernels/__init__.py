@@ -51,8 +51,9 @@ def available() -> bool:
 
 def path_for(quant: QuantSpec | None) -> str:
     """Where a matrix stored in this format runs on a CUDA GPU with triton: "triton/frag" (the
-    tensor-core GEMV's fragment layout), "triton/interleaved", or "torch" (no quantized part,
-    non-uniform codebooks, exactly kept outliers). Pure: imports neither triton nor CUDA."""
+    tensor-core GEMV's fragment layout), "triton/interleaved", or "torch" (no quantized part, or
+    per-column codebooks: nuq with groups along ``out``). Exactly kept outliers run on the kernels
+    too, as one more sparse pass. Pure: imports neither triton nor CUDA."""
     from ..core import quant as qmod
 
     k = qmod.kernel_spec(quant) if quant is not None else None

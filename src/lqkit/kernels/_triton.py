@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import _frag
 from ._jit import _rx_partial, _wait
-from .layout import LANES, KernelWeight, half_codes, k_tile
+from .layout import LANES, KernelWeight, SparseFix, half_codes, k_tile
 
 GB = tl.constexpr(16)  # 32-wide chunks per step of the offset loop
 KC = 512  # k's per program of the R·x work (one load each)
@@ -151,7 +151,8 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
                BITS: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr, GROUP_N: tl.constexpr,
                FAST: tl.constexpr, G: tl.constexpr, P: tl.constexpr, VS: tl.constexpr,
                HALF: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr):
+               HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr, PF: tl.constexpr,
+               LS: tl.constexpr):
     KT: tl.constexpr = S * 32
     NB = tl.cdiv(N, BN)
     nb = wid % NB
@@ -162,6 +163,10 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
     i_off = tl.arange(0, 32)  # (32,)
     x_row = x_ptr + m * stride_xm
     q_ptrs = q_ptr + n_off[:, None] * KW + i_off[None, :]  # (BN, 32)
+    if LS > 0:  # a table per row (nuq)
+        lut_rows = lut_ptr + n_off[:, None] * LS
+    else:
+        lut_rows = lut_ptr
     t0 = ks * TPS
     t1 = tl.minimum(t0 + TPS, NTILES)
     acc = tl.zeros([BN, 32], dtype=tl.float32)
@@ -179,7 +184,7 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
             w_next = tl.load(q_ptrs + (t + 1) * 32, mask=t + 1 < t1, other=0)  # prefetch the next tile
         kb = t * KT
         for j in tl.static_range(S):
-            v = _decode(w, j, BITS, MODE, lut_ptr, ASM)  # (BN, 32)
+            v = _decode(w, j, BITS, MODE, lut_rows, ASM)  # (BN, 32)
             k = kb + j * 32 + i_off
             xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # (32,)
             if FAST:
@@ -244,7 +249,7 @@ def _gemv_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, r_ptr
                  FAST: tl.constexpr, G: tl.constexpr, P: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, KC_: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr,
-                 PF: tl.constexpr = 1):
+                 PF: tl.constexpr = 1, LS: tl.constexpr = 0):
     pid = tl.program_id(0)
     if HAS_LR:  # the first NTC·M programs compute t = R·x, the rest the quantized product
         n_t = NTC * M
@@ -254,7 +259,7 @@ def _gemv_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, r_ptr
             _gemv_work(pid - n_t, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws_ptr,
                        tp_ptr, cnt_ptr, M, N, K, KW, SROW, NTILES, TPS, SPLIT, NTC, RANK, stride_xm,
                        stride_ym, BITS, S, MODE, GROUP_N, FAST, G, P, VS, HALF, BN, RP, HAS_BIAS,
-                       HAS_LR, SPLITK, ASM, PF)
+                       HAS_LR, SPLITK, ASM, PF, LS)
         total = n_t + tl.cdiv(N, BN) * SPLIT * M
         if tl.atomic_add(cnt_ptr + 2, 1) == total - 1:  # last program: reset the R·x counter
             tl.store(cnt_ptr + 1, 0)
@@ -263,7 +268,7 @@ def _gemv_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, r_ptr
         _gemv_work(pid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws_ptr,
                    tp_ptr, cnt_ptr, M, N, K, KW, SROW, NTILES, TPS, SPLIT, NTC, RANK, stride_xm,
                    stride_ym, BITS, S, MODE, GROUP_N, FAST, G, P, VS, HALF, BN, RP, HAS_BIAS,
-                   HAS_LR, SPLITK, ASM, PF)
+                   HAS_LR, SPLITK, ASM, PF, LS)
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "SROW", "NTILES", "TPS", "SPLIT", "RANK", "stride_ym",
@@ -273,7 +278,7 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
                  BITS: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr, GROUP_N: tl.constexpr,
                  FAST: tl.constexpr, G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, RP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr):
+                 HAS_LR: tl.constexpr, SPLITK: tl.constexpr, ASM: tl.constexpr, LS: tl.constexpr = 0):
     KT: tl.constexpr = S * 32
     pid = tl.program_id(0)
     MB = tl.cdiv(M, BM)
@@ -291,13 +296,17 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
     t0 = ks * TPS
     t1 = tl.minimum(t0 + TPS, NTILES)
     gn = (nb * BN) // G
+    if LS > 0:  # a table per row (nuq)
+        lut_rows = lut_ptr + n_off[None, :] * LS
+    else:
+        lut_rows = lut_ptr
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     w = tl.load(q_ptrs + t0 * 32)  # (32, BN) int32, first tile
     for t in range(t0, t1):
         w_next = tl.load(q_ptrs + (t + 1) * 32, mask=t + 1 < t1, other=0)  # prefetch the next tile
         kb = t * KT
         for j in tl.static_range(S):
-            v = _decode(w, j, BITS, MODE, lut_ptr, ASM)  # (32, BN): rows k, cols n
+            v = _decode(w, j, BITS, MODE, lut_rows, ASM)  # (32, BN): rows k, cols n
             k = kb + j * 32 + i_off
             if FAST:
                 if GROUP_N:
@@ -538,7 +547,7 @@ def _mma_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, b_ptr, l_ptr, r_ptr, ws_ptr, 
 def _dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, N, K, KW, SROW, NTILES,
                     BITS: tl.constexpr, S: tl.constexpr, MODE: tl.constexpr, GROUP_N: tl.constexpr,
                     FAST: tl.constexpr, G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr,
-                    BN: tl.constexpr, ASM: tl.constexpr):
+                    BN: tl.constexpr, ASM: tl.constexpr, LS: tl.constexpr = 0):
     """W[n, k] (the activation dtype, row-major (N, K)) for one (BN rows × K-tile) block."""
     KT: tl.constexpr = S * 32
     nb = tl.program_id(0)
@@ -546,10 +555,14 @@ def _dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, N, K, KW, SROW, NTILES,
     n_off = nb * BN + tl.arange(0, BN)
     i_off = tl.arange(0, 32)
     nmask = n_off < N
+    if LS > 0:  # a table per row (nuq)
+        lut_rows = lut_ptr + n_off[:, None] * LS
+    else:
+        lut_rows = lut_ptr
     w = tl.load(q_ptr + n_off[:, None] * KW + t * 32 + i_off[None, :])  # (BN, 32)
     kb = t * KT
     for j in tl.static_range(S):
-        v = _decode(w, j, BITS, MODE, lut_ptr, ASM)
+        v = _decode(w, j, BITS, MODE, lut_rows, ASM)
         k = kb + j * 32 + i_off
         if GROUP_N:
             sidx = (n_off[:, None] // G) * SROW + k[None, :]
@@ -560,10 +573,45 @@ def _dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, N, K, KW, SROW, NTILES,
                  mask=nmask[:, None] & (k[None, :] < K))
 
 
+@triton.jit(do_not_specialize=["M", "N", "stride_xm", "stride_ym"])
+def _sparse_add_kernel(x_ptr, y_ptr, rowptr_ptr, col_ptr, val_ptr, M, N, stride_xm, stride_ym,
+                       BR: tl.constexpr, BJ: tl.constexpr):
+    """y[m, n] += Σ_j val[j]·x[m, col[j]] over row n's CSR entries (exactly kept outliers), for a
+    block of BR rows and one token; fp32 sums, y rounded once."""
+    rb = tl.program_id(0)
+    m = tl.program_id(1)
+    r = rb * BR + tl.arange(0, BR)
+    rmask = r < N
+    start = tl.load(rowptr_ptr + r, mask=rmask, other=0)
+    cnt = tl.load(rowptr_ptr + r + 1, mask=rmask, other=0) - start
+    jj = tl.arange(0, BJ)
+    acc = tl.zeros([BR], dtype=tl.float32)
+    for j0 in range(0, tl.max(cnt, axis=0), BJ):
+        jm = (j0 + jj)[None, :] < cnt[:, None]
+        e = start[:, None] + j0 + jj[None, :]
+        c = tl.load(col_ptr + e, mask=jm, other=0)
+        v = tl.load(val_ptr + e, mask=jm, other=0.0)
+        xv = tl.load(x_ptr + m * stride_xm + c, mask=jm, other=0.0).to(tl.float32)
+        acc += tl.sum(v * xv, axis=1)
+    yp = y_ptr + m * stride_ym + r
+    tl.store(yp, (tl.load(yp, mask=rmask, other=0.0).to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+def sparse_add(x: torch.Tensor, y: torch.Tensor, fix: SparseFix) -> None:
+    """y += x·Cᵀ in place for the CSR correction C of :class:`.layout.SparseFix`; x (M, K), y (M, N),
+    rows contiguous. One launch."""
+    m, n = y.shape
+    if m == 0 or fix.nnz == 0:
+        return
+    br = 16
+    _sparse_add_kernel[(-(-n // br), m)](x, y, fix.rowptr, fix.col, fix.val, m, n, x.stride(0), y.stride(0),
+                                         BR=br, BJ=32, num_warps=4)
+
+
 def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The (N, K) weight in ``dtype``, decoded on the GPU by one kernel launch."""
     if kw.layout == "frag":
-        return _frag.dequantize(kw, dtype)
+        return _with_fix(_frag.dequantize(kw, dtype), kw)
     n, k = kw.shape
     w = torch.empty(n, k, dtype=dtype, device=kw.device)
     bn = 64
@@ -572,7 +620,16 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.T
         kw.lut if kw.lut is not None else kw.scale, n, k, kw.qweight.shape[1], kw.scale.shape[1], kw.n_tiles,
         BITS=kw.bits, S=32 // kw.bits, MODE=kw.mode, GROUP_N=kw.spec.group_dim == "out", FAST=False,
         G=kw.spec.group_size, VS=float(2 ** kw.bits), HALF=float(2 ** (kw.bits - 1)), BN=bn, ASM=_asm(),
-        num_warps=4)
+        LS=kw.lut_stride, num_warps=4)
+    return _with_fix(w, kw)
+
+
+def _with_fix(w: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
+    """The dense weight with the exactly kept outliers' correction added (fp32 sums)."""
+    if kw.fix is None or kw.fix.nnz == 0:
+        return w
+    rows, cols = kw.fix.rows(), kw.fix.col.long()
+    w[rows, cols] = (w[rows, cols].float() + kw.fix.val).to(w.dtype)
     return w
 
 
@@ -706,17 +763,11 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     if cfg.kind not in _KINDS[kw.layout]:
         raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout "
                          f"(kinds for it: {', '.join(_KINDS[kw.layout])})")
-    if cfg.kind == "frag":
-        if not _frag.ok(kw, m, x.dtype):
-            raise ValueError(f"the fragment kernel takes fp16/bf16 tokens, got {x.dtype}")
-        _frag.launch(x2, y, kw, L, R, bias, has_lr, cfg)
-    elif cfg.kind == "mma":
-        _launch_mma(x2, y, kw, L, R, bias, has_lr, cfg)
-    elif cfg.kind == "gemv":
-        _launch_gemv(x2, y, kw, L, R, bias, has_lr, cfg)
-    elif cfg.kind == "gemm":
-        _launch_gemm(x2, y, kw, L, R, bias, has_lr, cfg)
-    else:  # "dequant": many tokens are compute-bound: decode W once, then cuBLAS
+    if cfg.kind != "dequant":
+        _LAUNCH[cfg.kind](x2, y, kw, L, R, bias, has_lr, cfg)
+        if kw.fix is not None:  # exactly kept outliers: one more pass, y += x·Cᵀ
+            sparse_add(x2, y, kw.fix)
+    else:  # many tokens are compute-bound: decode W once (outliers included), then cuBLAS
         w = dequantize(kw, x.dtype)
         b = bias.to(x.dtype) if bias is not None else None
         if out is None:
@@ -738,7 +789,7 @@ def _gemv_constexprs(kw: KernelWeight, bn: int, rp: int, has_bias: bool, has_lr:
                      pf: int = 1) -> tuple:
     c = _constexprs(kw, bn)  # in the kernel's parameter order: BITS S MODE GROUP_N FAST G P VS HALF BN RP KC_ ...
     return (c["BITS"], c["S"], c["MODE"], c["GROUP_N"], c["FAST"], c["G"], _flush_period(kw), c["VS"], c["HALF"],
-            bn, rp, KC, has_bias, has_lr, splitk, _asm(), pf)
+            bn, rp, KC, has_bias, has_lr, splitk, _asm(), pf, kw.lut_stride)
 
 
 def _asm() -> bool:
@@ -874,7 +925,7 @@ def _launch_gemm(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
                     cnt=_counters(kw, N_COUNTERS + mbk * nbk, x.device),
                     ws=split_workspace(split, m, n, x.device),
                     const=(*_constexprs(kw, cfg.bn).values(), cfg.bm, cfg.bn, _rank_pad(rank), bias is not None,
-                           has_lr, split > 1, _asm()))
+                           has_lr, split > 1, _asm(), kw.lut_stride))
 
     plan = _plan(kw, key, make) if _aligned(x, y, bias, Lc, t) else None
     p = plan or make()
@@ -886,6 +937,15 @@ def _launch_gemm(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
             x.stride(0), y.stride(0), t.stride(0) if has_lr else 0, *p["const"])
     # nf: triton would software-pipeline the table gathers through shared memory (and overflow it)
     _launch(_gemm_kernel, plan, p["grid"], args, cfg.warps, 1 if kw.mode == 2 else cfg.stages)
+
+
+def _launch_frag(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
+    if not _frag.ok(kw, x.shape[0], x.dtype):
+        raise ValueError(f"the fragment kernel takes fp16/bf16 tokens, got {x.dtype}")
+    _frag.launch(x, y, kw, L, R, bias, has_lr, cfg)
+
+
+_LAUNCH = {"frag": _launch_frag, "mma": _launch_mma, "gemv": _launch_gemv, "gemm": _launch_gemm}
 
 
 def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list[Config]:
@@ -988,8 +1048,9 @@ def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def clone_weight(kw: KernelWeight) -> KernelWeight:
     """A copy of a prepared weight in new memory (its own scratch counters)."""
+    fix = kw.fix and SparseFix(rowptr=kw.fix.rowptr.clone(), col=kw.fix.col.clone(), val=kw.fix.val.clone())
     return replace(kw, qweight=kw.qweight.clone(), scale=kw.scale.clone(), offset=_clone(kw.offset),
-                   lut=_clone(kw.lut), cache={})
+                   lut=_clone(kw.lut), fix=fix, cache={})
 
 
 def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,

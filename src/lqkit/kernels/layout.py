@@ -40,7 +40,7 @@ load per group; ``KernelWeight.scale`` holds that tensor and ``offset`` is None.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import torch
@@ -52,7 +52,8 @@ from ..core.quant import QuantSpec
 LANES = 32  # words per row of a K-tile (and k's per slice)
 FRAG_WORDS = 4  # fragment layout: words per lane and block (one 16-byte load)
 N_PAD = 128  # rows are padded to a multiple of the largest block of rows a kernel uses
-MODES = {"rtn": 0, "rtn_sym": 1, "nf": 2}  # affine (scale, offset) / symmetric (scale) / table (absmax)
+MODES = {"rtn": 0, "rtn_sym": 1, "nf": 2, "nuq": 2}  # affine (scale, offset) / symmetric (scale) / table
+OUTLIER_AUX = ("feat_idx", "feat_val", "sp_idx", "sp_val")  # aux of exactly kept outliers (core.quant)
 
 
 def codes_per_word(bits: int) -> int:
@@ -145,6 +146,7 @@ class KernelWeight:
     n_pad: int
     k_pad: int
     layout: str = "interleaved"  # or "frag" (see the module docstring)
+    fix: SparseFix | None = None  # exactly kept outliers, as a correction added after the main product
     cache: dict = field(default_factory=dict, repr=False)  # per-device scratch (counters)
 
     @property
@@ -160,6 +162,11 @@ class KernelWeight:
         return self.qweight.device
 
     @property
+    def lut_stride(self) -> int:
+        """Entries per row of a per-row table (nuq: each output row's codebook), 0 for one shared table."""
+        return self.lut.shape[1] if self.lut is not None and self.lut.ndim == 2 else 0
+
+    @property
     def n_tiles(self) -> int:
         """K-tiles (interleaved) or k blocks (frag) per row."""
         return self.k_pad // (frag_kblock(self.bits) if self.layout == "frag" else k_tile(self.bits))
@@ -167,7 +174,32 @@ class KernelWeight:
     def nbytes(self) -> int:
         """Bytes a kernel reads for the whole weight (words, scales, offsets, table)."""
         ts = [self.qweight, self.scale, self.offset, self.lut]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        fix = self.fix.nbytes() if self.fix is not None else 0
+        return sum(t.numel() * t.element_size() for t in ts if t is not None) + fix
+
+
+@dataclass
+class SparseFix:
+    """Exactly kept outliers (dense-and-sparse elements, LLM.int8()-style feature columns) as one
+    CSR matrix C over the (N, K) weight with C = kept − deq(Q) at those positions, so that
+    W = deq(Q) + C and y = x·deq(Q)ᵀ + x·Cᵀ: the main kernel reads the plain codes, one more pass
+    adds x·Cᵀ. A feature column is an entry in every row."""
+
+    rowptr: torch.Tensor  # int32 (N + 1,): row n's entries are [rowptr[n], rowptr[n + 1])
+    col: torch.Tensor  # int32 (nnz,), sorted within each row
+    val: torch.Tensor  # float32 (nnz,)
+
+    @property
+    def nnz(self) -> int:
+        return self.col.numel()
+
+    def rows(self) -> torch.Tensor:
+        """int64 (nnz,) row of each entry."""
+        n = self.rowptr.numel() - 1
+        return torch.repeat_interleave(torch.arange(n, device=self.col.device), self.rowptr.diff().long())
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.col, self.val))
 
 
 def interleave(codes: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
@@ -222,6 +254,9 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
                          "groups of a multiple of 16 along 'in'); use layout='interleaved'")
     frag = (auto_layout(spec) if layout == "auto" else layout) == "frag"
     device = torch.device(device) if device is not None else packed.device
+    if spec.method == "nuq" and spec.group_dim != "in":
+        raise ValueError(f"{spec.label()}: the kernels read nuq codebooks per output row (groups along 'in'); "
+                         "this matrix has one per input column and runs on the torch path")
     n, k = shape
     rows, cols = qmod.layout_shape(shape, spec)
     packed = packed.to(device)
@@ -240,10 +275,16 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
         qweight[:n] = interleave(codes, spec.bits, k_pad)
 
     aux = {name: t.to(device) for name, t in aux.items()}
+    fix = sparse_fix(packed, aux, spec, shape) if spec.outliers or spec.outlier_features else None
+    spec = replace(spec, outliers=0.0, outlier_features=0.0)  # the main product reads the plain codes
     if spec.method == "nf":
         scale = qmod._dq_dequantize(aux) if spec.double_quant else aux["absmax"]
         offset = None
         lut = qmod.nf_table(spec.bits).to(device)
+    elif spec.method == "nuq":  # a table per row, unit scales, one group spanning the row
+        spec = replace(spec, group_size=k_pad)
+        scale, offset = torch.ones(n, 1, dtype=torch.float16, device=device), None
+        lut = _pad2(aux["codebook"].float(), n_pad, 1 << spec.bits)
     else:
         scale, offset, lut = aux["scale"], aux.get("offset"), None
     g = spec.group_size
@@ -258,7 +299,35 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
     if frag:
         scale, offset = frag_params(scale, offset), None
     return KernelWeight(spec=spec, shape=(n, k), qweight=qweight, scale=scale, offset=offset, lut=lut,
-                        n_pad=n_pad, k_pad=k_pad, layout="frag" if frag else "interleaved")
+                        n_pad=n_pad, k_pad=k_pad, layout="frag" if frag else "interleaved", fix=fix)
+
+
+def sparse_fix(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec,
+               shape: tuple[int, int]) -> SparseFix:
+    """The correction C = kept − deq(Q) at the exactly kept positions of a stored matrix, as CSR
+    (:class:`SparseFix`). deq(Q) is the plain decode of the codes there (what the main kernel
+    computes). Pure torch, on the tensors' device."""
+    n, k = shape
+    base = replace(spec, outliers=0.0, outlier_features=0.0)
+    w0 = qmod.dequantize_packed(packed, {a: t for a, t in aux.items() if a not in OUTLIER_AUX}, base, shape)
+    rows, cols, kept = [], [], []
+    if "feat_idx" in aux:  # (n, kf) values, row-major: every row holds every kept column
+        f = aux["feat_idx"].long()
+        rows.append(torch.arange(n, device=w0.device).repeat_interleave(f.numel()))
+        cols.append(f.repeat(n))
+        kept.append(aux["feat_val"].float().reshape(-1))
+    if "sp_idx" in aux:
+        flat = aux["sp_idx"].long()
+        rows.append(flat // k)
+        cols.append(flat % k)
+        kept.append(aux["sp_val"].float())
+    r, c, v = (torch.cat(t) if t else torch.zeros(0, device=w0.device) for t in (rows, cols, kept))
+    r, c = r.long(), c.long()
+    order = torch.argsort(r * k + c)
+    r, c, v = r[order], c[order], v[order]
+    rowptr = torch.zeros(n + 1, dtype=torch.int64, device=w0.device)
+    rowptr[1:] = torch.cumsum(torch.bincount(r, minlength=n), 0)
+    return SparseFix(rowptr=rowptr.to(torch.int32), col=c.to(torch.int32), val=(v - w0[r, c]).contiguous())
 
 
 def reference_weight(kw: KernelWeight) -> torch.Tensor:
@@ -278,10 +347,16 @@ def reference_weight(kw: KernelWeight) -> torch.Tensor:
         s = kw.scale[:, :k].float().repeat_interleave(g, dim=0)[:n]
         o = kw.offset[:, :k].float().repeat_interleave(g, dim=0)[:n] if kw.offset is not None else None
     if kw.mode == 0:
-        return codes * s + o
-    if kw.mode == 1:
-        return (codes - (1 << (kw.bits - 1))) * s
-    return kw.lut[codes.long()] * s
+        w = codes * s + o
+    elif kw.mode == 1:
+        w = (codes - (1 << (kw.bits - 1))) * s
+    elif kw.lut_stride:  # a table per row (nuq)
+        w = torch.gather(kw.lut[:n], 1, codes.long()) * s
+    else:
+        w = kw.lut[codes.long()] * s
+    if kw.fix is not None:
+        w = w.index_put((kw.fix.rows(), kw.fix.col.long()), kw.fix.val, accumulate=True)
+    return w
 
 
 def rows_stack(layout: str, spec: QuantSpec) -> bool:
@@ -306,14 +381,16 @@ def stackable(ws: "list[KernelWeight]") -> str | None:
             return "scales' dtypes or devices differ"
     if not rows_stack(a.layout, a.spec):
         return "groups along 'out' (their parameters do not stack by rows)"
+    if any(w.fix is not None for w in ws):
+        return "exactly kept outliers (each matrix adds its own sparse pass)"
     return None
 
 
 def stack_weights(ws: "list[KernelWeight]") -> tuple[KernelWeight, tuple[int, ...]]:
     """Matrices with one input (q/k/v, gate/up) as one (ΣN, K) matrix in the kernels' layout, and the
     row where each begins in it (member i's rows: offsets[i] … offsets[i] + N_i; rows between members
-    are zero padding). Every layout pads N to a multiple of N_PAD, so the members' words and
-    parameters concatenate as they are."""
+    are zero padding). Every layout pads N to a multiple of N_PAD, so the members' words,
+    parameters and per-row tables (nuq) concatenate as they are."""
     why = stackable(ws)
     if why is not None:
         raise ValueError(f"cannot stack these matrices: {why}")
@@ -324,7 +401,8 @@ def stack_weights(ws: "list[KernelWeight]") -> tuple[KernelWeight, tuple[int, ..
     a = ws[0]
     stacked = KernelWeight(spec=a.spec, shape=(offsets[-1] + ws[-1].shape[0], a.shape[1]),
                            qweight=_cat_rows([w.qweight for w in ws]), scale=_cat_rows([w.scale for w in ws]),
-                           offset=_cat_rows([w.offset for w in ws]), lut=a.lut, n_pad=row, k_pad=a.k_pad,
+                           offset=_cat_rows([w.offset for w in ws]),
+                           lut=_cat_rows([w.lut for w in ws]) if a.lut_stride else a.lut, n_pad=row, k_pad=a.k_pad,
                            layout=a.layout)
     return stacked, tuple(offsets)
 

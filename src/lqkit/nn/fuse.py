@@ -98,8 +98,8 @@ def _fusable_key(m: CompressedLinear):
     from ..kernels import layout
 
     k = qmod.kernel_spec(m.spec.quant) if m.spec.quant is not None else None
-    if k is None or not layout.rows_stack(layout.auto_layout(k), k):
-        return None
+    if k is None or k.outliers or k.outlier_features or not layout.rows_stack(layout.auto_layout(k), k):
+        return None  # exactly kept outliers: a sparse pass of their own, not stacked
     return (k, m.in_features)
 
 
