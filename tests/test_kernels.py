@@ -140,6 +140,9 @@ def test_layout_refuses_per_column_codebooks():
     q = qmod.quantize(torch.randn(32, 64), spec)
     with pytest.raises(ValueError, match="torch path"):
         layout.prepare_weight(q.packed, q.aux, spec, (32, 64))
+    q = qmod.quantize(torch.randn(32, 64), QuantSpec(method="rtn", bits=4, group_size=32))
+    with pytest.raises(ValueError, match="kernel_spec"):  # gptq's codes are rtn's: prepared under kernel_spec's
+        layout.prepare_weight(q.packed, q.aux, QuantSpec(method="gptq", bits=4, group_size=32), (32, 64))
 
 
 @pytest.mark.parametrize("with_offset", [True, False])

@@ -53,7 +53,6 @@ LANES = 32  # words per row of a K-tile (and k's per slice)
 FRAG_WORDS = 4  # fragment layout: words per lane and block (one 16-byte load)
 N_PAD = 128  # rows are padded to a multiple of the largest block of rows a kernel uses
 MODES = {"rtn": 0, "rtn_sym": 1, "nf": 2, "nuq": 2}  # affine (scale, offset) / symmetric (scale) / table
-OUTLIER_AUX = ("feat_idx", "feat_val", "sp_idx", "sp_val")  # aux of exactly kept outliers (core.quant)
 
 
 def codes_per_word(bits: int) -> int:
@@ -254,9 +253,9 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
                          "groups of a multiple of 16 along 'in'); use layout='interleaved'")
     frag = (auto_layout(spec) if layout == "auto" else layout) == "frag"
     device = torch.device(device) if device is not None else packed.device
-    if spec.method == "nuq" and spec.group_dim != "in":
-        raise ValueError(f"{spec.label()}: the kernels read nuq codebooks per output row (groups along 'in'); "
-                         "this matrix has one per input column and runs on the torch path")
+    if qmod.kernel_spec(spec) != spec:
+        raise ValueError(f"the kernels do not read {spec.label()} as stored (nuq codebooks per input column "
+                         "run on the torch path); pass qmod.kernel_spec(spec) for formats they read")
     n, k = shape
     rows, cols = qmod.layout_shape(shape, spec)
     packed = packed.to(device)
@@ -309,7 +308,7 @@ def sparse_fix(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: Quan
     computes). Pure torch, on the tensors' device."""
     n, k = shape
     base = replace(spec, outliers=0.0, outlier_features=0.0)
-    w0 = qmod.dequantize_packed(packed, {a: t for a, t in aux.items() if a not in OUTLIER_AUX}, base, shape)
+    w0 = qmod.dequantize_packed(packed, aux, base, shape)  # without the outliers restored
     rows, cols, kept = [], [], []
     if "feat_idx" in aux:  # (n, kf) values, row-major: every row holds every kept column
         f = aux["feat_idx"].long()
