@@ -6,9 +6,11 @@ lqkit`` works without either. Usage::
     kw = prepare(packed, aux, spec, shape, device)   # once per layer: the kernels' layout
     y = linear(x, kw, L, R, bias)                     # every call
 
-Covers every stored format: rtn / rtn_sym at 2..8 bits, nf at 2/3/4 bits (with or without
+Covers the stored formats: rtn / rtn_sym at 2..8 bits, nf at 2/3/4 bits (with or without
 double-quantized absmax), groups along "in" or "out", any group size (multiples of 32 take the
-fast paths). See :mod:`.layout` for the layouts, :mod:`._frag` for the fragment layout's tensor-core
+fast paths); nuq codebooks per output row (a table per row); and exactly kept outliers on any of
+them (a CSR correction added by one more launch, :class:`.layout.SparseFix`). Only nuq codebooks per
+input column (groups along "out") are left to the torch path. See :mod:`.layout` for the layouts, :mod:`._frag` for the fragment layout's tensor-core
 GEMV (the default where it holds the format: 1–32 tokens, in launches of 16; dequantize + cuBLAS for
 more) and :mod:`._triton` for the interleaved layout's kernels (a GEMV kernel for one token, a
 tensor-core kernel for 2–16, tiled ``tl.dot`` or dequantize + cuBLAS for more).
