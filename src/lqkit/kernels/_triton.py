@@ -993,26 +993,12 @@ def time_call(fn, rep_ms: int = 20, graph: bool = True) -> float:
 
     fn()
     if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
+        fn = _graph([fn]).replay
     return do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
 
 
-def time_calls(fns, reps: int = 60) -> float:
-    """Median milliseconds per call of ``fns`` run back to back, captured in one CUDA graph (CUDA
-    events around each replay, divided by ``len(fns)``). With each call on its own copy of the
-    weights and the copies together larger than the L2 cache, this is what a decoder sees layer
-    after layer: cold weights, no host launch cost, no flush between calls."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
+def _graph(fns) -> torch.cuda.CUDAGraph:
+    """``fns`` called in order, warmed up on a side stream and then captured in one CUDA graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -1023,6 +1009,18 @@ def time_calls(fns, reps: int = 60) -> float:
     with torch.cuda.graph(g):
         for f in fns:
             f()
+    return g
+
+
+def time_calls(fns, reps: int = 60) -> float:
+    """Median milliseconds per call of ``fns`` run back to back, captured in one CUDA graph (CUDA
+    events around each replay, divided by ``len(fns)``). With each call on its own copy of the
+    weights and the copies together larger than the L2 cache, this is what a decoder sees layer
+    after layer: cold weights, no host launch cost, no flush between calls."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = _graph(fns)
     for _ in range(3):
         g.replay()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
