@@ -181,8 +181,9 @@ def lqkit_layer(w: torch.Tensor, bits: int | QuantSpec, layout: str | None = Non
     return kw, w_hat, qmod.storage_bits(spec, tuple(w.shape)) / w.numel()
 
 
-def clone_kw(kw):
-    return kt.clone_weight(kw)
+def weight_copies(kw, copies: int = 0) -> list:
+    """kw and copies of it in new memory: ``copies`` in all, or enough to exceed 2.5× the L2."""
+    return [kw] + [kt.clone_weight(kw) for _ in range((copies or n_copies(kw.nbytes())) - 1)]
 
 
 def rel_err(y, ref) -> float:
@@ -276,10 +277,8 @@ def run(args) -> dict:
         W16 = [w16] + [w16.clone() for _ in range(n_copies(n * k * 2) - 1)]
         layers = {b: lqkit_layer(w, b) for b in BITS}
         extra = {e: lqkit_layer(w, EXTRA[e], "auto") for e in args.extra}
-        extra_kws = {e: [extra[e][0]] + [clone_kw(extra[e][0]) for _ in range(n_copies(extra[e][0].nbytes()) - 1)]
-                     for e in args.extra}
-        kws = {b: [layers[b][0]] + [clone_kw(layers[b][0]) for _ in range(n_copies(layers[b][0].nbytes()) - 1)]
-               for b in BITS}
+        extra_kws = {e: weight_copies(extra[e][0]) for e in args.extra}
+        kws = {b: weight_copies(layers[b][0]) for b in BITS}
         tg = tinygemm_int4(w16)
         tgs = [tg[3]] + [(tg[3][0].clone(), tg[3][1].clone()) for _ in range(n_copies(tg[1]) - 1)]
         nf4 = bnb_nf4(w) if have_bnb else None

@@ -70,7 +70,7 @@ def make_fns(variant: str, w: torch.Tensor, x: torch.Tensor, copies: int):
     cfg = dataclasses.replace(base, **opts)
     ref = x.float() @ w_hat.T.float() + ((x.float() @ R.float().T) @ L.float().T if rank else 0)
     err = kl.rel_err(kernels.linear(x, kw, L, R, None, config=cfg), ref)
-    kws = [kw] + [kl.clone_kw(kw) for _ in range(copies - 1)]
+    kws = kl.weight_copies(kw, copies)
     return [lambda a=a: kernels.linear(x, a, L, R, None, config=cfg) for a in kws], (err, dataclasses.asdict(cfg))
 
 

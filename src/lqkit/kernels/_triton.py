@@ -625,12 +625,8 @@ def dequantize(kw: KernelWeight, dtype: torch.dtype = torch.bfloat16) -> torch.T
 
 
 def _with_fix(w: torch.Tensor, kw: KernelWeight) -> torch.Tensor:
-    """The dense weight with the exactly kept outliers' correction added (fp32 sums)."""
-    if kw.fix is None or kw.fix.nnz == 0:
-        return w
-    rows, cols = kw.fix.rows(), kw.fix.col.long()
-    w[rows, cols] = (w[rows, cols].float() + kw.fix.val).to(w.dtype)
-    return w
+    """The dense weight with the exactly kept outliers' correction added."""
+    return kw.fix.add_to(w) if kw.fix is not None else w
 
 
 # ----------------------------------------------------------------------------------------------

@@ -200,6 +200,12 @@ class SparseFix:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.rowptr, self.col, self.val))
 
+    def add_to(self, w: torch.Tensor) -> torch.Tensor:
+        """W + C in place for a dense (N, K) ``w`` (sums in fp32, rounded once to w's dtype); returns w."""
+        rows, cols = self.rows(), self.col.long()
+        w[rows, cols] = (w[rows, cols].float() + self.val).to(w.dtype)  # positions are unique
+        return w
+
 
 def interleave(codes: torch.Tensor, bits: int, k_pad: int) -> torch.Tensor:
     """(N, K) integer codes -> int32 (N, k_pad // S) interleaved words (zero-padded along K)."""
@@ -353,9 +359,7 @@ def reference_weight(kw: KernelWeight) -> torch.Tensor:
         w = torch.gather(kw.lut[:n], 1, codes.long()) * s
     else:
         w = kw.lut[codes.long()] * s
-    if kw.fix is not None:
-        w = w.index_put((kw.fix.rows(), kw.fix.col.long()), kw.fix.val, accumulate=True)
-    return w
+    return kw.fix.add_to(w) if kw.fix is not None else w
 
 
 def rows_stack(layout: str, spec: QuantSpec) -> bool:
