@@ -164,6 +164,7 @@ EXTRA = {  # --extra: more lqkit formats, rank 0 (what a codebook or exactly kep
     "nf4": QuantSpec(method="nf", bits=4, group_size=64),
     "nuq4": QuantSpec(method="nuq", bits=4),
     "nuq3": QuantSpec(method="nuq", bits=3),
+    "nuq4col": QuantSpec(method="nuq", bits=4, group_dim="out"),  # a codebook per input column
     "rtn4+sp0.005": QuantSpec(method="rtn", bits=4, group_size=GROUP, outliers=0.005),
     "rtn3+sp0.005": QuantSpec(method="rtn", bits=3, group_size=GROUP, outliers=0.005),
     "rtn4+of0.01": QuantSpec(method="rtn", bits=4, group_size=GROUP, outlier_features=0.01),

@@ -49,6 +49,7 @@ FORMATS = [  # (method, bits, group_dim, group_size, double_quant)
     ("nf", 2, "out", 64, True),
     ("nf", 4, "out", 128, False),
     ("nuq", 4, "in", 128, False),  # a codebook per output row (group size unused)
+    ("nuq", 3, "out", 128, False),  # a codebook per input column
     ("nuq", 3, "in", 128, False),
 ]
 OUTLIER_FORMATS = [  # (method, bits, group_dim, group_size, double_quant, outliers, outlier_features)
@@ -135,11 +136,16 @@ def test_layout_outliers_are_a_sparse_correction(f):
         layout.stack_weights([kw, kw])
 
 
-def test_layout_refuses_per_column_codebooks():
+def test_layout_per_column_codebooks_and_refusals():
+    """nuq with groups along 'out': a table per input column (k_pad of them), not stackable; a spec the
+    kernels read only through kernel_spec is refused."""
     spec = QuantSpec(method="nuq", bits=3, group_dim="out")
-    q = qmod.quantize(torch.randn(32, 64), spec)
-    with pytest.raises(ValueError, match="torch path"):
-        layout.prepare_weight(q.packed, q.aux, spec, (32, 64))
+    q = qmod.quantize(torch.randn(32, 100), spec)
+    kw = layout.prepare_weight(q.packed, q.aux, spec, (32, 100))
+    assert kw.lut_cols and kw.lut.shape == (kw.k_pad, 8) and kw.lut_stride == -8
+    torch.testing.assert_close(layout.reference_weight(kw), qmod.dequantize(q), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="per input column"):
+        layout.stack_weights([kw, kw])
     q = qmod.quantize(torch.randn(32, 64), QuantSpec(method="rtn", bits=4, group_size=32))
     with pytest.raises(ValueError, match="kernel_spec"):  # gptq's codes are rtn's: prepared under kernel_spec's
         layout.prepare_weight(q.packed, q.aux, QuantSpec(method="gptq", bits=4, group_size=32), (32, 64))
@@ -168,7 +174,7 @@ def test_path_for_names_where_a_format_runs():
     assert kernels.path_for(QuantSpec(method="nf", bits=4, group_size=64)) == "triton/interleaved"
     assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=64, group_dim="out")) == "triton/interleaved"
     assert kernels.path_for(QuantSpec(method="nuq", bits=3, group_size=128)) == "triton/interleaved"
-    assert kernels.path_for(QuantSpec(method="nuq", bits=3, group_size=128, group_dim="out")) == "torch"
+    assert kernels.path_for(QuantSpec(method="nuq", bits=3, group_size=128, group_dim="out")) == "triton/interleaved"
     assert kernels.path_for(QuantSpec(method="rtn", bits=4, group_size=128, outliers=0.01)) == "triton/frag"
     assert kernels.path_for(QuantSpec(method="nf", bits=4, group_size=64, outlier_features=0.01)) == \
         "triton/interleaved"

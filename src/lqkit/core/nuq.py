@@ -94,6 +94,5 @@ register(Quantizer(
     dequantize=_nuq_dequantize,
     aux_layout=lambda spec, rows, cols: {"codebook": AuxSlot((rows, 1 << spec.bits), torch.float16)},
     data_aware=True,
-    kernel_format="nuq",  # a table per layout row: an output row's codebook with groups along "in"
-    kernel_group_dims=frozenset(("in",)),
+    kernel_format="nuq",  # a table per layout row: per output row ("in") or per input column ("out")
 ))

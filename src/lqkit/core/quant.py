@@ -150,7 +150,7 @@ class Quantizer:
     objective); it may return aux["kept"], an (out, in) matrix whose ``keep`` positions hold the
     values to store exactly (GPTQ's error-compensated values). Other quantizers see outliers as 0.
     ``kernel_format``: the plain stored format the fused kernels know ("rtn", "rtn_sym", "nf", "nuq"), if
-    any, for groups along the dims in ``kernel_group_dims``.
+    any.
     ``quantize_many`` (optional, data-aware only): ``(w (out, in), specs, ctxs) -> [(codes, aux)]``,
     several configurations of one matrix at once, each result as ``quantize`` would return it.
     """
@@ -163,7 +163,6 @@ class Quantizer:
     supports_double_quant: bool = False
     data_aware: bool = False
     kernel_format: str | None = None
-    kernel_group_dims: frozenset[str] = frozenset(("in", "out"))
     quantize_many: Callable[..., list[tuple[torch.Tensor, dict[str, torch.Tensor]]]] | None = None
 
 
@@ -623,10 +622,9 @@ def aux_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, AuxSlot]:
 def kernel_spec(spec: QuantSpec) -> QuantSpec | None:
     """``spec`` in a stored format the fused kernels read (gptq's codes are rtn's; exactly kept
     outliers stay in it: the kernels add them as a sparse correction), or None when the format
-    needs the torch path (a quantizer without a kernel format, or per-column codebooks: nuq with
-    groups along ``out``)."""
+    needs the torch path (a quantizer without a kernel format)."""
     q = QUANTIZERS[spec.method]
-    if q.kernel_format is None or spec.group_dim not in q.kernel_group_dims:
+    if q.kernel_format is None:
         return None
     return spec if q.kernel_format == spec.method else replace(spec, method=q.kernel_format, act_order=False)
 

@@ -8,9 +8,9 @@ lqkit`` works without either. Usage::
 
 Covers the stored formats: rtn / rtn_sym at 2..8 bits, nf at 2/3/4 bits (with or without
 double-quantized absmax), groups along "in" or "out", any group size (multiples of 32 take the
-fast paths); nuq codebooks per output row (a table per row); and exactly kept outliers on any of
-them (a CSR correction added by one more launch, :class:`.layout.SparseFix`). Only nuq codebooks per
-input column (groups along "out") are left to the torch path. See :mod:`.layout` for the layouts, :mod:`._frag` for the fragment layout's tensor-core
+fast paths); nuq codebooks per output row or per input column (tables looked up in registers);
+and exactly kept outliers on any of them (a CSR correction added by one more launch,
+:class:`.layout.SparseFix`). See :mod:`.layout` for the layouts, :mod:`._frag` for the fragment layout's tensor-core
 GEMV (the default where it holds the format: 1–32 tokens, in launches of 16; dequantize + cuBLAS for
 more) and :mod:`._triton` for the interleaved layout's kernels (a GEMV kernel for one token, a
 tensor-core kernel for 2–16, tiled ``tl.dot`` or dequantize + cuBLAS for more).
@@ -53,8 +53,8 @@ def available() -> bool:
 
 def path_for(quant: QuantSpec | None) -> str:
     """Where a matrix stored in this format runs on a CUDA GPU with triton: "triton/frag" (the
-    tensor-core GEMV's fragment layout), "triton/interleaved", or "torch" (no quantized part, or
-    per-column codebooks: nuq with groups along ``out``). Exactly kept outliers run on the kernels
+    tensor-core GEMV's fragment layout), "triton/interleaved", or "torch" (no quantized part, or a
+    quantizer without a kernel format). Exactly kept outliers run on the kernels
     too, as one more sparse pass. Pure: imports neither triton nor CUDA."""
     from ..core import quant as qmod
 

@@ -80,16 +80,17 @@ def _decode(w, j: tl.constexpr, BITS: tl.constexpr, MODE: tl.constexpr, lut, ASM
 
 
 @triton.jit
-def _tables(lut_ptr, n_off, BITS: tl.constexpr, LS: tl.constexpr, AX: tl.constexpr):
-    """The tables of the block's rows n_off, loaded once into registers: (rows, 2ᵇ) for AX 1, (2ᵇ, rows)
-    for AX 0. Row n's table starts at lut_ptr + n·LS (nuq: a table per row; nf: LS 0, one shared
-    table). A gather from registers per code ran 1.8–2.2× faster than a load per code from the tables in
-    memory (bench/KERNELS.md)."""
+def _tables(lut_ptr, idx, BITS: tl.constexpr, LS: tl.constexpr, AX: tl.constexpr):
+    """The tables of the rows (or columns) idx, loaded into registers: (len(idx), 2ᵇ) for AX 1, (2ᵇ,
+    len(idx)) for AX 0. Table i starts at lut_ptr + i·LS (nuq: a table per output row, or per input
+    column; nf: LS 0, one shared table). The kernels load the rows' tables once per block and the
+    columns' tables once per 32-column slice. A gather from registers per code ran 1.8–2.2× faster
+    than a load per code from the tables in memory (bench/KERNELS.md)."""
     e = tl.arange(0, 1 << BITS)
     if AX == 1:
-        return tl.load(lut_ptr + n_off[:, None] * LS + e[None, :])
+        return tl.load(lut_ptr + idx[:, None] * LS + e[None, :])
     else:
-        return tl.load(lut_ptr + n_off[None, :] * LS + e[:, None])
+        return tl.load(lut_ptr + idx[None, :] * LS + e[:, None])
 
 
 @triton.jit
@@ -178,7 +179,7 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
     i_off = tl.arange(0, 32)  # (32,)
     x_row = x_ptr + m * stride_xm
     q_ptrs = q_ptr + n_off[:, None] * KW + i_off[None, :]  # (BN, 32)
-    if MODE == 2:  # nf/nuq: the block's tables in registers
+    if MODE == 2 and LS >= 0:  # nf/nuq: the block's tables in registers (LS < 0: per column, below)
         tables = _tables(lut_ptr, n_off, BITS, LS, 1)
     else:
         tables = lut_ptr
@@ -199,8 +200,11 @@ def _gemv_work(wid, x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, ws
             w_next = tl.load(q_ptrs + (t + 1) * 32, mask=t + 1 < t1, other=0)  # prefetch the next tile
         kb = t * KT
         for j in tl.static_range(S):
-            v = _decode(w, j, BITS, MODE, tables, ASM, 1)  # (BN, 32)
             k = kb + j * 32 + i_off
+            if MODE == 2 and LS < 0:  # nuq, a table per input column: this slice's 32 columns
+                v = _decode(w, j, BITS, MODE, _tables(lut_ptr, k, BITS, -LS, 0), ASM, 0)  # (BN, 32)
+            else:
+                v = _decode(w, j, BITS, MODE, tables, ASM, 1)  # (BN, 32)
             xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # (32,)
             if FAST:
                 if GROUP_N:  # scale varies along k only: fold it into x
@@ -311,7 +315,7 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
     t0 = ks * TPS
     t1 = tl.minimum(t0 + TPS, NTILES)
     gn = (nb * BN) // G
-    if MODE == 2:  # nf/nuq: the block's tables in registers
+    if MODE == 2 and LS >= 0:  # nf/nuq: the block's tables in registers (LS < 0: per column, below)
         tables = _tables(lut_ptr, n_off, BITS, LS, 0)
     else:
         tables = lut_ptr
@@ -321,8 +325,11 @@ def _gemm_kernel(x_ptr, y_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, b_ptr, l_ptr, t_ptr
         w_next = tl.load(q_ptrs + (t + 1) * 32, mask=t + 1 < t1, other=0)  # prefetch the next tile
         kb = t * KT
         for j in tl.static_range(S):
-            v = _decode(w, j, BITS, MODE, tables, ASM, 0)  # (32, BN): rows k, cols n
             k = kb + j * 32 + i_off
+            if MODE == 2 and LS < 0:  # nuq, a table per input column: this slice's 32 columns
+                v = _decode(w, j, BITS, MODE, _tables(lut_ptr, k, BITS, -LS, 1), ASM, 1)  # (32, BN)
+            else:
+                v = _decode(w, j, BITS, MODE, tables, ASM, 0)  # (32, BN): rows k, cols n
             if FAST:
                 if GROUP_N:
                     sidx = gn * SROW + k
@@ -570,15 +577,18 @@ def _dequant_kernel(w_ptr, q_ptr, s_ptr, o_ptr, lut_ptr, N, K, KW, SROW, NTILES,
     n_off = nb * BN + tl.arange(0, BN)
     i_off = tl.arange(0, 32)
     nmask = n_off < N
-    if MODE == 2:  # nf/nuq: the block's tables in registers
+    if MODE == 2 and LS >= 0:  # nf/nuq: the block's tables in registers (LS < 0: per column, below)
         tables = _tables(lut_ptr, n_off, BITS, LS, 1)
     else:
         tables = lut_ptr
     w = tl.load(q_ptr + n_off[:, None] * KW + t * 32 + i_off[None, :])  # (BN, 32)
     kb = t * KT
     for j in tl.static_range(S):
-        v = _decode(w, j, BITS, MODE, tables, ASM, 1)
         k = kb + j * 32 + i_off
+        if MODE == 2 and LS < 0:  # nuq, a table per input column
+            v = _decode(w, j, BITS, MODE, _tables(lut_ptr, k, BITS, -LS, 0), ASM, 0)
+        else:
+            v = _decode(w, j, BITS, MODE, tables, ASM, 1)
         if GROUP_N:
             sidx = (n_off[:, None] // G) * SROW + k[None, :]
         else:

@@ -141,11 +141,12 @@ class KernelWeight:
     qweight: torch.Tensor  # int32 (NP, KP // S): interleaved words along K; frag: (NP // 16, k blocks · 128)
     scale: torch.Tensor  # 'in': (NP, NGP) per (n, group of k); 'out': (NGP, KP) per (group of n, k); frag: frag_params
     offset: torch.Tensor | None  # rtn only, same layout as scale (frag: inside scale, None here)
-    lut: torch.Tensor | None  # nf only: float32 (2**bits,) levels
+    lut: torch.Tensor | None  # nf: float32 (2**bits,) levels; nuq: (NP, 2**bits) per row or (KP, 2**bits) per column
     n_pad: int
     k_pad: int
     layout: str = "interleaved"  # or "frag" (see the module docstring)
     fix: SparseFix | None = None  # exactly kept outliers, as a correction added after the main product
+    lut_cols: bool = False  # nuq with groups along "out": lut holds a table per input column
     cache: dict = field(default_factory=dict, repr=False)  # per-device scratch (counters)
 
     @property
@@ -162,8 +163,12 @@ class KernelWeight:
 
     @property
     def lut_stride(self) -> int:
-        """Entries per row of a per-row table (nuq: each output row's codebook), 0 for one shared table."""
-        return self.lut.shape[1] if self.lut is not None and self.lut.ndim == 2 else 0
+        """The kernels' LS: entries per table when each output row has its own (nuq, groups along
+        "in"), minus that when each input column has its own (nuq, groups along "out"), 0 for one
+        shared table (nf)."""
+        if self.lut is None or self.lut.ndim != 2:
+            return 0
+        return -self.lut.shape[1] if self.lut_cols else self.lut.shape[1]
 
     @property
     def n_tiles(self) -> int:
@@ -260,8 +265,8 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
     frag = (auto_layout(spec) if layout == "auto" else layout) == "frag"
     device = torch.device(device) if device is not None else packed.device
     if qmod.kernel_spec(spec) != spec:
-        raise ValueError(f"the kernels do not read {spec.label()} as stored (nuq codebooks per input column "
-                         "run on the torch path); pass qmod.kernel_spec(spec) for formats they read")
+        raise ValueError(f"the kernels do not read {spec.label()} as stored; pass qmod.kernel_spec(spec) "
+                         "(None: the format runs on the torch path)")
     n, k = shape
     rows, cols = qmod.layout_shape(shape, spec)
     packed = packed.to(device)
@@ -282,14 +287,15 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
     aux = {name: t.to(device) for name, t in aux.items()}
     fix = sparse_fix(packed, aux, spec, shape) if spec.outliers or spec.outlier_features else None
     spec = replace(spec, outliers=0.0, outlier_features=0.0)  # the main product reads the plain codes
+    lut_cols = spec.method == "nuq" and spec.group_dim == "out"
     if spec.method == "nf":
         scale = qmod._dq_dequantize(aux) if spec.double_quant else aux["absmax"]
         offset = None
         lut = qmod.nf_table(spec.bits).to(device)
-    elif spec.method == "nuq":  # a table per row, unit scales, one group spanning the row
-        spec = replace(spec, group_size=k_pad)
+    elif spec.method == "nuq":  # a table per row (or per column), unit scales, one group spanning each row
+        lut = _pad2(aux["codebook"].float(), k_pad if lut_cols else n_pad, 1 << spec.bits)
+        spec = replace(spec, group_size=k_pad, group_dim="in")
         scale, offset = torch.ones(n, 1, dtype=torch.float16, device=device), None
-        lut = _pad2(aux["codebook"].float(), n_pad, 1 << spec.bits)
     else:
         scale, offset, lut = aux["scale"], aux.get("offset"), None
     g = spec.group_size
@@ -304,7 +310,8 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
     if frag:
         scale, offset = frag_params(scale, offset), None
     return KernelWeight(spec=spec, shape=(n, k), qweight=qweight, scale=scale, offset=offset, lut=lut,
-                        n_pad=n_pad, k_pad=k_pad, layout="frag" if frag else "interleaved", fix=fix)
+                        n_pad=n_pad, k_pad=k_pad, layout="frag" if frag else "interleaved", fix=fix,
+                        lut_cols=lut_cols)
 
 
 def sparse_fix(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec,
@@ -355,6 +362,8 @@ def reference_weight(kw: KernelWeight) -> torch.Tensor:
         w = codes * s + o
     elif kw.mode == 1:
         w = (codes - (1 << (kw.bits - 1))) * s
+    elif kw.lut_cols:  # a table per input column (nuq, groups along "out")
+        w = torch.gather(kw.lut[:k], 1, codes.long().t()).t() * s
     elif kw.lut_stride:  # a table per row (nuq)
         w = torch.gather(kw.lut[:n], 1, codes.long()) * s
     else:
@@ -384,6 +393,8 @@ def stackable(ws: "list[KernelWeight]") -> str | None:
             return "scales' dtypes or devices differ"
     if not rows_stack(a.layout, a.spec):
         return "groups along 'out' (their parameters do not stack by rows)"
+    if a.lut_cols:
+        return "codebooks per input column (each matrix has its own for the shared columns)"
     if any(w.fix is not None for w in ws):
         return "exactly kept outliers (each matrix adds its own sparse pass)"
     return None

@@ -116,7 +116,7 @@ class CompressedLinear(nn.Module):
         if self.backend != "torch" and self.spec.quant is not None:
             from .. import kernels
 
-            # formats the kernels do not read (per-column nuq codebooks) take the torch path
+            # formats the kernels do not read (a quantizer without a kernel format) take the torch path
             usable = x.is_cuda and kernels.available() and qmod.kernel_spec(self.spec.quant) is not None
             grad = torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for p in (self.L, self.R, self.bias) if p is not None))
