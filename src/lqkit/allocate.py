@@ -162,8 +162,7 @@ class CostTable:
         return {
             "version": TABLE_VERSION, "key": self.key, "metric": self.metric, "seconds": self.seconds,
             "candidates": self.candidates.to_dict(),
-            "matrices": [{"name": n, "shape": list(s), "base": c.base, "evaluated": c.evaluated,
-                          "specs": [x.to_dict() for x in c.specs], "bits": c.bits.tolist(), "errors": c.errors.tolist()}
+            "matrices": [{"name": n, "shape": list(s), **c.to_dict()}
                          for n, s, c in zip(self.names, self.shapes, self.costs)],
         }
 
@@ -172,8 +171,7 @@ class CostTable:
         if d.get("version") != TABLE_VERSION:
             raise SpecError(f"cost table version {d.get('version')} is not {TABLE_VERSION}; recompute it")
         mats = d["matrices"]
-        costs = tuple(MatrixCosts(tuple(MatrixSpec.from_dict(s) for s in m["specs"]), np.array(m["bits"], dtype=np.int64),
-                                  np.array(m["errors"], dtype=np.float64), m["base"], m["evaluated"]) for m in mats)
+        costs = tuple(MatrixCosts.from_dict(m) for m in mats)
         return cls(tuple(m["name"] for m in mats), tuple(tuple(m["shape"]) for m in mats), costs, d["metric"],
                    CandidateSet.from_dict(d["candidates"]), d["key"], d["seconds"])
 

@@ -26,6 +26,7 @@ are always fp32. H is always computed in fp32. A window whose loss or gradients 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import resource
@@ -354,3 +355,183 @@ def calibrate(model: nn.Module, tokenizer, text: str, names: Iterable[str], conf
     log.info("calibration: H in %.0f s%s; peak RSS %.0f MiB", t_h,
              f", Fisher in {t_f:.0f} s" if config.fisher else "", meta["peak_rss_mb"])
     return CalibrationStats(h=acc.h, count=acc.count, h_alias=acc.alias, fisher=fisher, meta=meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streamed calibration: the model's blocks need not all be in memory. Only the part outside the
+# blocks (embeddings, final norm, head) is real while these run; each block is loaded by the caller
+# (lqkit.stream) for its turn. Windows run in batches (the keyword arguments recorded for one window,
+# masks and position embeddings of shape (1, ...), broadcast over a batch).
+
+
+@contextmanager
+def replaced_forwards(blocks: nn.ModuleList, fn: Callable) -> Iterator[None]:
+    """Within the block, block k's forward is ``fn(k, *args, **kwargs)`` (the blocks may be on the
+    meta device: they do not run). Restored on exit."""
+    try:
+        for k, b in enumerate(blocks):
+            b.forward = functools.partial(fn, k)
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+
+
+def windows_per_call(seqlen: int, device: torch.device, tokens: int | None = None) -> int:
+    """Windows per block forward: about 16k tokens on a GPU, 4k on a CPU."""
+    tokens = tokens or (1 << 14 if device.type == "cuda" else 1 << 12)
+    return max(1, tokens // max(seqlen, 1))
+
+
+@torch.no_grad()
+def block_calls(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, device) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) every block receives, recorded in one forward of the first window in
+    which no block runs (each passes its input on)."""
+    calls: list[tuple[tuple, dict] | None] = [None] * len(blocks)
+    last = len(blocks) - 1
+
+    def record(k, *args, **kwargs):
+        calls[k] = (args, kwargs)
+        if k == last:
+            raise _Stop
+        return _hidden_of(args, kwargs)
+
+    with replaced_forwards(blocks, record):
+        try:
+            model(input_ids=ids[:1].to(device), use_cache=False)
+        except _Stop:
+            pass
+    if any(c is None for c in calls):
+        raise CalibrationError("not every decoder block ran in a forward pass; cannot calibrate block-wise")
+    return calls
+
+
+@torch.no_grad()
+def first_inputs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, device, chunk: int) -> torch.Tensor:
+    """(samples, seqlen, hidden): what block 0 receives for every window (no block runs)."""
+    out: list[torch.Tensor] = []
+
+    def stop(k, *args, **kwargs):
+        out.append(_hidden_of(args, kwargs).detach())
+        raise _Stop
+
+    with replaced_forwards(blocks, stop):
+        for i in range(0, ids.shape[0], chunk):
+            try:
+                model(input_ids=ids[i:i + chunk].to(device), use_cache=False)
+            except _Stop:
+                pass
+    return torch.cat(out)
+
+
+def forward_block(block: nn.Module, x: torch.Tensor, call: tuple[tuple, dict], chunk: int,
+                  acc: HessianAccumulator | None = None, keep: bool = True) -> torch.Tensor:
+    """Run ``block`` on every window of x (samples, seqlen, hidden), ``chunk`` windows per call;
+    with ``acc``, its hooks (registered by the caller) see every call. With ``keep`` the outputs
+    replace x (returned)."""
+    args, kwargs = call
+    with torch.no_grad():
+        for i in range(0, x.shape[0], chunk):
+            if acc is not None:
+                acc.new_call()
+            a, kw = _with_hidden(args, kwargs, x[i:i + chunk])
+            y = _first_output(block(*a, **kw))
+            if keep:
+                x[i:i + chunk] = y
+    return x
+
+
+def _window_losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each window (b,) from logits (b, T, V) and ids (b, T)."""
+    b, t, v = logits.shape
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1), reduction="none")
+    return nll.view(b, t - 1).mean(dim=1)
+
+
+def tail_grads(model: nn.Module, blocks: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor, chunk: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, used): g = d(loss_w)/d(x_w) of each window's mean next-token loss with respect to the
+    hidden states x (samples, seqlen, hidden) that leave the last block, computed by the model's own
+    code after the blocks (final norm, head, softcapping, ...: block 0 hands x on, the others pass it
+    through); used (samples,) bool marks windows whose loss is finite (the others get g = 0)."""
+    g = torch.zeros_like(x)
+    used = torch.zeros(x.shape[0], dtype=torch.bool)
+    for i in range(0, x.shape[0], chunk):
+        h = x[i:i + chunk].detach().requires_grad_(True)
+        with replaced_forwards(blocks, lambda k, *a, **kw: h if k == 0 else _hidden_of(a, kw)):
+            logits = model(input_ids=ids[i:i + chunk].to(x.device), use_cache=False).logits
+        losses = _window_losses(logits, ids[i:i + chunk].to(x.device))
+        del logits
+        ok = torch.isfinite(losses)
+        for j in torch.nonzero(~ok).flatten().tolist():
+            log.warning("calibration window %d gives a non-finite loss; skipped", i + j)
+        if ok.any():
+            losses[ok].sum().backward()
+            g[i:i + chunk] = torch.where(ok.view(-1, 1, 1), h.grad, 0)
+        used[i:i + chunk] = ok.cpu()
+    return g, used
+
+
+class FisherAccumulator:
+    """Σ over windows of the squared per-window gradient of each linear layer's weight, from what
+    its forward saw and its output's gradient: g_w = Σ_t δ_{w,t}ᵀ·a_{w,t} for window w (inputs a,
+    output gradients δ), squared and summed in fp32. Fed by hooks registered in :meth:`hooks`
+    around a forward and backward over a batch of windows (one window a row)."""
+
+    def __init__(self, linears: Mapping[str, nn.Linear], max_elems: int = 1 << 27):
+        self.linears = dict(linears)
+        self.sq: dict[str, torch.Tensor] = {}
+        self.max_elems = max_elems  # elements of the (windows, out, in) per-window gradients at once
+
+    def _add(self, name: str, a: torch.Tensor, d: torch.Tensor) -> None:
+        a = a.reshape(a.shape[0], -1, a.shape[-1])  # (B, T, in)
+        d = d.reshape(d.shape[0], -1, d.shape[-1])  # (B, T, out)
+        acc = self.sq.get(name)
+        if acc is None:
+            acc = self.sq[name] = torch.zeros(d.shape[-1], a.shape[-1], dtype=torch.float32, device=a.device)
+        per = max(1, self.max_elems // (d.shape[-1] * a.shape[-1]))
+        for b in range(0, a.shape[0], per):
+            g = torch.bmm(d[b:b + per].transpose(1, 2).float(), a[b:b + per].float())  # (b, out, in)
+            acc += g.square_().sum(dim=0)
+
+    def _hook(self, name: str):
+        def hook(mod, args, out):
+            a = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda d: self._add(name, a, d))
+        return hook
+
+    @contextmanager
+    def hooks(self) -> Iterator["FisherAccumulator"]:
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        try:
+            yield self
+        finally:
+            for hd in handles:
+                hd.remove()
+
+
+def backward_block(block: nn.Module, x: torch.Tensor, g: torch.Tensor, call: tuple[tuple, dict], chunk: int,
+                   hacc: HessianAccumulator | None = None, facc: FisherAccumulator | None = None) -> torch.Tensor:
+    """Recompute ``block`` on its inputs x (samples, seqlen, hidden) and back-propagate the gradient
+    g of its outputs: returns the gradient of its inputs. The accumulators' hooks (registered here)
+    gather H from the recomputed inputs and the per-window squared weight gradients on the way."""
+    args, kwargs = call
+    out = torch.empty_like(g)
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        if hacc is not None:
+            stack.enter_context(hacc.hooks())
+        if facc is not None:
+            stack.enter_context(facc.hooks())
+        for i in range(0, x.shape[0], chunk):
+            if hacc is not None:
+                hacc.new_call()
+            h = x[i:i + chunk].detach().requires_grad_(True)
+            a, kw = _with_hidden(args, kwargs, h)
+            with torch.enable_grad():
+                y = _first_output(block(*a, **kw))
+                torch.autograd.backward(y, g[i:i + chunk])
+            out[i:i + chunk] = h.grad
+    return out

@@ -1,11 +1,14 @@
 """Checkpoint I/O: safetensors for tensors, JSON for the plan, reports and checksums.
 
-A checkpoint folder holds ``model.safetensors`` (every tensor of the compressed model: packed codes,
-scales, L and R in their stored dtypes, and the uncompressed parameters), ``lqkit.json`` (format
-version, plan, per-matrix reports, size summary, sha256 and size of each tensor file), the model's
-``config.json`` and the tokenizer. It is written to a temporary folder and renamed into place.
-Loading builds the model skeleton without allocating weights, swaps in empty compressed layers from
-the plan, and assigns the stored tensors: no full-precision copy of a compressed layer is built.
+A checkpoint folder holds the tensors of the compressed model (packed codes, scales, L and R in their
+stored dtypes, and the uncompressed parameters in the source model's dtype) in one or more
+safetensors shards (``model.safetensors``, or ``model-00001-of-00003.safetensors``, ... for models
+over ``max_shard_bytes``), ``lqkit.json`` (format version, plan, per-matrix reports, size summary,
+sha256 and size of every tensor file), the model's ``config.json`` and the tokenizer. It is
+written into a temporary folder (shard by shard, so a streamed compression never holds the whole
+model: :class:`CheckpointWriter`) and renamed into place. Loading builds the model skeleton without
+allocating weights, swaps in empty compressed layers from the plan, and assigns the stored tensors
+shard by shard: no full-precision copy of a compressed layer is built.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from .plan import plan_from_json, plan_to_json
 log = logging.getLogger(__name__)
 
 FORMAT = "lqkit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensors in one or more shards, each listed under "files"; 1: one model.safetensors
 META_FILE = "lqkit.json"
 TENSOR_FILE = "model.safetensors"
+MAX_SHARD_BYTES = 2 * 2**30  # a shard is written once its tensors reach this size
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -63,64 +67,138 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stored_state(model: nn.Module, dense_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict in stored dtypes, with tensors that share memory stored once (aliases returned)."""
+def stored_state(module: nn.Module, dense_dtype: torch.dtype | None, prefix: str = "",
+                 exclude: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``module``'s state in stored dtypes — L and R in their plan's factor dtype, other floating
+    tensors in ``dense_dtype`` (if given), compressed buffers as they are — with names prefixed by
+    ``prefix``, leaving out names that start with ``exclude``; tensors that share memory are stored
+    once (their other names returned as aliases)."""
     factor = {}
-    for name, m in compressed_modules(model).items():
+    for name, m in compressed_modules(module).items():
         for part in ("L", "R"):
             if getattr(m, part) is not None:
                 factor[f"{name}.{part}" if name else part] = DTYPES[m.spec.factor_dtype]
     state, aliases, seen = {}, {}, {}
-    for key, t in model.state_dict().items():
-        ident = (t.data_ptr(), t.numel(), t.dtype)
-        if ident in seen:
-            aliases[key] = seen[ident]
+    for key, t in module.state_dict().items():
+        if exclude is not None and key.startswith(exclude):
             continue
-        seen[ident] = key
+        ident = (t.data_ptr(), t.numel(), t.dtype, t.device)
+        if ident in seen:
+            aliases[prefix + key] = seen[ident]
+            continue
+        seen[ident] = prefix + key
         if key in factor:
             t = t.to(factor[key])
         elif dense_dtype is not None and t.is_floating_point():
             t = t.to(dense_dtype)
-        state[key] = t.detach().contiguous().cpu()
+        state[prefix + key] = t.detach()
     return state, aliases
+
+
+class CheckpointWriter:
+    """Writes a checkpoint folder piece by piece: tensors are added in stored dtypes and written in
+    shards of about ``max_shard_bytes`` as they come (host memory stays bounded by one shard); then
+    :meth:`finish` writes the JSON, config and tokenizer and renames the folder into place. Until
+    then everything is in a temporary folder beside ``out``, removed by :meth:`abort`."""
+
+    def __init__(self, out: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.out = check_out_dir(out, overwrite)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
+        self.max_shard_bytes = max_shard_bytes
+        self.aliases: dict[str, str] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[Path] = []
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Queue tensors (any device; stored as given: cast them to their stored dtype first)."""
+        for key, t in tensors.items():
+            if key in self._pending or key in self.aliases:
+                raise CheckpointError(f"tensor {key!r} added twice to a checkpoint")
+            t = t.detach().contiguous().cpu()
+            self._pending[key] = t
+            self._pending_bytes += t.numel() * t.element_size()
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def alias(self, key: str, target: str) -> None:
+        """``key`` is the same tensor as ``target`` (tied weights): stored once."""
+        self.aliases[key] = target
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.tmp / f"model-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt", "producer": f"lqkit {__version__}"})
+        self._shards.append(path)
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self, model_config, tokenizer, *, plan: Mapping[str, MatrixSpec], reports: Mapping[str, dict] | None,
+               summary: dict | None, extra: dict | None, dtype: torch.dtype, generation_config=None,
+               files: Mapping[str, bytes] | None = None, overwrite: bool = False) -> Path:
+        """Write the remaining tensors, the JSON, config and tokenizer; rename into place."""
+        try:
+            self._flush()
+            if not self._shards:
+                save_file({}, str(self.tmp / TENSOR_FILE))
+                self._shards.append(self.tmp / TENSOR_FILE)
+            n = len(self._shards)
+            names = [TENSOR_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+            for src, name in zip(self._shards, names):
+                if src.name != name:
+                    os.rename(src, self.tmp / name)
+            model_config.save_pretrained(self.tmp)
+            if generation_config is not None:
+                generation_config.save_pretrained(self.tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(self.tmp)
+            for fname, data in (files or {}).items():
+                if Path(fname).name != fname or fname == META_FILE or fname.endswith(".safetensors"):
+                    raise CheckpointError(f"cannot store an extra file named {fname!r} in a checkpoint")
+                (self.tmp / fname).write_bytes(data)
+            meta = {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "lqkit_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "dtype": str(dtype).removeprefix("torch."),
+                "plan": plan_to_json(plan), "reports": dict(reports or {}), "summary": summary or {},
+                "aliases": self.aliases, "extra": extra or {},
+                "files": {name: {"sha256": _sha256(self.tmp / name), "bytes": (self.tmp / name).stat().st_size}
+                          for name in names},
+            }
+            (self.tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+            check_out_dir(self.out, overwrite)  # nothing appeared at --out meanwhile
+            _replace_dir(self.tmp, self.out)
+        except BaseException:
+            self.abort()
+            raise
+        log.info("wrote %s (%d tensor file%s)", self.out, n, "s" if n > 1 else "")
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, MatrixSpec],
          reports: Mapping[str, dict] | None = None, summary: dict | None = None, extra: dict | None = None,
          overwrite: bool = False, dense_dtype: torch.dtype | None = None,
-         files: Mapping[str, bytes] | None = None) -> Path:
-    """Write a checkpoint atomically (temporary folder, then rename). ``files``: further small files
-    to put in the folder (name -> bytes), e.g. a picture of the plan."""
-    out = check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+         files: Mapping[str, bytes] | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a checkpoint of an in-memory model atomically (temporary folder, then rename).
+    ``dense_dtype``: dtype of the uncompressed floating tensors (default: as in the model).
+    ``files``: further small files to put in the folder (name -> bytes), e.g. a picture of the plan."""
+    writer = CheckpointWriter(out, overwrite, max_shard_bytes)
     try:
-        state, aliases = _stored_state(model, dense_dtype)
-        save_file(state, str(tmp / TENSOR_FILE), metadata={"format": "pt", "producer": f"lqkit {__version__}"})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for fname, data in (files or {}).items():
-            if Path(fname).name != fname or fname in (TENSOR_FILE, META_FILE):
-                raise CheckpointError(f"cannot store an extra file named {fname!r} in a checkpoint")
-            (tmp / fname).write_bytes(data)
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "lqkit_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "plan": plan_to_json(plan), "reports": dict(reports or {}), "summary": summary or {},
-            "aliases": aliases, "extra": extra or {},
-            "files": {TENSOR_FILE: {"sha256": _sha256(tmp / TENSOR_FILE), "bytes": (tmp / TENSOR_FILE).stat().st_size}},
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        _replace_dir(tmp, out)
+        state, aliases = stored_state(model, dense_dtype)
+        writer.add(state)
+        for k, v in aliases.items():
+            writer.alias(k, v)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    log.info("wrote %s", out)
-    return out
+    dtype = dense_dtype or next(model.parameters()).dtype
+    return writer.finish(model.config, tokenizer, plan=plan, reports=reports, summary=summary, extra=extra,
+                         dtype=dtype, generation_config=getattr(model, "generation_config", None), files=files,
+                         overwrite=overwrite)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -151,6 +229,15 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def update_extra(path: str | Path, extra: Mapping) -> None:
+    """Merge ``extra`` into a checkpoint's ``extra`` section (e.g. an evaluation made after saving);
+    lqkit.json is replaced atomically."""
+    path = Path(path).expanduser()
+    meta = read_meta(path)
+    meta["extra"] = {**(meta.get("extra") or {}), **extra}
+    write_atomic(path / META_FILE, json.dumps(meta, indent=1).encode())
+
+
 def verify(path: str | Path, meta: dict | None = None) -> None:
     """Check every tensor file's size and sha256 against the checkpoint's JSON."""
     path = Path(path)
@@ -167,9 +254,14 @@ def verify(path: str | Path, meta: dict | None = None) -> None:
             raise CheckpointError(f"checkpoint file {f} is corrupted (sha256 mismatch); re-create or re-copy it")
 
 
+def tensor_files(meta: dict) -> list[str]:
+    """The checkpoint's tensor files (shards) in order."""
+    return sorted(f for f in meta.get("files", {}) if f.endswith(".safetensors"))
+
+
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          check: bool = True) -> nn.Module:
-    """Load a compressed checkpoint as a working ``transformers`` model."""
+    """Load a compressed checkpoint as a working ``transformers`` model, one shard at a time."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -178,23 +270,34 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     if check:
         verify(path, meta)
     plan = plan_from_json(meta["plan"])
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     with init_empty_weights():  # parameters on the meta device; buffers real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     build_empty(model, plan, dtype=dtype, device="meta")
-    try:
-        state = load_file(str(path / TENSOR_FILE), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path / TENSOR_FILE}: {e}; re-create the checkpoint") from None
     comp_buffers = {f"{n}.{b}" for n, m in compressed_modules(model).items() for b, _ in m.named_buffers()}
-    for key, t in state.items():
-        if t.is_floating_point() and key not in comp_buffers:
-            state[key] = t.to(dtype)
-    for alias, target in meta.get("aliases", {}).items():
-        state[alias] = state[target]
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise CheckpointError(f"checkpoint has tensors the model does not: {unexpected[:3]}...")
+    aliases = meta.get("aliases", {})
+    loaded: dict[str, torch.Tensor] = {}
+    for fname in tensor_files(meta):
+        try:
+            state = load_file(str(path / fname), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {path / fname}: {e}; re-create the checkpoint") from None
+        for key, t in state.items():
+            if t.is_floating_point() and key not in comp_buffers:
+                state[key] = t.to(dtype)
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if unexpected:
+            raise CheckpointError(f"checkpoint has tensors the model does not: {unexpected[:3]}...")
+        loaded.update({k: state[k] for k in aliases.values() if k in state})
+        del state
+    tied = {}
+    for alias, target in aliases.items():
+        if target not in loaded:
+            raise CheckpointError(f"checkpoint alias {alias!r} names {target!r}, which no tensor file holds; "
+                                  "re-create the checkpoint")
+        tied[alias] = loaded[target]
+    if tied:
+        model.load_state_dict(tied, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -143,7 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="skip linear layers whose name matches (repeatable; default: lm_head)")
     c.add_argument("--device", default=None,
-                   help="where decompositions and the cost table run, e.g. cuda or cpu (default: cuda when present)")
+                   help="where every stage runs (calibration, cost table, decompositions), e.g. cuda, cuda:1 or cpu "
+                        "(default: cuda when present; under torchrun each rank takes cuda:LOCAL_RANK)")
+    c.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype the decoder blocks run in during calibration and compression (default auto: the "
+                        "model's stored 16-bit type on a GPU, float32 on a CPU); the checkpoint keeps the stored "
+                        "dtype for uncompressed tensors")
+    c.add_argument("--max-shard-size", default="2GiB", metavar="SIZE",
+                   help="checkpoint tensors are written in files of about this size (default 2GiB)")
     _add_calib(c)
     c.add_argument("--no-sequential", action="store_true",
                    help="use the statistics as given for every layer instead of recomputing each block's H "
@@ -175,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lqkit checkpoint or HF model folder/id (default: the default model)")
     _add_eval_protocol(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the model runs in (default float32, as the published protocol)")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", parents=[common], help="compress the default model end to end and print a table",
@@ -244,13 +254,27 @@ def cmd_compress(a: argparse.Namespace) -> int:
     else:
         a.method = a.method or "lq"
         spec = _spec_from_args(a)
+    from .allocate import parse_bytes
+    from .dist import from_env
+
     proto = _protocol(a) if a.eval else None
     calib = _calib_config(a)  # validate before loading anything
+    shard = parse_bytes(a.max_shard_size)
+    dtype = _dtype(a.dtype)
+    group, device = from_env(a.device)  # torchrun: this rank's process group and GPU
     res = pipeline.compress(a.model, spec, a.out, overwrite=a.overwrite, include=a.include, exclude=a.exclude,
-                            device=a.device, eval_protocol=proto, eval_text=a.text, progress=not a.quiet,
-                            calib=calib, calib_text=a.calib, stats_path=a.stats, sequential=not a.no_sequential)
-    print(pipeline.format_summary(res))
+                            device=device, eval_protocol=proto, eval_text=a.text, progress=not a.quiet,
+                            calib=calib, calib_text=a.calib, stats_path=a.stats, sequential=not a.no_sequential,
+                            group=group, dtype=dtype, max_shard_bytes=shard)
+    if group.main:
+        print(pipeline.format_summary(res))
     return 0
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return None if name in (None, "auto") else getattr(torch, name)
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
@@ -268,7 +292,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from . import pipeline
 
-    r = pipeline.evaluate(a.path, _protocol(a), text=a.text, progress=not (a.quiet or a.json))
+    r = pipeline.evaluate(a.path, _protocol(a), text=a.text, progress=not (a.quiet or a.json), device=a.device,
+                          dtype=_dtype(a.dtype))
     if a.json:
         print(json.dumps(r))
     else:

@@ -72,6 +72,13 @@ def needed_stats(plan: Mapping[str, MatrixSpec]) -> set[str]:
     return need
 
 
+def full_fisher(spec: MatrixSpec) -> bool:
+    """Whether ``spec`` reads the whole Fisher diagonal (nuq's codebooks, outliers chosen by |w|·√F,
+    the "fisher" objective), not only its row and column sums."""
+    q = spec.quant
+    return spec.weighting == "fisher" or (q is not None and (q.method == "nuq" or bool(q.outliers)))
+
+
 def check_stats(plan: Mapping[str, MatrixSpec | set[str]], stats) -> None:
     """Fail before any work when ``stats`` lack what a planned matrix needs (its spec's needs, or
     the given set of "h" / "fisher")."""

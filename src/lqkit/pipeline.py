@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -9,10 +10,10 @@ from typing import Iterable
 
 import torch
 
-from . import checkpoint
-from .allocate import AllocationConfig, allocate, cost_table
-from .calibrate import CalibConfig, CalibrationStats, calibrate as _calibrate, calibration_ids
-from .compress import MatrixReport, SizeSummary, check_stats, compress_model, needed_stats, size_summary
+from . import blockwise, checkpoint
+from .allocate import AllocationConfig, CostTable, allocate, cost_table
+from .calibrate import CalibConfig, CalibrationStats, calibrate as _calibrate, calibration_ids, fast_autocast_dtype
+from .compress import MatrixReport, SizeSummary, check_stats, compress_model, full_fisher, needed_stats, size_summary
 from .core.decompose import MatrixSpec
 from .core.quant import QuantSpec
 from .data import DEFAULT_CALIB_TEXT, read_text
@@ -20,7 +21,10 @@ from .errors import SpecError
 from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
 from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan, find_linears
-from .plan import Plan, uniform_plan
+from .plan import Plan, plan_to_json, uniform_plan
+from .dist import SINGLE, Group
+from .stream import open_model
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +39,168 @@ class CompressResult:
     seconds: float
     eval: EvalResult | None
     allocation: dict | None = None  # AllocationResult.report() when the plan came from a budget
+    stage_seconds: dict | None = None  # wall time of each stage (open, calibrate, cost_table, solve, compress, save, eval)
 
 
 def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out: str, *, overwrite: bool = False,
              include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
              device: str | None = None, eval_protocol: EvalProtocol | None = None,
              eval_text: str | None = None, progress: bool = True, calib: CalibConfig | None = None,
-             calib_text: str | None = None, stats_path: str | None = None, sequential: bool = True) -> CompressResult:
-    """Load ``model``, compress it and write a checkpoint to ``out``; optionally evaluate. What each
-    selected linear becomes is one spec for all, an explicit plan, or (an :class:`AllocationConfig`)
-    the plan that fits a memory budget best: cost table, integer program, plan; saved with the
-    allocation report and a picture of the plan. All input is checked before heavy work.
+             calib_text: str | None = None, stats_path: str | None = None, sequential: bool = True,
+             group: Group | None = None, dtype: torch.dtype | None = None,
+             max_shard_bytes: int = checkpoint.MAX_SHARD_BYTES) -> CompressResult:
+    """Compress ``model`` (a folder, Hub id, or None for the default model) and write a checkpoint to
+    ``out``; optionally evaluate. What each selected linear becomes is one spec for all, an explicit
+    plan, or (an :class:`AllocationConfig`) the plan that fits a memory budget best: cost table,
+    integer program, plan; saved with the allocation report and a picture of the plan. All input is
+    checked before heavy work.
 
-    Calibration statistics are used when the plan or the allocation needs them, or when ``calib`` /
-    ``stats_path`` is given: read from ``stats_path`` if that file exists, else computed on
-    ``calib_text`` (default: the bundled calibration text) and saved to ``stats_path`` (default: a
-    file under $LQKIT_CACHE/stats keyed by the weights, the text and the calibration settings).
-    With ``sequential`` (default) and a plan that uses H, compression runs block by block with each
-    block's H recomputed from the already compressed blocks' outputs (see :func:`compress_model`)."""
+    The model is streamed one decoder block at a time (:mod:`lqkit.blockwise`): the skeleton lives on
+    the meta device and each block is read from the folder's safetensors files when its turn comes,
+    so memory is bounded by a block, not by the model. Every stage runs on ``device`` (default: CUDA
+    when present), blocks in ``dtype`` (default: the stored 16-bit type on a GPU, fp32 on a CPU).
+    Calibration runs only when the plan or the allocation needs statistics (``calib``: its settings;
+    default 64 x 512 tokens of ``calib_text``, the bundled WikiText-2 validation text); statistics
+    and cost-table rows are cached per block and a killed run resumes. With ``sequential`` (default)
+    and a plan that uses H, each block's H is recomputed from what the already compressed blocks
+    produce. ``group``: the process group of a ``torchrun`` launch (see :mod:`lqkit.dist`).
+    ``stats_path``: a statistics file (``lqkit calibrate``) to use instead, read or written whole."""
     checkpoint.check_out_dir(out, overwrite)
+    if stats_path is not None:
+        return _compress_whole(model, spec, out, overwrite=overwrite, include=include, exclude=exclude, device=device,
+                               eval_protocol=eval_protocol, eval_text=eval_text, progress=progress, calib=calib,
+                               calib_text=calib_text, stats_path=stats_path, sequential=sequential)
+    group = group or SINGLE
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    text = read_text(eval_text)[0] if eval_protocol else None
+    t_start = time.time()
+    src = open_model(model, dev, dtype)
+    m = src.model
+    budgeted = isinstance(spec, AllocationConfig)
+    if isinstance(spec, MatrixSpec):
+        plan = uniform_plan(m, spec, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE)
+    elif budgeted:
+        plan = uniform_plan(m, MatrixSpec("quant", QuantSpec()), include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE)
+    else:
+        plan = dict(spec)
+    check_plan(m, plan)
+    ids = None
+    if eval_protocol:  # a too-short text fails now, not after the compression
+        ids = tokenize(src.tokenizer, text)
+        window_starts(ids.numel(), eval_protocol)
+    need = spec.needs() if budgeted else needed_stats(plan)
+    by_block, outside = blockwise.block_linears(src, plan)
+    if outside and need:
+        raise SpecError(f"{outside[0]} lies outside the decoder blocks, where no calibration statistics are "
+                        "gathered; exclude it (--exclude) or use a data-free method")
+    calib_ids = None
+    if need:
+        body = read_text(calib_text, DEFAULT_CALIB_TEXT)[0]
+        calib_ids = calibration_ids(src.tokenizer, body, calib or CalibConfig())
+    sweep = blockwise.Sweep.for_source(src, calib_ids.shape[1] if calib_ids is not None else 512, group, progress)
+    timings: dict[str, float] = {"open": round(time.time() - t_start, 1)}
+    other = blockwise.other_params(src, plan)
+    fisher, keep_h = "fisher" in need, "h" in need and not sequential
+    fdtype = torch.float32 if src.dtype == torch.float32 else torch.bfloat16  # stored Fisher (as precise as the compute)
+    provider, alloc = None, None
+    autocast = (calib or CalibConfig()).fisher_dtype  # the Fisher's backward sweep
+    autocast = fast_autocast_dtype(dev) if autocast == "auto" else autocast
+    autocast = "float32" if autocast == str(src.dtype).removeprefix("torch.") else autocast
+    if budgeted or fisher or keep_h:
+        parts = {"fisher": fisher, "keep_h": keep_h, "fisher_dtype": str(fdtype), "autocast": autocast,
+                 **({"candidates": spec.candidates.to_dict(), "metric": spec.metric} if budgeted
+                    else {"plan": plan_to_json(plan)})}
+        key = blockwise.run_key(src, list(plan), calib_ids, parts)
+        store = blockwise.RunStore(blockwise.run_dir(key), writer=group.main)
+        todo = group.broadcast_object([k for k in by_block if not store.done(k, costs=budgeted)], 0)
+        costs: dict = {}
+        t_costs = [0.0]
+        per = len(spec.candidates.quant_specs()) if budgeted else 0
+        cbar = tqdm(total=len(plan) * per, desc="cost table", unit="cand", disable=not (budgeted and sweep.progress))
+
+        def on_block(k: int, stats: dict) -> None:
+            if budgeted:
+                t0 = time.time()
+                stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype)  # the costs see what is stored
+                c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar)
+                t_costs[0] += time.time() - t0
+                full = lambda n: spec.metric == "fisher" or any(full_fisher(s) for s in c[n].specs)  # noqa: E731
+                costs.update(c)
+            else:
+                c, full = None, lambda n: full_fisher(plan[n])  # noqa: E731
+            store.save(k, blockwise.stored_stats(stats, full, keep_h, fdtype), c)
+
+        t0 = time.time()
+        try:
+            info = blockwise.statistics(src, calib_ids, by_block, fisher, todo, on_block, sweep, store.root,
+                                        autocast=autocast)
+        finally:
+            cbar.close()
+        group.barrier()  # rank 0's files are complete
+        timings.update(calibrate=round(time.time() - t0 - t_costs[0], 1), cost_table=round(t_costs[0], 1),
+                       calibrate_forward=info["seconds_forward"], calibrate_backward=info["seconds_backward"])
+        provider = lambda k: store.load_stats(k, dev)  # noqa: E731
+        if budgeted:
+            for k in by_block:
+                if k not in todo:
+                    costs.update(store.load_costs(k))
+            names = list(plan)
+            table = CostTable(tuple(names), tuple(tuple(m.get_submodule(n).weight.shape) for n in names),
+                              tuple(costs[n] for n in names), spec.metric, spec.candidates, key, t_costs[0])
+            if group.main and spec.cache:
+                from .allocate import table_path
+
+                checkpoint.write_atomic(table_path(key), json.dumps(table.to_json()).encode())
+            t0 = time.time()
+            alloc = allocate(table, spec, not todo)
+            timings["solve"] = round(time.time() - t0, 1)
+            plan = alloc.plan
+            check_plan(m, plan)
+    seq_ids = calib_ids if sequential and "h" in needed_stats(plan) else None
+    t0 = time.time()
+    writer = checkpoint.CheckpointWriter(out, overwrite, max_shard_bytes) if group.main else None
+    try:
+        reports = blockwise.compress_blocks(src, plan, stats=provider, seq_ids=seq_ids, writer=writer, sweep=sweep,
+                                            device=dev)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    seconds = time.time() - t0
+    timings["compress"] = round(seconds, 1)
+    plan = {n: m.get_submodule(n).spec for n in plan}  # concrete specs (group dim "auto" resolved)
+    summary = blockwise.size_summary(src, plan, other)
+    log.info("compressed %d matrices in %.1f s: %.3f effective bits", len(plan), seconds, summary.effective_bits)
+    report = alloc.report() if alloc else None
+    result = None
+    if group.main:
+        files = _plan_picture(plan, {n: r.shape for n, r in reports.items()},
+                              f"{src.source}: {alloc.config.budget.label()} -> {summary.effective_bits:.3f} bits/param"
+                              ) if alloc else {}
+        extra = {"source_model": src.source, "compress_seconds": seconds, "eval": None, "allocation": report,
+                 "device": str(dev), "dtype": str(src.dtype).removeprefix("torch."), "processes": group.world,
+                 "stage_seconds": timings}
+        t0 = time.time()
+        writer.finish(m.config, src.tokenizer, plan=plan, reports={k: r.to_dict() for k, r in reports.items()},
+                      summary=summary.to_dict(), extra=extra, dtype=src.stored_dtype,
+                      generation_config=getattr(m, "generation_config", None), files=files, overwrite=overwrite)
+        timings["save"] = round(time.time() - t0, 1)
+        if eval_protocol:
+            t0 = time.time()
+            back = checkpoint.load(out, dtype=src.dtype, device=dev)
+            result = perplexity(back, src.tokenizer, text, eval_protocol, progress, ids=ids)
+            del back
+            timings["eval"] = round(time.time() - t0, 1)
+        timings["total"] = round(time.time() - t_start, 1)
+        checkpoint.update_extra(out, {"eval": result.to_dict() if result else None, "stage_seconds": timings})
+    group.barrier()
+    return CompressResult(str(out), src.source, plan, reports, summary, seconds, result, report, timings)
+
+
+def _compress_whole(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out: str, *, overwrite: bool,
+                    include, exclude, device, eval_protocol, eval_text, progress, calib, calib_text, stats_path,
+                    sequential) -> CompressResult:
+    """:func:`compress` with the whole model in memory and statistics from (or saved to) one file."""
     device = device or ("cuda" if torch.cuda.is_available() else None)  # decompositions on a GPU when present
     text = read_text(eval_text)[0] if eval_protocol else None
     loaded = load_model(model)
@@ -148,7 +295,8 @@ def obtain_stats(loaded, names: list[str], need: set[str], calib: CalibConfig | 
         if explicit or ("fisher" not in need or stats.fisher):
             log.info("calibration statistics from %s", path)
             return stats
-    config = CalibConfig(config.samples, config.seqlen, fisher="fisher" in need)  # Fisher only when used
+    config = CalibConfig(config.samples, config.seqlen, fisher="fisher" in need,  # Fisher only when used
+                         fisher_dtype=config.fisher_dtype)
     stats = _calibrate(loaded.model, loaded.tokenizer, body, names, config, text_label=label,
                        model_label=loaded.source, progress=progress)
     checkpoint.save_stats(stats, path, overwrite=not explicit)
@@ -174,21 +322,21 @@ def calibrate(model: str | None, out: str, *, text: str | None = None, config: C
     return stats
 
 
-def load_any(path: str | None, dtype: torch.dtype = torch.float32):
+def load_any(path: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer, effective_bits) of an lqkit checkpoint or of a plain HF model."""
     if path is not None and checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path)
-        model = checkpoint.load(path, dtype=dtype)
+        model = checkpoint.load(path, dtype=dtype, device=device)
         return model, load_tokenizer(path), meta.get("summary", {}).get("effective_bits")
     loaded = load_model(path, dtype=dtype)
-    return loaded.model, loaded.tokenizer, None
+    return loaded.model.to(device), loaded.tokenizer, None
 
 
 def evaluate(path: str | None, protocol: EvalProtocol = EvalProtocol(), *, text: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, device: str = "cpu", dtype: torch.dtype | None = None) -> dict:
     """Perplexity of a checkpoint or model under ``protocol``, as a JSON-ready dict."""
     body, label = read_text(text)
-    model, tok, bits = load_any(path)
+    model, tok, bits = load_any(path, dtype or torch.float32, device)
     r = perplexity(model, tok, body, protocol, progress)
     return {"model": path or "google/gemma-3-270m", "text": label, "effective_bits": bits, **r.to_dict()}
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -114,6 +114,15 @@ class MatrixCosts:
     errors: np.ndarray  # float64, weighted squared error err(W − Ŵ)
     base: float  # err(W): the error of storing nothing, for relative errors
     evaluated: int  # (Q config, rank) pairs scored before the Pareto pruning
+
+    def to_dict(self) -> dict:
+        return {"base": self.base, "evaluated": self.evaluated, "specs": [s.to_dict() for s in self.specs],
+                "bits": self.bits.tolist(), "errors": self.errors.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "MatrixCosts":
+        return cls(tuple(MatrixSpec.from_dict(s) for s in d["specs"]), np.array(d["bits"], dtype=np.int64),
+                   np.array(d["errors"], dtype=np.float64), d["base"], d["evaluated"])
 
 
 def _sum(x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +235,10 @@ def _near(specs: list[QuantSpec], err: np.ndarray, shape, slack: float) -> list[
 
 
 def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet = CandidateSet(),
-                 metric: str = "kfac") -> MatrixCosts:
-    """The Pareto-optimal candidates of the (out, in) matrix ``w`` with their bits and errors."""
+                 metric: str = "kfac", on_progress: Callable[[int], None] | None = None) -> MatrixCosts:
+    """The Pareto-optimal candidates of the (out, in) matrix ``w`` with their bits and errors.
+    ``on_progress(n)`` is told as Q configurations are settled (n in all: ``len(cands.quant_specs())``)."""
+    step = on_progress or (lambda n: None)
     w = w.float()
     shape = tuple(w.shape)
     stats = stats.to(w.device) if stats is not None else None
@@ -245,6 +256,7 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     recon.update(_reconstruct(w, run, stats))
     spectral: dict[QuantSpec, torch.Tensor] = {}  # D·E·C of each Q config, reused by the low rank
     aerr = _errors(w, run, recon, m.errors_and_spectral, keep=spectral)
+    step(len(aware))
     # 3. exact errors for the data-free configs near the front of (their screened errors, the
     #    data-aware configs' exact errors): most are dominated by the data-aware ones
     joint = free + run
@@ -253,6 +265,7 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     free_near = [s for s in _near(joint, jerr, shape, cands.slack) if s in free_set]
     ferr = _errors(w, free_near, recon, m.errors_and_spectral, keep=spectral)
     qspecs = free_near + run
+    step(len(free))
     q0 = np.concatenate([ferr, aerr])
     qbits = np.array([qmod.storage_bits(s, shape) for s in qspecs], dtype=np.int64)
     evaluated = len(recon)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .quant import QuantContext, QuantSpec, Quantizer, AuxSlot, register, to_layout
+from .stats import require
 
 ITERS = 100  # Lloyd iterations at most (each is O(rows·k) after one sort)
 TOL = 1e-5  # ... stopping early once an iteration improves the error by less than this fraction
@@ -71,6 +72,8 @@ def kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int = ITERS
 def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
     k = 1 << spec.bits
     f = ctx.stats.fisher if ctx.stats is not None else None
+    if f is None and ctx.stats is not None and ctx.stats.fisher_sums is not None:
+        require(ctx.stats, "fisher", "nuq's Fisher-weighted codebooks")  # only sums kept: say so, never guess
     wt = torch.ones_like(m) if f is None else to_layout(f.to(m.device).float(), spec).clamp_min(0)
     wt = torch.maximum(wt, WEIGHT_FLOOR * wt.mean(dim=1, keepdim=True).clamp_min(1e-30))
     x = m

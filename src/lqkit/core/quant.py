@@ -30,7 +30,7 @@ import torch
 
 from ..errors import SpecError
 from . import packing
-from .stats import MatrixStats
+from .stats import MatrixStats, require
 
 GROUP_DIMS = ("in", "out", "auto")  # "auto": chosen per matrix by weighted error (AdaDim, see .adadim)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -471,9 +471,12 @@ def outlier_positions(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | Non
     kf, ks = n_outlier_features(spec, tuple(w.shape)), n_outliers(spec, tuple(w.shape))
     h = stats.h if stats is not None else None
     fisher = stats.fisher if stats is not None else None
+    if ks and fisher is None and stats is not None and stats.fisher_sums is not None:
+        require(stats, "fisher", "choosing outliers by |w|·√F")  # only sums kept: say so, never guess
     feat = torch.empty(0, dtype=torch.long, device=w.device)
     if kf:
-        score = torch.diagonal(h) if h is not None else fisher.sum(0) if fisher is not None else (w * w).sum(0)
+        sums = stats.sums() if stats is not None else None
+        score = torch.diagonal(h) if h is not None else sums[1] if sums is not None else (w * w).sum(0)
         feat = torch.topk(score.float(), kf).indices.sort().values
     flat = torch.empty(0, dtype=torch.long, device=w.device)
     if ks:

@@ -26,20 +26,42 @@ DAMP = 0.01  # default dampening: fraction of mean(diag H) added to the diagonal
 
 @dataclass(frozen=True)
 class MatrixStats:
-    """Statistics of one (out, in) matrix; either may be None."""
+    """Statistics of one (out, in) matrix; any may be None.
+
+    The Fisher diagonal is kept whole (``fisher``) where a use needs every entry (nuq codebooks,
+    outlier selection, the "fisher" weighting and metric), else as its row and column sums
+    (``fisher_sums``): all that the "kfac" metric and weighting and FWSVD's scales read."""
 
     h: torch.Tensor | None = None  # (in, in) fp32, E[xᵀx]
     fisher: torch.Tensor | None = None  # (out, in) fp32, E[g²]
+    fisher_sums: tuple[torch.Tensor, torch.Tensor] | None = None  # (Σ_j F_ij (out,), Σ_i F_ij (in,)), fp32
 
     def to(self, device) -> "MatrixStats":
-        return MatrixStats(*(t.to(device) if t is not None else None for t in (self.h, self.fisher)))
+        sums = tuple(t.to(device) for t in self.fisher_sums) if self.fisher_sums is not None else None
+        return MatrixStats(*(t.to(device) if t is not None else None for t in (self.h, self.fisher)), sums)
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row sums, column sums) of the Fisher diagonal (clamped at 0), or None."""
+        if self.fisher is not None:
+            f = self.fisher.float().clamp_min(0)
+            return f.sum(dim=1), f.sum(dim=0)
+        return self.fisher_sums
+
+    def compact(self) -> "MatrixStats":
+        """The same statistics with the Fisher diagonal reduced to its row and column sums."""
+        return MatrixStats(self.h, None, self.sums())
 
 
-def require(stats: MatrixStats | None, what: str, why: str) -> torch.Tensor:
-    """The ``what`` ("h" or "fisher") tensor of ``stats``, or a SpecError saying why it is needed."""
-    t = getattr(stats, what, None) if stats is not None else None
+def require(stats: MatrixStats | None, what: str, why: str):
+    """The ``what`` of ``stats`` — "h", "fisher" (the whole diagonal) or "fisher_sums" (its row
+    and column sums) — or a SpecError saying why it is needed."""
+    t = None
+    if stats is not None:
+        t = stats.sums() if what == "fisher_sums" else getattr(stats, what)
     if t is None:
         kind = "input second moments (H)" if what == "h" else "a Fisher diagonal"
+        if what == "fisher" and stats is not None and stats.fisher_sums is not None:
+            kind = "the whole Fisher diagonal (only its row and column sums were kept)"
         raise SpecError(f"{why} needs calibration statistics with {kind}: pass --calib / --stats "
                         f"(see `lqkit calibrate`)")
     return t
@@ -54,7 +76,7 @@ def sq_error(e: torch.Tensor, stats: MatrixStats | None, weighting: str) -> torc
     if weighting == "hessian":
         return ((e @ require(stats, "h", "hessian weighting")) * e).sum()  # tr(E·H·Eᵀ)
     if weighting == "kfac":
-        rho = kfac_rows(require(stats, "fisher", "kfac weighting"), require(stats, "h", "kfac weighting"))
+        rho = kfac_rows(require(stats, "fisher_sums", "kfac weighting"), require(stats, "h", "kfac weighting"))
         return (((e @ stats.h.float()) * e).sum(dim=1) * rho).sum()  # Σ ρ_i (E·H·Eᵀ)_ii
     raise SpecError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
@@ -97,19 +119,21 @@ def whitening(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.
     return (evecs * root).float(), (evecs / root).T.float()
 
 
-def fisher_scales(fisher: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def fisher_scales(fisher, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column scales (r, c), both positive, with F_ij ≈ r_i²·c_j² (the best separable,
-    i.e. independence, fit: r² = row sums, c² = column sums / total), normalised to mean 1."""
-    f = fisher.float().clamp_min(0)
-    rows, cols = f.sum(dim=1), f.sum(dim=0)  # (out,), (in,)
+    i.e. independence, fit: r² = row sums, c² = column sums / total), normalised to mean 1.
+    ``fisher``: the (out, in) diagonal, or its (row sums, column sums)."""
+    rows, cols = fisher if isinstance(fisher, tuple) else MatrixStats(fisher=fisher).sums()  # (out,), (in,)
     rows = rows / rows.mean().clamp_min(1e-30)
     cols = cols / cols.mean().clamp_min(1e-30)
     return (rows + eps).sqrt(), (cols + eps).sqrt()
 
 
-def kfac_rows(fisher: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """ρ (out,): the output sensitivity of each row, Σ_j F_ij / tr(H) (F_ij ≈ ρ_i·H_jj)."""
-    return fisher.float().clamp_min(0).sum(dim=1) / torch.diagonal(h).float().clamp_min(0).sum().clamp_min(1e-30)
+def kfac_rows(fisher, h: torch.Tensor) -> torch.Tensor:
+    """ρ (out,): the output sensitivity of each row, Σ_j F_ij / tr(H) (F_ij ≈ ρ_i·H_jj).
+    ``fisher``: the (out, in) diagonal, or its (row sums, column sums)."""
+    rows = fisher[0] if isinstance(fisher, tuple) else MatrixStats(fisher=fisher).sums()[0]
+    return rows.float() / torch.diagonal(h).float().clamp_min(0).sum().clamp_min(1e-30)
 
 
 def weight_scales(stats: MatrixStats | None, weighting: str
@@ -123,12 +147,12 @@ def weight_scales(stats: MatrixStats | None, weighting: str
     if weighting == "none":
         return None, None, None
     if weighting == "fisher":
-        r, c = fisher_scales(require(stats, "fisher", "weighting 'fisher'"))
+        r, c = fisher_scales(require(stats, "fisher_sums", "weighting 'fisher'"))
         return r, c, None
     s, s_inv = whitening(require(stats, "h", f"weighting {weighting!r}"))
     if weighting == "hessian":
         return None, s, s_inv
     if weighting == "kfac":
-        rho = kfac_rows(require(stats, "fisher", "weighting 'kfac'"), stats.h)
+        rho = kfac_rows(require(stats, "fisher_sums", "weighting 'kfac'"), stats.h)
         return (rho + 1e-6 * rho.mean().clamp_min(1e-30)).sqrt(), s, s_inv
     raise SpecError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
