@@ -12,7 +12,10 @@ TRITON_SPEC ?= triton==3.6.0
 INTERPRET_JOBS ?= 2
 EXTRAS ?= demo,test,plot,finetune
 
-.PHONY: demo test test-fast venv bench peers clean
+# `make test` allows a test this many seconds (set-up + call); slower ones fail (see tests/conftest.py).
+MAX_TEST_SECONDS ?= 60
+
+.PHONY: demo test test-all test-fast venv bench peers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +29,21 @@ venv: $(VENV)/.installed
 demo: venv
 	HF_HUB_OFFLINE=1 $(VENV)/bin/lqkit demo
 
+# The default model is converted once (about 1.5 min from its GGUF; cached in ~/.cache/lqkit) before the
+# tests, which then read the cached folder. The kernels run through triton's interpreter on a sample of
+# their launch configurations (every format and layout); `make test-all` runs all of them (about 40 min
+# on 2 cores): run it before touching the kernels, and on a GPU machine, where they run natively.
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -c "from lqkit.models import default_model_dir; default_model_dir()"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --max-test-seconds $(MAX_TEST_SECONDS)
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
-	LQKIT_TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(INTERPRET_JOBS) tests/test_kernels.py
+	LQKIT_TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(INTERPRET_JOBS) -m "not exhaustive" \
+		--durations=10 --max-test-seconds $(MAX_TEST_SECONDS) tests/test_kernels.py
+
+test-all: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
+	LQKIT_TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(INTERPRET_JOBS) --durations=10 tests/test_kernels.py
 
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"

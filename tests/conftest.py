@@ -14,6 +14,9 @@ import torch
 VOCAB = 384
 
 
+pytest_plugins = ["timeguard"]  # --max-test-seconds: `make test` stays fast only if no test grows slow unnoticed
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Statistics and cost tables the tests compute go to a per-session cache, not the user's; the

@@ -276,8 +276,40 @@ def _run_configs(kw, W, L, R, b, shape, device, dtype, configs):
 FRAG = [f for f in FORMATS if layout.frag_ok(_spec(f))]
 
 
+def _frag_configs(device: str) -> list:
+    """(config, tokens) pairs the fragment test runs; few distinct compilations (the unrolled kernel
+    takes 15-40 s each on a GPU, minutes in the interpreter): the default, U = 1 and 2, ..."""
+    from lqkit.kernels import _triton as kt
+
+    configs = [(None, 1), (None, 24 if device != "cpu" else 20),  # default (17-32: launches of 16)
+               (kt.Config(kind="frag", bn=32, warps=2, occ=16.0, pf=1), 3),  # one block per step
+               (kt.Config(kind="frag", bn=64, warps=4, split=1, pf=2), 9),  # no split-K, tokens 8-15
+               (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4), 2),  # 4 blocks per step (2 groups at 4 bits)
+               (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, maxnreg=80), 16),  # many splits
+               (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2), 5),  # two steps per iteration
+               (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, unroll=2), 1),  # ... and few per split
+               # one token: x's words once per step, shuffled into the B fragments
+               (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, xs=1), 1),
+               (kt.Config(kind="dequant"), 4)]
+    if device != "cpu":  # more tokens: dequantize + cuBLAS by default; x shuffled with U = 4 and unroll 2
+        configs += [(None, 70), (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4, xs=1), 1),
+                    (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, unroll=2, xs=1), 1)]
+    return configs
+
+
+def _frag_part(part: str, n: int) -> list[int]:
+    """Which of the configurations a part runs. "sample" (``make test``, through the interpreter):
+    every format's default one-token launch and its dequantize path; "rest-a"/"rest-b" (exhaustive:
+    ``make test-all`` and the GPU): all the others — several blocks per step, split-K or not, unroll,
+    x shuffled, launches of 16 — in two halves for two workers (each takes minutes in the interpreter)."""
+    sample = [0, 9]
+    rest = [j for j in range(n) if j not in sample]
+    return sample if part == "sample" else rest[0::2] if part == "rest-a" else rest[1::2]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("part", [0, 1], ids=["configs0", "configs1"])  # halves: parallel workers share the load
+@pytest.mark.parametrize("part", ["sample", pytest.param("rest-a", marks=pytest.mark.exhaustive),
+                                  pytest.param("rest-b", marks=pytest.mark.exhaustive)])
 @pytest.mark.parametrize("i,f", list(enumerate(FRAG)), ids=[_fid(f) for f in FRAG])
 def test_frag_kernel_matches_torch(i, f, part):
     """The tensor-core GEMV over the fragment layout (the default where it holds the format): 1-16 tokens,
@@ -286,7 +318,7 @@ def test_frag_kernel_matches_torch(i, f, part):
     shapes, rank 0 / odd / even, one token with x read once per step and shuffled (Config(xs=1)); more
     tokens in launches of 16; dequantize + cuBLAS.
     In triton's CPU interpreter (fp16 only) the mma is emulated from its PTX fragment layouts.
-    Each format runs in two parts, every other configuration each."""
+    Each format runs in three parts (:func:`_frag_part`): a sample by default, the rest exhaustive."""
     device = _device()
     from lqkit.kernels import _triton as kt
 
@@ -296,21 +328,10 @@ def test_frag_kernel_matches_torch(i, f, part):
         rank, bias = (0, 5, 16, 32)[(i + j) % 4], (i + j) % 2 == 0
         kw, W, L, R, b = _case(f, shape, rank, bias, device, dtype, layout="frag")
         assert kw.layout == "frag"
-        # few distinct compilations (the unrolled kernel takes 15-40 s each): the default, U = 1 and 2
-        configs = [(None, 1), (None, 24 if device != "cpu" else 20),  # default (17-32: launches of 16)
-                   (kt.Config(kind="frag", bn=32, warps=2, occ=16.0, pf=1), 3),  # one block per step
-                   (kt.Config(kind="frag", bn=64, warps=4, split=1, pf=2), 9),  # no split-K, tokens 8-15
-                   (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4), 2),  # 4 blocks per step (2 groups at 4 bits)
-                   (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, maxnreg=80), 16),  # many splits
-                   (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2), 5),  # two steps per iteration
-                   (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, unroll=2), 1),  # ... and few per split
-                   # one token: x's words once per step, shuffled into the B fragments
-                   (kt.Config(kind="frag", bn=32, warps=2, occ=64.0, pf=1, xs=1), 1),
-                   (kt.Config(kind="dequant"), 4)]
-        if device != "cpu":  # more tokens: dequantize + cuBLAS by default; x shuffled with U = 4 and unroll 2
-            configs += [(None, 70), (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4, xs=1), 1),
-                        (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, unroll=2, xs=1), 1)]
-        _run_configs(kw, W, L, R, b, shape, device, dtype, configs[part::2])
+        configs = _frag_configs(device)
+        _run_configs(kw, W, L, R, b, shape, device, dtype, [configs[k] for k in _frag_part(part, len(configs))])
+    if part != "sample":
+        return
     with pytest.raises(ValueError, match="does not read the 'frag' layout"):  # interleaved-only kinds
         kt.linear(torch.randn(2, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="mma"))
     with pytest.raises(ValueError, match="1 or 2 steps"):

@@ -29,29 +29,48 @@ def _ppl(model, tok, text_ids):
     return perplexity(model, tok, text_ids[0], PROTO, progress=False, ids=text_ids[1], materialize=True).perplexity
 
 
-def test_gemma_end_to_end(text_ids, tmp_path):
+@pytest.fixture(scope="module")
+def ppl_fp(text_ids):
     fp = load_model(None)
     assert sum(p.numel() for p in fp.model.parameters()) == pytest.approx(268e6, rel=0.01)
-    ppl_fp = _ppl(fp.model, fp.tokenizer, text_ids)
-    assert 15 < ppl_fp < 40  # 25.37 on the full 40-window protocol
+    return _ppl(fp.model, fp.tokenizer, text_ids)
 
+
+@pytest.fixture(scope="module")
+def ppl_rtn(text_ids):
     rtn = load_model(None)
     compress_model(rtn.model, uniform_plan(rtn.model, MatrixSpec("quant", Q3)), progress=False)
-    ppl_rtn = _ppl(rtn.model, rtn.tokenizer, text_ids)
+    return _ppl(rtn.model, rtn.tokenizer, text_ids)
 
+
+@pytest.fixture(scope="module")
+def lq(text_ids):
     lq = load_model(None)
     plan = uniform_plan(lq.model, MatrixSpec("lq", Q3, rank=8, iters=5))
     assert len(plan) == 18 * 7
     reports = compress_model(lq.model, plan, progress=False)
-    ppl_lq = _ppl(lq.model, lq.tokenizer, text_ids)
-    bits = size_summary(lq.model).effective_bits
+    return lq, plan, reports
+
+
+def test_gemma_full_precision_and_rtn(ppl_fp, ppl_rtn):
+    assert 15 < ppl_fp < 40  # 25.37 on the full 40-window protocol
+    assert ppl_rtn > ppl_fp
+
+
+def test_gemma_lq_beats_plain_quantization(lq, text_ids, ppl_fp, ppl_rtn):
+    model, plan, reports = lq
+    ppl_lq = _ppl(model.model, model.tokenizer, text_ids)
+    bits = size_summary(model.model).effective_bits
     assert 3.25 < bits < 3.25 + 8 * 16 * (640 + 2048) / (640 * 2048) + 0.5
     # LQ spends extra bits on L·R and must beat plain quantization of the same Q configuration
     assert ppl_fp < ppl_lq < ppl_rtn
     assert all(r.error < 0.5 for r in reports.values())
 
-    out = checkpoint.save(lq.model, lq.tokenizer, tmp_path / "ck", plan=plan)
+
+def test_gemma_checkpoint_round_trip(lq, text_ids, tmp_path):
+    model, plan, _ = lq
+    out = checkpoint.save(model.model, model.tokenizer, tmp_path / "ck", plan=plan)
     back = checkpoint.load(out)
-    x = torch.cat([torch.tensor([lq.tokenizer.bos_token_id]), text_ids[1][:127]]).unsqueeze(0)
+    x = torch.cat([torch.tensor([model.tokenizer.bos_token_id]), text_ids[1][:127]]).unsqueeze(0)
     with torch.no_grad():
-        assert torch.equal(lq.model(input_ids=x).logits, back(input_ids=x).logits)
+        assert torch.equal(model.model(input_ids=x).logits, back(input_ids=x).logits)

@@ -39,6 +39,7 @@ from .stats import MatrixStats, require, weight_scales
 METRICS = ("kfac", "hessian", "fisher")
 NUQ_MAX_BITS = 4  # a per-row codebook of 2^b fp16 levels: beyond 4 bits it costs more than it saves
 CHUNK = 1 << 24  # elements of stacked error matrices scored at once
+RECON = 1 << 27  # elements of reconstructions held at once (GPTQ's: what one sweep stacks)
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,18 @@ class _Metric:
         e2 = e * e if self.d is None else e * e * self.d.square().unsqueeze(1)
         return _sum(e2 * col)
 
+    def spectral_summary(self, b: torch.Tensor) -> torch.Tensor:
+        """What :meth:`rank_errors` needs of a matrix ``b`` that :meth:`errors_and_spectral` gave: its
+        smaller Gram matrix (σ² are its eigenvalues), or for fisher ``b`` itself (E)."""
+        if self.fisher is not None:
+            return b
+        return b @ b.T if b.shape[0] <= b.shape[1] else b.T @ b
+
     def rank_errors(self, b: torch.Tensor, total: float, ranks: list[int]) -> list[float]:
-        """err(E − best weighted rank-r fit) for each r in ``ranks`` (all > 0), from the matrix ``b``
-        that :meth:`errors_and_spectral` gave for E (D·E·C; E itself for fisher)."""
+        """err(E − best weighted rank-r fit) for each r in ``ranks`` (all > 0), from
+        :meth:`spectral_summary` of E's matrix (the Gram matrix of D·E·C; E itself for fisher)."""
         if self.fisher is None:  # σ² are the eigenvalues of the smaller Gram matrix
-            gram = b @ b.T if b.shape[0] <= b.shape[1] else b.T @ b
+            gram = b
             s2 = torch.linalg.eigvalsh(gram.double()).flip(0).clamp_min(0)
             cum = torch.cumsum(s2, 0)
             return [max(total - float(cum[r - 1]), 0.0) for r in ranks]
@@ -209,24 +217,41 @@ def _proxy(spec: QuantSpec, cands: CandidateSet) -> QuantSpec:
     return QuantSpec("rtn", spec.bits, gs, spec.group_dim, outliers=spec.outliers, clip=cands.clip)
 
 
-def _reconstruct(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None) -> dict[QuantSpec, torch.Tensor]:
-    return dict(zip(specs, qmod.reconstruct_many(w, specs, stats)))
+def _chunks(w: torch.Tensor, specs: list[QuantSpec]) -> list[list[QuantSpec]]:
+    """The specs in groups whose reconstructions together stay within RECON elements (gptq configs
+    stay together up to what one GPTQ sweep stacks, so that they share it)."""
+    from .gptq import max_stack
+
+    per = max(1, RECON // w.numel())
+    gptq_per = max(per, max_stack(w.device) // w.numel())
+    out, cur, cur_gptq = [], [], []
+    for s in specs:
+        bucket = cur_gptq if s.method == "gptq" else cur
+        bucket.append(s)
+        if len(bucket) >= (gptq_per if s.method == "gptq" else per):
+            out.append(list(bucket))
+            bucket.clear()
+    return out + [c for c in (cur, cur_gptq) if c]
 
 
-def _errors(w: torch.Tensor, specs: list[QuantSpec], recon: Mapping[QuantSpec, torch.Tensor], fn,
-            keep: dict | None = None) -> np.ndarray:
-    """``fn`` (a stack of differences -> errors) of W − recon[s] for each spec, in chunks. With
-    ``keep``, ``fn`` returns (errors, matrices) and keep[spec] receives each spec's matrix."""
-    errs: list[float] = []
+def _errors(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None, fn, summary=None
+            ) -> tuple[np.ndarray, dict[QuantSpec, torch.Tensor]]:
+    """(``fn`` of each W − quantized W, a stack of differences -> errors, in chunks; with ``summary``,
+    ``fn`` returns (errors, matrices) and {spec: summary(its matrix)} is returned too). Only a chunk of
+    reconstructions is in memory at a time."""
+    errs: dict[QuantSpec, float] = {}
+    kept: dict[QuantSpec, torch.Tensor] = {}
     per = max(1, CHUNK // w.numel())
-    for i in range(0, len(specs), per):
-        chunk = specs[i:i + per]
-        res = fn(torch.stack([w - recon[s] for s in chunk]))
-        if keep is not None:
-            res, mats = res
-            keep.update(zip(chunk, mats))
-        errs.extend(res.tolist())
-    return np.array(errs, dtype=np.float64)
+    for group in _chunks(w, specs):
+        recon = qmod.reconstruct_many(w, group, stats)
+        for i in range(0, len(group), per):
+            res = fn(torch.stack([w - r for r in recon[i:i + per]]))
+            if summary is not None:
+                res, mats = res
+                kept.update((sp, summary(mt)) for sp, mt in zip(group[i:i + per], mats))
+            errs.update(zip(group[i:i + per], res.tolist()))
+        del recon
+    return np.array([errs[s] for s in specs], dtype=np.float64), kept
 
 
 def _near(specs: list[QuantSpec], err: np.ndarray, shape, slack: float) -> list[QuantSpec]:
@@ -248,14 +273,13 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     free = [s for s in specs if not QUANTIZERS[s.method].data_aware]
     # 1. data-free configs and the rtn proxies of the data-aware ones, screened cheaply
     proxies = list(dict.fromkeys(_proxy(s, cands) for s in aware))
-    recon = _reconstruct(w, list(dict.fromkeys(free + proxies)), stats)
-    screen = dict(zip(recon, _errors(w, list(recon), recon, m.screen)))
+    cheap = list(dict.fromkeys(free + proxies))
+    screen = dict(zip(cheap, _errors(w, cheap, stats, m.screen)[0]))
     # 2. a data-aware config runs when its proxy is near the front of the proxies (same quantizer family)
     near_proxies = set(_near(proxies, np.array([screen[s] for s in proxies]), shape, cands.slack))
     run = [s for s in aware if _proxy(s, cands) in near_proxies]
-    recon.update(_reconstruct(w, run, stats))
-    spectral: dict[QuantSpec, torch.Tensor] = {}  # D·E·C of each Q config, reused by the low rank
-    aerr = _errors(w, run, recon, m.errors_and_spectral, keep=spectral)
+    # each Q config's D·E·C is kept only as what the low rank needs (its smaller Gram matrix)
+    aerr, spectral = _errors(w, run, stats, m.errors_and_spectral, m.spectral_summary)
     step(len(aware))
     # 3. exact errors for the data-free configs near the front of (their screened errors, the
     #    data-aware configs' exact errors): most are dominated by the data-aware ones
@@ -263,13 +287,13 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     jerr = np.concatenate([np.array([screen[s] for s in free]), aerr])
     free_set = set(free)
     free_near = [s for s in _near(joint, jerr, shape, cands.slack) if s in free_set]
-    ferr = _errors(w, free_near, recon, m.errors_and_spectral, keep=spectral)
+    ferr, fspec = _errors(w, free_near, stats, m.errors_and_spectral, m.spectral_summary)
+    spectral.update(fspec)
     qspecs = free_near + run
     step(len(free))
     q0 = np.concatenate([ferr, aerr])
     qbits = np.array([qmod.storage_bits(s, shape) for s in qspecs], dtype=np.int64)
-    evaluated = len(recon)
-    del recon
+    evaluated = len(cheap) + len(run)
     ranks = sorted(r for r in set(cands.ranks) if 0 < r <= min(shape))
     wt = metric  # built matrices use the metric's weighting for their low rank (and report it)
     out_specs, out_bits, out_err = [], [], []

@@ -30,7 +30,14 @@ from .quant import (DTYPES, QUANTIZERS, QuantContext, QuantSpec, Quantizer, _rtn
 from .stats import damped, require
 
 BLOCK = 32  # columns per lazy-update block (rank-1 updates inside a block, one matmul per block)
-MAX_STACK = 1 << 25  # elements of the stacked weight per sweep (larger stacks run in several sweeps)
+MAX_STACK = 1 << 25  # elements of the stacked weight per sweep on a CPU (larger stacks run in several sweeps)
+MAX_STACK_CUDA = 1 << 28  # ... on a GPU, where a sweep's per-column steps cost launches, not arithmetic
+
+
+def max_stack(device: torch.device) -> int:
+    """Elements of the stacked weight one sweep takes on ``device``: on a GPU each column step is a
+    few kernel launches whatever the stack's height, so fewer, taller sweeps are faster."""
+    return MAX_STACK_CUDA if torch.device(device).type == "cuda" else MAX_STACK
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,7 @@ def gptq_many(w: torch.Tensor, h: torch.Tensor, specs: Sequence[QuantSpec],
         raise SpecError("gptq_many needs specs with one act_order and damp setting")
     out, n = w.shape
     keeps = list(keeps) if keeps is not None else [None] * len(specs)
-    per_sweep = max(1, MAX_STACK // (out * n))
+    per_sweep = max(1, max_stack(w.device) // (out * n))
     u_perm = _factor(h, specs[0])
     results: dict[int, GPTQResult] = {}
     order = sorted(range(len(specs)), key=lambda k: (specs[k].group_dim, specs[k].group_size, specs[k].bits))
