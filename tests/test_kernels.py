@@ -61,6 +61,12 @@ SHAPES = [(96, 4096 + 64), (1000, 333), (130, 1536), (257, 200)]  # (out, in): o
 CPU_SHAPES = [(40, 1050), (70, 333), (33, 520), (57, 200)]  # triton's CPU interpreter: smaller, still tails
 
 
+def _interp_exhaustive(*values, id: str | None = None):
+    """A parameter set that the interpreter runs only in ``make test-all`` (minutes there; its
+    format and layout are covered by cheaper cases), while a GPU always runs it."""
+    return pytest.param(*values, id=id, marks=pytest.mark.exhaustive if INTERPRET else ())
+
+
 def _spec(f) -> QuantSpec:
     method, bits, gd, gs, dq, sp, of = (*f, 0.0, 0.0)[:7]
     return QuantSpec(method=method, bits=bits, group_size=gs, group_dim=gd, double_quant=dq, outliers=sp,
@@ -341,7 +347,8 @@ def test_frag_kernel_matches_torch(i, f, part):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("f", [FORMATS[0], FORMATS[10], FORMATS[-1]], ids=_fid)  # frag / interleaved / per-row tables
+@pytest.mark.parametrize("f", [_interp_exhaustive(FORMATS[0], id=_fid(FORMATS[0])),  # frag
+                               FORMATS[10], FORMATS[-1]], ids=_fid)  # interleaved / per-row tables
 def test_stacked_kernel_matches_members(f):
     """Matrices stacked into one (nn.fuse's q/k/v, gate/up): one call gives every member's output,
     with block-diagonal low-rank factors (ranks 5, 0, 3) and biases on some members only."""
@@ -449,26 +456,30 @@ def test_kernels_match_torch(i, f):
     _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
 
 
+_OUTLIER_CASES = [(i, f, lay) for i, f in enumerate(OUTLIER_FORMATS)
+                  for lay in (("interleaved", "frag") if layout.frag_ok(_spec(f)) else ("interleaved",))]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("i,f", list(enumerate(OUTLIER_FORMATS)), ids=[_fid(f) for f in OUTLIER_FORMATS])
-def test_kernels_add_the_outliers(i, f):
+@pytest.mark.parametrize("i,f,lay", [_interp_exhaustive(*c, id=f"{_fid(c[1])}-{c[2]}") if c[2] == "frag" else
+                                     pytest.param(*c, id=f"{_fid(c[1])}-{c[2]}") for c in _OUTLIER_CASES])
+def test_kernels_add_the_outliers(i, f, lay):
     """Exactly kept outliers on every path: the main kernel on the plain codes, then the sparse pass
     (one token, a few, split-K, the tiled kernel), or folded into the decoded weight (many tokens)."""
     device = _device()
     from lqkit.kernels import _triton as kt
 
     shape = (300, 1000) if device != "cpu" else (70, 333)
-    for lay in ("interleaved", "frag") if layout.frag_ok(_spec(f)) else ("interleaved",):
-        if device == "cpu":  # the interpreter's fragment kernel takes fp16 only
-            dtype = torch.float32 if lay == "interleaved" else torch.float16
-        else:
-            dtype = (torch.bfloat16, torch.float16)[i % 2]
-        kw, W, L, R, b = _case(f, shape, (0, 5)[i % 2], i % 2 == 0, device, dtype, layout=lay)
-        assert kw.fix is not None and kw.layout == lay
-        configs = [(None, 1), (None, 3), (kt.Config(kind="dequant"), 40)]
-        if lay == "interleaved":
-            configs += [(kt.Config(kind="gemv", bn=32, occ=8.0), 2), (kt.Config(kind="gemm", bm=16, bn=64), 17)]
-        _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
+    if device == "cpu":  # the interpreter's fragment kernel takes fp16 only
+        dtype = torch.float32 if lay == "interleaved" else torch.float16
+    else:
+        dtype = (torch.bfloat16, torch.float16)[i % 2]
+    kw, W, L, R, b = _case(f, shape, (0, 5)[i % 2], i % 2 == 0, device, dtype, layout=lay)
+    assert kw.fix is not None and kw.layout == lay
+    configs = [(None, 1), (None, 3), (kt.Config(kind="dequant"), 40)]
+    if lay == "interleaved":
+        configs += [(kt.Config(kind="gemv", bn=32, occ=8.0), 2), (kt.Config(kind="gemm", bm=16, bn=64), 17)]
+    _run_configs(kw, W, L, R, b, shape, device, dtype, configs)
 
 
 @pytest.mark.cuda

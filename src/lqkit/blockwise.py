@@ -157,33 +157,50 @@ class Activations:
 
     def __init__(self, root: Path, in_memory: bool):
         self.root, self.in_memory = root, in_memory
-        self._mem: dict[int, tuple[torch.Tensor, dict]] = {}
+        self._mem: dict[tuple[int, str], object] = {}
 
-    def put(self, k: int, x: torch.Tensor, h: Mapping[str, torch.Tensor] | None = None) -> None:
-        h = dict(h or {})
+    def _path(self, k: int, what: str) -> Path:
+        return self.root / f"{what}-{k:05d}.safetensors"
+
+    def put(self, k: int, x: torch.Tensor) -> None:
+        """Keep block k's inputs (a copy: the caller may go on changing x)."""
         if self.in_memory:
-            self._mem[k] = (x.clone(), h)
+            self._mem[(k, "x")] = x.clone()
             return
         from safetensors.torch import save_file
 
         self.root.mkdir(parents=True, exist_ok=True)
+        save_file({"x": x.detach().contiguous().cpu()}, str(self._path(k, "x")))
+
+    def put_h(self, k: int, h: Mapping[str, torch.Tensor]) -> None:
+        """Keep block k's H (name -> tensor; layers sharing an input share the tensor)."""
+        if self.in_memory:
+            self._mem[(k, "h")] = dict(h)
+            return
+        from safetensors.torch import save_file
+
         first: dict[int, str] = {}
         alias = {n: first.setdefault(id(t), n) for n, t in h.items()}
-        tensors = {f"h.{n}": t for n, t in h.items() if alias[n] == n}
-        save_file({"x": x.detach().contiguous().cpu(), **{k_: v.cpu() for k_, v in tensors.items()}},
-                  str(self.root / f"x-{k:05d}.safetensors"), metadata={"alias": json.dumps(alias)})
+        save_file({f"h.{n}": t.contiguous().cpu() for n, t in h.items() if alias[n] == n}, str(self._path(k, "h")),
+                  metadata={"alias": json.dumps(alias)})
 
     def get(self, k: int, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(block k's inputs, its H or {}), dropped here."""
         if self.in_memory:
-            return self._mem.pop(k)
+            return self._mem.pop((k, "x")), self._mem.pop((k, "h"), {})
         from safetensors import safe_open
+        from safetensors.torch import load_file
 
-        path = self.root / f"x-{k:05d}.safetensors"
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            alias = json.loads((f.metadata() or {}).get("alias", "{}"))
-            t = {key: f.get_tensor(key) for key in f.keys()}
-        path.unlink()
-        return t["x"], {n: t[f"h.{a}"] for n, a in alias.items()}
+        x = load_file(str(self._path(k, "x")), device=str(device))["x"]
+        self._path(k, "x").unlink()
+        h = {}
+        if self._path(k, "h").is_file():
+            with safe_open(str(self._path(k, "h")), framework="pt", device=str(device)) as f:
+                alias = json.loads((f.metadata() or {}).get("alias", "{}"))
+                t = {key: f.get_tensor(key) for key in f.keys()}
+            self._path(k, "h").unlink()
+            h = {n: t[f"h.{a}"] for n, a in alias.items()}
+        return x, h
 
     def close(self) -> None:
         self._mem.clear()
@@ -225,20 +242,16 @@ def statistics(src: BlockSource, ids: torch.Tensor, by_block: Mapping[int, list[
             wanted = k in todo and bool(lin)
             acc = HessianAccumulator(lin) if wanted and (not fisher or ac["enabled"]) else None
             if fisher and k >= kmin:
-                x_in = x.clone() if acts.in_memory else x
-                if acc is None:
-                    acts.put(k, x_in)
+                acts.put(k, x)
             with acc.hooks() if acc is not None else contextlib.nullcontext():
                 forward_block(block, x, calls[k], sweep.chunk, acc)
             if acc is not None:
                 _check_finite(acc)
                 hs = {nm: acc.mean(nm) for nm in lin}
-                if fisher:  # H now (fp32 forward); the Fisher's sweep runs under autocast
-                    acts.put(k, x_in, hs)
+                if fisher:  # H now (a forward in the compute dtype); the Fisher's sweep runs under autocast
+                    acts.put_h(k, hs)
                 else:
                     on_block(k, {nm: MatrixStats(h=hs[nm]) for nm in lin})
-            if fisher and k >= kmin:
-                del x_in
             src.release_block(k)
             bar.update()
         info["seconds_forward"] = round(time.time() - t0, 1)
@@ -305,21 +318,66 @@ def stored_stats(stats: Mapping[str, MatrixStats], full: Callable[[str], bool], 
 # the cost table of one block
 
 
+def _costs_row(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet, metric: str) -> dict:
+    return matrix_costs(w, stats, cands, metric).to_dict()
+
+
+class CostPool:
+    """Worker processes for cost-table rows on a CPU, each with its share of the threads: the rows'
+    inner loops are partly Python-bound and LAPACK on small matrices scales badly over threads, so
+    two single-thread workers beat one two-thread process. Started once per run."""
+
+    def __init__(self, workers: int):
+        import concurrent.futures as cf
+
+        import torch.multiprocessing as tmp
+
+        from .allocate import _worker_init
+
+        threads = max(1, torch.get_num_threads() // workers)
+        self.pool = cf.ProcessPoolExecutor(workers, mp_context=tmp.get_context("spawn"), initializer=_worker_init,
+                                           initargs=(threads,))
+        self.broken = False
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
 def block_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixStats], cands: CandidateSet,
-                metric: str, group: Group, bar) -> dict[str, MatrixCosts]:
-    """Cost-table rows of the named matrices (of a loaded block), split over the group's ranks."""
+                metric: str, group: Group, bar, pool: CostPool | None = None) -> dict[str, MatrixCosts]:
+    """Cost-table rows of the named matrices (of a loaded block), split over the group's ranks (and,
+    with ``pool``, computed in its worker processes)."""
+    import concurrent.futures as cf
+
     model = src.model
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in names]
     owners = group.owners([o * i * i for o, i in shapes])
-    mine = {}
-    for n, r in zip(names, owners):
-        if r == group.rank:
+    mine = [n for n, r in zip(names, owners) if r == group.rank]
+    rows = {}
+    if pool is not None and not pool.broken:
+        from concurrent.futures.process import BrokenProcessPool
+
+        per = len(cands.quant_specs())
+        try:
+            futures = {pool.pool.submit(_costs_row, model.get_submodule(n).weight.detach().cpu(), stats.get(n), cands,
+                                        metric): n for n in mine}
+            for f in cf.as_completed(futures):
+                rows[futures[f]] = f.result()
+                bar.update(per)
+        except BrokenProcessPool as e:  # e.g. a script without `if __name__ == "__main__":` under spawn
+            pool.broken = True
+            log.warning("cost-table workers failed (%s); computing in this process. Scripts that call lqkit should "
+                        "guard their entry point with `if __name__ == \"__main__\":`", e or "a worker died")
+    for n in mine:
+        if n not in rows:
             w = model.get_submodule(n).weight.detach()
-            mine[n] = matrix_costs(w, stats.get(n), cands, metric, on_progress=bar.update).to_dict()
+            t0 = time.time()
+            rows[n] = matrix_costs(w, stats.get(n), cands, metric, on_progress=bar.update).to_dict()
+            log.debug("cost-table row of %s (%dx%d): %.1f s", n, *w.shape, time.time() - t0)
     if group.world > 1:
-        for part in group.gather(mine):
-            mine.update(part)
-    return {n: MatrixCosts.from_dict(mine[n]) for n in names}
+        for part in group.gather(rows):
+            rows.update(part)
+    return {n: MatrixCosts.from_dict(rows[n]) for n in names}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +451,8 @@ def compress_blocks(src: BlockSource, plan: Mapping[str, MatrixSpec], *, stats: 
                 hs = {n: acc.mean(n) for n in names}
             compress(names, stats(k) if stats is not None else {}, hs)
             del hs
+            for n in names:  # the next block's inputs: the reference path (no kernel compiles or tuning here)
+                model.get_submodule(n).backend = "torch"
             if x is not None and k < len(blocks) - 1:
                 forward_block(block, x, calls[k], sweep.chunk)
             if writer is not None:

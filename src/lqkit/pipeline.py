@@ -118,12 +118,20 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
         per = len(spec.candidates.quant_specs()) if budgeted else 0
         cbar = tqdm(total=len(plan) * per, desc="cost table", unit="cand", disable=not (budgeted and sweep.progress))
 
+        pool = None
+        if budgeted and dev.type == "cpu":
+            from .allocate import default_workers
+
+            workers = spec.workers or default_workers(sum(m.get_submodule(n).weight.numel() for n in plan), None)
+            pool = blockwise.CostPool(workers) if workers > 1 else None
+
         def on_block(k: int, stats: dict) -> None:
             if budgeted:
                 t0 = time.time()
                 stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype)  # the costs see what is stored
-                c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar)
+                c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar, pool)
                 t_costs[0] += time.time() - t0
+                log.info("cost table of block %d (%d matrices): %.1f s", k, len(c), time.time() - t0)
                 full = lambda n: spec.metric == "fisher" or any(full_fisher(s) for s in c[n].specs)  # noqa: E731
                 costs.update(c)
             else:
@@ -136,6 +144,8 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
                                         autocast=autocast)
         finally:
             cbar.close()
+            if pool is not None:
+                pool.close()
         group.barrier()  # rank 0's files are complete
         timings.update(calibrate=round(time.time() - t0 - t_costs[0], 1), cost_table=round(t_costs[0], 1),
                        calibrate_forward=info["seconds_forward"], calibrate_backward=info["seconds_backward"])
@@ -192,9 +202,21 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
             del back
             timings["eval"] = round(time.time() - t0, 1)
         timings["total"] = round(time.time() - t_start, 1)
-        checkpoint.update_extra(out, {"eval": result.to_dict() if result else None, "stage_seconds": timings})
+        checkpoint.update_extra(out, {"eval": result.to_dict() if result else None, "stage_seconds": timings,
+                                      **peak_memory(dev)})
     group.barrier()
     return CompressResult(str(out), src.source, plan, reports, summary, seconds, result, report, timings)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process and, on a GPU, the most the allocator held (MiB)."""
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if device.type == "cuda":
+        out["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20)
+        out["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return out
 
 
 def _compress_whole(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out: str, *, overwrite: bool,

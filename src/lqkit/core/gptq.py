@@ -31,13 +31,18 @@ from .stats import damped, require
 
 BLOCK = 32  # columns per lazy-update block (rank-1 updates inside a block, one matmul per block)
 MAX_STACK = 1 << 25  # elements of the stacked weight per sweep on a CPU (larger stacks run in several sweeps)
-MAX_STACK_CUDA = 1 << 28  # ... on a GPU, where a sweep's per-column steps cost launches, not arithmetic
+MAX_STACK_CUDA = 1 << 30  # ... on a GPU at most (and at most a 40th of its free memory, ~10 bytes an element)
 
 
 def max_stack(device: torch.device) -> int:
-    """Elements of the stacked weight one sweep takes on ``device``: on a GPU each column step is a
-    few kernel launches whatever the stack's height, so fewer, taller sweeps are faster."""
-    return MAX_STACK_CUDA if torch.device(device).type == "cuda" else MAX_STACK
+    """Elements of the stacked weight one sweep takes on ``device``. On a GPU each column step is a
+    few kernel launches whatever the stack's height, so fewer, taller sweeps are faster: as tall as a
+    40th of the free memory allows (a sweep holds about 10 bytes an element), up to MAX_STACK_CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return MAX_STACK
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(MAX_STACK, min(MAX_STACK_CUDA, free // 40))
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
     q_all = torch.zeros_like(w)
     static = perm is not None  # act-order: "in" groups fixed before the sweep
     row_qmax = {id(f): f.row_qmax(out) for f in fams if f.group_dim == "in"}
+    col_t = torch.tensor(cols, device=w.device)  # group of each sweep step, gathered per block without a host copy
     outs = _out_groups(fams, out, n, w.device)
     ins = [f for f in fams if f.group_dim == "in"]
     s_run = torch.ones(rows, device=w.device)  # lazy groups: the current scale and offset of each row
@@ -181,7 +187,7 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
         ot = torch.zeros_like(wt)
         if static:
             for f in ins:
-                g = torch.tensor([cols[j] // f.group_size for j in range(b0, b1)], device=w.device)
+                g = col_t[b0:b1] // f.group_size
                 st[:, f.start:f.start + f.rows] = f.scale[:, g].T.float().clamp_min(tiny)
                 ot[:, f.start:f.start + f.rows] = f.offset[:, g].T.float()
         for i in range(nb):

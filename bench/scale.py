@@ -1,0 +1,108 @@
+"""Compression at real sizes, driven as a user would: ``lqkit compress`` on a model folder.
+
+Builds random-initialised models of real shapes (bench/synth.py: bf16 safetensors + a tokenizer)
+and runs the CLI on them, one process per run, recording wall time (the process's, start to exit),
+each stage's time, peak host RSS and peak GPU memory (both as the run itself reports them in its
+checkpoint's lqkit.json) and the bits reached. Rows are written as they finish, so a run cut short
+keeps what it measured.
+
+    python bench/scale.py --shape llama2-7b --layers 8,32 --runs rtn4,gptq4,budget3 \\
+        --out bench/results/scale-h200.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import base_parser, machine_info, write_json  # noqa: E402
+
+RUNS = {  # name -> lqkit compress arguments
+    "rtn4": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
+    "gptq4": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
+    "budget3": ["--budget", "3.0"],
+    "budget3-compact": ["--budget", "3.0", "--cand-quantizers", "rtn,gptq", "--cand-bits", "2,3,4,8",
+                        "--cand-group-sizes", "64,128", "--cand-group-dims", "in", "--cand-ranks", "0,16",
+                        "--cand-outliers", "0"],
+}
+
+
+def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, extra: list[str], nproc: int = 1) -> dict:
+    out = work / f"ck-{folder.name}-{name}"
+    log = work / f"log-{folder.name}-{name}.txt"
+    lqkit = [sys.executable, "-m", "lqkit"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "lqkit"]
+    cmd = lqkit + ["compress", "--model", str(folder), "--out", str(out), "--overwrite", "--device", device,
+                   *RUNS[name], *extra]
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    with log.open("w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.time() - t0
+    row = {"run": name, "model": folder.name, "processes": nproc, "args": RUNS[name] + extra, "returncode": rc,
+           "wall_seconds": round(wall, 1), "log_tail": log.read_text()[-3000:]}
+    meta = out / "lqkit.json"
+    if rc == 0 and meta.is_file():
+        m = json.loads(meta.read_text())
+        e = m.get("extra") or {}
+        row.update({k: e.get(k) for k in ("stage_seconds", "peak_rss_mib", "peak_gpu_reserved_mib",
+                                          "peak_gpu_allocated_mib", "device", "dtype")})
+        row["effective_bits"] = (m.get("summary") or {}).get("effective_bits")
+        row["checkpoint_bytes"] = sum(f["bytes"] for f in m["files"].values())
+        a = e.get("allocation")
+        if a:
+            row["allocation"] = {k: a.get(k) for k in ("achieved_bits_per_param", "solver_status", "table_seconds",
+                                                       "evaluated", "variables")}
+    shutil.rmtree(out, ignore_errors=True)  # disk: the next row needs the room
+    print(f"  -> rc={rc} wall={wall:.0f}s stages={row.get('stage_seconds')} rss={row.get('peak_rss_mib')}MiB "
+          f"gpu={row.get('peak_gpu_reserved_mib')}MiB bits={row.get('effective_bits')}", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = base_parser(__doc__)
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--layers", default="8", help="comma-separated decoder-block counts")
+    ap.add_argument("--runs", default="rtn4,gptq4,budget3", help=f"comma-separated, of {', '.join(RUNS)}")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
+    ap.add_argument("--work", default="/tmp/lqkit-scale", help="where model folders and checkpoints go")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    ap.add_argument("--extra", default="", help="further lqkit compress arguments for every run")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/scale-<shape>.json)")
+    a = ap.parse_args()
+    from synth import build
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out or Path(__file__).parent / "results" / f"scale-{a.shape}.json")
+    result = {"machine": machine_info(), "shape": a.shape, "rows": []}
+    if out.is_file() and not a.fresh:
+        result["rows"] = json.loads(out.read_text()).get("rows", [])
+    for layers in [int(v) for v in a.layers.split(",")]:
+        folder = work / f"{a.shape}-{layers}l"
+        if not (folder / "config.json").is_file():
+            t0 = time.time()
+            build(a.shape, layers, folder, device=a.device)
+            print(f"[{time.strftime('%H:%M:%S')}] built {folder} in {time.time() - t0:.0f} s", flush=True)
+        for name in a.runs.split(","):
+            row = run_one(folder, name, work, a.device, a.timeout, a.extra.split(), a.nproc)
+            row["layers"] = layers
+            result["rows"].append(row)
+            write_json(out, result)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
