@@ -40,6 +40,7 @@ METRICS = ("kfac", "hessian", "fisher")
 NUQ_MAX_BITS = 4  # a per-row codebook of 2^b fp16 levels: beyond 4 bits it costs more than it saves
 CHUNK = 1 << 24  # elements of stacked error matrices scored at once
 RECON = 1 << 27  # elements of reconstructions held at once (GPTQ's: what one sweep stacks)
+KEEP = 1 << 28  # elements of data-free reconstructions kept from the screening for the exact errors
 
 
 @dataclass(frozen=True)
@@ -234,16 +235,25 @@ def _chunks(w: torch.Tensor, specs: list[QuantSpec]) -> list[list[QuantSpec]]:
     return out + [c for c in (cur, cur_gptq) if c]
 
 
-def _errors(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None, fn, summary=None
-            ) -> tuple[np.ndarray, dict[QuantSpec, torch.Tensor]]:
+def _errors(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None, fn, summary=None,
+            cache: dict | None = None) -> tuple[np.ndarray, dict[QuantSpec, torch.Tensor]]:
     """(``fn`` of each W − quantized W, a stack of differences -> errors, in chunks; with ``summary``,
     ``fn`` returns (errors, matrices) and {spec: summary(its matrix)} is returned too). Only a chunk of
-    reconstructions is in memory at a time."""
+    reconstructions is in memory at a time, plus what ``cache`` keeps (up to KEEP elements) for a
+    later call: a reconstruction found there is not computed again."""
     errs: dict[QuantSpec, float] = {}
     kept: dict[QuantSpec, torch.Tensor] = {}
     per = max(1, CHUNK // w.numel())
-    for group in _chunks(w, specs):
-        recon = qmod.reconstruct_many(w, group, stats)
+    cache = cache if cache is not None else {}
+    todo = [s for s in specs if s not in cache]
+    groups = _chunks(w, todo) + ([[s for s in specs if s in cache]] if len(todo) < len(specs) else [])
+    for group in groups:
+        recon = [cache.get(s) for s in group]
+        if any(r is None for r in recon):
+            recon = qmod.reconstruct_many(w, group, stats)
+            for sp, r in zip(group, recon):
+                if (len(cache) + 1) * w.numel() <= KEEP:
+                    cache[sp] = r
         for i in range(0, len(group), per):
             res = fn(torch.stack([w - r for r in recon[i:i + per]]))
             if summary is not None:
@@ -274,7 +284,8 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     # 1. data-free configs and the rtn proxies of the data-aware ones, screened cheaply
     proxies = list(dict.fromkeys(_proxy(s, cands) for s in aware))
     cheap = list(dict.fromkeys(free + proxies))
-    screen = dict(zip(cheap, _errors(w, cheap, stats, m.screen)[0]))
+    recon: dict[QuantSpec, torch.Tensor] = {}  # screened reconstructions kept for step 3, within KEEP
+    screen = dict(zip(cheap, _errors(w, cheap, stats, m.screen, cache=recon)[0]))
     # 2. a data-aware config runs when its proxy is near the front of the proxies (same quantizer family)
     near_proxies = set(_near(proxies, np.array([screen[s] for s in proxies]), shape, cands.slack))
     run = [s for s in aware if _proxy(s, cands) in near_proxies]
@@ -287,7 +298,8 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     jerr = np.concatenate([np.array([screen[s] for s in free]), aerr])
     free_set = set(free)
     free_near = [s for s in _near(joint, jerr, shape, cands.slack) if s in free_set]
-    ferr, fspec = _errors(w, free_near, stats, m.errors_and_spectral, m.spectral_summary)
+    ferr, fspec = _errors(w, free_near, stats, m.errors_and_spectral, m.spectral_summary, cache=recon)
+    del recon
     spectral.update(fspec)
     qspecs = free_near + run
     step(len(free))
