@@ -822,9 +822,14 @@ def _aligned(*ts) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in ts)
 
 
+_RECORD: list | None = None  # set by bind(): the launches of one call are recorded here as well as run
+
+
 def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages: int, maxnreg: int = 0) -> None:
     """Launch ``fn``; with a plan, the compiled kernel is kept and later calls go straight to its
     launcher (skipping triton's argument binding, most of the host-side cost of a launch)."""
+    if _RECORD is not None:
+        _RECORD.append((fn, plan, grid, args, warps, stages, maxnreg))
     k = plan.get("kernel") if plan is not None else None
     if k is None:
         opts = {"maxnreg": maxnreg} if maxnreg and _asm() else {}
@@ -837,6 +842,86 @@ def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages:
     meta = k.launch_metadata(grid, stream, *args) if hooks.launch_enter_hook is not None else None
     k.run(grid[0], 1, 1, stream, k.function, k.packed_metadata, meta, hooks.launch_enter_hook,
           hooks.launch_exit_hook, *args)
+
+
+def _run_compiled(k, grid0: int, args: tuple) -> None:
+    """One launch of the compiled kernel ``k`` on the current stream, straight to its launcher."""
+    hooks = triton.knobs.runtime
+    enter = hooks.launch_enter_hook
+    stream = _current_stream(args[0].device)
+    meta = k.launch_metadata((grid0,), stream, *args) if enter is not None else None
+    k.run(grid0, 1, 1, stream, k.function, k.packed_metadata, meta, enter, hooks.launch_exit_hook, *args)
+
+
+def _current_stream(device: torch.device) -> int:
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what triton's own launches use
+    if get is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    return get(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# leading kernel arguments that change from call to call (x, for frag also x as 32-bit pairs, then y);
+# the rest of a bound call's arguments (weights, plan scratch, sizes, strides, constants) are fixed
+_HEAD = {"frag": 3, "gemv": 2, "mma": 2}
+
+
+class BoundLinear:
+    """One weight's kernel call for a fixed token count and dtype, prepared by :func:`bind`: the
+    launch configuration chosen, the plan's scratch allocated, the kernel compiled and its fixed
+    arguments assembled once. A call allocates y and launches (plus the outliers' sparse pass where
+    the weight has one); nothing is looked up, tuned or compiled. x: (m, K), contiguous, 16-byte aligned."""
+
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, launch: tuple | None,
+                 fix: SparseFix | None, general=None):
+        self.m, self.n, self.dtype, self.device, self.fix = m, n, dtype, device, fix
+        self.general = general  # a callable x -> y for calls that are not one launch (dequant, gemm, >16 tokens)
+        if launch is not None:
+            fn, plan, grid, args, warps, stages, maxnreg = launch
+            self.frag = fn is _frag._frag_kernel
+            self.tail = args[_HEAD["frag" if self.frag else "gemv"]:]
+            self.fn, self.grid, self.opts = fn, grid, (warps, stages, maxnreg)
+            self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
+            self.grid0 = grid[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.general is not None:
+            return self.general(x)
+        y = torch.empty(self.m, self.n, dtype=self.dtype, device=self.device)
+        args = ((x, x.view(torch.int32), y) if self.frag else (x, y)) + self.tail
+        if self.kernel is not None:
+            _run_compiled(self.kernel, self.grid0, args)
+        else:
+            _launch(self.fn, None, self.grid, args, *self.opts)
+        if self.fix is not None:
+            sparse_add(x, y, self.fix)
+        return y
+
+
+def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, config: Config | None = None) -> tuple[BoundLinear, torch.Tensor]:
+    """Compute y = linear(x, kw, L, R, bias) for x (m, K) — contiguous rows, 16-byte aligned — and
+    return it with a :class:`BoundLinear` for later calls of the same token count and dtype. The
+    configuration (tuned, else default) is fixed now: call :func:`tune` before binding. Where the
+    call is one planned launch (frag up to 16 tokens, gemv, mma) the bound call goes straight to the
+    compiled kernel's launcher; otherwise (dequantize + cuBLAS, gemm, more than 16 tokens) it calls
+    :func:`linear` with the same configuration."""
+    global _RECORD
+    m, k = x.shape
+    n = kw.shape[0]
+    has_lr = L is not None and R is not None and L.shape[1] > 0
+    cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, x.dtype)) or default_config(kw, m, x.dtype)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _RECORD = rec = []
+    try:
+        linear(x, kw, L, R, bias, config=cfg, out=y)
+    finally:
+        _RECORD = None
+    single = (cfg.kind in _HEAD and len(rec) == 1 and rec[0][1] is not None
+              and rec[0][3][0].data_ptr() == x.data_ptr() and rec[0][3][_HEAD[cfg.kind] - 1].data_ptr() == y.data_ptr())
+    if not single:  # not one planned launch on x itself (e.g. unaligned factors, several launches)
+        general = lambda x2: linear(x2, kw, L, R, bias, config=cfg)  # noqa: E731
+        return BoundLinear(m, n, x.dtype, x.device, None, None, general), y
+    return BoundLinear(m, n, x.dtype, x.device, rec[0], kw.fix), y
 
 
 def _plan(kw: KernelWeight, key: tuple, make) -> dict:
@@ -1109,5 +1194,5 @@ def set_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype, cfg: 
     _TUNED[_tune_key(kw, m, has_lr, dtype)] = cfg
 
 
-__all__ = ["Config", "linear", "dequantize", "tune", "time_call", "time_calls", "cold_copies", "clone_weight",
+__all__ = ["Config", "linear", "bind", "BoundLinear", "dequantize", "tune", "time_call", "time_calls", "cold_copies", "clone_weight",
            "candidates", "default_config", "set_config", "mma_ok"]
