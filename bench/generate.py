@@ -37,10 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, write_json  # noqa: E402
+from common import log, machine_info, write_json  # noqa: E402
 from lqkit.core import MatrixSpec, QuantSpec  # noqa: E402
 
-T0 = time.time()
 ROWS = {  # name -> spec of every decoder linear (None: the bf16 model itself)
     "bf16": None,
     "rtn4": MatrixSpec("quant", QuantSpec("rtn", 4, 128)),
@@ -51,10 +50,6 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
                  num_key_value_heads=32, vocab_size=32000)
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:7.1f} s] {msg}", flush=True)
 
 
 def sync(device: str) -> None:

@@ -40,12 +40,13 @@ def reference_kernels(monkeypatch):
     def bind(x, kw, L=None, R=None, bias=None, config=None):
         w = layout.reference_weight(kw)  # (N, K) fp32, decoded once per bound call
 
-        def f(x2):
-            calls.append((kw.shape[0], x2.shape[0]))
+        def f(x2, shape=None):  # as kernels.BoundLinear: x's rows, y allocated as ``shape``
+            calls.append((kw.shape[0], x2.numel() // x2.shape[-1]))
             y = x2 @ w.to(x2.dtype).t()
             if L is not None:
                 y = y + (x2 @ R.to(x2.dtype).t()) @ L.to(x2.dtype).t()
-            return y + bias.to(x2.dtype) if bias is not None else y
+            y = y + bias.to(x2.dtype) if bias is not None else y
+            return y.view(shape) if shape is not None else y
 
         return f, f(x)
 
@@ -73,8 +74,9 @@ def test_prepared_kernel_path_matches_torch(arch, reference_kernels):
     torch.testing.assert_close(_logits(m, _ids(1)), ref, rtol=1e-4, atol=1e-4)
     assert len(reference_kernels) == 2 * 4  # per layer: q+k+v, o, gate+up, down
     assert all(g._pending is None for g in {mod._group for mod in mods.values()} - {None})
-    # bound once per (tokens, dtype): prepare bound one token, the forward 18; nothing more is bound
-    assert all(set(mod._runner.calls) == {(1, torch.float32), (18, torch.float32)} for mod in mods.values())
+    # bound once per input shape and dtype: prepare bound one token, the forward (2, 9); nothing else is bound
+    assert all({(s[:-1], dt) for s, dt in mod._runner.calls} == {((1,), torch.float32), ((2, 9), torch.float32)}
+               for mod in mods.values())
 
 
 def test_prepared_state_is_dropped_by_train_and_to(reference_kernels):

@@ -105,7 +105,8 @@ def bind(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,
 def tune(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None, **kw):
     """Time the candidate launch configurations for x's shape and keep the fastest (per process).
     By default back to back on rotating copies of the weights, larger together than the L2, as a
-    decoder runs its layers (``cold=False``: isolated calls with the L2 flushed before each)."""
+    decoder runs its layers (``cold=False``: isolated calls with the L2 flushed before each).
+    ``report=fn(cfg, ms or None, seconds)`` is called after each candidate (progress)."""
     from . import _triton
 
     return _triton.tune(x, prepared, L, R, bias, **kw)

@@ -38,7 +38,8 @@ class SharedInputGroup:
         self._all = (1 << len(members)) - 1
         self._stack: tuple | None = None  # unprepared: (key, weight, (L, R, bias), row offsets)
         self._runner = None  # prepared: a KernelRunner over the stacked weight (prepare())
-        self._offsets: tuple[int, ...] = ()
+        self._sizes: list[int] = []  # widths of the stacked output's pieces (_set_pieces)
+        self._pick: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return f"SharedInputGroup({' + '.join(self.names)})"
@@ -76,15 +77,33 @@ class SharedInputGroup:
         else:
             from .. import kernels
 
-            weight, (L, R, bias), self._offsets = self._stacked()
+            weight, (L, R, bias), offsets = self._stacked()
+            self._set_pieces(offsets, weight.shape[0])
             y = kernels.linear(x, weight, L, R, bias)
             self.launches += 1
-        return tuple(y[..., o:o + m.out_features] for o, m in zip(self._offsets, self.members))
+        parts = y.split_with_sizes(self._sizes, -1)  # views: one call for all members
+        return parts if self._pick is None else tuple(parts[j] for j in self._pick)
+
+    def _set_pieces(self, offsets: tuple[int, ...], total: int) -> None:
+        """How the stacked output splits: the pieces' widths (members and the padding between them)
+        and which piece is each member's (None: every piece is a member's, in order)."""
+        sizes, pick, at = [], [], 0
+        for o, m in zip(offsets, self.members):
+            if o > at:
+                sizes.append(o - at)
+            pick.append(len(sizes))
+            sizes.append(m.out_features)
+            at = o + m.out_features
+        if total > at:
+            sizes.append(total - at)
+        self._sizes = sizes
+        self._pick = None if len(sizes) == len(self.members) else tuple(pick)
 
     def prepare(self) -> KernelRunner:
         """Build the stack once and tie the members to it: from now on their kernel path checks none of
         their tensors per call (a snapshot: see :func:`lqkit.nn.prepare_for_inference`)."""
-        weight, (L, R, bias), self._offsets = self._build()
+        weight, (L, R, bias), offsets = self._build()
+        self._set_pieces(offsets, weight.shape[0])
         self._stack = None
         self._runner = KernelRunner(weight, L, R, bias)
         for i, m in enumerate(self.members):

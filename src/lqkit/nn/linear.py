@@ -99,7 +99,7 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self._runner
-        if run is not None and x.device == run.device and not self._grad_needed(x):
+        if run is not None and x.device == run.device and not (torch.is_grad_enabled() and self._grad_needed(x)):
             if self._group is not None:
                 return self._group.output(self._index, x)
             if torch.compiler.is_compiling():  # the graph holds one opaque op per layer (lqkit.nn.ops)
@@ -108,8 +108,7 @@ class CompressedLinear(nn.Module):
         return self._forward(x)
 
     def _grad_needed(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (x.requires_grad or any(
-            p.requires_grad for p in (self.L, self.R, self.bias) if p is not None))
+        return x.requires_grad or any(p.requires_grad for p in (self.L, self.R, self.bias) if p is not None)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unprepared path: the kernels through :meth:`resolve_backend` (checked every call), or torch."""
@@ -228,29 +227,55 @@ class KernelRunner:
     """A matrix (one layer's, or the stack of layers sharing an input) prepared for the kernels: its
     weight in their layout, L, R and bias, and per (tokens, dtype) one call bound on first use
     (``kernels.bind``: configuration, plan and compiled kernel fixed). Registered for the compiled
-    graph's op under ``handle`` (lqkit.nn.ops). A call: reshape, one dictionary lookup, the bound launch."""
+    graph's op under ``handle`` (lqkit.nn.ops). A call: one dictionary lookup, y allocated in its final
+    shape, one launch."""
 
     def __init__(self, kw, L: torch.Tensor | None, R: torch.Tensor | None, bias: torch.Tensor | None):
         self.kw = kw
         self.L, self.R, self.bias = (t.detach() if t is not None else None for t in (L, R, bias))
         self.n, self.k = kw.shape
         self.device = kw.device
-        self.calls: dict[tuple[int, torch.dtype], object] = {}
+        self.calls: dict[tuple[torch.Size, torch.dtype], tuple] = {}  # (x's shape, dtype) -> (bound call, y's shape)
         self.handle = ops.register(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.k)
-        if not x2.is_contiguous() or x2.data_ptr() % 16:  # the bound launch's layout: rows back to back, aligned
-            x2 = x2.clone(memory_format=torch.contiguous_format)
-        key = (x2.shape[0], x2.dtype)
-        f = self.calls.get(key)
-        if f is not None:
-            y = f(x2)
-        else:
-            from .. import kernels
+        if not x.is_contiguous() or x.data_ptr() % 16:  # the bound launch reads rows back to back, aligned
+            x = x.clone(memory_format=torch.contiguous_format)
+        call = self.calls.get((x.shape, x.dtype))
+        if call is not None:
+            return call[0](x, call[1])
+        shape = (*x.shape[:-1], self.n)
+        bound, y = self._bind(x.view(-1, self.k))
+        self.calls[(x.shape, x.dtype)] = (bound, shape)
+        return y.view(shape)
 
-            self.calls[key], y = kernels.bind(x2, self.kw, self.L, self.R, self.bias)
-        return y.view(*x.shape[:-1], self.n)
+    def _bind(self, x2: torch.Tensor):
+        """The first call for this token count: bound by kernels.bind. On a GPU that runs on a side stream
+        unless a CUDA graph is being captured, so that the plan's lasting scratch is never allocated from a
+        memory pool routed to the current stream (CUDA-graph trees warm up their graphs in such a pool,
+        and may hand its blocks out again)."""
+        from .. import kernels
+
+        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return kernels.bind(x2, self.kw, self.L, self.R, self.bias)
+        cur = torch.cuda.current_stream(x2.device)
+        side = _side_stream(x2.device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            f, y = kernels.bind(x2, self.kw, self.L, self.R, self.bias)
+        cur.wait_stream(side)
+        x2.record_stream(side)
+        y.record_stream(cur)
+        return f, y
+
+
+_SIDE: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
 
 
 def tensors_key(ts) -> tuple:
