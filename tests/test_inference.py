@@ -185,6 +185,17 @@ def test_generate_static_cache_compiled_on_prepared_kernel_path(reference_kernel
     assert hasattr(m, "_compiled_call")
 
 
+def test_generate_with_compiled_forward(reference_kernels):
+    """The other common recipe: model.forward replaced by its torch.compile'd self (prefill and
+    decoding steps compiled), static cache."""
+    m = _compressed()
+    ref = _generate(m)
+    prepare_for_inference(m)
+    torch._dynamo.reset()
+    m.forward = torch.compile(m.forward, fullgraph=True, backend="aot_eager")
+    assert torch.equal(_generate(m, cache_implementation="static"), ref)
+
+
 def test_generate_static_cache_compiled_on_cpu():
     """The real CPU path (dense deq(Q), no kernels) compiles as one graph as well."""
     m = _compressed()

@@ -71,7 +71,7 @@ def prepare_for_inference(model: nn.Module, *, fuse: bool = True, dense_cpu: boo
         with torch.no_grad():
             for run in runners:
                 for t in tokens:
-                    run(torch.zeros(t, run.k, dtype=dtype, device=device))
+                    run(torch.zeros(t, run.k, dtype=dtype, device=run.device))
     elif device.type == "cpu" and dense_cpu:
         for m in mods.values():
             if m.spec.quant is not None:
@@ -133,13 +133,18 @@ def _fuse(model: nn.Module, mods: dict[str, CompressedLinear], example: torch.Te
 
 @contextmanager
 def _torch_path(mods) -> Iterator[None]:
-    """Within the block the layers take the torch path (no kernel layout is built for the example run)."""
+    """Within the block the layers take the torch path (no kernel layout is built for the example run),
+    without announcing it (they run on the kernels afterwards)."""
     saved = [m.__dict__.get("backend") for m in mods]
+    quiet = logging.getLogger(CompressedLinear.__module__)
+    level = quiet.level
     try:
+        quiet.setLevel(logging.WARNING)
         for m in mods:
             m.backend = "torch"
         yield
     finally:
+        quiet.setLevel(level)
         for m, b in zip(mods, saved):
             if b is None:
                 del m.backend
