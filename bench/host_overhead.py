@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import pstats
 import statistics
 import subprocess
@@ -117,13 +118,15 @@ def main() -> None:
     label = args.label or subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
                                          capture_output=True, text=True).stdout.strip() or str(src)
     torch.manual_seed(0)
+    xs, ws = torch.randn(1, 64), torch.randn(64, 64)
     with torch.device("meta"):
         w = torch.empty(4096, 4096, dtype=torch.bfloat16)
         xm = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
         lin = torch.nn.Linear(4096, 4096, bias=False, dtype=torch.bfloat16)
     res = {"env": machine_info(), "lqkit": label, "note": __doc__.split("\n\n")[1].replace("\n", " "),
            "reference": {"F.linear on meta": measure(lambda: torch.nn.functional.linear(xm, w), args.calls),
-                         "nn.Linear call on meta": measure(lambda: lin(xm), args.calls)}}
+                         "nn.Linear call on meta": measure(lambda: lin(xm), args.calls),
+                         "F.linear 1x64 @ 64x64 fp32 CPU": measure(lambda: torch.nn.functional.linear(xs, ws), args.calls)}}
     x = torch.randn(1, 1, 4096, dtype=torch.bfloat16)
     solo = layer(4096, 4096, 16)
     qkv = [layer(4096, 4096, 16), layer(1024, 4096, 16), layer(1024, 4096, 16)]
@@ -149,8 +152,12 @@ def main() -> None:
         for name, r in res.get(part, {}).items():
             print(f"{part:<11} {name:<24} {r['us']:8.2f} us  {r['python_calls']:7.1f} Python calls "
                   f"({r['primitive_calls']:.1f} primitive)", flush=True)
-    if args.out:
-        write_json(Path(args.out), res)
+    if args.out:  # one file for several lqkits (e.g. before / after a change): runs keyed by label
+        out = Path(args.out)
+        doc = json.loads(out.read_text()) if out.exists() else {"note": res.pop("note"), "runs": {}}
+        res.pop("note", None)
+        doc["runs"][label] = res
+        write_json(out, doc)
 
 
 if __name__ == "__main__":

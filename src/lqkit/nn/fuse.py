@@ -36,7 +36,7 @@ class SharedInputGroup:
         # the members served); a plain tuple so that torch.compile traces the hand-out too
         self._pending: tuple | None = None
         self._all = (1 << len(members)) - 1
-        self._stack: tuple | None = None  # unprepared: (key, weight, (L, R, bias), row offsets)
+        self._stack: tuple | None = None  # unprepared: (key, weight, (L, R, bias))
         self._runner = None  # prepared: a KernelRunner over the stacked weight (prepare())
         self._sizes: list[int] = []  # widths of the stacked output's pieces (_set_pieces)
         self._pick: tuple[int, ...] | None = None
@@ -77,8 +77,7 @@ class SharedInputGroup:
         else:
             from .. import kernels
 
-            weight, (L, R, bias), offsets = self._stacked()
-            self._set_pieces(offsets, weight.shape[0])
+            weight, (L, R, bias) = self._stacked()
             y = kernels.linear(x, weight, L, R, bias)
             self.launches += 1
         parts = y.split_with_sizes(self._sizes, -1)  # views: one call for all members
@@ -121,7 +120,9 @@ class SharedInputGroup:
                           if t is not None)
         if self._stack is None or self._stack[0] != key:
             self._stack = None  # free the old stack before building the new one
-            self._stack = (key, *self._build())
+            weight, factors, offsets = self._build()
+            self._set_pieces(offsets, weight.shape[0])
+            self._stack = (key, weight, factors)
         return self._stack[1:]
 
     def _build(self):
