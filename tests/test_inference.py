@@ -214,6 +214,20 @@ def test_unprepared_model_compiles_as_torch_path():
         _logits(_compile(m), _ids(1))
 
 
+def test_model_that_cannot_run_on_token_ids_is_prepared_unstacked(reference_kernels, caplog):
+    m = _compressed()
+    ref = _logits(m, _ids(1))
+    real = m.forward
+    m.forward = lambda *a, **k: (_ for _ in ()).throw(TypeError("needs pixel values"))
+    with caplog.at_level("WARNING"):
+        p = prepare_for_inference(m)
+    assert p.kernel_layers == 14 and p.stacks == () and "needs pixel values" in caplog.text
+    m.forward = real
+    reference_kernels.clear()
+    torch.testing.assert_close(_logits(m, _ids(1)), ref, rtol=1e-4, atol=1e-4)
+    assert len(reference_kernels) == 14
+
+
 def test_layers_without_kernel_format_stay_on_torch(reference_kernels):
     """Low-rank-only layers have no Q for the kernels: not prepared, torch path."""
     m = _compressed(spec=MatrixSpec("lowrank", None, rank=5))

@@ -110,8 +110,12 @@ class SharedInputGroup:
         return self._runner
 
     def drop_prepared(self) -> None:
+        """Back to the unprepared path, for every member (their prepared state is the stack's)."""
         self._runner = None
         self._pending = None
+        for m in self.members:
+            for key in ("_runner", "_group", "_index"):
+                m.__dict__.pop(key, None)
 
     def _stacked(self):
         """The members' stacked kernel weight and factors, rebuilt only when a member's stored

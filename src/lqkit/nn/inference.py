@@ -123,12 +123,16 @@ def _fuse(model: nn.Module, mods: dict[str, CompressedLinear], example: torch.Te
         example = (torch.arange(1, 5, device=device) % vocab)[None]  # (1, 4)
     try:
         with _torch_path(mods.values()):
-            return fuse_shared_inputs(model, example)
+            groups = fuse_shared_inputs(model, example)
     except Exception as e:  # a model that needs more than token ids: each layer keeps its own launch
         log.warning("could not run the model on example token ids to find layers that share an input (%s: %s); "
-                    "each layer runs as its own launch", type(e).__name__, str(e).splitlines()[0][:200])
+                    "each layer runs as its own launch", type(e).__name__, (str(e).splitlines() or [""])[0][:200])
         unfuse(model)
         return []
+    for g in [g for g in groups if not all(n in mods for n in g.names)]:  # a member kept off the kernels
+        for m in g.members:
+            m.__dict__.pop("_shared_input", None)
+    return [g for g in groups if all(n in mods for n in g.names)]
 
 
 @contextmanager
