@@ -18,6 +18,14 @@ fraction of a decoding step = (bytes of every weight a step reads / measured cop
 the built model are reused from ``--work`` when present, a failing row is recorded and the next one
 runs. ``--tiny``: a 2-layer tiny llama on the CPU (torch path), to check the script's logic.
 
+Every phase prints a line with the seconds since the start (a stack dump follows when nothing is
+printed for 180 s). Rows already in ``--out`` for the same model shape are kept unless re-run, so the
+table can be filled by several shorter invocations (``--rows``, ``--batches``, ``--modes``) that
+share ``--work``. Where the time goes (not yet measured on a GPU; the script prints each): building
+and saving the bf16 folder once; ``pipeline.compress`` per lqkit row (it loads the model in fp32 on
+the CPU); loading (an lqkit row's first kernel compilations included); a torch.compile per row and
+batch size (the static cache's shape is part of the graph); then seconds per timed call.
+
 Usage (H200): PYTHONPATH=src python bench/generate.py --out bench/results/generate-h200.json
 """
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import json
 import statistics
 import sys
 import time
@@ -273,6 +282,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed calls per measurement, median (default 3)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny aot_eager)")
     ap.add_argument("--fresh", action="store_true", help="rebuild the model folder's checkpoints even if present")
+    ap.add_argument("--fresh-results", action="store_true",
+                    help="start --out afresh (default: rows of earlier runs of the same shape are kept unless re-run)")
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny llama on the CPU: checks the script's logic")
     args = ap.parse_args()
 
@@ -296,12 +307,19 @@ def main() -> None:
 
         info["triton"] = triton.__version__
     log(f"machine: {info}")
-    result = {"env": info, "args": vars(args), "shape": {**(TINY if args.tiny else LLAMA2_7B), "layers": args.layers},
+    shape_info = {**(TINY if args.tiny else LLAMA2_7B), "layers": TINY["num_hidden_layers"] if args.tiny else args.layers}
+    result = {"env": info, "args": vars(args), "shape": shape_info,
               "notes": "random weights (speed only; the text is meaningless); tokens/s = batch x new tokens / "
                        "seconds of one generate() call (prefill included), median of reps after one warm-up; "
                        "compiled = static cache + generate's compile_config (fullgraph, reduce-overhead); "
                        "bandwidth_fraction = weight bytes per step / copy bandwidth / (seconds / new tokens), "
                        "the KV cache not counted.", "rows": []}
+    if out.exists() and not args.fresh_results:  # keep earlier invocations' rows of the same model shape
+        old = json.loads(out.read_text())
+        if old.get("shape") == shape_info:
+            result["rows"] = [r for r in old.get("rows", []) if r.get("row") not in rows
+                              or r.get("batch", batches[0]) not in batches or r.get("mode", modes[0]) not in modes]
+            result["earlier"] = old.get("earlier", []) + [{"env": old.get("env"), "args": old.get("args")}]
     shape = TINY if args.tiny else LLAMA2_7B
     layers = TINY["num_hidden_layers"] if args.tiny else args.layers
     model_dir = Path(args.model) if args.model else build_model(work / "bf16", shape, layers, device)
@@ -340,6 +358,7 @@ def main() -> None:
                 try:
                     r.update(time_generate(model, prompts[:b].to(device), mode, args.new, args.reps, device, backend))
                     if bw:
+                        r["copy_bandwidth_gb_s"] = round(bw, 1)
                         floor = wb / (bw * 1e9)
                         r["floor_ms_per_step"] = round(floor * 1e3, 3)
                         r["bandwidth_fraction"] = round(floor / (r["seconds"] / args.new), 3)
