@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_T0 = time.time()
+
+
+def log(msg: str, watchdog: float = 180.0) -> None:
+    """Print ``msg`` after the seconds since the script started, flushed. When nothing more is logged
+    for ``watchdog`` seconds, the stacks of all threads go to stderr (and again every ``watchdog``
+    seconds): a stalled phase shows where it is. 0: no watchdog."""
+    print(f"[{time.time() - _T0:7.1f} s] {msg}", flush=True)
+    if watchdog:
+        faulthandler.dump_traceback_later(watchdog, repeat=True, file=sys.stderr)
 
 
 def machine_info() -> dict:

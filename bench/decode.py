@@ -11,6 +11,17 @@ does for a model; bf16: one concatenated weight);
 tokens/s = batch × generated tokens / time of the generation loop. Weights are random (speed does
 not depend on their values), so the generated text is meaningless.
 
+Every phase prints a timestamped line (tuning: one per candidate, with the seconds it took, compile
+included), and when no line has come for 180 s the Python stacks of all threads are dumped to stderr,
+so a stall shows where it is. A run once stalled for 354 s after "layers prepared" with one CPU core
+busy and the GPU idle: that is the tuning phase, where each candidate not compiled by the worker
+processes is compiled in this process (the unrolled fragment kernels take 15-40 s each), and a
+candidate that fails to compile was compiled and failed again for every layer shape; such failures are
+now remembered (``kernels.tune``), and the per-candidate lines show any remaining cost.
+
+This is the kernels' best case (a minimal decoder, one CUDA graph per step). What users run —
+transformers' ``generate()`` on an lqkit checkpoint, eager and compiled — is bench/generate.py.
+
 Usage: PYTHONPATH=src python bench/decode.py --out bench/results/decode-h100.json
 """
 
@@ -27,7 +38,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import log  # noqa: E402
 from lqkit import kernels  # noqa: E402
 from lqkit.core import quant as qmod  # noqa: E402
 from lqkit.core.quant import QuantSpec  # noqa: E402
@@ -201,9 +214,11 @@ def generate(dec: Decoder, batch: int, prompt: int, new: int, graph: bool = True
         ids.copy_(nxt)
         pos.add_(1)
 
+    t = time.time()
     for _ in range(3):  # warm-up (compiles / tunes nothing new; allocator settles)
         step()
     torch.cuda.synchronize()
+    log(f"  batch {batch}: 3 warm-up steps in {time.time() - t:.1f} s")
     if graph:
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
@@ -214,6 +229,7 @@ def generate(dec: Decoder, batch: int, prompt: int, new: int, graph: bool = True
         with torch.cuda.graph(g):
             step()
         run = g.replay
+        log(f"  batch {batch}: decode step captured in a CUDA graph")
     else:
         run = step
     times = []
@@ -243,6 +259,7 @@ def compiled_glue(s: Shape, batches: list[int]) -> dict | None:
     glue = {n: torch.compile(f, dynamic=False, fullgraph=True) for n, f in GLUE.items()}
     try:
         for b in batches:
+            log(f"compiling the glue for batch {b}")
             h = torch.randn(b, 1, s.hidden, device="cuda", dtype=torch.bfloat16)
             w = torch.ones(s.hidden, device="cuda", dtype=torch.bfloat16)
             glue["add_rms"](h, h, w)
@@ -281,12 +298,23 @@ def profile_step(dec: Decoder, batch: int, steps: int = 5) -> dict:
 
 
 def tune_layers(linears, batch: int, hidden_dtype=torch.bfloat16) -> dict:
-    """Tune the kernel launch for each distinct layer shape at this batch (first layer's weights)."""
+    """Tune the kernel launch for each distinct layer shape at this batch (first layer's weights),
+    printing each candidate's time and how long it took (compile included)."""
     chosen = {}
+
+    def report(cfg, ms, secs):
+        what = f"{ms * 1e3:8.2f} us" if ms is not None else "  failed   "
+        slow = "  <- compiled here" if secs > 5 else ""
+        log(f"    {what} in {secs:5.1f} s: {cfg}{slow}")
+
     for n, f in linears[0].items():
+        t = time.time()
+        log(f"  tuning {n} {tuple(f.kw.shape)} at batch {batch}")
         x = torch.randn(batch, f.kw.shape[1], device="cuda", dtype=hidden_dtype)
-        cfg, ms = kernels.tune(x, f.kw, f.L, f.R, None, rep_ms=10)
-        chosen[n] = {"config": cfg.__dict__ if cfg else None, "us": round(ms * 1e3, 2)}
+        cfg, ms = kernels.tune(x, f.kw, f.L, f.R, None, rep_ms=10, report=report)
+        chosen[n] = {"config": cfg.__dict__ if cfg else None, "us": round(ms * 1e3, 2),
+                     "seconds": round(time.time() - t, 1)}
+        log(f"  tuned {n}: {chosen[n]['us']} us in {chosen[n]['seconds']} s")
     return chosen
 
 
@@ -319,11 +347,12 @@ def main() -> None:
                for _ in range(s.layers)]
     embed = (torch.randn(s.vocab, s.hidden, device=dev) * 0.02).to(torch.bfloat16)
     lm_head = (torch.randn(s.vocab, s.hidden, device=dev) * 0.02).to(torch.bfloat16)
-    print(f"random weights built in {time.time() - t:.0f} s", flush=True)
+    log(f"random weights built in {time.time() - t:.0f} s")
     batches = [int(b) for b in args.batches.split(",")]
     if args.jobs:  # compile the tuning candidates in parallel worker processes first
         from kernel_layers import precompile
 
+        log(f"precompiling the tuning candidates in {args.jobs} worker processes")
         ranks = (args.rank,) + ((2 * args.rank, 3 * args.rank) if args.fuse != "off" else ())  # stacked: Σ ranks
         precompile(args.jobs, False, bits_list=[int(b) for b in args.bits.split(",")], ranks=ranks,
                    tokens=tuple(batches), both_splits=True)  # the stacked gate/up does not split K
@@ -340,7 +369,7 @@ def main() -> None:
 
     t = time.time()
     glue = None if args.eager_glue else compiled_glue(s, batches)
-    print(f"glue: {'torch.compile' if glue else 'eager'} ({time.time() - t:.0f} s)", flush=True)
+    log(f"glue: {'torch.compile' if glue else 'eager'} ({time.time() - t:.0f} s)")
     result = {"env": env_info(), "model": args.model, "shape": asdict(s), "random_weights": True,
               "glue": "torch.compile" if glue else "eager",
               "notes": "randomly initialised weights (speed only; outputs meaningless); embeddings and "
@@ -351,10 +380,11 @@ def main() -> None:
     for name, build in variants.items():
         t = time.time()
         lin, bits_per_weight = build()
-        print(f"{name}: layers prepared in {time.time() - t:.0f} s", flush=True)
+        log(f"{name}: layers prepared in {time.time() - t:.0f} s")
         for b in batches:
             tuned = tune_layers(lin, b) if name.startswith("lqkit") else None
             dec = Decoder(s, lin, embed, lm_head, b, max_len, glue)
+            log(f"{name}: batch {b}: generating")
             r = generate(dec, b, args.prompt, args.new)
             r.update({"variant": name, "bits_per_weight": round(bits_per_weight, 3), "tuned": tuned})
             if args.profile:
@@ -364,8 +394,7 @@ def main() -> None:
                 except Exception as e:
                     print("profiling failed:", repr(e)[:200], flush=True)
             result["runs"].append(r)
-            print(f"{name:<24} batch {b}: {r['tokens_per_s']:9.1f} tok/s  ({r['ms_per_step']:.2f} ms/step)",
-                  flush=True)
+            log(f"{name:<24} batch {b}: {r['tokens_per_s']:9.1f} tok/s  ({r['ms_per_step']:.2f} ms/step)")
             del dec
             torch.cuda.empty_cache()
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ def tiny_model(arch: str, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from lqkit.data import DEFAULT_CALIB_TEXT, read_text
@@ -69,6 +69,7 @@ def tiny_tokenizer(tmp_path_factory):
     text, _ = read_text(None, DEFAULT_CALIB_TEXT)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([text[:200_000]], trainer)

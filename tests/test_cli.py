@@ -17,7 +17,7 @@ def run(*args, cwd=None):
 
 
 def test_help():
-    for cmd in ([], ["compress"], ["eval"], ["inspect"]):
+    for cmd in ([], ["compress"], ["eval"], ["inspect"], ["generate"]):
         r = run(*cmd, "--help")
         assert r.returncode == 0 and "usage" in r.stdout
 
@@ -42,6 +42,19 @@ def test_compress_eval_inspect_smoke(tiny_model_dir, tmp_path):
     r = run("inspect", str(out), "--json")
     d = json.loads(r.stdout)
     assert len(d["plan"]) == 14 and set(d["gpu"].values()) == {"triton/frag"}
+
+
+def test_generate_smoke(tiny_model_dir, tmp_path):
+    from lqkit import pipeline
+    from lqkit.core import MatrixSpec, QuantSpec
+
+    out = tmp_path / "ck"
+    pipeline.compress(str(tiny_model_dir), MatrixSpec("quant", QuantSpec("rtn", 4, 32)), str(out), progress=False)
+    r = run("generate", str(out), "--prompt", "The tower is", "--max-new-tokens", "4", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The tower is") and "tokens/s" in r.stdout and "eager" in r.stdout
+    r = run("generate", str(out), "--prompt", "x", "--max-new-tokens", "0")
+    assert r.returncode == 2 and "max-new-tokens" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def _bad(args, tmp_path, expect):

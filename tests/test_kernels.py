@@ -371,6 +371,53 @@ def test_stacked_kernel_matches_members(f):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("f", [FORMATS[0], FORMATS[6], OUTLIER_FORMATS[0]], ids=_fid)  # frag / interleaved / + outliers
+def test_bound_call_matches_linear(f, monkeypatch):
+    """kernels.bind: the first call's result, then later calls on new inputs of the same token count
+    straight to the kept launch (no configuration looked up again: default_config is made to fail),
+    twice more (self-resetting counters), the second with a leading shape; one-launch kinds and the
+    general path (many tokens)."""
+    device = _device()
+    dtype = torch.bfloat16 if device != "cpu" else torch.float16
+    from lqkit import kernels
+    from lqkit.kernels import _triton as kt
+
+    shape = (70, 333 + 1) if device == "cpu" else (1000, 1536)  # K even: the fragment kernel reads x in pairs
+    kw, W, L, R, b = _case(f, shape, 5, True, device, dtype)
+    if device == "cpu" and kw.layout == "frag" and kw.fix is not None:
+        pytest.skip("the interpreter's fragment kernel is slow: checked on a GPU")
+    for m in (1, 3, 40) if device != "cpu" or kw.layout != "frag" else (1,):
+        x = torch.randn(m, shape[1], device=device).to(dtype)
+        bound, y = kernels.bind(x, kw, L, R, b)
+        _check(y, _ref(x, W, L, R, b))
+        assert (bound.general is None) == (m <= 3)  # one planned launch, or linear() with the config fixed
+        with monkeypatch.context() as mp:
+            mp.setattr(kt, "default_config", lambda *a: (_ for _ in ()).throw(AssertionError("looked up")))
+            x2 = torch.randn(m, shape[1], device=device).to(dtype)
+            _check(bound(x2), _ref(x2, W, L, R, b))
+            y3 = bound(x2.view(1, m, -1), (1, m, shape[0]))  # any leading shape: y allocated as asked
+            assert y3.shape == (1, m, shape[0])
+            _check(y3[0], _ref(x2, W, L, R, b))
+
+
+def test_tune_remembers_failing_configs():
+    """A candidate that raises is reported as failed once and not tried again for the same format,
+    token count and dtype (another shape of that format included): its compile would fail again."""
+    pytest.importorskip("triton")
+    from lqkit import kernels
+    from lqkit.kernels import _triton as kt
+
+    kws = [_case(FORMATS[6], shape, 0, False, "cpu", torch.float32)[0] for shape in ((64, 256), (96, 256))]
+    assert kws[0].layout == "interleaved"
+    bad = kt.Config(kind="frag")  # reads the fragment layout only: linear() raises
+    seen = []
+    for kw in kws:
+        cfg, ms = kernels.tune(torch.randn(1, 256), kw, configs=[bad], report=lambda c, ms, s: seen.append((c, ms)))
+        assert cfg is None and ms == float("inf")
+    assert seen == [(bad, None)]
+
+
+@pytest.mark.cuda
 def test_frag_default_config_by_tokens():
     """The fragment layout's dispatch: its kernel up to SLICED_MAX_M tokens (in launches of 16), then
     (and for fp32 activations) dequantize + cuBLAS; tuning tries both where both apply."""

@@ -32,6 +32,7 @@ from . import __version__
 from .core.decompose import MatrixSpec
 from .core.quant import DTYPES
 from .errors import CheckpointError
+from .nn.inference import prepare_for_inference
 from .nn.surgery import build_empty, compressed_modules
 from .plan import plan_from_json, plan_to_json
 
@@ -260,8 +261,11 @@ def tensor_files(meta: dict) -> list[str]:
 
 
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         check: bool = True) -> nn.Module:
-    """Load a compressed checkpoint as a working ``transformers`` model, one shard at a time."""
+         check: bool = True, prepare: bool = True) -> nn.Module:
+    """Load a compressed checkpoint as a working ``transformers`` model, one shard at a time; with
+    ``prepare`` (default) ready for fast inference (lqkit.nn.prepare_for_inference: on CUDA kernels
+    prepared and layers that share an input stacked; on the CPU deq(Q) kept dense). Training or
+    moving the model drops that state."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -305,6 +309,8 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
         raise CheckpointError(f"checkpoint lacks tensors for {still_meta[:3]}; re-create the checkpoint")
     model.to(device)
     model.eval()
+    if prepare:  # issue #24: ready for generate() (kernels, stacked q/k/v and gate/up; dense deq(Q) on the CPU)
+        prepare_for_inference(model)
     return model
 
 

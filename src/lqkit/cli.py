@@ -202,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", default=None, metavar="PNG",
                    help="also draw the plan (bits/param and rank per matrix, by layer and projection) to PNG")
     i.set_defaults(func=cmd_inspect)
+    g = sub.add_parser("generate", parents=[common], help="continue a prompt with a checkpoint or model; print tokens/s",
+                       description="Greedy generation with an lqkit checkpoint (or a plain HF model, to compare), "
+                                   "ready for fast inference as loaded; the second of two calls is timed.")
+    g.add_argument("path", nargs="?", default=None,
+                   help="lqkit checkpoint or HF model folder/id (default: the default model)")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--compile", action="store_true",
+                   help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU); the first, "
+                        "untimed call compiles (minutes for a large model)")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    g.set_defaults(func=cmd_generate)
     _add_finetune_commands(sub, common)
     return p
 
@@ -300,6 +315,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
         bits = "n/a (uncompressed)" if r["effective_bits"] is None else f"{r['effective_bits']:.3f}"
         print(f"model          {r['model']}\nperplexity     {r['perplexity']:.3f}\neffective bits {bits}\n"
               f"windows        {r['windows']} x {r['window_tokens']} tokens ({r['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import format_generation, generate
+
+    r = generate(a.path, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device,
+                 dtype=getattr(torch, a.dtype) if a.dtype else None, compile=a.compile)
+    print(json.dumps(r.to_dict()) if a.json else format_generation(r))
     return 0
 
 

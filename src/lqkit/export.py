@@ -107,7 +107,7 @@ def export_peft(path: str | Path, out: str | Path, *, dtype: torch.dtype = torch
     if not any(s.get("rank") for s in meta["plan"].values()):
         raise CheckpointError(f"checkpoint {str(path)!r} has no low-rank part (rank 0 in every layer): there is no "
                               "LoRA to export; the dequantized model alone is a plain HF model")
-    model = checkpoint.load(path, dtype=torch.float32)
+    model = checkpoint.load(path, dtype=torch.float32, prepare=False)  # read, not run: no dense copies
     tok = load_tokenizer(str(path))
     tensors, ranks = lora_tensors(model, dtype)
     dequantize_in_place(model, torch.float32)

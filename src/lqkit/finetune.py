@@ -573,7 +573,7 @@ def finetune(path: str | Path, data: str | Path, out: str | Path, config: Finetu
     if not resume and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = checkpoint.load(path, device=device or "cpu")
+    model = checkpoint.load(path, device=device or "cpu", prepare=False)  # trained: no inference snapshot
     plan = plan_from_json(meta["plan"])
     run = {"source": str(path), "data": str(data), "data_sha256": packed.sha256, "config": config.to_dict(),
            "sequences": packed.input_ids.shape[0], "eval_sequences": packed.eval_input_ids.shape[0],

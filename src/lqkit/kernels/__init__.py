@@ -5,6 +5,7 @@ lqkit`` works without either. Usage::
 
     kw = prepare(packed, aux, spec, shape, device)   # once per layer: the kernels' layout
     y = linear(x, kw, L, R, bias)                     # every call
+    bound, y = bind(x, kw, L, R, bias)                # or: the call prepared once, then y = bound(x)
 
 Covers the stored formats: rtn / rtn_sym at 2..8 bits, nf at 2/3/4 bits (with or without
 double-quantized absmax), groups along "in" or "out", any group size (multiples of 32 take the
@@ -27,7 +28,7 @@ import torch
 from ..core.quant import QuantSpec
 from .layout import KernelWeight, auto_layout, prepare_weight, stack_factors, stack_weights, stackable
 
-__all__ = ["available", "prepare", "linear", "tune", "auto_layout", "path_for", "KernelWeight", "stack",
+__all__ = ["available", "prepare", "linear", "bind", "tune", "auto_layout", "path_for", "KernelWeight", "stack",
            "stackable", "stack_factors"]
 
 
@@ -90,10 +91,22 @@ def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = Non
     return _triton.linear(x, prepared, L, R, bias, config, out)
 
 
+def bind(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, config=None):
+    """``linear`` for x (m, K) — contiguous rows, 16-byte aligned — returned as ``(bound, y)``:
+    ``bound(x2)`` computes the same for later inputs of this token count and dtype with the launch
+    plan, compiled kernel and fixed arguments kept (per call: y allocated, one launch). For the
+    layers' hot path (``lqkit.nn.prepare_for_inference``); :func:`tune` first if at all."""
+    from . import _triton
+
+    return _triton.bind(x, prepared, L, R, bias, config)
+
+
 def tune(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None, **kw):
     """Time the candidate launch configurations for x's shape and keep the fastest (per process).
     By default back to back on rotating copies of the weights, larger together than the L2, as a
-    decoder runs its layers (``cold=False``: isolated calls with the L2 flushed before each)."""
+    decoder runs its layers (``cold=False``: isolated calls with the L2 flushed before each).
+    ``report=fn(cfg, ms or None, seconds)`` is called after each candidate (progress)."""
     from . import _triton
 
     return _triton.tune(x, prepared, L, R, bias, **kw)

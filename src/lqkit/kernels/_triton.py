@@ -30,8 +30,10 @@ rtn_sym a = s·2ᵇ, b = −a − 2ᵇ⁻¹·s; nf v = table[code], a = absmax, 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -822,9 +824,14 @@ def _aligned(*ts) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in ts)
 
 
+_RECORD: list | None = None  # set by bind(): the launches of one call are recorded here as well as run
+
+
 def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages: int, maxnreg: int = 0) -> None:
     """Launch ``fn``; with a plan, the compiled kernel is kept and later calls go straight to its
     launcher (skipping triton's argument binding, most of the host-side cost of a launch)."""
+    if _RECORD is not None:
+        _RECORD.append((fn, plan, grid, args, warps, stages, maxnreg))
     k = plan.get("kernel") if plan is not None else None
     if k is None:
         opts = {"maxnreg": maxnreg} if maxnreg and _asm() else {}
@@ -832,11 +839,108 @@ def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages:
         if plan is not None and hasattr(k, "run") and hasattr(k, "function"):
             plan["kernel"] = k
         return
-    hooks = triton.knobs.runtime
-    stream = torch.cuda.current_stream(args[0].device).cuda_stream
-    meta = k.launch_metadata(grid, stream, *args) if hooks.launch_enter_hook is not None else None
-    k.run(grid[0], 1, 1, stream, k.function, k.packed_metadata, meta, hooks.launch_enter_hook,
-          hooks.launch_exit_hook, *args)
+    _run_compiled(k, grid[0], args)
+
+
+def _run_compiled(k, grid0: int, args: tuple, stream: int | None = None) -> None:
+    """One launch of the compiled kernel ``k`` on ``stream`` (default: the current one), straight to
+    its launcher."""
+    enter, leave = _hooks()
+    if stream is None:
+        stream = _stream_getter(args[0].device)()
+    meta = k.launch_metadata((grid0,), stream, *args) if enter is not None or leave is not None else None
+    k.run(grid0, 1, 1, stream, k.function, k.packed_metadata, meta, enter, leave, *args)
+
+
+def _hooks() -> tuple:
+    """triton's launch hooks (profilers), None where there are none: triton 3.6 keeps them in chains that
+    are always present and usually empty, for which it would still build the launch metadata and call
+    into Python twice per launch."""
+    rt = triton.knobs.runtime
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    if enter is not None and getattr(enter, "calls", True) == []:
+        enter = None
+    if leave is not None and getattr(leave, "calls", True) == []:
+        leave = None
+    return enter, leave
+
+
+def _stream_getter(device: torch.device):
+    """A function returning the current CUDA stream of ``device`` as a raw handle (as triton's own
+    launches get it)."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get is None:
+        return lambda: torch.cuda.current_stream(device).cuda_stream
+    return functools.partial(get, device.index if device.index is not None else torch.cuda.current_device())
+
+
+# leading kernel arguments that change from call to call (x, for frag also x as 32-bit pairs, then y);
+# the rest of a bound call's arguments (weights, plan scratch, sizes, strides, constants) are fixed
+_HEAD = {"frag": 3, "gemv": 2, "mma": 2}
+
+
+class BoundLinear:
+    """One weight's kernel call for a fixed token count and dtype, prepared by :func:`bind`: the
+    launch configuration chosen, the plan's scratch allocated, the kernel compiled and its fixed
+    arguments assembled once. A call allocates y and launches (plus the outliers' sparse pass where
+    the weight has one); nothing is looked up, tuned or compiled.
+
+    ``bound(x, shape)``: x holds the m tokens' rows back to back (any leading shape, contiguous, 16-byte
+    aligned); y is allocated as ``shape`` (default (m, N)), e.g. x's leading shape and N: no reshapes."""
+
+    def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, launch: tuple | None,
+                 fix: SparseFix | None, general=None):
+        self.m, self.n, self.dtype, self.device, self.fix = m, n, dtype, device, fix
+        self.general = general  # x -> y (x's leading shape) for calls that are not one launch
+        if launch is not None:
+            fn, plan, grid, args, warps, stages, maxnreg = launch
+            self.frag = fn is _frag._frag_kernel
+            self.tail = args[_HEAD["frag" if self.frag else "gemv"]:]
+            self.fn, self.grid, self.opts = fn, grid, (warps, stages, maxnreg)
+            self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
+            self.grid0 = grid[0]
+            self.stream = _stream_getter(device) if self.kernel is not None else None
+
+    def __call__(self, x: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
+        if self.general is not None:
+            y = self.general(x)
+            return y.view(shape) if shape is not None else y
+        y = torch.empty(shape or (self.m, self.n), dtype=self.dtype, device=self.device)
+        args = ((x, x.view(torch.int32), y) if self.frag else (x, y)) + self.tail
+        if self.kernel is not None:
+            _run_compiled(self.kernel, self.grid0, args, self.stream())
+        else:
+            _launch(self.fn, None, self.grid, args, *self.opts)
+        if self.fix is not None:  # exactly kept outliers: y += x·Cᵀ
+            sparse_add(x.view(self.m, -1), y.view(self.m, self.n), self.fix)
+        return y
+
+
+def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, config: Config | None = None) -> tuple[BoundLinear, torch.Tensor]:
+    """Compute y = linear(x, kw, L, R, bias) for x (m, K) — contiguous rows, 16-byte aligned — and
+    return it with a :class:`BoundLinear` for later calls of the same token count and dtype. The
+    configuration (tuned, else default) is fixed now: call :func:`tune` before binding. Where the
+    call is one planned launch (frag up to 16 tokens, gemv, mma) the bound call goes straight to the
+    compiled kernel's launcher; otherwise (dequantize + cuBLAS, gemm, more than 16 tokens) it calls
+    :func:`linear` with the same configuration."""
+    global _RECORD
+    m, k = x.shape
+    n = kw.shape[0]
+    has_lr = L is not None and R is not None and L.shape[1] > 0
+    cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, x.dtype)) or default_config(kw, m, x.dtype)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _RECORD = rec = []
+    try:
+        linear(x, kw, L, R, bias, config=cfg, out=y)
+    finally:
+        _RECORD = None
+    single = (cfg.kind in _HEAD and len(rec) == 1 and rec[0][1] is not None
+              and rec[0][3][0].data_ptr() == x.data_ptr() and rec[0][3][_HEAD[cfg.kind] - 1].data_ptr() == y.data_ptr())
+    if not single:  # not one planned launch on x itself (e.g. unaligned factors, several launches)
+        general = lambda x2: linear(x2, kw, L, R, bias, config=cfg)  # noqa: E731
+        return BoundLinear(m, n, x.dtype, x.device, None, None, general), y
+    return BoundLinear(m, n, x.dtype, x.device, rec[0], kw.fix), y
 
 
 def _plan(kw: KernelWeight, key: tuple, make) -> dict:
@@ -1072,14 +1176,24 @@ def clone_weight(kw: KernelWeight) -> KernelWeight:
                    lut=_clone(kw.lut), fix=fix, cache={})
 
 
+_FAILED: set[tuple] = set()  # (config, format, layout, tokens, dtype, low-rank) that raised: not retried
+
+
 def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,
-         configs: list[Config] | None = None, rep_ms: int = 20, cold: bool = True) -> tuple[Config, float]:
+         configs: list[Config] | None = None, rep_ms: int = 20, cold: bool = True,
+         report=None) -> tuple[Config, float]:
     """Time candidate configs for this input shape and remember the best for this shape, format and
     token count. Returns it and its milliseconds per call. ``cold`` (the default): back-to-back
     calls on rotating copies of the weight and L, R (:func:`time_calls`), as layers run in a decoder;
     else isolated calls with the L2 flushed before each (:func:`time_call`). The two can rank
     configurations differently (an H200, 4096×14336 4-bit rank 32: the isolated choice took 17.38
-    µs back to back where other candidates took 16.86; bench/KERNELS.md)."""
+    µs back to back where other candidates took 16.86; bench/KERNELS.md).
+
+    A config that raises (does not compile or fit for this format) is skipped, and not tried again in
+    this process for the same format, token count and dtype: its compile attempt (up to tens of
+    seconds for the unrolled fragment kernels) would fail the same way for every other shape.
+    ``report(cfg, ms or None, seconds)``: called after each candidate (ms None: it failed), e.g. to
+    show progress; seconds include compiling it."""
     m = x.reshape(-1, kw.shape[1]).shape[0]
     has_lr = L is not None and R is not None and L.shape[1] > 0
     ops = [(kw, L, R)]
@@ -1089,6 +1203,10 @@ def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,
     reps = max(10, rep_ms * 3)
     best = (None, float("inf"))
     for cfg in configs or candidates(kw, m, x.dtype):
+        fail_key = (cfg, kw.spec, kw.layout, m, x.dtype, has_lr)
+        if fail_key in _FAILED:
+            continue
+        t0 = time.time()
         try:
             if len(ops) > 1:
                 ms = time_calls([lambda o=o, c=cfg: linear(x, o[0], o[1], o[2], bias, config=c) for o in ops], reps)
@@ -1097,8 +1215,11 @@ def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,
         except Exception:  # a config that does not compile/fit on this device (e.g. shared memory)
             if x.is_cuda:
                 torch.cuda.synchronize()
-            continue
-        if ms < best[1]:
+            _FAILED.add(fail_key)
+            ms = None
+        if report is not None:
+            report(cfg, ms, time.time() - t0)
+        if ms is not None and ms < best[1]:
             best = (cfg, ms)
     if best[0] is not None:
         _TUNED[_tune_key(kw, m, has_lr, x.dtype)] = best[0]
@@ -1109,5 +1230,5 @@ def set_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype, cfg: 
     _TUNED[_tune_key(kw, m, has_lr, dtype)] = cfg
 
 
-__all__ = ["Config", "linear", "dequantize", "tune", "time_call", "time_calls", "cold_copies", "clone_weight",
+__all__ = ["Config", "linear", "bind", "BoundLinear", "dequantize", "tune", "time_call", "time_calls", "cold_copies", "clone_weight",
            "candidates", "default_config", "set_config", "mma_ok"]

@@ -13,26 +13,16 @@ input are unchanged. :func:`unfuse` undoes it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..core import quant as qmod
-from .linear import CompressedLinear, tensors_key
+from . import ops
+from .linear import CompressedLinear, KernelRunner, tensors_key
 
 log = logging.getLogger(__name__)
 _ATTR = "_shared_input"  # where a member keeps its group (module __dict__, not a submodule or buffer)
-
-
-@dataclass
-class _Pending:
-    """Outputs computed for the input ``x`` (at version ``version``) not yet handed to every member."""
-
-    x: torch.Tensor
-    version: int
-    outs: tuple[torch.Tensor, ...]
-    served: set[int] = field(default_factory=set)
 
 
 class SharedInputGroup:
@@ -41,56 +31,118 @@ class SharedInputGroup:
     def __init__(self, names: tuple[str, ...], members: list[CompressedLinear]):
         self.names = names
         self.members = members
-        self.launches = 0  # stacked launches so far (for tests and inspection)
-        self._pending: _Pending | None = None
-        self._stack: tuple | None = None  # (key, weight, (L, R, bias), row offsets)
+        self.launches = 0  # stacked launches so far, eager calls only (for tests and inspection)
+        # outputs for one input not yet handed to every member: (x, x's version, outputs, bit mask of
+        # the members served); a plain tuple so that torch.compile traces the hand-out too
+        self._pending: tuple | None = None
+        self._all = (1 << len(members)) - 1
+        self._stack: tuple | None = None  # unprepared: (key, weight, (L, R, bias))
+        self._runner = None  # prepared: a KernelRunner over the stacked weight (prepare())
+        self._sizes: list[int] = []  # widths of the stacked output's pieces (_set_pieces)
+        self._pick: tuple[int, ...] | None = None
 
     def __repr__(self) -> str:
         return f"SharedInputGroup({' + '.join(self.names)})"
 
     def forward(self, member: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
-        """``member``'s output for ``x`` (the caller already chose the kernel path)."""
+        """``member``'s output for ``x`` on the unprepared kernel path (the caller chose it)."""
         i = next(j for j, m in enumerate(self.members) if m is member)
-        p = self._pending
-        if p is not None and p.x is x and p.version == x._version and i not in p.served:
-            p.served.add(i)
-            if len(p.served) == len(self.members):
-                self._pending = None  # all handed out: hold no tensors
-            return p.outs[i]
         if any(m.resolve_backend(x) != "triton" for m in self.members if m is not member):
             return member._kernel_forward(x)  # a sibling needs the torch path (e.g. a gradient)
-        outs = self._run(x)
-        self._pending = _Pending(x, x._version, outs, {i})
+        return self.output(i, x)
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``i``'s output for ``x``: handed out if the outputs for this very tensor (same
+        object and, eagerly, same in-place version) are pending and ``i`` has not had its one yet,
+        else all members' outputs computed now in one call and ``i``'s returned. Compiled, the identity
+        test runs at trace time (the version is not traceable), so the graph holds one call per group."""
+        compiling = torch.compiler.is_compiling()
+        version = 0 if compiling else x._version
+        p = self._pending
+        if p is not None and p[0] is x and p[1] == version and not (p[3] >> i) & 1:
+            served = p[3] | (1 << i)
+            self._pending = None if served == self._all else (p[0], version, p[2], served)  # all served: hold nothing
+            return p[2][i]
+        outs = self._compute(x, compiling)
+        self._pending = (x, version, outs, 1 << i)
         return outs[i]
 
-    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from .. import kernels
+    def _compute(self, x: torch.Tensor, compiling: bool) -> tuple[torch.Tensor, ...]:
+        run = self._runner
+        if compiling:
+            y = ops.linear(x, run.handle, run.n)
+        elif run is not None:
+            y = run(x)
+            self.launches += 1
+        else:
+            from .. import kernels
 
-        weight, (L, R, bias), offsets = self._stacked()
-        y = kernels.linear(x, weight, L, R, bias)
-        self.launches += 1
-        return tuple(y[..., o:o + m.out_features] for o, m in zip(offsets, self.members))
+            weight, (L, R, bias) = self._stacked()
+            y = kernels.linear(x, weight, L, R, bias)
+            self.launches += 1
+        parts = y.split_with_sizes(self._sizes, -1)  # views: one call for all members
+        return parts if self._pick is None else tuple(parts[j] for j in self._pick)
+
+    def _set_pieces(self, offsets: tuple[int, ...], total: int) -> None:
+        """How the stacked output splits: the pieces' widths (members and the padding between them)
+        and which piece is each member's (None: every piece is a member's, in order)."""
+        sizes, pick, at = [], [], 0
+        for o, m in zip(offsets, self.members):
+            if o > at:
+                sizes.append(o - at)
+            pick.append(len(sizes))
+            sizes.append(m.out_features)
+            at = o + m.out_features
+        if total > at:
+            sizes.append(total - at)
+        self._sizes = sizes
+        self._pick = None if len(sizes) == len(self.members) else tuple(pick)
+
+    def prepare(self) -> KernelRunner:
+        """Build the stack once and tie the members to it: from now on their kernel path checks none of
+        their tensors per call (a snapshot: see :func:`lqkit.nn.prepare_for_inference`)."""
+        weight, (L, R, bias), offsets = self._build()
+        self._set_pieces(offsets, weight.shape[0])
+        self._stack = None
+        self._runner = KernelRunner(weight, L, R, bias)
+        for i, m in enumerate(self.members):
+            m.__dict__.update(_runner=self._runner, _group=self, _index=i)
+        return self._runner
+
+    def drop_prepared(self) -> None:
+        """Back to the unprepared path, for every member (their prepared state is the stack's)."""
+        self._runner = None
+        self._pending = None
+        for m in self.members:
+            for key in ("_runner", "_group", "_index"):
+                m.__dict__.pop(key, None)
 
     def _stacked(self):
         """The members' stacked kernel weight and factors, rebuilt only when a member's stored
         tensors change (moved, reloaded, fine-tuned)."""
-        from .. import kernels
-
         key = tensors_key(t for m in self.members for t in (m.qcodes, *m.aux().values(), m.L, m.R, m.bias)
                           if t is not None)
         if self._stack is None or self._stack[0] != key:
             self._stack = None  # free the old stack before building the new one
-            ws = [m.prepare_kernel_weight() for m in self.members]
-            weight, offsets = kernels.stack(ws)
-            del ws
-            with torch.no_grad():
-                factors = kernels.stack_factors(
-                    [m.L.detach() if m.L is not None else None for m in self.members],
-                    [m.R.detach() if m.R is not None else None for m in self.members],
-                    [m.bias.detach() if m.bias is not None else None for m in self.members],
-                    tuple(m.out_features for m in self.members), offsets, weight.shape[0])
-            self._stack = (key, weight, factors, offsets)
+            weight, factors, offsets = self._build()
+            self._set_pieces(offsets, weight.shape[0])
+            self._stack = (key, weight, factors)
         return self._stack[1:]
+
+    def _build(self):
+        """(stacked weight, (L, R, bias), row offsets) from the members' current tensors."""
+        from .. import kernels
+
+        ws = [m.prepare_kernel_weight() for m in self.members]
+        weight, offsets = kernels.stack(ws)
+        del ws
+        with torch.no_grad():
+            factors = kernels.stack_factors(
+                [m.L.detach() if m.L is not None else None for m in self.members],
+                [m.R.detach() if m.R is not None else None for m in self.members],
+                [m.bias.detach() if m.bias is not None else None for m in self.members],
+                tuple(m.out_features for m in self.members), offsets, weight.shape[0])
+        return weight, factors, offsets
 
 
 def _fusable_key(m: CompressedLinear):
@@ -163,6 +215,8 @@ def unfuse(model: nn.Module) -> int:
     """Undo :func:`fuse_shared_inputs`; returns how many layers were in a group."""
     n = 0
     for m in model.modules():
-        if isinstance(m, CompressedLinear) and m.__dict__.pop(_ATTR, None) is not None:
+        if isinstance(m, CompressedLinear) and _ATTR in m.__dict__:
+            m.drop_prepared()
+            del m.__dict__[_ATTR]
             n += 1
     return n

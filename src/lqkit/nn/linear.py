@@ -14,6 +14,7 @@ from torch import nn
 from ..core import quant as qmod
 from ..core.decompose import Decomposition, MatrixSpec
 from ..errors import SpecError
+from . import ops
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "torch", "triton")  # auto: fused Triton kernels on CUDA when available
@@ -50,7 +51,7 @@ class CompressedLinear(nn.Module):
         else:
             self.L = self.R = None
         self.bias = nn.Parameter(torch.empty(shape[0], dtype=dtype, device=device)) if bias else None
-        self._dense_q: torch.Tensor | None = None  # set only inside materialized()
+        self._dense_q: torch.Tensor | None = None  # deq(Q) kept dense: materialized(), or prepared on the CPU
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,7 +92,26 @@ class CompressedLinear(nn.Module):
             w = w + self.L.float() @ self.R.float()
         return w.to(dtype)
 
+    # prepared for inference (lqkit.nn.prepare_for_inference; kept in the instance __dict__, never saved):
+    _runner = None  # the kernels' prepared call (KernelRunner), or its stack's when the layer is in one
+    _group = None  # the SharedInputGroup whose stacked call computes this layer's output, if any
+    _index = 0  # this layer's place in that group
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self._runner
+        if run is not None and x.device == run.device and not (torch.is_grad_enabled() and self._grad_needed(x)):
+            if self._group is not None:
+                return self._group.output(self._index, x)
+            if torch.compiler.is_compiling():  # the graph holds one opaque op per layer (lqkit.nn.ops)
+                return ops.linear(x, run.handle, self.out_features)
+            return run(x)
+        return self._forward(x)
+
+    def _grad_needed(self, x: torch.Tensor) -> bool:
+        return x.requires_grad or any(p.requires_grad for p in (self.L, self.R, self.bias) if p is not None)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The unprepared path: the kernels through :meth:`resolve_backend` (checked every call), or torch."""
         if self.resolve_backend(x) == "triton":
             group = self.__dict__.get("_shared_input")  # nn.fuse: siblings computed in one launch
             return group.forward(self, x) if group is not None else self._kernel_forward(x)
@@ -113,6 +133,8 @@ class CompressedLinear(nn.Module):
         if self.backend not in BACKENDS:
             raise SpecError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         chosen = "torch"
+        if torch.compiler.is_compiling():  # an unprepared layer compiles as its torch path
+            return "torch" if self.backend != "triton" else self._no_compiled_kernels()
         if self.backend != "torch" and self.spec.quant is not None:
             from .. import kernels
 
@@ -139,6 +161,35 @@ class CompressedLinear(nn.Module):
             log.log(level, "CompressedLinear(%dx%d, %s): backend %s", *self.shape, self.spec.label(), how)
         return chosen
 
+    def _no_compiled_kernels(self) -> str:
+        raise RuntimeError("torch.compile reaches the triton kernels only through a prepared model: call "
+                           "lqkit.nn.prepare_for_inference(model) before compiling")
+
+    def drop_prepared(self) -> None:
+        """Forget what :func:`lqkit.nn.prepare_for_inference` kept (kernel calls, the stack of the layers
+        sharing this layer's input, a dense deq(Q)); the unprepared paths take over."""
+        for key in ("_runner", "_group", "_index"):
+            self.__dict__.pop(key, None)
+        self._dense_q = None
+        group = self.__dict__.get("_shared_input")
+        if group is not None:
+            group.drop_prepared()
+
+    # prepared state is a snapshot for inference: moving or converting the layer, training it or loading
+    # new tensors into it drops it (prepare again afterwards)
+    def _apply(self, fn, recurse: bool = True):
+        self.drop_prepared()
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.drop_prepared()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.drop_prepared()
+        return super()._load_from_state_dict(*args, **kwargs)
+
     def kernel_weight(self):
         """Q in the kernels' layout, prepared once and rebuilt only when the stored buffers change
         (moved to another device, reloaded)."""
@@ -156,6 +207,13 @@ class CompressedLinear(nn.Module):
         return kernels.prepare(self.qcodes, self.aux(), qmod.kernel_spec(self.spec.quant), self.shape,
                                self.qcodes.device)
 
+    def prepare_runner(self) -> "KernelRunner":
+        """Prepare this layer's kernel call (its layout, built now; calls bound on first use) and take
+        it from now on: no per-call checks or lookups (a snapshot, see lqkit.nn.prepare_for_inference)."""
+        run = KernelRunner(self.prepare_kernel_weight(), self.L, self.R, self.bias)
+        self.__dict__["_runner"] = run
+        return run
+
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels
 
@@ -163,6 +221,61 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.label()}"
+
+
+class KernelRunner:
+    """A matrix (one layer's, or the stack of layers sharing an input) prepared for the kernels: its
+    weight in their layout, L, R and bias, and per (tokens, dtype) one call bound on first use
+    (``kernels.bind``: configuration, plan and compiled kernel fixed). Registered for the compiled
+    graph's op under ``handle`` (lqkit.nn.ops). A call: one dictionary lookup, y allocated in its final
+    shape, one launch."""
+
+    def __init__(self, kw, L: torch.Tensor | None, R: torch.Tensor | None, bias: torch.Tensor | None):
+        self.kw = kw
+        self.L, self.R, self.bias = (t.detach() if t is not None else None for t in (L, R, bias))
+        self.n, self.k = kw.shape
+        self.device = kw.device
+        self.calls: dict[tuple[torch.Size, torch.dtype], tuple] = {}  # (x's shape, dtype) -> (bound call, y's shape)
+        self.handle = ops.register(self)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_contiguous() or x.data_ptr() % 16:  # the bound launch reads rows back to back, aligned
+            x = x.clone(memory_format=torch.contiguous_format)
+        call = self.calls.get((x.shape, x.dtype))
+        if call is not None:
+            return call[0](x, call[1])
+        shape = (*x.shape[:-1], self.n)
+        bound, y = self._bind(x.view(-1, self.k))
+        self.calls[(x.shape, x.dtype)] = (bound, shape)
+        return y.view(shape)
+
+    def _bind(self, x2: torch.Tensor):
+        """The first call for this token count: bound by kernels.bind. On a GPU that runs on a side stream
+        unless a CUDA graph is being captured, so that the plan's lasting scratch is never allocated from a
+        memory pool routed to the current stream (CUDA-graph trees warm up their graphs in such a pool,
+        and may hand its blocks out again)."""
+        from .. import kernels
+
+        if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return kernels.bind(x2, self.kw, self.L, self.R, self.bias)
+        cur = torch.cuda.current_stream(x2.device)
+        side = _side_stream(x2.device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            f, y = kernels.bind(x2, self.kw, self.L, self.R, self.bias)
+        cur.wait_stream(side)
+        x2.record_stream(side)
+        y.record_stream(cur)
+        return f, y
+
+
+_SIDE: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
 
 
 def tensors_key(ts) -> tuple:
@@ -177,10 +290,11 @@ def materialized(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterat
     dequantizing on every call: same outputs, faster repeated forwards (e.g. evaluation), at the
     memory cost of the dense weights. Removed again on exit."""
     mods = [m for m in model.modules() if isinstance(m, CompressedLinear) and m.spec.quant is not None]
+    before = [m._dense_q for m in mods]  # a dense deq(Q) kept by prepare_for_inference stays
     try:
         for m in mods:
             m._dense_q = m.dequantized_weight(dtype)
         yield
     finally:
-        for m in mods:
-            m._dense_q = None
+        for m, w in zip(mods, before):
+            m._dense_q = w

@@ -1,0 +1,396 @@
+"""Generation speed where users meet it: transformers ``generate()`` on a bf16 model and on lqkit checkpoints of it.
+
+One script, no downloads: a random-initialised Llama-2-7B-shaped model (hidden 4096, MLP 11008, 32
+layers, 32 heads, vocab 32000) is built on the GPU in bf16 and saved as a user's model folder
+(safetensors, with a small BPE tokenizer trained on the bundled WikiText-2 text), or ``--model DIR``
+is used; each row is that folder itself (bf16, loaded by transformers) or an lqkit checkpoint of it
+made by ``lqkit.pipeline.compress`` (data-free: rtn 4-bit g128, rtn 3-bit g128, rtn 3-bit g128 + a
+rank-16 LoRC factor pair) and loaded by ``lqkit.checkpoint.load(..., dtype=bf16, device="cuda")``
+(which prepares it: kernel layouts, stacked q/k/v and gate/up, one-token calls bound). Every row is
+then driven by the same code: ``model.generate(ids, max_new_tokens=N, min_new_tokens=N,
+do_sample=False)`` from a P-token prompt (random token ids, the same for every row), eager (dynamic
+cache) and compiled (transformers' recipe: ``cache_implementation="static"`` and a ``compile_config``
+— torch.compile of the decoding step, fullgraph, mode "reduce-overhead", i.e. CUDA graphs), at each
+batch size; one untimed call warms up (compiles, records the graphs), then the median of ``--reps``
+timed calls. tokens/s = batch x N / seconds of a generate() call (prefill included). The bandwidth
+fraction of a decoding step = (bytes of every weight a step reads / measured copy bandwidth) /
+(seconds / N), the KV cache not counted. Rows, batches and modes are selectable, checkpoints and
+the built model are reused from ``--work`` when present, a failing row is recorded and the next one
+runs. ``--tiny``: a 2-layer tiny llama on the CPU (torch path), to check the script's logic.
+
+Every phase prints a line with the seconds since the start (a stack dump follows when nothing is
+printed for 180 s). Rows already in ``--out`` for the same model shape are kept unless re-run, so the
+table can be filled by several shorter invocations (``--rows``, ``--batches``, ``--modes``) that
+share ``--work``. Where the time goes (not yet measured on a GPU; the script prints each): building
+and saving the bf16 folder once; ``pipeline.compress`` per lqkit row (it loads the model in fp32 on
+the CPU); loading (an lqkit row's first kernel compilations included); a torch.compile per row and
+batch size (the static cache's shape is part of the graph); then seconds per timed call.
+
+Usage (H200): PYTHONPATH=src python bench/generate.py --out bench/results/generate-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import log, machine_info, write_json  # noqa: E402
+from lqkit.core import MatrixSpec, QuantSpec  # noqa: E402
+
+ROWS = {  # name -> spec of every decoder linear (None: the bf16 model itself)
+    "bf16": None,
+    "rtn4": MatrixSpec("quant", QuantSpec("rtn", 4, 128)),
+    "rtn3": MatrixSpec("quant", QuantSpec("rtn", 3, 128)),
+    "rtn3-r16": MatrixSpec("lorc", QuantSpec("rtn", 3, 128), rank=16),
+}
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000)
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1024)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# the model folder
+
+
+def train_tokenizer(vocab: int):
+    """A byte-level BPE tokenizer on the bundled WikiText-2 validation text (it stops merging where
+    the text has no more pairs, so it may have fewer than ``vocab`` tokens: the model keeps ``vocab``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lqkit.data import DEFAULT_CALIB_TEXT, read_text
+
+    text, _ = read_text(None, DEFAULT_CALIB_TEXT)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def build_model(out: Path, shape: dict, layers: int, device: str) -> Path:
+    """A random-initialised Llama of ``shape`` in bf16 (fp32 on the CPU), built on ``device`` and saved
+    to ``out`` with save_pretrained; reused when ``out`` already holds it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        log(f"model folder {out} exists: reused")
+        return out
+    t = time.time()
+    tok = train_tokenizer(shape["vocab_size"])
+    log(f"tokenizer trained: {len(tok)} tokens ({time.time() - t:.1f} s)")
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t = time.time()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sync(device)
+    log(f"random {layers}-layer model built on {device} in {dtype} ({time.time() - t:.1f} s, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters)")
+    t = time.time()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    log(f"saved to {out} ({time.time() - t:.1f} s)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# rows
+
+
+def checkpoint_for(name: str, spec: MatrixSpec, model_dir: Path, work: Path, device: str, fresh: bool) -> Path:
+    """The lqkit checkpoint of ``model_dir`` under ``spec`` (pipeline.compress), reused when present."""
+    from lqkit import checkpoint, pipeline
+    from lqkit.plan import plan_from_json
+
+    out = work / f"ck-{name}"
+    if not fresh and checkpoint.is_checkpoint(out):
+        meta = checkpoint.read_meta(out)
+        same = (meta.get("extra") or {}).get("source_model") == str(model_dir)
+        if same and {s.label() for s in plan_from_json(meta["plan"]).values()} == {spec.label()}:
+            log(f"{name}: checkpoint {out} exists: reused")
+            return out
+    t = time.time()
+    res = pipeline.compress(str(model_dir), spec, str(out), overwrite=True, device=device if device == "cuda" else None,
+                            progress=False)
+    log(f"{name}: compressed with pipeline.compress in {time.time() - t:.1f} s ({len(res.plan)} matrices, "
+        f"{res.summary.effective_bits:.3f} bits/param) -> {out}")
+    return out
+
+
+def load_row(name: str, path: Path, device: str):
+    """(model, seconds): bf16 through transformers, lqkit checkpoints through lqkit.checkpoint.load."""
+    from lqkit import checkpoint
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t = time.time()
+    if ROWS[name] is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
+    else:
+        model = checkpoint.load(path, dtype=dtype, device=device)
+    sync(device)
+    return model, time.time() - t
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every weight one decoding step reads: all parameters and buffers (packed codes, scales,
+    factors of the compressed layers as stored) except the input embedding table, of which a step reads
+    a row per sequence (counted when it is tied to the output head); shared tensors once."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    skip = set() if head is not None and head.weight is emb else {emb.data_ptr()}
+    seen, total = set(), 0
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.data_ptr() in seen or t.data_ptr() in skip:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def prepared_info(model) -> dict:
+    from lqkit.nn import compressed_modules
+
+    mods = compressed_modules(model).values()
+    return {"compressed_layers": len(mods), "kernel_layers": sum(m._runner is not None for m in mods),
+            "stacks": len({id(m._group) for m in mods if m._group is not None})}
+
+
+def kernel_check(model, device: str) -> float | None:
+    """Largest relative error of the prepared layers of block 0 against deq(Q) + L·R in fp32, at 1, 16
+    and 128 tokens (the kernel path as loaded; None without compressed layers)."""
+    from lqkit.nn import compressed_modules
+
+    mods = [m for n, m in compressed_modules(model).items() if ".0." in n]
+    if not mods:
+        return None
+    g = torch.Generator(device=device).manual_seed(0)
+    worst = 0.0
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for m in (1, 16, 128):
+            xs = {k: torch.randn(m, k, device=device, generator=g).to(dtype) for k in {d.in_features for d in mods}}
+            for mod in mods:  # one input per width: stacked layers all take theirs (nothing left pending)
+                x = xs[mod.in_features]
+                ref = x.float() @ mod.merged_weight().t() + (mod.bias.float() if mod.bias is not None else 0)
+                y = mod(x).float()
+                worst = max(worst, float((y - ref).norm() / ref.norm()))
+    return worst
+
+
+def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, device: str, backend: str) -> dict:
+    from transformers import CompileConfig
+
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if mode == "compiled":
+        cc = CompileConfig(fullgraph=True, dynamic=False, backend=backend,
+                           mode="reduce-overhead" if device == "cuda" and backend == "inductor" else "default")
+        cc._compile_all_devices = True  # also on the CPU (--tiny)
+        kw.update(cache_implementation="static", compile_config=cc)
+    mask = torch.ones_like(ids)
+
+    def once(args: dict = kw) -> tuple[float, torch.Tensor]:
+        sync(device)
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, **args)
+        sync(device)
+        return time.perf_counter() - t, out
+
+    if mode == "compiled":  # the full length: the static cache's size is part of the compiled graph
+        warm, _ = once()
+    else:  # binds the kernel calls of the prefill and of one decoding step
+        warm, _ = once(dict(kw, max_new_tokens=2, min_new_tokens=2))
+    log(f"    warm-up {warm:.1f} s" + (" (compiles" + (", records CUDA graphs)" if device == "cuda" else ")")
+                                      if mode == "compiled" else ""))
+    times = []
+    for i in range(reps):
+        s, out = once()
+        if out.shape[1] != ids.shape[1] + new:
+            raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens instead of {new}")
+        times.append(s)
+        log(f"    run {i + 1}/{reps}: {s:.3f} s ({ids.shape[0] * new / s:.1f} tokens/s)")
+    t = statistics.median(times)
+    return {"mode": mode, "batch": ids.shape[0], "prompt_tokens": ids.shape[1], "new_tokens": new,
+            "seconds": round(t, 4), "times": [round(s, 4) for s in times], "warmup_seconds": round(warm, 2),
+            "tokens_per_s": round(ids.shape[0] * new / t, 1), "ms_per_token": round(t / new * 1e3, 3),
+            "tokens": out[0, ids.shape[1]:ids.shape[1] + 8].tolist()}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB: bytes read + written per second (GB/s), median of 20 copies."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.int16, device="cuda").random_()
+    b = torch.empty_like(a)
+    ts = []
+    for _ in range(23):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        b.copy_(a)
+        e1.record()
+        torch.cuda.synchronize()
+        ts.append(e0.elapsed_time(e1) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * 2 * n / statistics.median(ts[3:]) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--out", default="bench/results/generate-h200.json", help="result JSON")
+    ap.add_argument("--model", default=None, help="an existing bf16 HF model folder (default: build one)")
+    ap.add_argument("--work", default="/tmp/lqkit-generate", help="where the built model and checkpoints go")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the built model (default 32)")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    ap.add_argument("--modes", default="eager,compiled", help="eager, compiled or both (default both)")
+    ap.add_argument("--new", type=int, default=128, help="generated tokens per call (default 128)")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per measurement, median (default 3)")
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny aot_eager)")
+    ap.add_argument("--fresh", action="store_true", help="rebuild the model folder's checkpoints even if present")
+    ap.add_argument("--fresh-results", action="store_true",
+                    help="start --out afresh (default: rows of earlier runs of the same shape are kept unless re-run)")
+    ap.add_argument("--tiny", action="store_true", help="2-layer tiny llama on the CPU: checks the script's logic")
+    args = ap.parse_args()
+
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --tiny to check the script on the CPU")
+    backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    batches = [int(b) for b in args.batches.split(",")]
+    modes = [m.strip() for m in args.modes.split(",")]
+    work = Path(args.work) / ("tiny" if args.tiny else f"llama2-7b-L{args.layers}")
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+
+    info = machine_info()
+    if device == "cuda":
+        import triton
+
+        info["triton"] = triton.__version__
+    log(f"machine: {info}")
+    shape_info = {**(TINY if args.tiny else LLAMA2_7B), "layers": TINY["num_hidden_layers"] if args.tiny else args.layers}
+    result = {"env": info, "args": vars(args), "shape": shape_info,
+              "notes": "random weights (speed only; the text is meaningless); tokens/s = batch x new tokens / "
+                       "seconds of one generate() call (prefill included), median of reps after one warm-up; "
+                       "compiled = static cache + generate's compile_config (fullgraph, reduce-overhead); "
+                       "bandwidth_fraction = weight bytes per step / copy bandwidth / (seconds / new tokens), "
+                       "the KV cache not counted.", "rows": []}
+    if out.exists() and not args.fresh_results:  # keep earlier invocations' rows of the same model shape
+        old = json.loads(out.read_text())
+        if old.get("shape") == shape_info:
+            result["rows"] = [r for r in old.get("rows", []) if r.get("row") not in rows
+                              or r.get("batch", batches[0]) not in batches or r.get("mode", modes[0]) not in modes]
+            result["earlier"] = old.get("earlier", []) + [{"env": old.get("env"), "args": old.get("args")}]
+    shape = TINY if args.tiny else LLAMA2_7B
+    layers = TINY["num_hidden_layers"] if args.tiny else args.layers
+    model_dir = Path(args.model) if args.model else build_model(work / "bf16", shape, layers, device)
+    if device == "cuda":
+        bw = copy_bandwidth()
+        result["copy_bandwidth_gb_s"] = round(bw, 1)
+        log(f"copy bandwidth {bw:.0f} GB/s (read + write)")
+    else:
+        bw = None
+    g = torch.Generator().manual_seed(0)
+    vocab = min(1000, shape["vocab_size"])  # ids the tokenizer has (every row gets the same prompts)
+    prompts = torch.randint(4, vocab, (max(batches), args.prompt), generator=g)
+
+    for name in rows:
+        log(f"== {name}")
+        try:
+            path = model_dir if ROWS[name] is None else checkpoint_for(name, ROWS[name], model_dir, work, device,
+                                                                        args.fresh)
+            model, load_s = load_row(name, path, device)
+            wb = weight_bytes(model)
+            info_row = {"row": name, "spec": ROWS[name].label() if ROWS[name] else "bf16", "path": str(path),
+                        "load_seconds": round(load_s, 1), "weight_bytes": wb, **prepared_info(model)}
+            err = kernel_check(model, device)
+            info_row["layer_rel_err"] = err
+            log(f"{name}: loaded in {load_s:.1f} s; {wb / 1e6:.1f} MB of weights per step; {prepared_info(model)}"
+                + (f"; block-0 layers vs deq(Q)+LR: rel. err {err:.2e}" if err is not None else ""))
+        except Exception as e:
+            traceback.print_exc()
+            result["rows"].append({"row": name, "error": f"{type(e).__name__}: {e}"[:800]})
+            write_json(out, result)
+            continue
+        for b in batches:
+            for mode in modes:
+                log(f"  {name} batch {b} {mode}")
+                r = dict(info_row)
+                try:
+                    r.update(time_generate(model, prompts[:b].to(device), mode, args.new, args.reps, device, backend))
+                    if bw:
+                        r["copy_bandwidth_gb_s"] = round(bw, 1)
+                        floor = wb / (bw * 1e9)
+                        r["floor_ms_per_step"] = round(floor * 1e3, 3)
+                        r["bandwidth_fraction"] = round(floor / (r["seconds"] / args.new), 3)
+                    log(f"  {name} batch {b} {mode}: {r['tokens_per_s']} tokens/s, {r['ms_per_token']} ms/token"
+                        + (f", {r['bandwidth_fraction']:.0%} of the bandwidth floor" if bw else ""))
+                except Exception as e:
+                    traceback.print_exc()
+                    r["error"] = f"{type(e).__name__}: {e}"[:800]
+                result["rows"].append(r)
+                write_json(out, result)
+        del model
+        gc.collect()
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    base = {(r["batch"], r["mode"]): r["tokens_per_s"] for r in result["rows"]
+            if r["row"] == "bf16" and "tokens_per_s" in r}
+    for r in result["rows"]:
+        b = base.get((r.get("batch"), r.get("mode")))
+        if b and "tokens_per_s" in r:
+            r["vs_bf16"] = round(r["tokens_per_s"] / b, 2)
+    write_json(out, result)
+    log(f"wrote {out}")
+    print("| row | mode | batch | tokens/s | ms/token | x bf16 | bandwidth fraction |\n|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        if "tokens_per_s" in r:
+            print(f"| {r['row']} | {r['mode']} | {r['batch']} | {r['tokens_per_s']} | {r['ms_per_token']} | "
+                  f"{r.get('vs_bf16', '-')} | {r.get('bandwidth_fraction', '-')} |")
+        else:
+            print(f"| {r['row']} | {r.get('mode', '-')} | {r.get('batch', '-')} | error: {r['error'][:80]} | | | |")
+
+
+if __name__ == "__main__":
+    main()
