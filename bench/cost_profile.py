@@ -1,0 +1,107 @@
+"""Where the time of one cost-table row goes (lqkit.core.costs.matrix_costs), phase by phase, on
+random matrices of real shapes with synthetic statistics (H from random activations, Fisher random):
+screening of the data-free configurations, the data-aware runs (GPTQ sweeps, nuq k-means), the exact
+errors, the low-rank spectra. Also times the eigen-solvers a spectrum can use. Prints a table and
+writes JSON (--out) with machine info.
+
+    python bench/cost_profile.py --shapes 4096x4096,4096x11008 --device cuda --out /tmp/cost-profile.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import base_parser, machine_info, write_json  # noqa: E402
+from lqkit.core import costs, gptq, nuq, quant  # noqa: E402
+from lqkit.core.stats import MatrixStats  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(store: dict, key: str, fn, device: str):
+    def wrap(*a, **k):
+        _sync(device)
+        t = time.time()
+        out = fn(*a, **k)
+        _sync(device)
+        store[key] += time.time() - t
+        store[key + "_calls"] += 1
+        return out
+    return wrap
+
+
+def profile_row(out: int, inp: int, device: str) -> dict:
+    torch.manual_seed(0)
+    w = (torch.randn(out, inp, device=device) * 0.02).to(torch.bfloat16)
+    x = torch.randn(4096, inp, device=device) * (torch.rand(inp, device=device) * 2)
+    stats = MatrixStats(h=x.T @ x / 4096, fisher=torch.rand(out, inp, device=device) ** 4 * 1e-6)
+    t: dict = defaultdict(float)
+    patches = [(quant, "reconstruct_many"), (gptq, "gptq_many"), (nuq, "kmeans_1d"),
+               (costs._Metric, "rank_errors"), (costs._Metric, "spectral_summary"), (costs._Metric, "errors_and_spectral"),
+               (costs._Metric, "screen")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
+    for obj, name, fn in saved:
+        setattr(obj, name, timed(t, name, fn, device))
+    try:
+        _sync(device)
+        t0 = time.time()
+        c = costs.matrix_costs(w, stats)
+        _sync(device)
+        total = time.time() - t0
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
+    row = {"shape": [out, inp], "total_s": round(total, 2), "evaluated": c.evaluated, "front": len(c.specs)}
+    row.update({k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(t.items())})
+    if device.startswith("cuda"):
+        row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return row
+
+
+def eig_times(n: int, device: str) -> dict:
+    a = torch.randn(n, n, device=device)
+    g = a @ a.T
+    res = {}
+    for name, fn in {"eigvalsh_fp64": lambda: torch.linalg.eigvalsh(g.double()),
+                     "eigvalsh_fp32": lambda: torch.linalg.eigvalsh(g)}.items():
+        fn()
+        _sync(device)
+        t = time.time()
+        for _ in range(3):
+            fn()
+        _sync(device)
+        res[name] = round((time.time() - t) / 3, 4)
+    return res
+
+
+def main() -> None:
+    ap = base_parser(__doc__)
+    ap.add_argument("--shapes", default="4096x4096,4096x11008")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    rows = []
+    for s in a.shapes.split(","):
+        o, i = (int(v) for v in s.split("x"))
+        rows.append(profile_row(o, i, a.device))
+        print(json.dumps(rows[-1]), flush=True)
+    eig = {n: eig_times(n, a.device) for n in (4096,)}
+    print(json.dumps(eig), flush=True)
+    if a.out:
+        write_json(Path(a.out), {"machine": machine_info(), "rows": rows, "eig": eig})
+
+
+if __name__ == "__main__":
+    main()
