@@ -70,54 +70,18 @@ def sync(device: str) -> None:
 # the model folder
 
 
-def train_tokenizer(vocab: int):
-    """A byte-level BPE tokenizer on the bundled WikiText-2 validation text (it stops merging where
-    the text has no more pairs, so it may have fewer than ``vocab`` tokens: the model keeps ``vocab``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from lqkit.data import DEFAULT_CALIB_TEXT, read_text
-
-    text, _ = read_text(None, DEFAULT_CALIB_TEXT)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<bos>", "<eos>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   pad_token="<pad>")
-
-
 def build_model(out: Path, shape: dict, layers: int, device: str) -> Path:
-    """A random-initialised Llama of ``shape`` in bf16 (fp32 on the CPU), built on ``device`` and saved
-    to ``out`` with save_pretrained; reused when ``out`` already holds it."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A random-initialised Llama of ``shape`` (bench/synth.py) in bf16 (fp32 on the CPU), built on
+    ``device`` and saved to ``out``; reused when ``out`` already holds it."""
+    from synth import build
 
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         log(f"model folder {out} exists: reused")
         return out
     t = time.time()
-    tok = train_tokenizer(shape["vocab_size"])
-    log(f"tokenizer trained: {len(tok)} tokens ({time.time() - t:.1f} s)")
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    t = time.time()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    sync(device)
-    log(f"random {layers}-layer model built on {device} in {dtype} ({time.time() - t:.1f} s, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters)")
-    t = time.time()
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    del model
+    build(shape, layers, out, device, vocab=shape["vocab_size"])
     gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    log(f"saved to {out} ({time.time() - t:.1f} s)")
+    log(f"random {layers}-layer model built on {device} and saved to {out} ({time.time() - t:.1f} s)")
     return out
 
 

@@ -52,17 +52,20 @@ def tokenizer(vocab: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def build(shape: str, layers: int | None, out: Path, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-          seed: int = 0, max_shard_size: str = "4GB") -> Path:
-    """Write a random-initialised causal LM of ``shape`` (``layers`` decoder blocks) to ``out``."""
+def build(shape: str | dict, layers: int | None, out: Path, device: str = "cuda", dtype: torch.dtype | None = None,
+          seed: int = 0, max_shard_size: str = "4GB", vocab: int = VOCAB) -> Path:
+    """Write a random-initialised causal LM of ``shape`` (a name in SHAPES or LlamaConfig fields;
+    ``layers`` decoder blocks) to ``out``: bf16 on a GPU, fp32 on a CPU unless ``dtype`` is given."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = tokenizer()
-    fields = dict(SHAPES[shape])
+    tok = tokenizer(vocab)
+    fields = dict(SHAPES[shape] if isinstance(shape, str) else shape)
+    fields.pop("vocab_size", None)
     if layers:
         fields["num_hidden_layers"] = layers
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+    config = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **fields)
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
