@@ -252,7 +252,7 @@ def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype,
     if not clip:
         return _range_params(lo, hi, qmax, dtype)
     if g.numel() * len(CLIP_SHRINK) <= CLIP_VECTOR_MAX:  # all factors at once (few, large ops)
-        p = torch.tensor(CLIP_SHRINK, device=g.device).view(-1, *[1] * lo.ndim)  # (P, 1, ...)
+        p = _shrink_factors(g.device).view(-1, *[1] * lo.ndim)  # (P, 1, ...)
         scale, offset = _range_params(lo * p, hi * p, qmax, dtype)  # (P, ...)
         err = _grid_sq_err(g, scale, offset, qmax, mask)  # (P, ...)
         best = err.argmin(dim=0, keepdim=True)  # the first factor of least error
@@ -267,6 +267,18 @@ def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype,
         better = err < best[0]
         best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]), torch.where(better, offset, best[2]))
     return best[1], best[2]
+
+
+_SHRINK: dict[torch.device, torch.Tensor] = {}
+
+
+def _shrink_factors(device: torch.device) -> torch.Tensor:
+    """CLIP_SHRINK as a tensor on ``device``, made once: GPTQ asks for it at every column, and a
+    fresh host-to-device copy each time would make the GPU wait for the host."""
+    t = _SHRINK.get(device)
+    if t is None:
+        t = _SHRINK[device] = torch.tensor(CLIP_SHRINK, device=device)
+    return t
 
 
 def _grid_sq_err(g, scale, offset, qmax, mask: torch.Tensor | None) -> torch.Tensor:
