@@ -193,3 +193,15 @@ def test_torchrun_two_processes_give_the_single_process_checkpoint(tiny_model_di
     for f in checkpoint.tensor_files(one):
         a, b = load_file(str(tmp_path / "one" / f)), load_file(str(tmp_path / "two" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_size_summary_counts_tied_weights_once(tmp_path, tiny_tokenizer, cache):
+    """gemma3 ties its head to the embedding: the streamed summary counts it once, as the summary of
+    the loaded model does, and the checkpoint stores it once."""
+    from lqkit.compress import size_summary
+
+    d, _ = _folder(tmp_path, tiny_tokenizer, arch="gemma3")
+    res = pipeline.compress(str(d), MatrixSpec("quant", QuantSpec("rtn", 4, 32)), str(tmp_path / "ck"), progress=False)
+    model = checkpoint.load(tmp_path / "ck", prepare=False)
+    assert res.summary == size_summary(model)
+    assert checkpoint.read_meta(tmp_path / "ck")["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}

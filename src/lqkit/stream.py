@@ -121,6 +121,8 @@ class FileSource(BlockSource):
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         with init_empty_weights():  # parameters on the meta device; buffers real
             model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()  # tied parameters are one (counted and stored once) from the start
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
