@@ -79,6 +79,13 @@ def tiny_tokenizer(tmp_path_factory):
     return fast
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache of the test's own (statistics, cost tables, runs)."""
+    monkeypatch.setenv("LQKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(params=["llama", "gemma3", "qwen2"])
 def arch(request):
     return request.param

@@ -18,12 +18,6 @@ CANDS = CandidateSet(quantizers=("rtn", "gptq", "nf"), bits=(2, 3, 4, 8), group_
 CALIB = CalibConfig(samples=4, seqlen=64)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LQKIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def _compress(model_dir, out, budget, **kw):
     cfg = AllocationConfig(Budget(budget), CANDS, **kw)
     return pipeline.compress(str(model_dir), cfg, str(out), calib=CALIB, progress=False)

@@ -25,12 +25,6 @@ CANDS = CandidateSet(quantizers=("rtn", "gptq", "nf", "nuq"), bits=(2, 3, 4), gr
 CALIB = CalibConfig(samples=4, seqlen=48)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LQKIT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def _folder(tmp_path, tok, arch="llama", dtype=torch.float32, shard=None):
     d = tmp_path / f"{arch}-{str(dtype)[6:]}"
     model = tiny_model(arch).to(dtype)

@@ -26,6 +26,7 @@ are always fp32. H is always computed in fp32. A window whose loss or gradients 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -173,14 +174,19 @@ class HessianAccumulator:
             self.count[name] += x.shape[0]
         return hook
 
-    @contextmanager
-    def hooks(self) -> Iterator["HessianAccumulator"]:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
-        try:
-            yield self
-        finally:
-            for hd in handles:
-                hd.remove()
+    def hooks(self) -> "contextlib.AbstractContextManager[HessianAccumulator]":
+        return forward_hooks(self, self.linears, self._hook)
+
+
+@contextmanager
+def forward_hooks(acc, modules: Mapping[str, nn.Module], make: Callable[[str], Callable]) -> Iterator:
+    """``make(name)`` registered as a forward hook of each named module while the block runs; yields ``acc``."""
+    handles = [m.register_forward_hook(make(n)) for n, m in modules.items()]
+    try:
+        yield acc
+    finally:
+        for hd in handles:
+            hd.remove()
 
 
 @torch.no_grad()
@@ -501,14 +507,8 @@ class FisherAccumulator:
                 out.register_hook(lambda d: self._add(name, a, d))
         return hook
 
-    @contextmanager
-    def hooks(self) -> Iterator["FisherAccumulator"]:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
-        try:
-            yield self
-        finally:
-            for hd in handles:
-                hd.remove()
+    def hooks(self) -> "contextlib.AbstractContextManager[FisherAccumulator]":
+        return forward_hooks(self, self.linears, self._hook)
 
 
 def backward_block(block: nn.Module, x: torch.Tensor, g: torch.Tensor, call: tuple[tuple, dict], chunk: int,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from . import blockwise, checkpoint
 from .allocate import AllocationConfig, CostTable, allocate, cost_table
@@ -17,14 +18,13 @@ from .compress import MatrixReport, SizeSummary, check_stats, compress_model, fu
 from .core.decompose import MatrixSpec
 from .core.quant import QuantSpec
 from .data import DEFAULT_CALIB_TEXT, read_text
+from .dist import SINGLE, Group
 from .errors import SpecError
 from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
 from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan, find_linears
 from .plan import Plan, plan_to_json, uniform_plan
-from .dist import SINGLE, Group
 from .stream import open_model
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,26 @@ class CompressResult:
     eval: EvalResult | None
     allocation: dict | None = None  # AllocationResult.report() when the plan came from a budget
     stage_seconds: dict | None = None  # wall time of each stage (open, calibrate, cost_table, solve, compress, save, eval)
+
+
+def _first_plan(model, spec: MatrixSpec | Plan | AllocationConfig, include, exclude) -> Plan:
+    """The plan a compression starts from (checked against the model): one spec for every selected
+    linear, the given plan, or for a budget the selected linears (their specs come from the solve)."""
+    if isinstance(spec, AllocationConfig):
+        spec = MatrixSpec("quant", QuantSpec())
+    plan = uniform_plan(model, spec, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE) \
+        if isinstance(spec, MatrixSpec) else dict(spec)
+    check_plan(model, plan)
+    return plan
+
+
+def _eval_ids(tokenizer, text: str | None, protocol: EvalProtocol | None) -> torch.Tensor | None:
+    """The evaluation text's token ids, checked long enough for ``protocol`` now, not after the work."""
+    if not protocol:
+        return None
+    ids = tokenize(tokenizer, text)
+    window_starts(ids.numel(), protocol)
+    return ids
 
 
 def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out: str, *, overwrite: bool = False,
@@ -77,17 +97,8 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     src = open_model(model, dev, dtype)
     m = src.model
     budgeted = isinstance(spec, AllocationConfig)
-    if isinstance(spec, MatrixSpec):
-        plan = uniform_plan(m, spec, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE)
-    elif budgeted:
-        plan = uniform_plan(m, MatrixSpec("quant", QuantSpec()), include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE)
-    else:
-        plan = dict(spec)
-    check_plan(m, plan)
-    ids = None
-    if eval_protocol:  # a too-short text fails now, not after the compression
-        ids = tokenize(src.tokenizer, text)
-        window_starts(ids.numel(), eval_protocol)
+    plan = _first_plan(m, spec, include, exclude)
+    ids = _eval_ids(src.tokenizer, text, eval_protocol)
     need = spec.needs() if budgeted else needed_stats(plan)
     by_block, outside = blockwise.block_linears(src, plan)
     if outside and need:
@@ -228,17 +239,8 @@ def _compress_whole(model: str | None, spec: MatrixSpec | Plan | AllocationConfi
     loaded = load_model(model)
     m = loaded.model
     budgeted = isinstance(spec, AllocationConfig)
-    if isinstance(spec, MatrixSpec):
-        plan = uniform_plan(m, spec, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE)
-    elif budgeted:
-        plan = uniform_plan(m, MatrixSpec("quant", QuantSpec()), include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE)
-    else:
-        plan = dict(spec)
-    check_plan(m, plan)
-    ids = None
-    if eval_protocol:  # a too-short text fails now, not after the compression
-        ids = tokenize(loaded.tokenizer, text)
-        window_starts(ids.numel(), eval_protocol)
+    plan = _first_plan(m, spec, include, exclude)
+    ids = _eval_ids(loaded.tokenizer, text, eval_protocol)
     need = spec.needs() if budgeted else needed_stats(plan)
     stats = None
     if need or calib is not None or stats_path:
