@@ -111,72 +111,12 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     sweep = blockwise.Sweep.for_source(src, calib_ids.shape[1] if calib_ids is not None else 512, group, progress)
     timings: dict[str, float] = {"open": round(time.time() - t_start, 1)}
     other = blockwise.other_params(src, plan)
-    fisher, keep_h = "fisher" in need, "h" in need and not sequential
-    fdtype = torch.float32 if src.dtype == torch.float32 else torch.bfloat16  # stored Fisher (as precise as the compute)
     provider, alloc = None, None
-    autocast = (calib or CalibConfig()).fisher_dtype  # the Fisher's backward sweep
-    autocast = fast_autocast_dtype(dev) if autocast == "auto" else autocast
-    autocast = "float32" if autocast == str(src.dtype).removeprefix("torch.") else autocast
-    if budgeted or fisher or keep_h:
-        parts = {"fisher": fisher, "keep_h": keep_h, "fisher_dtype": str(fdtype), "autocast": autocast,
-                 **({"candidates": spec.candidates.to_dict(), "metric": spec.metric} if budgeted
-                    else {"plan": plan_to_json(plan)})}
-        key = blockwise.run_key(src, list(plan), calib_ids, parts)
-        store = blockwise.RunStore(blockwise.run_dir(key), writer=group.main)
-        todo = group.broadcast_object([k for k in by_block if not store.done(k, costs=budgeted)], 0)
-        costs: dict = {}
-        t_costs = [0.0]
-        per = len(spec.candidates.quant_specs()) if budgeted else 0
-        cbar = tqdm(total=len(plan) * per, desc="cost table", unit="cand", disable=not (budgeted and sweep.progress))
-
-        pool = None
-        if budgeted and dev.type == "cpu":
-            from .allocate import default_workers
-
-            workers = spec.workers or default_workers(sum(m.get_submodule(n).weight.numel() for n in plan), None)
-            pool = blockwise.CostPool(workers) if workers > 1 else None
-
-        def on_block(k: int, stats: dict) -> None:
-            if budgeted:
-                t0 = time.time()
-                stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype)  # the costs see what is stored
-                c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar, pool)
-                t_costs[0] += time.time() - t0
-                log.info("cost table of block %d (%d matrices): %.1f s", k, len(c), time.time() - t0)
-                full = lambda n: spec.metric == "fisher" or any(full_fisher(s) for s in c[n].specs)  # noqa: E731
-                costs.update(c)
-            else:
-                c, full = None, lambda n: full_fisher(plan[n])  # noqa: E731
-            store.save(k, blockwise.stored_stats(stats, full, keep_h, fdtype), c)
-
-        t0 = time.time()
-        try:
-            info = blockwise.statistics(src, calib_ids, by_block, fisher, todo, on_block, sweep, store.root,
-                                        autocast=autocast)
-        finally:
-            cbar.close()
-            if pool is not None:
-                pool.close()
-        group.barrier()  # rank 0's files are complete
-        timings.update(calibrate=round(time.time() - t0 - t_costs[0], 1), cost_table=round(t_costs[0], 1),
-                       calibrate_forward=info["seconds_forward"], calibrate_backward=info["seconds_backward"])
-        provider = lambda k: store.load_stats(k, dev)  # noqa: E731
-        if budgeted:
-            for k in by_block:
-                if k not in todo:
-                    costs.update(store.load_costs(k))
-            names = list(plan)
-            table = CostTable(tuple(names), tuple(tuple(m.get_submodule(n).weight.shape) for n in names),
-                              tuple(costs[n] for n in names), spec.metric, spec.candidates, key, t_costs[0])
-            if group.main and spec.cache:
-                from .allocate import table_path
-
-                checkpoint.write_atomic(table_path(key), json.dumps(table.to_json()).encode())
-            t0 = time.time()
-            alloc = allocate(table, spec, not todo)
-            timings["solve"] = round(time.time() - t0, 1)
-            plan = alloc.plan
-            check_plan(m, plan)
+    if budgeted or "fisher" in need or ("h" in need and not sequential):
+        provider, alloc, stage = _statistics_and_costs(src, spec, plan, need, calib_ids, calib, sequential, group,
+                                                       sweep, by_block)
+        timings.update(stage)
+        plan = alloc.plan if alloc is not None else plan
     seq_ids = calib_ids if sequential and "h" in needed_stats(plan) else None
     t0 = time.time()
     writer = checkpoint.CheckpointWriter(out, overwrite, max_shard_bytes) if group.main else None
@@ -228,6 +168,81 @@ def peak_memory(device: torch.device) -> dict:
         out["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20)
         out["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     return out
+
+
+def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torch.Tensor, calib: CalibConfig | None,
+                          sequential: bool, group: Group, sweep, by_block) -> tuple:
+    """Pass 1 of the streamed pipeline: each block's statistics, saved per block as they complete,
+    and (a budget) its cost-table rows; then the solve. Returns (block k -> its stored statistics,
+    the AllocationResult or None, stage timings)."""
+    m, dev = src.model, src.device
+    budgeted = isinstance(spec, AllocationConfig)
+    timings: dict[str, float] = {}
+    fisher, keep_h = "fisher" in need, "h" in need and not sequential
+    fdtype = torch.float32 if src.dtype == torch.float32 else torch.bfloat16  # stored Fisher (as precise as the compute)
+    alloc = None
+    autocast = (calib or CalibConfig()).fisher_dtype  # the Fisher's backward sweep
+    autocast = fast_autocast_dtype(dev) if autocast == "auto" else autocast
+    autocast = "float32" if autocast == str(src.dtype).removeprefix("torch.") else autocast
+    parts = {"fisher": fisher, "keep_h": keep_h, "fisher_dtype": str(fdtype), "autocast": autocast,
+             **({"candidates": spec.candidates.to_dict(), "metric": spec.metric} if budgeted
+                else {"plan": plan_to_json(plan)})}
+    key = blockwise.run_key(src, list(plan), calib_ids, parts)
+    store = blockwise.RunStore(blockwise.run_dir(key), writer=group.main)
+    todo = group.broadcast_object([k for k in by_block if not store.done(k, costs=budgeted)], 0)
+    costs: dict = {}
+    t_costs = [0.0]
+    per = len(spec.candidates.quant_specs()) if budgeted else 0
+    cbar = tqdm(total=len(plan) * per, desc="cost table", unit="cand", disable=not (budgeted and sweep.progress))
+
+    pool = None
+    if budgeted and dev.type == "cpu":
+        from .allocate import default_workers
+
+        workers = spec.workers or default_workers(sum(m.get_submodule(n).weight.numel() for n in plan), None)
+        pool = blockwise.CostPool(workers) if workers > 1 else None
+
+    def on_block(k: int, stats: dict) -> None:
+        if budgeted:
+            t0 = time.time()
+            stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype)  # the costs see what is stored
+            c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar, pool)
+            t_costs[0] += time.time() - t0
+            log.info("cost table of block %d (%d matrices): %.1f s", k, len(c), time.time() - t0)
+            full = lambda n: spec.metric == "fisher" or any(full_fisher(s) for s in c[n].specs)  # noqa: E731
+            costs.update(c)
+        else:
+            c, full = None, lambda n: full_fisher(plan[n])  # noqa: E731
+        store.save(k, blockwise.stored_stats(stats, full, keep_h, fdtype), c)
+
+    t0 = time.time()
+    try:
+        info = blockwise.statistics(src, calib_ids, by_block, fisher, todo, on_block, sweep, store.root,
+                                    autocast=autocast)
+    finally:
+        cbar.close()
+        if pool is not None:
+            pool.close()
+    group.barrier()  # rank 0's files are complete
+    timings.update(calibrate=round(time.time() - t0 - t_costs[0], 1), cost_table=round(t_costs[0], 1),
+                   calibrate_forward=info["seconds_forward"], calibrate_backward=info["seconds_backward"])
+    provider = lambda k: store.load_stats(k, dev)  # noqa: E731
+    if budgeted:
+        for k in by_block:
+            if k not in todo:
+                costs.update(store.load_costs(k))
+        names = list(plan)
+        table = CostTable(tuple(names), tuple(tuple(m.get_submodule(n).weight.shape) for n in names),
+                          tuple(costs[n] for n in names), spec.metric, spec.candidates, key, t_costs[0])
+        if group.main and spec.cache:
+            from .allocate import table_path
+
+            checkpoint.write_atomic(table_path(key), json.dumps(table.to_json()).encode())
+        t0 = time.time()
+        alloc = allocate(table, spec, not todo)
+        timings["solve"] = round(time.time() - t0, 1)
+        check_plan(m, alloc.plan)
+    return provider, alloc, timings
 
 
 def _compress_whole(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out: str, *, overwrite: bool,
