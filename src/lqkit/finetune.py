@@ -554,6 +554,24 @@ def check_low_rank(path: str | Path) -> dict:
     return meta
 
 
+RUN_MARKERS = ("finetune.json", "log.jsonl", "resume", "best", "last", "peft")  # what a fine-tuning run folder holds
+
+
+def _check_replaceable_run(out: Path, source: Path) -> None:
+    """``--overwrite`` replaces only an earlier fine-tuning run: never the checkpoint being tuned, a
+    folder holding it, or a folder of other files (nothing is deleted before this holds)."""
+    if not out.exists():
+        return
+    o, s = out.resolve(), source.resolve()
+    if o == s or o in s.parents or s in o.parents:
+        raise CheckpointError(f"--out {str(out)!r} would replace the checkpoint being fine-tuned ({str(source)!r}) "
+                              "or a folder holding it; choose another --out, e.g. runs/ft")
+    others = [p.name for p in o.iterdir() if p.name not in RUN_MARKERS and not p.name.startswith(".")]
+    if others or not any((o / m).exists() for m in RUN_MARKERS):
+        raise CheckpointError(f"--out {str(out)!r} is not a fine-tuning run folder (it holds {others[:3] or 'nothing of a run'}); "
+                              "--overwrite replaces only an earlier run: remove it yourself or choose another --out")
+
+
 def finetune(path: str | Path, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(), *,
              resume: bool = False, overwrite: bool = False, export_peft: bool = False,
              device: str | None = None, progress: bool = True,
@@ -567,10 +585,11 @@ def finetune(path: str | Path, data: str | Path, out: str | Path, config: Finetu
             raise CheckpointError(f"{str(out)!r} holds no resumable state; run without --resume to start")
     else:
         checkpoint.check_out_dir(out, overwrite)
+        _check_replaceable_run(out, Path(path).expanduser())
     tok = load_tokenizer(str(path))
     packed = load_packed(data, tok, config.seq_len, fmt=config.data_format, on_bad_line=config.on_bad_line,
                          eval_fraction=config.eval_fraction, max_eval_sequences=config.max_eval_sequences)
-    if not resume and out.exists():
+    if not resume and out.exists():  # every input checked, and out is an earlier run's folder (above)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     model = checkpoint.load(path, device=device or "cpu", prepare=False)  # trained: no inference snapshot

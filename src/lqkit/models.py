@@ -92,7 +92,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run code from a folder
     except Exception as e:  # transformers raises OSError/ValueError/... for missing or bad files
         raise ModelLoadError(f"could not load the tokenizer of {path!r}: {_first_line(e)}") from None
 
@@ -103,7 +103,7 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
 
     path = resolve(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except Exception as e:
         hint = " (the Hub is offline here: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise ModelLoadError(f"could not load model {name_or_path!r}: {_first_line(e)}{hint}") from None

@@ -311,7 +311,12 @@ def open_model(name_or_path: str | None, device: torch.device | str = "cpu", dty
     folder, source = _local(name_or_path)
     index = _index(folder) if stream else None
     if index:
-        src = FileSource(folder, source, index, _stored_dtype(folder, index), device, dtype)
+        try:
+            src = FileSource(folder, source, index, _stored_dtype(folder, index), device, dtype)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # transformers: unknown architecture, code it would have to run, bad config
+            raise ModelLoadError(f"could not load model {name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
         missing = src.missing()
         if not missing:
             return src
