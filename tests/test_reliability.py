@@ -60,3 +60,59 @@ def test_no_code_from_a_model_folder_runs(tmp_path, tiny_tokenizer):
     with pytest.raises(Exception):
         checkpoint.load(d)  # not a checkpoint: refused before any config is read
     assert not marker.exists()
+
+
+def _tiny_checkpoint(tmp_path, tok):
+    from lqkit.compress import compress_model
+    from lqkit.core import MatrixSpec, QuantSpec
+    from lqkit.plan import uniform_plan
+
+    m = tiny_model("llama")
+    plan = uniform_plan(m, MatrixSpec("quant", QuantSpec("rtn", 4, 32)))
+    compress_model(m, plan, progress=False)
+    return checkpoint.save(m, tok, tmp_path / "ck", plan=plan)
+
+
+def _rewrite_meta(ck, edit) -> None:
+    meta = json.loads((ck / checkpoint.META_FILE).read_text())
+    edit(meta)
+    (ck / checkpoint.META_FILE).write_text(json.dumps(meta))
+
+
+def test_checksums_cannot_be_bypassed(tmp_path, tiny_tokenizer):
+    """Every tensor file in the folder must be listed and match; names stay inside the folder;
+    config.json is checksummed; a tensor rewritten in another dtype (checksum updated) is refused."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ck = _tiny_checkpoint(tmp_path, tiny_tokenizer)
+    checkpoint.load(ck, prepare=False)
+    good = tmp_path / "good"
+    shutil.copytree(ck, good)
+
+    def case(edit, match):
+        shutil.rmtree(ck)
+        shutil.copytree(good, ck)
+        edit()
+        with pytest.raises(CheckpointError, match=match):
+            checkpoint.load(ck, prepare=False)
+
+    case(lambda: _rewrite_meta(ck, lambda m: m.update(files={})), "lists no tensor files")
+    case(lambda: _rewrite_meta(ck, lambda m: m["files"].update({"../good/model.safetensors": {}})), "outside the")
+    case(lambda: (ck / "model-extra.safetensors").write_bytes(b"x"), "not listed")
+    case(lambda: (ck / "config.json").write_text((ck / "config.json").read_text().replace("silu", "gelu")),
+         "config.json is truncated|config.json is corrupted")
+    case(lambda: _rewrite_meta(ck, lambda m: m["files"].pop("config.json")), "config.json is not listed")
+
+    def int16_scales():
+        f = ck / checkpoint.TENSOR_FILE
+        state = load_file(str(f))
+        key = next(k for k in state if k.endswith("q_scale"))
+        state[key] = state[key].view(__import__("torch").int16)
+        save_file(state, str(f))
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        _rewrite_meta(ck, lambda m: m["files"][checkpoint.TENSOR_FILE].update(sha256=digest, bytes=f.stat().st_size))
+
+    case(int16_scales, "but the plan stores")

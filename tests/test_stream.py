@@ -111,12 +111,36 @@ def test_checkpoint_keeps_the_source_dtype_in_shards(tmp_path, tiny_tokenizer, c
             dtypes.update({k: fh.get_slice(k).get_dtype() for k in fh.keys()})
     assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["model.norm.weight"] == "BF16"
     assert dtypes["model.layers.0.self_attn.q_proj.L"] == "F16"  # factors in the plan's factor dtype
+    assert dtypes["model.layers.0.self_attn.q_proj.q_scale"] == "F16"  # scales as the plan stores them, not bf16
     model = checkpoint.load(tmp_path / "ck", dtype=torch.bfloat16)
     assert torch.equal(model.model.embed_tokens.weight, ref.model.embed_tokens.weight)
     assert len(compressed_modules(model)) == 14
     (tmp_path / "ck" / files[1]).write_bytes(b"x")  # every shard is checked
     with pytest.raises(checkpoint.CheckpointError, match="truncated or altered"):
         checkpoint.load(tmp_path / "ck")
+
+
+def test_shard_file_round_trips_every_dtype(tmp_path):
+    """Shards are written tensor by tensor (host memory: one tensor); safetensors reads them back
+    exactly: every dtype a checkpoint stores, scalars, empty and non-contiguous tensors."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    ts = {"bf16": torch.randn(3, 5, generator=g).bfloat16(), "f32": torch.randn(7, generator=g),
+          "scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4), "mask": torch.rand(4, generator=g) > 0.5,
+          "codes": torch.randint(-100, 100, (5, 3), dtype=torch.int8, generator=g),
+          "transposed": torch.randn(6, 4, generator=g).t(), "f16": torch.randn(2, 2, generator=g).half(),
+          "idx": torch.randint(0, 1000, (9,), dtype=torch.int32, generator=g),
+          "packed": torch.randint(0, 255, (4, 4), dtype=torch.uint8, generator=g)}
+    f = checkpoint._ShardFile(tmp_path / "x.safetensors")
+    for k, v in ts.items():
+        f.add(k, v)
+    f.close()
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert sorted(back) == sorted(ts)
+    for k, v in ts.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # the data file is gone
 
 
 def test_streamed_plan_equals_whole_model_plan(tiny_model_dir, tmp_path, cache, monkeypatch):

