@@ -1,7 +1,9 @@
 """The command line: a smoke run and the bad inputs a user can hit (exit 2, one line, nothing written)."""
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +22,38 @@ def test_help():
     for cmd in ([], ["compress"], ["eval"], ["inspect"], ["generate"]):
         r = run(*cmd, "--help")
         assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_help_lists_every_verb_with_examples():
+    from lqkit.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    r = run("--help")
+    assert r.returncode == 0
+    for verb in verbs:  # one line each: the verb, then what it does
+        assert re.search(rf"^ +{re.escape(verb)} +\S", r.stdout, re.M), (verb, r.stdout)
+    assert "examples:" in r.stdout and "lqkit compress --model" in r.stdout and "torchrun --nproc-per-node" in r.stdout
+    for verb, parser in verbs.items():
+        assert "examples:" in parser.format_help() and f"lqkit {verb}" in parser.epilog, verb
+
+
+@pytest.mark.parametrize("args, expect", [
+    ([], "e.g. lqkit compress --model"),
+    (["compress", "--bits", "x", "--out", "o"], "e.g. --bits 3"),
+    (["compress", "--budget", "3"], "e.g. lqkit compress --model"),  # --out missing
+    (["generate", "--prompt"], "e.g. lqkit generate out/ck --prompt"),
+    (["compress", "--budget", "3", "--budget-bytes", "4MB", "--out", "o"], "e.g. --budget 3.0"),
+    (["compress", "--budget", "3", "--cand-ranks", "8,x", "--out", "o"], "e.g. --cand-ranks 0,8,16"),
+])
+def test_usage_errors_name_a_value_that_works(args, expect, capsys):
+    from lqkit.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
 
 
 def test_compress_eval_inspect_smoke(tiny_model_dir, tmp_path):

@@ -64,10 +64,11 @@ class Budget:
 
     def __post_init__(self) -> None:
         if (self.bits_per_param is None) == (self.bytes is None):
-            raise SpecError("give the budget either in bits per parameter (--budget) or in bytes (--budget-bytes)")
+            raise SpecError("give the budget either in bits per parameter (--budget, e.g. 3.0) or in bytes "
+                            "(--budget-bytes, e.g. 40MB)")
         v = self.bits_per_param if self.bits_per_param is not None else self.bytes
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise SpecError(f"the budget must be a positive number, got {v!r}")
+            raise SpecError(f"the budget must be a positive number, e.g. --budget 3.0 or --budget-bytes 40MB; got {v!r}")
 
     def total_bits(self, params: int) -> int:
         if self.bits_per_param is not None:
@@ -364,7 +365,8 @@ def _allowed(table: CostTable, constraints: Iterable[Constraint]) -> list[np.nda
         if not ok.any():
             lo, hi = float(bpp.min()), float(bpp.max())
             raise SpecError(f"no candidate of {name} satisfies the constraints (its candidates range over "
-                            f"{lo:.3f}-{hi:.3f} bits/param); loosen --min-bits/--max-bits or widen the candidates")
+                            f"{lo:.3f}-{hi:.3f} bits/param); loosen --min-bits/--max-bits so that some value in that "
+                            "range is allowed for it, or widen the candidates (e.g. --cand-bits 2,3,4,6,8)")
         out.append(np.flatnonzero(ok))
     return out
 
@@ -408,7 +410,9 @@ def allocate(table: CostTable, config: AllocationConfig, table_cached: bool = Fa
     if budget_bits < need:
         raise BudgetError(f"the budget of {config.budget.label()} ({budget_bits} bits for {table.params} parameters) "
                           f"is below the smallest achievable {need / table.params:.4f} bits/param "
-                          f"({math.ceil(need / 8)} bytes) with these candidates and constraints; raise the budget")
+                          f"({math.ceil(need / 8)} bytes) with these candidates and constraints; raise the budget, "
+                          f"e.g. --budget {math.ceil(need / table.params * 100 + 1e-6) / 100:g} or --budget-bytes "
+                          f"{math.ceil(need / 8)}")
     with _quiet_stdout():
         sol = solve(bits, errs, budget_bits)
     choice = tuple(int(a[c]) for a, c in zip(allowed, sol.choice))

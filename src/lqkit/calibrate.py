@@ -97,7 +97,8 @@ def calibration_ids(tokenizer, text: str, config: CalibConfig) -> torch.Tensor:
     span = config.seqlen - 1
     if ids.numel() < span:
         raise DataError(f"the calibration text has {ids.numel()} tokens; at least {span} are needed for one "
-                        f"sequence of {config.seqlen} (with BOS): pass a longer --calib or a smaller --calib-seqlen")
+                        f"sequence of {config.seqlen} (with BOS): pass a longer --calib or --calib-seqlen "
+                        f"{ids.numel() + 1} or less")
     starts = [i * (ids.numel() - span) // config.samples for i in range(config.samples)]
     bos = torch.full((1,), bos_id(tokenizer), dtype=torch.long)
     return torch.stack([torch.cat([bos, ids[s:s + span]]) for s in starts])

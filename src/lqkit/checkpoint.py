@@ -55,9 +55,10 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it "
-                              "or choose another --out")
+                              f"or choose another --out, e.g. --out {str(out).rstrip('/')}-2")
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {str(out)!r} is a file; choose a folder for --out")
+        raise CheckpointError(f"output path {str(out)!r} is a file; choose a folder for --out, e.g. "
+                              f"--out {str(out).rstrip('/')}-ck")
     return out
 
 

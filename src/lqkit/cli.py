@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 from .core.costs import CandidateSet
@@ -17,11 +18,44 @@ QUANT_ONLY = ("rtn", "nf", "gptq", "nuq", "sparse")  # methods that are Q alone
 SPARSE_DEFAULT = 0.005  # --method sparse: fraction of weights kept as fp16 outliers unless --outliers
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps paragraphs of a description or epilog; keeps indented lines (examples) as written."""
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        for verb in self._iter_indented_subactions(action):  # argparse measures verbs without their indent
+            self._action_max_length = max(self._action_max_length,
+                                          len(self._format_action_invocation(verb)) + self._current_indent)
+
+    def _fill_text(self, text, width, indent):
+        fill = super()._fill_text
+        return "\n".join(indent + ln if ln.startswith(" ") or not ln.strip() else fill(ln, width, indent)
+                         for ln in text.splitlines())
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what was wrong, where to look) and exit code 2."""
+    """argparse, but a usage error is one line (what was wrong, a value that works, where to look) and
+    exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._example(message)} (see {self.prog} --help)\n")
+
+    def _example(self, message: str) -> str:
+        """A value that would work: the flag's default, else the first example of the epilog."""
+        m = re.match(r"argument (--[\w-]+)", message)
+        act = self._option_string_actions.get(m.group(1)) if m else None
+        if act is not None and act.choices:
+            return ""  # argparse lists them
+        if act is not None and act.default not in (None, False, [], argparse.SUPPRESS):
+            return f"; e.g. {m.group(1)} {act.default}"
+        examples = [ln.split("  #")[0].strip() for ln in (self.epilog or "").splitlines() if ln.startswith("  ")]
+        if examples and (act is not None or "required" in message or "unrecognized" in message):
+            return f"; e.g. {examples[0]}"
+        return ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,14 +104,33 @@ def _calib_config(a, fisher: bool = True):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lqkit", description="Shrink causal LMs with low-rank + quantized decomposition.")
+    p = _Parser(prog="lqkit", description="Compress a Hugging Face causal LM to a memory budget: each linear weight "
+                "becomes W ≈ Q + L·R (+ S), its quantizer, bits, groups, rank and outliers chosen per matrix by an "
+                "integer program. `lqkit VERB --help` shows a verb's options and examples.",
+                epilog="examples:\n"
+                       "  lqkit compress --model path/or/hub-id --budget 3.0 --out out/ck   # streamed by block; GPU when present\n"
+                       "  torchrun --nproc-per-node 2 -m lqkit compress --model path/to/folder --budget 3.0 --out out/ck\n"
+                       "  lqkit eval out/ck                               # perplexity, fixed WikiText-2 protocol\n"
+                       "  lqkit generate out/ck --prompt \"The tower is\"   # the text, then tokens/s\n"
+                       "  lqkit export-peft runs/ft/best --out export/    # plain HF base + PEFT LoRA adapter")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, title="verbs", metavar="VERB")
 
-    c = sub.add_parser("compress", parents=[common], help="compress a model and write a checkpoint",
-                       description="Compress the linear layers of a causal LM as W ≈ Q + L·R and save the result.")
+    c = sub.add_parser("compress", parents=[common], help="compress a model to a budget, write a checkpoint",
+                       description="Compress the linear layers of a causal LM as W ≈ Q + L·R (+ S) and save the result. "
+                                   "With --budget or --budget-bytes an integer program picks each matrix's configuration; "
+                                   "with --method every matrix gets the same one. A model folder is read one decoder "
+                                   "block at a time from its safetensors files (memory bounded by a block), on the GPU "
+                                   "when one is present; under torchrun the per-matrix work is split over processes.",
+                       epilog="examples:\n"
+                              "  lqkit compress --model path/or/hub-id --budget 3.0 --out out/ck\n"
+                              "  lqkit compress --model path/or/hub-id --budget-bytes 40MB --out out/ck-40mb\n"
+                              "  lqkit compress --model path/or/hub-id --budget 2.5 --min-bits 'mlp\\.down_proj=3' --out out/ck25\n"
+                              "  lqkit compress --model path/to/folder --budget 3.0 --device cuda --out out/ck   # streamed on a GPU\n"
+                              "  torchrun --nproc-per-node 2 -m lqkit compress --model path/to/folder --budget 3.0 --out out/ck\n"
+                              "  lqkit compress --model path/or/hub-id --method gptq --bits 4 --group-size 128 --out out/gptq4")
     _add_model(c)
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -164,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("calibrate", parents=[common], help="compute calibration statistics (H, Fisher)",
                        description="Run calibration text through the model, one decoder block at a time, and "
-                                   "save per-layer input second moments H and the empirical Fisher diagonal.")
+                                   "save per-layer input second moments H and the empirical Fisher diagonal "
+                                   "(compress computes and caches them itself; this verb keeps them in a file).",
+                       epilog="examples:\n"
+                              "  lqkit calibrate --model path/or/hub-id --out stats.safetensors\n"
+                              "  lqkit compress --model path/or/hub-id --stats stats.safetensors --method gptq --out out/gptq")
     _add_model(k)
     k.add_argument("--out", required=True, help="output statistics file (.safetensors)")
     k.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -176,8 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers to skip (repeatable; default: lm_head)")
     k.set_defaults(func=cmd_calibrate)
 
-    e = sub.add_parser("eval", parents=[common], help="perplexity of a model or checkpoint",
-                       description="Perplexity on WikiText-2 (or --text) with lqkit's fixed protocol.")
+    e = sub.add_parser("eval", parents=[common], help="perplexity of a checkpoint or model",
+                       description="Perplexity on WikiText-2 (or --text) with lqkit's fixed protocol: 40 windows "
+                                   "of 512 tokens, BOS first (docs/methods.md).",
+                       epilog="examples:\n"
+                              "  lqkit eval out/ck\n"
+                              "  lqkit eval out/ck --json --device cuda --dtype bfloat16\n"
+                              "  lqkit eval path/or/hub-id     # the uncompressed model, same protocol")
     e.add_argument("path", nargs="?", default=None,
                    help="lqkit checkpoint or HF model folder/id (default: the default model)")
     _add_eval_protocol(e)
@@ -187,24 +249,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the model runs in (default float32, as the published protocol)")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", parents=[common], help="compress the default model end to end and print a table",
+    d = sub.add_parser("demo", parents=[common], help="compress the default model end to end, print a table",
                        description="Baseline, calibration, budget allocation, compression, save, reload and "
-                                   "evaluation of google/gemma-3-270m.")
+                                   "evaluation of google/gemma-3-270m (needs the demo extra).",
+                       epilog="examples:\n"
+                              "  lqkit demo\n"
+                              "  lqkit demo --budget 3.0 --windows 8")
     d.add_argument("--out", default="out/gemma-3-270m-budget", help="checkpoint folder (replaced)")
     d.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
     d.add_argument("--budget", type=float, default=3.25, help="bits per parameter of the linear layers (default 3.25)")
     d.set_defaults(func=cmd_demo)
 
-    i = sub.add_parser("inspect", parents=[common], help="show a checkpoint's per-matrix plan, bits, rank and error",
-                       description="Print the plan and size report of an lqkit checkpoint.")
+    i = sub.add_parser("inspect", parents=[common], help="a checkpoint's per-matrix plan, bits and error",
+                       description="Print the plan and size report of an lqkit checkpoint: per matrix its "
+                                   "quantizer, bits, group, rank, outliers, error and GPU kernel path; the solver report.",
+                       epilog="examples:\n"
+                              "  lqkit inspect out/ck\n"
+                              "  lqkit inspect out/ck --json --plot plan.png")
     i.add_argument("path", help="lqkit checkpoint folder")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--plot", default=None, metavar="PNG",
                    help="also draw the plan (bits/param and rank per matrix, by layer and projection) to PNG")
     i.set_defaults(func=cmd_inspect)
-    g = sub.add_parser("generate", parents=[common], help="continue a prompt with a checkpoint or model; print tokens/s",
+    g = sub.add_parser("generate", parents=[common], help="continue a prompt, print tokens/s",
                        description="Greedy generation with an lqkit checkpoint (or a plain HF model, to compare), "
-                                   "ready for fast inference as loaded; the second of two calls is timed.")
+                                   "ready for fast inference as loaded; the second of two calls is timed.",
+                       epilog="examples:\n"
+                              "  lqkit generate out/ck --prompt \"The tower is\" --max-new-tokens 64\n"
+                              "  lqkit generate out/ck --prompt \"The tower is\" --compile   # static KV cache + torch.compile\n"
+                              "  lqkit generate path/or/hub-id --prompt \"The tower is\"     # an uncompressed model, same code")
     g.add_argument("path", nargs="?", default=None,
                    help="lqkit checkpoint or HF model folder/id (default: the default model)")
     g.add_argument("--prompt", required=True, help="text to continue")
@@ -239,17 +312,19 @@ def _list(text: str, kind, what: str) -> tuple:
     try:
         return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise SpecError(f"cannot read {what} {text!r}; write comma-separated values such as 2,3,4") from None
+        example = {"--cand-group-sizes": "32,64,128", "--cand-ranks": "0,8,16", "--cand-outliers": "0,0.005"}.get(what, "2,3,4")
+        raise SpecError(f"cannot read {what} {text!r}; write comma-separated values, e.g. {what} {example}") from None
 
 
 def _allocation_from_args(a: argparse.Namespace):
     from .allocate import AllocationConfig, Budget, Constraint, parse_bytes
 
     if a.budget is not None and a.budget_bytes is not None:
-        raise SpecError("give either --budget (bits per parameter) or --budget-bytes, not both")
+        raise SpecError("give either --budget (bits per parameter) or --budget-bytes, not both: e.g. --budget 3.0 "
+                        "or --budget-bytes 40MB")
     if a.method is not None:
         raise SpecError("--method sets one method for every matrix and --budget lets lqkit choose per matrix: "
-                        "drop one of them")
+                        "drop one of them, e.g. --budget 3.0 alone or --method gptq --bits 4 alone")
     budget = Budget(bits_per_param=a.budget) if a.budget is not None else Budget(bytes=parse_bytes(a.budget_bytes))
     cands = CandidateSet(
         quantizers=_list(a.cand_quantizers, str, "--cand-quantizers"), bits=_list(a.cand_bits, int, "--cand-bits"),
@@ -356,9 +431,12 @@ def _add_finetune_commands(sub, common: argparse.ArgumentParser) -> None:
     from .finetune import FinetuneConfig
 
     d = FinetuneConfig()
-    f = sub.add_parser("finetune", parents=[common], help="fine-tune the low-rank factors of a checkpoint (LQ-LoRA)",
+    f = sub.add_parser("finetune", parents=[common], help="train a checkpoint's low-rank part (LQ-LoRA)",
                        description="Train only L and R of a compressed checkpoint (Q frozen) with a causal-LM loss; "
-                                   "writes OUT/best and OUT/last (lqkit checkpoints), OUT/resume, OUT/log.jsonl.")
+                                   "writes OUT/best and OUT/last (lqkit checkpoints), OUT/resume, OUT/log.jsonl.",
+                       epilog="examples:\n"
+                              "  lqkit finetune out/ck-lq --data train.txt --out runs/ft\n"
+                              "  lqkit finetune out/ck-lq --data data.jsonl --out runs/ft --resume   # after an interruption")
     f.add_argument("path", help="lqkit checkpoint folder with a low-rank part (rank > 0)")
     f.add_argument("--data", required=True,
                    help="UTF-8 plain text, or JSONL with {\"text\": ...} or {\"prompt\": ..., \"response\": ...} per line")
@@ -393,9 +471,11 @@ def _add_finetune_commands(sub, common: argparse.ArgumentParser) -> None:
     f.add_argument("--export-peft", action="store_true", help="also export the best checkpoint to OUT/peft (see export-peft)")
     f.set_defaults(func=cmd_finetune)
 
-    x = sub.add_parser("export-peft", parents=[common], help="export a checkpoint as a PEFT LoRA over its dequantized base",
+    x = sub.add_parser("export-peft", parents=[common], help="a PEFT LoRA over the dequantized base",
                        description="Write OUT/base (plain HF model with deq(Q) weights) and OUT/adapter "
-                                   "(adapter_config.json + adapter_model.safetensors, lora_A = R, lora_B = L).")
+                                   "(adapter_config.json + adapter_model.safetensors, lora_A = R, lora_B = L).",
+                       epilog="examples:\n"
+                              "  lqkit export-peft runs/ft/best --out export/")
     x.add_argument("path", help="lqkit checkpoint folder with a low-rank part")
     x.add_argument("--out", required=True, help="output folder")
     x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

@@ -90,7 +90,8 @@ def check_stats(plan: Mapping[str, MatrixSpec | set[str]], stats) -> None:
             what = " and ".join({"h": "input second moments (H)", "fisher": "a Fisher diagonal"}[k] for k in missing)
             label = spec.label() if isinstance(spec, MatrixSpec) else "the budget allocation"
             raise SpecError(f"{name} ({label}) needs {what}, which the calibration statistics lack; "
-                            "pass --calib (or a --stats file that has them)")
+                            "drop --stats (lqkit computes what it needs) or recompute the file with `lqkit calibrate "
+                            "--out stats.safetensors --overwrite` (without --no-fisher)")
 
 
 def compress_model(model: nn.Module, plan: Mapping[str, MatrixSpec], *, device: str | None = None,

@@ -64,7 +64,8 @@ def window_starts(n_tokens: int, protocol: EvalProtocol) -> list[int]:
     span = protocol.window_tokens - 1
     if n_tokens < span:
         raise DataError(f"the evaluation text has {n_tokens} tokens; at least {span} are needed for one "
-                        f"window of {protocol.window_tokens} (with BOS): pass a longer --text")
+                        f"window of {protocol.window_tokens} (with BOS): pass a longer --text or --window-tokens "
+                        f"{n_tokens + 1} or less")
     if protocol.full:
         return list(range(0, n_tokens - span + 1, span))
     k = protocol.windows

@@ -550,7 +550,8 @@ def check_low_rank(path: str | Path) -> dict:
     plan = plan_from_json(meta["plan"])
     if not any(spec.rank for spec in plan.values()):
         raise CheckpointError(f"checkpoint {str(path)!r} has no low-rank part (rank 0 in every layer), so there is "
-                              "nothing to fine-tune; compress with --method lq or lorc and --rank > 0")
+                              "nothing to fine-tune; compress with a low-rank part, e.g. lqkit compress --method lq "
+                              "--rank 16 ...")
     return meta
 
 

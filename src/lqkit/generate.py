@@ -42,9 +42,9 @@ def generate(path: str | None, prompt: str, *, max_new_tokens: int = 64, device:
     default model), timed (see the module docstring). ``device``: default cuda when present; ``dtype``:
     default bfloat16 on a GPU, float32 on the CPU."""
     if not prompt:
-        raise DataError("the prompt is empty; pass some text with --prompt")
+        raise DataError("the prompt is empty; pass some text, e.g. --prompt \"The tower is\"")
     if max_new_tokens < 1:
-        raise SpecError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        raise SpecError(f"--max-new-tokens must be at least 1, e.g. --max-new-tokens 64; got {max_new_tokens}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LqkitError("CUDA is not available here; pass --device cpu")

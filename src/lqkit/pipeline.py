@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -23,7 +24,7 @@ from .errors import SpecError
 from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
 from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan, find_linears
-from .plan import Plan, plan_to_json, uniform_plan
+from .plan import Plan, no_layer_matches, plan_to_json, uniform_plan
 from .stream import open_model
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     by_block, outside = blockwise.block_linears(src, plan)
     if outside and need:
         raise SpecError(f"{outside[0]} lies outside the decoder blocks, where no calibration statistics are "
-                        "gathered; exclude it (--exclude) or use a data-free method")
+                        f"gathered; exclude it (e.g. --exclude '{re.escape(outside[0])}$') or use a data-free method "
+                        "(e.g. --method rtn)")
     calib_ids = None
     if need:
         body = read_text(calib_text, DEFAULT_CALIB_TEXT)[0]
@@ -354,7 +356,7 @@ def calibrate(model: str | None, out: str, *, text: str | None = None, config: C
     loaded = load_model(model)
     names = list(find_linears(loaded.model, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE))
     if not names:
-        raise SpecError("no linear layer matches the include/exclude patterns; loosen --include/--exclude")
+        raise no_layer_matches(loaded.model)
     stats = _calibrate(loaded.model, loaded.tokenizer, body, names, config, text_label=label,
                        model_label=loaded.source, progress=progress)
     checkpoint.save_stats(stats, out, overwrite=overwrite)

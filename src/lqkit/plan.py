@@ -19,8 +19,16 @@ def uniform_plan(model: nn.Module, spec: MatrixSpec, include: Iterable[str] = DE
     """The same spec for every selected linear layer."""
     names = list(find_linears(model, include, exclude))
     if not names:
-        raise SpecError("no linear layer matches the include/exclude patterns; loosen --include/--exclude")
+        raise no_layer_matches(model)
     return {n: spec for n in names}
+
+
+def no_layer_matches(model: nn.Module) -> SpecError:
+    """The error for include/exclude patterns that select nothing, naming a layer that exists."""
+    names = list(find_linears(model, DEFAULT_INCLUDE, DEFAULT_EXCLUDE))
+    example = f", e.g. --include '{names[0]}'" if names else ""
+    return SpecError("no linear layer matches the include/exclude patterns; loosen --include/--exclude "
+                     f"(without them: every linear layer but lm_head){example}")
 
 
 def plan_to_json(plan: Mapping[str, MatrixSpec]) -> dict:

@@ -57,7 +57,8 @@ class PackedData:
 
 def _read_file(path: Path) -> bytes:
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist; pass an existing text or JSONL file with --data")
+        raise DataError(f"data file {str(path)!r} does not exist; pass an existing text or JSONL file, e.g. "
+                        "--data train.txt or --data data.jsonl")
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"data file {str(path)!r} is empty; pass a file with training text in it")
@@ -150,7 +151,7 @@ def pack(tokenizer, examples: list[Example], seq_len: int, eval_fraction: float 
     n = len(ids) // span
     if n == 0:
         raise DataError(f"{label} has {len(ids)} tokens, fewer than one sequence of {seq_len} needs ({span} + BOS); "
-                        "add text or lower --seq-len")
+                        f"add text or pass --seq-len {max(2, len(ids) + 1)} or less")
     bos = bos_id(tokenizer)
     body = torch.tensor(ids[:n * span], dtype=torch.long).view(n, span)  # (N, T-1)
     lab = torch.tensor(labels[:n * span], dtype=torch.long).view(n, span)

@@ -55,7 +55,7 @@ class MatrixSpec:
         if not (isinstance(self.rank, int) and self.rank >= 0):
             raise SpecError(f"rank must be a non-negative integer, got {self.rank!r}")
         if needs_r and self.rank == 0:
-            raise SpecError(f"method {self.method!r} needs a rank of at least 1 (--rank)")
+            raise SpecError(f"method {self.method!r} needs a rank of at least 1, e.g. --rank 16")
         if not needs_r and self.rank != 0:
             raise SpecError(f"method {self.method!r} has no low-rank part; use rank 0 or method lq/lorc")
         if not (isinstance(self.iters, int) and self.iters >= 1):
@@ -72,7 +72,7 @@ class MatrixSpec:
     def check_shape(self, shape: tuple[int, int], name: str = "matrix") -> None:
         if self.rank > min(shape):
             raise SpecError(f"rank {self.rank} is larger than {name} of shape {shape[0]}x{shape[1]} "
-                            f"allows (at most {min(shape)}); choose a smaller --rank")
+                            f"allows (at most {min(shape)}); choose --rank {min(shape)} or less")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -60,7 +60,7 @@ class QuantSpec:
             allowed = ", ".join(str(b) for b in sorted(q.bits_allowed))
             raise SpecError(f"quantizer {self.method!r} supports bits {allowed}; got {self.bits!r}")
         if not (isinstance(self.group_size, int) and self.group_size >= 1):
-            raise SpecError(f"group size must be a positive integer, got {self.group_size!r}")
+            raise SpecError(f"group size must be a positive integer such as 128, got {self.group_size!r}")
         if self.group_dim not in GROUP_DIMS:
             raise SpecError(f"group dim must be 'in', 'out' or 'auto', got {self.group_dim!r}")
         if self.double_quant and not q.supports_double_quant:
@@ -68,15 +68,18 @@ class QuantSpec:
         if self.scale_dtype not in ("float16", "bfloat16", "float32"):
             raise SpecError(f"scale dtype must be float16, bfloat16 or float32, got {self.scale_dtype!r}")
         if self.act_order and self.method != "gptq":
-            raise SpecError("act-order is a gptq option; use --quantizer gptq or drop --act-order")
+            raise SpecError("act-order is a gptq option; use --method gptq (or --quantizer gptq with lq/lorc/sparse) "
+                            "or drop --act-order")
         if self.clip and self.method not in ("rtn", "gptq"):
-            raise SpecError(f"range clipping is an rtn / gptq option, not {self.method!r}; drop --clip")
+            raise SpecError(f"range clipping is an rtn / gptq option, not {self.method!r}; drop --clip or "
+                            "quantize with rtn or gptq (e.g. --method gptq)")
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 10):
             raise SpecError(f"damp must be a positive fraction such as 0.01, got {self.damp!r}")
         if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
-            raise SpecError(f"outliers is a fraction of the weights in [0, 0.5), got {self.outliers!r}")
+            raise SpecError(f"outliers is a fraction of the weights in [0, 0.5) such as 0.005, got {self.outliers!r}")
         if not (isinstance(self.outlier_features, (int, float)) and 0 <= self.outlier_features < 1):
-            raise SpecError(f"outlier features is a fraction of the inputs in [0, 1), got {self.outlier_features!r}")
+            raise SpecError(f"outlier features is a fraction of the inputs in [0, 1) such as 0.01, got "
+                            f"{self.outlier_features!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

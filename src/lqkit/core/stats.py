@@ -62,8 +62,8 @@ def require(stats: MatrixStats | None, what: str, why: str):
         kind = "input second moments (H)" if what == "h" else "a Fisher diagonal"
         if what == "fisher" and stats is not None and stats.fisher_sums is not None:
             kind = "the whole Fisher diagonal (only its row and column sums were kept)"
-        raise SpecError(f"{why} needs calibration statistics with {kind}: pass --calib / --stats "
-                        f"(see `lqkit calibrate`)")
+        raise SpecError(f"{why} needs calibration statistics with {kind}: compute them with `lqkit calibrate "
+                        f"--out stats.safetensors` and pass --stats stats.safetensors")
     return t
 
 
