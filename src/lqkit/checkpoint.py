@@ -74,11 +74,12 @@ def stored_state(module: nn.Module, dense_dtype: torch.dtype | None, prefix: str
     tensors in ``dense_dtype`` (if given), compressed buffers as they are — with names prefixed by
     ``prefix``, leaving out names that start with ``exclude``; tensors that share memory are stored
     once (their other names returned as aliases)."""
-    factor = {}
+    factor, kept = {}, set()
     for name, m in compressed_modules(module).items():
         for part in ("L", "R"):
             if getattr(m, part) is not None:
                 factor[f"{name}.{part}" if name else part] = DTYPES[m.spec.factor_dtype]
+        kept.update(f"{name}.{b}" if name else b for b, _ in m.named_buffers())  # scales etc.: as the plan stores them
     state, aliases, seen = {}, {}, {}
     for key, t in module.state_dict().items():
         if exclude is not None and key.startswith(exclude):
@@ -90,7 +91,7 @@ def stored_state(module: nn.Module, dense_dtype: torch.dtype | None, prefix: str
         seen[ident] = prefix + key
         if key in factor:
             t = t.to(factor[key])
-        elif dense_dtype is not None and t.is_floating_point():
+        elif dense_dtype is not None and t.is_floating_point() and key not in kept:
             t = t.to(dense_dtype)
         state[prefix + key] = t.detach()
     return state, aliases
