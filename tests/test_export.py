@@ -16,7 +16,7 @@ from lqkit.core import serving
 from lqkit.core.allocate import BudgetError, solve
 from lqkit.core.decompose import MatrixSpec
 from lqkit.core.quant import QuantSpec
-from lqkit.errors import CheckpointError, SpecError
+from lqkit.errors import SpecError
 from lqkit.nn.surgery import compressed_modules
 from lqkit.plan import uniform_plan
 

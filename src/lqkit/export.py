@@ -287,18 +287,23 @@ def _ct():
     return helpers
 
 
-def _check_ct(meta: dict) -> None:
-    """Refuse, before loading anything, what the format cannot express (one line, by reason)."""
-    plan = plan_from_json(meta["plan"])
-    shapes = {n: tuple(r["shape"]) for n, r in (meta.get("reports") or {}).items()}
+def _refuse(layers: dict[str, tuple]) -> None:
+    """One line naming, by reason, the layers ({name: (spec, shape)}) the format cannot hold."""
     by_reason: dict[tuple[str, str], list[str]] = {}
-    for n, spec in plan.items():
-        why = serving.refusal(spec, shapes.get(n, (1, 1 << 30)))
+    for n, (spec, shape) in layers.items():
+        why = serving.refusal(spec, shape)
         if why is not None:
             by_reason.setdefault(why, []).append(n)
     if by_reason:
         parts = [f"{_names(names)}: {why} ({fix})" for (why, fix), names in by_reason.items()]
         raise SpecError("compressed-tensors cannot hold " + "; ".join(parts))
+
+
+def _check_ct(meta: dict) -> None:
+    """Refuse, before loading anything, what the format cannot express (shapes from the reports;
+    checked again on the loaded layers)."""
+    shapes = {n: tuple(r["shape"]) for n, r in (meta.get("reports") or {}).items()}
+    _refuse({n: (spec, shapes.get(n, (1, 1 << 30))) for n, spec in plan_from_json(meta["plan"]).items()})
     _ct()
 
 
@@ -357,6 +362,7 @@ def _write_ct(src: Source, tmp: Path) -> dict:
     helpers = _ct()
     model = src.model
     mods = compressed_modules(model)
+    _refuse({n: (m.spec, m.shape) for n, m in mods.items()})
     schemes = {n: serving.scheme(m.spec.quant, m.in_features) for n, m in mods.items()}
     _fused_check(src, schemes)
     packed = {n: _ct_tensors(helpers, n, m, schemes[n]) for n, m in mods.items()}
