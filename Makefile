@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 # Worker processes for that interpreter step (pytest-xdist).
 INTERPRET_JOBS ?= 2
-EXTRAS ?= demo,test,plot,finetune
+EXTRAS ?= demo,test,plot,finetune,export
 
 # `make test` allows a test this many seconds (set-up + call); slower ones fail (see tests/conftest.py).
 MAX_TEST_SECONDS ?= 60

@@ -7,6 +7,12 @@ stored bits and sensitivity-weighted errors; :func:`lqkit.core.allocate.solve` p
 minimising the total error within the budget; the result is a plan (module name -> MatrixSpec)
 that drives surgery, is saved in the checkpoint and is reported.
 
+With a serving target (``CandidateSet(target="vllm")``, ``lqkit compress --target vllm``) the table
+holds only what the runtime serves, and layers that read one input — which vLLM and SGLang fuse into
+one layer of one scheme (q/k/v, gate/up) — are tied to one integer scheme in the integer program
+(their ranks stay free: the adapter carries L·R per layer). Who reads one input is what calibration
+saw (:func:`input_groups`), never a list of names.
+
 The table is the expensive part. It is computed matrix by matrix, in worker processes on a CPU (each
 with its share of the threads: the table's inner loops are partly Python-bound, so two single-thread
 workers beat one two-thread process), on the GPU in-process when ``device`` is CUDA, and cached
@@ -184,6 +190,7 @@ class AllocationResult:
     config: AllocationConfig
     table: CostTable
     table_cached: bool
+    ties: tuple[tuple[str, ...], ...] = ()  # layers held to one scheme (a target's fused layers)
 
     def report(self) -> dict:
         """JSON-ready summary, saved in the checkpoint and printed by ``lqkit inspect``."""
@@ -203,6 +210,7 @@ class AllocationResult:
             "table_key": t.key, "table_seconds": round(t.seconds, 1), "table_cached": self.table_cached,
             "evaluated": int(sum(c.evaluated for c in t.costs)),
             "predicted_relative_error": predicted,
+            **({"target": t.candidates.target, "ties": [list(g) for g in self.ties]} if t.candidates.target else {}),
         }
 
 
@@ -400,13 +408,60 @@ def refined(spec: MatrixSpec, iters: int) -> MatrixSpec:
                       weighting=spec.weighting, init="quant")
 
 
-def allocate(table: CostTable, config: AllocationConfig, table_cached: bool = False) -> AllocationResult:
-    """Solve the budget over ``table`` under ``config``'s constraints; the plan keeps table order."""
+def input_groups(aliases: Mapping[str, str], names: Sequence[str]) -> list[tuple[str, ...]]:
+    """The groups (model order, two or more) of ``names`` that read one input, from calibration's
+    {layer: the first layer that read the same input tensor}."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(aliases.get(n, n), []).append(n)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def groups_by_identity(stats: Mapping[str, MatrixStats]) -> list[tuple[str, ...]]:
+    """:func:`input_groups` of one block's statistics, where layers reading one input share their H."""
+    first: dict[int, str] = {}
+    return input_groups({n: first.setdefault(id(ms.h), n) for n, ms in stats.items() if ms.h is not None}, list(stats))
+
+
+def _labels(table: CostTable, allowed: list[np.ndarray]) -> list[np.ndarray]:
+    """Per matrix, the integer scheme of each allowed candidate as an integer label."""
+    from .core.serving import scheme
+
+    ids: dict = {}
+    return [np.array([ids.setdefault(scheme(c.specs[i].quant, shape[1]), len(ids)) for i in a], dtype=np.int64)
+            for shape, c, a in zip(table.shapes, table.costs, allowed)]
+
+
+def _ties(table: CostTable, ties: Sequence[Sequence[str]]) -> list[tuple[int, ...]]:
+    from .core.serving import get_target
+
+    target = table.candidates.target
+    if target is None or not get_target(target).ties:
+        return []
+    idx = {n: i for i, n in enumerate(table.names)}
+    out = []
+    for g in ties:
+        members = tuple(idx[n] for n in g if n in idx)
+        if len(members) < len(g):
+            log.warning("layers %s read one input but only %d are compressed; the others stay dense "
+                        "(a runtime fusing them needs one scheme: include or exclude them together)", g, len(members))
+        if len(members) > 1:
+            out.append(members)
+    return out
+
+
+def allocate(table: CostTable, config: AllocationConfig, table_cached: bool = False,
+             ties: Sequence[Sequence[str]] = ()) -> AllocationResult:
+    """Solve the budget over ``table`` under ``config``'s constraints; the plan keeps table order.
+    ``ties``: groups of layers that read one input; with a target that fuses them (the table's
+    candidate set says), each group takes one integer scheme."""
     allowed = _allowed(table, config.constraints)
     bits = [c.bits[a] for c, a in zip(table.costs, allowed)]
     errs = [c.errors[a] for c, a in zip(table.costs, allowed)]
     budget_bits = config.budget.total_bits(table.params)
-    need = min_bits(bits)
+    tied = _ties(table, ties)
+    labels = _labels(table, allowed) if tied else None
+    need = min_bits(bits, labels, tied)
     if budget_bits < need:
         raise BudgetError(f"the budget of {config.budget.label()} ({budget_bits} bits for {table.params} parameters) "
                           f"is below the smallest achievable {need / table.params:.4f} bits/param "
@@ -414,10 +469,11 @@ def allocate(table: CostTable, config: AllocationConfig, table_cached: bool = Fa
                           f"e.g. --budget {math.ceil(need / table.params * 100 + 1e-6) / 100:g} or --budget-bytes "
                           f"{math.ceil(need / 8)}")
     with _quiet_stdout():
-        sol = solve(bits, errs, budget_bits)
+        sol = solve(bits, errs, budget_bits, labels=labels, ties=tied)
     choice = tuple(int(a[c]) for a, c in zip(allowed, sol.choice))
     sol = replace(sol, choice=choice)
     plan = {n: refined(c.specs[k], config.refine_iters) for n, c, k in zip(table.names, table.costs, choice)}
-    log.info("allocation: %s -> %.4f bits/param (%s, %d candidates, %.2f s)", config.budget.label(),
-             sol.bits / table.params, sol.status, sol.variables, sol.seconds)
-    return AllocationResult(plan, sol, config, table, table_cached)
+    log.info("allocation: %s -> %.4f bits/param (%s, %d candidates, %d ties, %.2f s)", config.budget.label(),
+             sol.bits / table.params, sol.status, sol.variables, len(tied), sol.seconds)
+    names = tuple(tuple(table.names[m] for m in t) for t in tied)
+    return AllocationResult(plan, sol, config, table, table_cached, names)

@@ -103,8 +103,10 @@ class RunStore:
     def done(self, k: int, costs: bool) -> bool:
         return self._stats(k).is_file() and (not costs or self._costs(k).is_file())
 
-    def save(self, k: int, stats: Mapping[str, MatrixStats], costs: Mapping[str, MatrixCosts] | None) -> None:
-        """Statistics first, then costs (a block counts as done when both exist)."""
+    def save(self, k: int, stats: Mapping[str, MatrixStats], costs: Mapping[str, MatrixCosts] | None,
+             shared: list[tuple[str, ...]] = ()) -> None:
+        """Statistics first, then costs (a block counts as done when both exist); ``shared``: the
+        groups of layers that read one input (kept for the allocation's ties)."""
         if not self.writer:
             return
         from safetensors.torch import save as st_save
@@ -122,7 +124,8 @@ class RunStore:
             elif ms.fisher_sums is not None:
                 tensors[f"frows.{n}"], tensors[f"fcols.{n}"] = ms.fisher_sums
         data = st_save({k_: v.detach().contiguous().cpu() for k_, v in tensors.items()},
-                       metadata={"h_alias": json.dumps(alias), "names": json.dumps(list(stats))})
+                       metadata={"h_alias": json.dumps(alias), "names": json.dumps(list(stats)),
+                                 "shared": json.dumps([list(g) for g in shared])})
         checkpoint.write_atomic(self._stats(k), data)
         if costs is not None:
             checkpoint.write_atomic(self._costs(k), json.dumps({n: c.to_dict() for n, c in costs.items()}).encode())
@@ -143,6 +146,16 @@ class RunStore:
             sums = (t[f"frows.{n}"], t[f"fcols.{n}"]) if f"frows.{n}" in t else None
             out[n] = MatrixStats(h=h, fisher=t.get(f"fisher.{n}"), fisher_sums=sums)
         return out
+
+    def shared(self, k: int) -> list[tuple[str, ...]]:
+        """The groups of layers reading one input that :meth:`save` was given for block k."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self._stats(k)), framework="pt", device="cpu") as f:
+                return [tuple(g) for g in json.loads((f.metadata() or {}).get("shared", "[]"))]
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CalibrationError(f"cannot read {self._stats(k)} ({e}); delete {self.root} to recompute") from None
 
     def load_costs(self, k: int) -> dict[str, MatrixCosts]:
         try:
@@ -247,7 +260,7 @@ def statistics(src: BlockSource, ids: torch.Tensor, by_block: Mapping[int, list[
                 forward_block(block, x, calls[k], sweep.chunk, acc)
             if acc is not None:
                 _check_finite(acc)
-                hs = {nm: acc.mean(nm) for nm in lin}
+                hs = acc.means(lin)
                 if fisher:  # H now (a forward in the compute dtype); the Fisher's sweep runs under autocast
                     acts.put_h(k, hs)
                 else:
@@ -278,7 +291,7 @@ def statistics(src: BlockSource, ids: torch.Tensor, by_block: Mapping[int, list[
                     g = backward_block(block, xk, g, calls[k], sweep.chunk, hacc, facc)
                 if hacc is not None:
                     _check_finite(hacc)
-                    hs = {nm: hacc.mean(nm) for nm in lin}
+                    hs = hacc.means(lin)
                 stats = {}
                 for nm in lin:
                     f = facc.sq[nm].div_(windows)
@@ -448,7 +461,7 @@ def compress_blocks(src: BlockSource, plan: Mapping[str, MatrixSpec], *, stats: 
                 with acc.hooks():
                     forward_block(block, x, calls[k], sweep.chunk, acc, keep=False)
                 _check_finite(acc)
-                hs = {n: acc.mean(n) for n in names}
+                hs = acc.means(names)
             compress(names, stats(k) if stats is not None else {}, hs)
             del hs
             for n in names:  # the next block's inputs: the reference path (no kernel compiles or tuning here)

@@ -153,6 +153,16 @@ class HessianAccumulator:
         key = self.alias.get(name, name)
         return self.h[key] / max(self.count[key], 1) if key in self.h else None
 
+    def means(self, names) -> dict[str, torch.Tensor | None]:
+        """:meth:`mean` of each name; layers that share an input share one tensor (their identity
+        says who reads one input, e.g. for the allocation's ties)."""
+        done: dict[str, torch.Tensor | None] = {}
+        for n in names:
+            key = self.alias.get(n, n)
+            if key not in done:
+                done[key] = self.mean(n)
+        return {n: done[self.alias.get(n, n)] for n in names}
+
     def new_call(self) -> None:
         """Mark the start of one forward call (input identities are matched within a call)."""
         self._seen = {}

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "  torchrun --nproc-per-node 2 -m lqkit compress --model path/to/folder --budget 3.0 --out out/ck\n"
                        "  lqkit eval out/ck                               # perplexity, fixed WikiText-2 protocol\n"
                        "  lqkit generate out/ck --prompt \"The tower is\"   # the text, then tokens/s\n"
-                       "  lqkit export-peft runs/ft/best --out export/    # plain HF base + PEFT LoRA adapter")
+                       "  lqkit export out/ck --format compressed-tensors --out out/ck-vllm   # for vLLM / SGLang")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=None,
                    help="processes computing the cost table (default: up to 4 CPU cores; 1 on GPU)")
     b.add_argument("--no-table-cache", action="store_true", help="recompute the cost table even if cached")
+    b.add_argument("--target", choices=_targets(), default=None,
+                   help="plan for a serving runtime: only candidates it serves (vllm: compressed-tensors int "
+                        "weights, 2-8 bits; vllm-marlin: 4/8 bits, groups 32/64/128, as stock vLLM kernels), and "
+                        "layers that read one input (fused by vLLM/SGLang) tied to one scheme in the integer "
+                        "program; export with `lqkit export --format compressed-tensors` (default: no target)")
     c.add_argument("--method", choices=METHODS, default=None,
                    help="one method for every matrix instead of a budget: "
                         "rtn: uniform quantization; nf: NormalFloat; gptq: GPTQ (needs calibration); "
@@ -304,6 +309,12 @@ def _protocol(a):
     return EvalProtocol(windows=a.windows, window_tokens=a.window_tokens, full=a.full, batch_size=a.batch_size)
 
 
+def _targets() -> tuple[str, ...]:
+    from .core.serving import TARGETS
+
+    return tuple(n for n, t in TARGETS.items() if t.ties)
+
+
 def _csv(values) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -331,7 +342,7 @@ def _allocation_from_args(a: argparse.Namespace):
         group_sizes=_list(a.cand_group_sizes, int, "--cand-group-sizes"),
         group_dims=_list(a.cand_group_dims, str, "--cand-group-dims"), ranks=_list(a.cand_ranks, int, "--cand-ranks"),
         outliers=_list(a.cand_outliers, float, "--cand-outliers"), factor_dtype=a.factor_dtype,
-        clip=not a.cand_no_clip, act_order=not a.cand_no_act_order)
+        clip=not a.cand_no_clip, act_order=not a.cand_no_act_order, target=a.target)
     cons = tuple(Constraint.parse(t, "min") for t in a.min_bits) + tuple(Constraint.parse(t, "max") for t in a.max_bits)
     return AllocationConfig(budget, cands, a.metric, cons, a.refine, a.workers, cache=not a.no_table_cache)
 
@@ -341,6 +352,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     if a.budget is not None or a.budget_bytes is not None:
         spec = _allocation_from_args(a)  # validate before loading anything
+    elif a.target is not None:
+        raise SpecError("--target restricts the candidates of a budget; give --budget or --budget-bytes "
+                        "(with --method, check the plan with `lqkit export` instead)")
     else:
         a.method = a.method or "lq"
         spec = _spec_from_args(a)
@@ -471,17 +485,41 @@ def _add_finetune_commands(sub, common: argparse.ArgumentParser) -> None:
     f.add_argument("--export-peft", action="store_true", help="also export the best checkpoint to OUT/peft (see export-peft)")
     f.set_defaults(func=cmd_finetune)
 
-    x = sub.add_parser("export-peft", parents=[common], help="a PEFT LoRA over the dequantized base",
-                       description="Write OUT/base (plain HF model with deq(Q) weights) and OUT/adapter "
-                                   "(adapter_config.json + adapter_model.safetensors, lora_A = R, lora_B = L).",
+    from .export import FORMATS
+
+    x = sub.add_parser("export", parents=[common], help="export a checkpoint for vLLM / SGLang, PEFT or as a dense model",
+                       description="compressed-tensors: a Hugging Face folder vLLM and SGLang serve (int codes, "
+                                   "scales, zero points), L·R as a PEFT LoRA in OUT/adapter, OUT/SERVE.md with the "
+                                   "commands; peft: OUT/base (dense deq(Q)) + OUT/adapter; dense: one plain model "
+                                   "holding deq(Q) + L·R. What a format cannot hold is refused, never dequantized.",
                        epilog="examples:\n"
-                              "  lqkit export-peft runs/ft/best --out export/")
-    x.add_argument("path", help="lqkit checkpoint folder with a low-rank part")
+                              "  lqkit export out/ck --format compressed-tensors --out out/ck-vllm\n"
+                              "  lqkit compress --budget 3.0 --target vllm --out out/ck && lqkit export out/ck --out out/ck-vllm\n"
+                              "  lqkit export out/ck --format dense --out out/ck-dense")
+    x.add_argument("path", help="lqkit checkpoint folder")
+    x.add_argument("--format", dest="fmt", choices=tuple(FORMATS), default="compressed-tensors",
+                   help="; ".join(f"{f.name}: {f.help}" for f in FORMATS.values()) + " (default compressed-tensors)")
     x.add_argument("--out", required=True, help="output folder")
-    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the exported base and adapter (default float32)")
+    x.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the uncompressed tensors and (peft, dense) of the dequantized ones "
+                        "(default auto: the checkpoint's stored dtype)")
+    x.add_argument("--allow-mixed-fused", action="store_true",
+                   help="compressed-tensors: write even when layers that read one input (q/k/v, gate/up; vLLM and "
+                        "SGLang fuse them) have different schemes; only transformers then loads the folder")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    x.set_defaults(func=cmd_export_peft)
+    x.set_defaults(func=cmd_export)
+
+    xp = sub.add_parser("export-peft", parents=[common], help="the same as `export --format peft` (float32 by default)",
+                        description="Write OUT/base (plain HF model with deq(Q) weights) and OUT/adapter "
+                                    "(adapter_config.json + adapter_model.safetensors, lora_A = R, lora_B = L).",
+                        epilog="examples:\n"
+                               "  lqkit export-peft runs/ft/best --out export/")
+    xp.add_argument("path", help="lqkit checkpoint folder with a low-rank part")
+    xp.add_argument("--out", required=True, help="output folder")
+    xp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="dtype of the exported base and adapter (default float32)")
+    xp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    xp.set_defaults(func=cmd_export_peft, fmt="peft", allow_mixed_fused=False)
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
@@ -494,14 +532,22 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export_peft(a: argparse.Namespace) -> int:
-    import torch
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export
 
-    from .export import export_peft
-
-    r = export_peft(a.path, a.out, dtype=getattr(torch, a.dtype), overwrite=a.overwrite)
-    print(f"base     {r.base}\nadapter  {r.adapter} ({r.modules} LoRA modules, ranks {r.ranks})")
+    r = export(a.path, a.out, a.fmt, dtype=_dtype(a.dtype), overwrite=a.overwrite, allow_mixed_fused=a.allow_mixed_fused)
+    lines = [f"format   {r.format} ({r.matrices} compressed layers, other tensors in {r.dtype})", f"folder   {r.out}"]
+    if r.schemes:
+        lines.append(f"schemes  {', '.join(f'{k} x{v}' for k, v in sorted(r.schemes.items()))}")
+    if r.adapter:
+        lines.append(f"adapter  {r.adapter} ({r.lora_modules} LoRA modules, ranks {r.ranks})")
+    if r.serve:
+        lines.append(f"serve    see {r.serve}")
+    print("\n".join(lines))
     return 0
+
+
+cmd_export_peft = cmd_export  # `export-peft`: the peft format under its old name
 
 
 def _quiet_transformers() -> None:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import blockwise, checkpoint
-from .allocate import AllocationConfig, CostTable, allocate, cost_table
+from .allocate import AllocationConfig, CostTable, allocate, cost_table, groups_by_identity, input_groups
 from .calibrate import CalibConfig, CalibrationStats, calibrate as _calibrate, calibration_ids, fast_autocast_dtype
 from .compress import MatrixReport, SizeSummary, check_stats, compress_model, full_fisher, needed_stats, size_summary
 from .core.decompose import MatrixSpec
@@ -215,7 +215,7 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
             costs.update(c)
         else:
             c, full = None, lambda n: full_fisher(plan[n])  # noqa: E731
-        store.save(k, blockwise.stored_stats(stats, full, keep_h, fdtype), c)
+        store.save(k, blockwise.stored_stats(stats, full, keep_h, fdtype), c, shared=groups_by_identity(stats))
 
     t0 = time.time()
     try:
@@ -241,7 +241,8 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
 
             checkpoint.write_atomic(table_path(key), json.dumps(table.to_json()).encode())
         t0 = time.time()
-        alloc = allocate(table, spec, not todo)
+        ties = [g for k in by_block for g in store.shared(k)]
+        alloc = allocate(table, spec, not todo, ties=ties)
         timings["solve"] = round(time.time() - t0, 1)
         check_plan(m, alloc.plan)
     return provider, alloc, timings
@@ -267,7 +268,7 @@ def _compress_whole(model: str | None, spec: MatrixSpec | Plan | AllocationConfi
         check_stats({n: need for n in plan}, stats)
         table, cached = cost_table(m, stats, list(plan), spec.candidates, spec.metric, device=device,
                                    workers=spec.workers, cache=spec.cache, progress=progress)
-        alloc = allocate(table, spec, cached)
+        alloc = allocate(table, spec, cached, ties=input_groups(stats.h_alias, list(plan)))
         plan = alloc.plan
     seq_ids = None
     if sequential and stats is not None and "h" in (need | needed_stats(plan)):

@@ -11,6 +11,14 @@ The problem is a multiple-choice knapsack, solved exactly as a mixed-integer lin
 
 Candidates that another candidate of the same matrix dominates (no more bits and no more error)
 never help and are dropped first (:func:`pareto_front`); this keeps the program small.
+
+Ties (a serving runtime fuses layers that read one input, e.g. q/k/v, into one layer of one scheme):
+each candidate carries a label (its scheme), and the matrices of a tie pick the same label::
+
+               Σ_{c: label ℓ} x[m][c] = Σ_{c: label ℓ} x[m0][c]   for every tied m, its group's first m0, every ℓ
+
+Only labels every member of a tie has are kept for its members, and dominance is judged within a
+label (a candidate dominated by one of another label may still be the one its partners need).
 """
 
 from __future__ import annotations
@@ -56,9 +64,53 @@ def pareto_front(bits: np.ndarray, err: np.ndarray) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def min_bits(bits: Sequence[np.ndarray]) -> int:
-    """The smallest total achievable: the cheapest candidate of every matrix."""
-    return int(sum(int(np.min(b)) for b in bits))
+def min_bits(bits: Sequence[np.ndarray], labels: Sequence[np.ndarray] | None = None,
+             ties: Sequence[Sequence[int]] = ()) -> int:
+    """The smallest total achievable: the cheapest candidate of every matrix (of every tie, the
+    cheapest label they share)."""
+    if not ties:
+        return int(sum(int(np.min(b)) for b in bits))
+    tied = {m for t in ties for m in t}
+    total = sum(int(np.min(b)) for m, b in enumerate(bits) if m not in tied)
+    for t in ties:
+        common = _common(labels, t)
+        total += min(sum(int(bits[m][labels[m] == lab].min()) for m in t) for lab in common)
+    return int(total)
+
+
+def _common(labels: Sequence[np.ndarray], tie: Sequence[int]) -> set:
+    common = set(np.asarray(labels[tie[0]]).tolist())
+    for m in tie[1:]:
+        common &= set(np.asarray(labels[m]).tolist())
+    if not common:
+        raise BudgetError(f"matrices {list(tie)} must share one scheme but have no candidate scheme in common; "
+                          "widen the candidates")
+    return common
+
+
+def _check_ties(n: int, labels, ties) -> list[tuple[int, ...]]:
+    ties = [tuple(int(m) for m in t) for t in ties if len(t) > 1]
+    seen: set[int] = set()
+    for t in ties:
+        if any(not 0 <= m < n for m in t) or seen & set(t) or len(set(t)) != len(t):
+            raise SpecError(f"ties must be disjoint groups of matrix indices in [0, {n}), got {ties}")
+        seen |= set(t)
+    if ties and (labels is None or len(labels) != n):
+        raise SpecError("ties need one label per candidate of every matrix")
+    return ties
+
+
+def _fronts(bits, err, labels, ties) -> list[np.ndarray]:
+    """Per matrix, the candidates the program keeps: the Pareto front, or for a tied matrix the front
+    within each label its tie shares."""
+    fronts = [pareto_front(b, e) for b, e in zip(bits, err)]
+    for t in ties:
+        common = _common(labels, t)
+        for m in t:
+            lab = np.asarray(labels[m])
+            idx = [np.flatnonzero(lab == v) for v in common]
+            fronts[m] = np.sort(np.concatenate([i[pareto_front(bits[m][i], err[m][i])] for i in idx]))
+    return fronts
 
 
 def _check(bits: Sequence[np.ndarray], err: Sequence[np.ndarray]) -> None:
@@ -71,9 +123,26 @@ def _check(bits: Sequence[np.ndarray], err: Sequence[np.ndarray]) -> None:
             raise SpecError(f"matrix {m}: candidate errors must be finite")
 
 
+def _tie_rows(fronts, labels, ties, owner_start) -> list[tuple[list[int], list[float]]]:
+    """Sparse rows (columns, values) of the tie equalities."""
+    rows = []
+    for t in ties:
+        m0 = t[0]
+        lab0 = np.asarray(labels[m0])[fronts[m0]]
+        for m in t[1:]:
+            lab = np.asarray(labels[m])[fronts[m]]
+            for v in sorted(set(lab0.tolist()) | set(lab.tolist())):
+                cols = [owner_start[m] + i for i in np.flatnonzero(lab == v)]
+                cols0 = [owner_start[m0] + i for i in np.flatnonzero(lab0 == v)]
+                rows.append((cols + cols0, [1.0] * len(cols) + [-1.0] * len(cols0)))
+    return rows
+
+
 def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: int, *,
+          labels: Sequence[np.ndarray] | None = None, ties: Sequence[Sequence[int]] = (),
           time_limit: float = 120.0, gap: float = 1e-6) -> Allocation:
-    """Minimise total error with total bits ≤ ``budget_bits``, one candidate per matrix."""
+    """Minimise total error with total bits ≤ ``budget_bits``, one candidate per matrix; the
+    matrices of each tie (indices) pick candidates of one label (``labels[m][c]``, any integers)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_array
 
@@ -81,11 +150,12 @@ def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: in
     _check(bits, err)
     bits = [np.asarray(b, dtype=np.int64) for b in bits]
     err = [np.asarray(e, dtype=np.float64) for e in err]
-    need = min_bits(bits)
+    ties = _check_ties(len(bits), labels, ties)
+    need = min_bits(bits, labels, ties)
     if budget_bits < need:
         raise BudgetError(f"a budget of {budget_bits} bits is below the smallest achievable {need} bits "
                           "(the cheapest candidate of every matrix); raise the budget or add cheaper candidates")
-    fronts = [pareto_front(b, e) for b, e in zip(bits, err)]
+    fronts = _fronts(bits, err, labels, ties)
     fb = np.concatenate([b[f] for b, f in zip(bits, fronts)])
     fe = np.concatenate([e[f] for e, f in zip(err, fronts)])
     owner = np.concatenate([np.full(len(f), m) for m, f in enumerate(fronts)])
@@ -93,8 +163,14 @@ def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: in
     scale = max(float(np.abs(fe).max()), 1e-300)  # errors to O(1) for the solver's tolerances
     one = csr_array((np.ones(n), (owner, np.arange(n))), shape=(nm, n))
     budget = LinearConstraint(fb[None, :].astype(np.float64), -np.inf, float(budget_bits))
-    res = milp(fe / scale, integrality=np.ones(n), bounds=Bounds(0, 1),
-               constraints=[LinearConstraint(one, 1, 1), budget],
+    constraints = [LinearConstraint(one, 1, 1), budget]
+    rows = _tie_rows(fronts, labels, ties, np.concatenate([[0], np.cumsum([len(f) for f in fronts])]))
+    if rows:
+        r = np.concatenate([np.full(len(c), i) for i, (c, _) in enumerate(rows)])
+        c = np.concatenate([np.asarray(c, dtype=np.int64) for c, _ in rows])
+        v = np.concatenate([np.asarray(v) for _, v in rows])
+        constraints.append(LinearConstraint(csr_array((v, (r, c)), shape=(len(rows), n)), 0, 0))
+    res = milp(fe / scale, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
                options={"time_limit": time_limit, "mip_rel_gap": gap, "presolve": True})
     if res.x is None:
         raise BudgetError(f"the solver found no feasible allocation ({res.message}); raise the budget")
@@ -108,6 +184,9 @@ def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: in
     total = int(sum(int(b[c]) for b, c in zip(bits, choice)))
     if total > budget_bits:  # never report a plan over budget, whatever the solver's tolerances
         raise BudgetError(f"the solver's rounded solution uses {total} bits > budget {budget_bits} ({res.message})")
+    for t in ties:  # nor one that breaks a tie
+        if len({labels[m][c] for m, c in ((m, choice[m]) for m in t)}) != 1:
+            raise BudgetError(f"the solver's rounded solution gives tied matrices {list(t)} different labels ({res.message})")
     objective = float(sum(float(e[c]) for e, c in zip(err, choice)))
     return Allocation(tuple(choice), total, int(budget_bits), objective, str(res.message),
                       bool(res.status == 0), time.time() - t0, n)

@@ -18,12 +18,16 @@ Work is shared and pruned so that a table over a whole model stays cheap:
    one SVD of each residual serves every rank: err(r) = err(E) − Σ_{i≤r} σ_i² of D·E·S
    (fisher: the FWSVD factors of each rank are formed and scored exactly);
 4. only the candidates on the (bits, error) Pareto front are returned: the others never help.
+
+A set with a serving ``target`` (:mod:`.serving`, e.g. "vllm") holds only the configurations the
+target serves, and keeps the Pareto front within each integer scheme: the allocation may tie layers
+that the runtime fuses to one scheme, and a scheme dominated in one of them may be the best for all.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -58,6 +62,7 @@ class CandidateSet:
     act_order: bool = True  # gptq: columns by decreasing activation energy, static groups (likewise)
     slack: float = 0.25  # pruning tolerance: run a data-aware config if its proxy is within (1 + slack) of the front
     lowrank_slack: float = 0.05  # try low rank on Q configs within (1 + lowrank_slack) of the rank-0 front
+    target: str | None = None  # a serving target (lqkit.core.serving.TARGETS): only what it serves
 
     def __post_init__(self) -> None:
         for name in ("quantizers", "bits", "group_sizes", "group_dims", "ranks", "outliers"):
@@ -71,13 +76,23 @@ class CandidateSet:
             raise SpecError(f"candidate group dims must be 'in' or 'out', got {self.group_dims}")
         if any(not (isinstance(r, int) and r >= 0) for r in self.ranks):
             raise SpecError(f"candidate ranks must be non-negative integers, got {self.ranks}")
+        if self.target is not None:
+            from .serving import get_target
+
+            get_target(self.target)
         if not self.quant_specs():
-            raise SpecError("the candidate set has no valid quantizer configuration (check bits per quantizer)")
+            why = f" that target {self.target} serves" if self.target else ""
+            raise SpecError(f"the candidate set has no valid quantizer configuration{why} (check bits per quantizer)")
         if self.slack < 0 or self.lowrank_slack < 0:
             raise SpecError(f"slacks must be ≥ 0, got {self.slack} and {self.lowrank_slack}")
 
     def quant_specs(self) -> list[QuantSpec]:
-        """Every Q configuration of the set that its quantizer supports."""
+        """Every Q configuration of the set that its quantizer (and the target, if any) supports."""
+        if self.target is not None:
+            from .serving import get_target, quant_refusal
+
+            t = get_target(self.target)
+            return [s for s in replace(self, target=None).quant_specs() if quant_refusal(s, t) is None]
         out = []
         for name in self.quantizers:
             allowed = QUANTIZERS[name].bits_allowed
@@ -93,14 +108,18 @@ class CandidateSet:
     def needs(self) -> set[str]:
         """Statistics the data-aware quantizers and outlier selection of the set use."""
         need = set()
-        if "gptq" in self.quantizers:
+        methods = {s.method for s in self.quant_specs()} if self.target else set(self.quantizers)
+        if "gptq" in methods:
             need.add("h")
-        if "nuq" in self.quantizers:
+        if "nuq" in methods:
             need.add("fisher")
         return need
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["target"] is None:  # left out: the cost tables cached before targets keep their keys
+            del d["target"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "CandidateSet":
@@ -301,6 +320,15 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     stats = stats.to(w.device) if stats is not None else None
     m = _Metric(stats, metric, w.device)
     specs = cands.quant_specs()
+    target = None
+    if cands.target is not None:
+        from . import serving
+
+        target = serving.get_target(cands.target)
+        specs = [s for s in specs if serving.refusal(MatrixSpec("quant", s), shape, target) is None]
+        if not specs:
+            raise SpecError(f"no candidate group size suits a {shape[0]}x{shape[1]} matrix for target {target.name}; "
+                            f"add one dividing {shape[1]} to --cand-group-sizes")
     aware = [s for s in specs if QUANTIZERS[s.method].data_aware]
     free = [s for s in specs if not QUANTIZERS[s.method].data_aware]
     # 1. data-free configs and the rtn proxies of the data-aware ones, screened cheaply
@@ -350,9 +378,22 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     if not out_specs:
         raise SpecError(f"no candidate fits a {shape[0]}x{shape[1]} matrix (ranks {cands.ranks} too large?)")
     bits, err = np.array(out_bits, dtype=np.int64), np.array(out_err, dtype=np.float64)
-    front = pareto_front(bits, err)
+    front = pareto_front(bits, err) if target is None else _scheme_fronts(out_specs, bits, err, shape[1])
     base = float(m.errors(w.unsqueeze(0))[0])
     return MatrixCosts(tuple(out_specs[i] for i in front), bits[front], err[front], base, evaluated)
+
+
+def _scheme_fronts(specs: list[MatrixSpec], bits: np.ndarray, err: np.ndarray, in_features: int) -> np.ndarray:
+    """The Pareto front within each integer scheme, by increasing bits."""
+    from .serving import scheme
+
+    keys = [scheme(s.quant, in_features) for s in specs]
+    keep = []
+    for k in dict.fromkeys(keys):
+        idx = np.array([i for i, kk in enumerate(keys) if kk == k])
+        keep.extend(idx[pareto_front(bits[idx], err[idx])].tolist())
+    keep = np.array(sorted(keep), dtype=np.int64)
+    return keep[np.lexsort((err[keep], bits[keep]))]
 
 
 def metric_error(e: torch.Tensor, stats: MatrixStats | None, metric: str = "kfac") -> float:

@@ -155,11 +155,11 @@ def _fusable_key(m: CompressedLinear):
     return (k, m.in_features)
 
 
-def find_shared_inputs(model: nn.Module, *args, **kwargs) -> list[tuple[str, ...]]:
-    """Run ``model(*args, **kwargs)`` once (no gradient) and return the sets of CompressedLinear
-    names that received the same input tensor in every call, split by format (only layers of one
-    format and input size stack); sets of one are left out."""
-    mods = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+def input_sets(model: nn.Module, names: list[str], *args, **kwargs) -> list[tuple[str, ...]]:
+    """Run ``model(*args, **kwargs)`` once (no gradient) and return the sets (model order, two or
+    more) of the named modules that received the same input tensor in every call. Nothing is
+    matched by name: this is how an architecture's q/k/v and gate/up are found."""
+    mods = {name: model.get_submodule(name) for name in names}
     seen: list[tuple[str, torch.Tensor, int]] = []  # the inputs are held, so their ids stay unique
     def hook(name):  # layers called with keyword arguments only are never grouped
         return lambda mod, inp: seen.append((name, inp[0], inp[0]._version)) if inp else None
@@ -184,8 +184,19 @@ def find_shared_inputs(model: nn.Module, *args, **kwargs) -> list[tuple[str, ...
         if s is None or name in done or len(s) < 2 or any(partners.get(o) != s for o in s):
             continue
         done |= s
+        groups.append(tuple(n for n in mods if n in s))
+    return groups
+
+
+def find_shared_inputs(model: nn.Module, *args, **kwargs) -> list[tuple[str, ...]]:
+    """Run ``model(*args, **kwargs)`` once (no gradient) and return the sets of CompressedLinear
+    names that received the same input tensor in every call, split by format (only layers of one
+    format and input size stack); sets of one are left out."""
+    mods = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    groups = []
+    for s in input_sets(model, list(mods), *args, **kwargs):
         by_key: dict = {}
-        for o in (n for n in mods if n in s):  # model order
+        for o in s:
             key = _fusable_key(mods[o])
             if key is not None:
                 by_key.setdefault(key, []).append(o)
