@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core.allocate import Allocation, BudgetError, min_bits, solve
-from .core.costs import METRICS, CandidateSet, MatrixCosts, matrix_costs
+from .core.costs import METRICS, CandidateSet, MatrixCosts, matrix_costs, min_candidate_bits
 from .core.decompose import MatrixSpec
 from .core.stats import MatrixStats
 from .errors import SpecError
@@ -75,6 +75,9 @@ class Budget:
         v = self.bits_per_param if self.bits_per_param is not None else self.bytes
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise SpecError(f"the budget must be a positive number, e.g. --budget 3.0 or --budget-bytes 40MB; got {v!r}")
+        if self.bits_per_param is not None and self.bits_per_param > MAX_BITS_PER_PARAM:
+            raise SpecError(f"--budget {v:g} is above {MAX_BITS_PER_PARAM} bits/param, more than the uncompressed "
+                            "16-bit weights take; choose a budget between 2 and 8, e.g. --budget 3.0")
 
     def total_bits(self, params: int) -> int:
         if self.bits_per_param is not None:
@@ -86,6 +89,21 @@ class Budget:
 
     def to_dict(self) -> dict:
         return {"bits_per_param": self.bits_per_param, "bytes": self.bytes}
+
+
+MAX_BITS_PER_PARAM = 16
+
+
+def check_reachable(config: "AllocationConfig", shapes: Mapping[str, tuple[int, int]]) -> None:
+    """Refuse, before any statistics or costs, a budget below what the candidate specs alone can reach
+    for these matrices (a lower bound: the exact minimum is checked again once the costs are known)."""
+    need = sum(min_candidate_bits(config.candidates, tuple(sh)) for sh in shapes.values())
+    params = sum(int(o) * int(i) for o, i in shapes.values())
+    if params and config.budget.total_bits(params) < need:
+        raise BudgetError(f"the budget of {config.budget.label()} is below the smallest size these candidates can "
+                          f"reach for {len(shapes)} matrices ({need / params:.4f} bits/param, {math.ceil(need / 8)} "
+                          f"bytes); raise it, e.g. --budget {math.ceil(need / params * 100 + 1e-6) / 100:g} or "
+                          f"--budget-bytes {math.ceil(need / 8)}")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .calibrate import (CalibrationError, FisherAccumulator, HessianAccumulator, _check_finite, backward_block,
                         block_calls, first_inputs, forward_block, tail_grads, windows_per_call)
-from .compress import MatrixReport, SizeSummary, _compress_one, full_fisher
+from .compress import MatrixReport, SizeSummary, _compress_one
 from .core.costs import CandidateSet, MatrixCosts, matrix_costs
 from .core.decompose import MatrixSpec, storage_bits
 from .core.stats import MatrixStats
@@ -101,7 +101,39 @@ class RunStore:
         return self.root / f"block-{k:05d}.costs.json"
 
     def done(self, k: int, costs: bool) -> bool:
-        return self._stats(k).is_file() and (not costs or self._costs(k).is_file())
+        """Block k's files are there and readable; damaged ones (a full disk, a copy cut short) are
+        removed with a warning, so that the block is computed again instead of failing every run."""
+        if not (self._stats(k).is_file() and (not costs or self._costs(k).is_file())):
+            return False
+        if self._intact(k, costs):
+            return True
+        log.warning("cached statistics or costs of block %d in %s are damaged; computing them again", k, self.root)
+        if self.writer:
+            self._stats(k).unlink(missing_ok=True)
+            self._costs(k).unlink(missing_ok=True)
+        return False
+
+    def _intact(self, k: int, costs: bool) -> bool:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self._stats(k)), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+            alias = json.loads(meta.get("h_alias", "{}"))
+            names = json.loads(meta.get("names", "[]"))
+            if not isinstance(names, list) or any(f"h.{alias.get(n, n)}" not in keys and f"fisher.{n}" not in keys
+                                                  and f"frows.{n}" not in keys for n in names):
+                return False
+            if costs:
+                d = json.loads(self._costs(k).read_text())
+                if not (isinstance(d, dict) and set(d) >= set(names)):
+                    return False
+                for v in d.values():
+                    MatrixCosts.from_dict(v)
+            return True
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
 
     def save(self, k: int, stats: Mapping[str, MatrixStats], costs: Mapping[str, MatrixCosts] | None,
              shared: list[tuple[str, ...]] = ()) -> None:

@@ -14,6 +14,7 @@ shard by shard: no full-precision copy of a compressed layer is built.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from . import __version__
 from .core.decompose import MatrixSpec
 from .core.quant import DTYPES
 from .errors import CheckpointError
+from .outdir import check_out_dir, make_temp_dir, release, swap_in, umask  # noqa: F401  (check_out_dir: re-exported)
 from .nn.inference import prepare_for_inference
 from .nn.surgery import build_empty, compressed_modules
 from .plan import plan_from_json, plan_to_json
@@ -48,18 +50,6 @@ MAX_SHARD_BYTES = 2 * 2**30  # a shard is written once its tensors reach this si
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
-
-
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) when ``out`` exists and may not be replaced."""
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it "
-                              f"or choose another --out, e.g. --out {str(out).rstrip('/')}-2")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {str(out)!r} is a file; choose a folder for --out, e.g. "
-                              f"--out {str(out).rstrip('/')}-ck")
-    return out
 
 
 def _sha256(path: Path) -> str:
@@ -148,9 +138,8 @@ class CheckpointWriter:
     Until then everything is in a temporary folder beside ``out``, removed by :meth:`abort`."""
 
     def __init__(self, out: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES):
-        self.out = check_out_dir(out, overwrite)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.tmp-"))
+        self.out = check_out_dir(out, overwrite)  # and claimed: one run writes it at a time
+        self.tmp = make_temp_dir(self.out)
         self.max_shard_bytes = max_shard_bytes
         self.aliases: dict[str, str] = {}
         self._keys: set[str] = set()
@@ -212,19 +201,24 @@ class CheckpointWriter:
                 "files": {name: {"sha256": _sha256(self.tmp / name), "bytes": (self.tmp / name).stat().st_size}
                           for name in names + [c for c in CHECKSUMMED if (self.tmp / c).is_file()]},
             }
+            meta["meta_sha256"] = _meta_digest(meta)
             (self.tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-            check_out_dir(self.out, overwrite)  # nothing appeared at --out meanwhile
-            _replace_dir(self.tmp, self.out)
+            swap_in(self.tmp, self.out, overwrite)
         except BaseException:
             self.abort()
             raise
+        release(self.out)
         log.info("wrote %s (%d tensor file%s)", self.out, n, "s" if n > 1 else "")
         return self.out
 
     def abort(self) -> None:
         if self._open is not None:
-            self._open._data.close()
+            try:
+                self._open._data.close()
+            except OSError:  # the write that failed (a full disk) fails again on the flush
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
+        release(self.out)
 
 
 def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, MatrixSpec],
@@ -249,16 +243,6 @@ def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, Mat
                          overwrite=overwrite)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
-    os.rename(dst, old / "x")
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def read_meta(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -267,14 +251,52 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads((path / META_FILE).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{str(path)!r} is not an lqkit checkpoint (no {META_FILE})") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / META_FILE} is corrupted ({e}); re-create the checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META_FILE} is not an lqkit checkpoint description; re-create the checkpoint")
     if meta.get("format") != FORMAT or not isinstance(meta.get("format_version"), int):
         raise CheckpointError(f"{path / META_FILE} is not an lqkit checkpoint description")
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint format {meta['format_version']} is newer than this lqkit "
                               f"understands ({FORMAT_VERSION}); upgrade lqkit")
+    _check_meta(path, meta)
     return meta
+
+
+def _meta_digest(meta: Mapping) -> str:
+    """sha256 of lqkit.json's content (but this digest itself), key order and spacing aside."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """lqkit.json as lqkit wrote it: its own checksum (format 3 on), and every section of the type
+    it must have, the plan one that parses. One line naming what is wrong, never a traceback."""
+    where = path / META_FILE
+    if meta["format_version"] >= 3 and meta.get("meta_sha256") != _meta_digest(meta):
+        raise CheckpointError(f"{where} is corrupted or was edited (its checksum does not match); re-create the "
+                              "checkpoint")
+    for key, kind in (("plan", dict), ("files", dict), ("aliases", dict), ("reports", dict), ("summary", dict),
+                      ("extra", dict), ("dtype", str)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{where}: {key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}; "
+                                  "re-create the checkpoint")
+    if "plan" not in meta:
+        raise CheckpointError(f"{where} has no plan; re-create the checkpoint")
+    if "dtype" in meta and meta["dtype"] not in DTYPES:
+        raise CheckpointError(f"{where}: unknown dtype {meta['dtype']!r}; re-create the checkpoint")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.get("aliases", {}).items()):
+        raise CheckpointError(f"{where} has malformed aliases; re-create the checkpoint")
+    for name, spec in meta["plan"].items():
+        try:
+            if not isinstance(spec, dict):
+                raise TypeError(f"a {type(spec).__name__}")
+            MatrixSpec.from_dict(spec)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{where}: the plan entry of {name!r} is malformed ({msg}); re-create the "
+                                  "checkpoint") from None
 
 
 def update_extra(path: str | Path, extra: Mapping) -> None:
@@ -283,6 +305,8 @@ def update_extra(path: str | Path, extra: Mapping) -> None:
     path = Path(path).expanduser()
     meta = read_meta(path)
     meta["extra"] = {**(meta.get("extra") or {}), **extra}
+    if meta["format_version"] >= 3:
+        meta["meta_sha256"] = _meta_digest(meta)
     write_atomic(path / META_FILE, json.dumps(meta, indent=1).encode())
 
 
@@ -298,6 +322,10 @@ def verify(path: str | Path, meta: dict | None = None) -> None:
     files = meta.get("files")
     if not isinstance(files, dict) or not tensor_files(meta):
         raise CheckpointError(f"{path / META_FILE} lists no tensor files; re-create the checkpoint")
+    for fname, info in files.items():  # names first: nothing outside the folder is ever opened
+        if not isinstance(fname, str) or Path(fname).name != fname or fname in (".", "..") or not isinstance(info, dict):
+            raise CheckpointError(f"{path / META_FILE} names a file {fname!r} outside the checkpoint folder; "
+                                  "re-create the checkpoint")
     on_disk = {f.name for f in path.glob("*.safetensors")}
     if meta.get("format_version", 0) >= 3:  # from version 3 on, the config is covered as well
         on_disk |= {c for c in CHECKSUMMED if (path / c).is_file()}
@@ -354,10 +382,14 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     if check:
         verify(path, meta)
     plan = plan_from_json(meta["plan"])
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    with init_empty_weights():  # parameters on the meta device; buffers real
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    build_empty(model, plan, dtype=dtype, device="meta")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with init_empty_weights():  # parameters on the meta device; buffers real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        build_empty(model, plan, dtype=dtype, device="meta")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # config.json or plan do not fit
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot build the model of checkpoint {path}: {msg}; re-create the checkpoint") from None
     comp_buffers = {f"{n}.{b}" for n, m in compressed_modules(model).items() for b, _ in m.named_buffers()}
     expected = {k: (tuple(t.shape), t.dtype if k in comp_buffers else None) for k, t in model.state_dict().items()}
     aliases = meta.get("aliases", {})
@@ -388,7 +420,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
         model.load_state_dict(tied, strict=False, assign=True)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.device.type == "meta"]
     if still_meta:
         raise CheckpointError(f"checkpoint lacks tensors for {still_meta[:3]}; re-create the checkpoint")
     model.to(device)
@@ -412,12 +444,12 @@ def save_state(root: str | Path, tag: str, tensors: Mapping[str, torch.Tensor], 
     killed at any moment leaves ``LATEST`` naming a complete state."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{tag}.tmp-"))
+    tmp = make_temp_dir(root / tag)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
         meta = dict(meta, tensors_sha256=_sha256(tmp / STATE_TENSORS))
         (tmp / STATE_META).write_text(json.dumps(meta, indent=1))
-        _replace_dir(tmp, root / tag)
+        swap_in(tmp, root / tag, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -465,6 +497,7 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # as an ordinary file would be (mkstemp makes it 0600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -487,6 +520,7 @@ def save_stats(stats, path: str | Path, *, overwrite: bool = False) -> Path:
     meta = {"format": STATS_FORMAT, "format_version": str(STATS_VERSION), "lqkit_version": __version__,
             "count": json.dumps(stats.count), "h_alias": json.dumps(stats.h_alias), "meta": json.dumps(stats.meta)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.fchmod(fd, 0o666 & ~umask())
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)

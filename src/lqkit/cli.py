@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import math
 import re
 import sys
 
@@ -46,6 +48,8 @@ class _Parser(argparse.ArgumentParser):
 
     def _example(self, message: str) -> str:
         """A value that would work: the flag's default, else the first example of the epilog."""
+        if "e.g." in message:
+            return ""  # the message names one already
         m = re.match(r"argument (--[\w-]+)", message)
         act = self._option_string_actions.get(m.group(1)) if m else None
         if act is not None and act.choices:
@@ -60,6 +64,51 @@ class _Parser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------------------------
 # arguments
+
+
+def _finite(x):
+    """JSON has no Infinity or NaN: such numbers become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _json(obj, indent: int | None = None) -> str:
+    """--json output: strict JSON (a perplexity that overflowed is null, not a bare Infinity)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _device(value: str) -> str:
+    """--device: a device torch knows and this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; e.g. --device cpu or --device cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has no CUDA device that torch can use; "
+                                         "e.g. --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                         "e.g. --device cuda:0")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r}: lqkit runs on cpu or cuda; e.g. --device cpu")
+    return value
+
+
+def _regex(value: str) -> str:
+    """--include / --exclude: a valid regular expression (checked before any model loads)."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid regular expression ({e}); e.g. 'self_attn' "
+                                         "or 'mlp\\.down_proj$'") from None
+    return value
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -196,11 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--iters", type=int, default=20, help="lq: maximum alternations (default 20)")
     c.add_argument("--factor-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="stored dtype of L and R (default float16)")
-    c.add_argument("--include", action="append", default=None, metavar="REGEX",
+    c.add_argument("--include", type=_regex, action="append", default=None, metavar="REGEX",
                    help="compress linear layers whose name matches (repeatable; default: all)")
-    c.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+    c.add_argument("--exclude", type=_regex, action="append", default=None, metavar="REGEX",
                    help="skip linear layers whose name matches (repeatable; default: lm_head)")
-    c.add_argument("--device", default=None,
+    c.add_argument("--device", type=_device, default=None,
                    help="where every stage runs (calibration, cost table, decompositions), e.g. cuda, cuda:1 or cpu "
                         "(default: cuda when present; under torchrun each rank takes cuda:LOCAL_RANK)")
     c.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
@@ -232,9 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_calib(k)
     k.add_argument("--no-fisher", action="store_true", help="only H (skips the backward passes)")
-    k.add_argument("--include", action="append", default=None, metavar="REGEX",
+    k.add_argument("--include", type=_regex, action="append", default=None, metavar="REGEX",
                    help="layers to calibrate (repeatable; default: every linear but lm_head)")
-    k.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+    k.add_argument("--exclude", type=_regex, action="append", default=None, metavar="REGEX",
                    help="layers to skip (repeatable; default: lm_head)")
     k.set_defaults(func=cmd_calibrate)
 
@@ -249,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lqkit checkpoint or HF model folder/id (default: the default model)")
     _add_eval_protocol(e)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    e.add_argument("--device", default="cpu", help="where the model runs, e.g. cuda (default cpu)")
+    e.add_argument("--device", type=_device, default="cpu", help="where the model runs, e.g. cuda (default cpu)")
     e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the model runs in (default float32, as the published protocol)")
     e.set_defaults(func=cmd_eval)
@@ -290,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU); the first, "
                         "untimed call compiles (minutes for a large model)")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    g.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when present)")
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -399,7 +448,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     r = pipeline.evaluate(a.path, _protocol(a), text=a.text, progress=not (a.quiet or a.json), device=a.device,
                           dtype=_dtype(a.dtype))
     if a.json:
-        print(json.dumps(r))
+        print(_json(r))
     else:
         bits = "n/a (uncompressed)" if r["effective_bits"] is None else f"{r['effective_bits']:.3f}"
         print(f"model          {r['model']}\nperplexity     {r['perplexity']:.3f}\neffective bits {bits}\n"
@@ -414,7 +463,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     r = generate(a.path, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device,
                  dtype=getattr(torch, a.dtype) if a.dtype else None, compile=a.compile)
-    print(json.dumps(r.to_dict()) if a.json else format_generation(r))
+    print(_json(r.to_dict()) if a.json else format_generation(r))
     return 0
 
 
@@ -429,7 +478,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from . import pipeline
 
     report = pipeline.inspect(a.path)
-    print(json.dumps(report, indent=1) if a.json else pipeline.format_inspect(report))
+    print(_json(report, indent=1) if a.json else pipeline.format_inspect(report))
     if a.plot:
         pipeline.plot_plan(a.path, a.plot)
         if not a.json:
@@ -481,7 +530,7 @@ def _add_finetune_commands(sub, common: argparse.ArgumentParser) -> None:
                    help=f"share of sequences held out for evaluation (default {d.eval_fraction})")
     f.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between resumable states (default {d.save_every})")
     f.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
-    f.add_argument("--device", default=None, help="where to train, e.g. cuda (default cpu)")
+    f.add_argument("--device", type=_device, default=None, help="where to train, e.g. cuda (default cpu)")
     f.add_argument("--export-peft", action="store_true", help="also export the best checkpoint to OUT/peft (see export-peft)")
     f.set_defaults(func=cmd_finetune)
 
@@ -561,11 +610,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "accelerate", "urllib3", "filelock"):
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     _quiet_transformers()
     try:
@@ -576,6 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lqkit {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"lqkit {args.command}: error: {e.strerror or e}{where}; nothing was written: free space or choose "
+              "a writable place (e.g. another --out) and run again", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, outdir
 from .core import packing, serving
 from .core.quant import DTYPES
 from .errors import CheckpointError, LqkitError, SpecError
@@ -138,15 +137,15 @@ def export(path: str | Path, out: str | Path, fmt: str = "compressed-tensors", *
     model = checkpoint.load(path, dtype=torch.float32, prepare=False)  # read, not run: no dense copies
     src = Source(path, meta, model, load_tokenizer(str(path)), dtype or DTYPES.get(meta.get("dtype"), torch.float32),
                  out, allow_mixed_fused)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = outdir.make_temp_dir(out)
     try:
         info = FORMATS[fmt].write(src, tmp)
-        checkpoint.check_out_dir(out, overwrite)  # nothing appeared at --out meanwhile
-        checkpoint._replace_dir(tmp, out)
+        outdir.swap_in(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        outdir.release(out)
     fix = lambda p: str(out / Path(p).relative_to(tmp)) if p else None  # noqa: E731
     res = ExportResult(str(out), fmt, str(src.dtype).removeprefix("torch."), len(meta["plan"]),
                        **{**info, "adapter": fix(info.get("adapter")), "serve": fix(info.get("serve"))})

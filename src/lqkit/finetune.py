@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, outdir
 from .errors import CheckpointError, SpecError
 from .models import load_tokenizer
 from .nn.linear import CompressedLinear
@@ -584,6 +584,7 @@ def finetune(path: str | Path, data: str | Path, out: str | Path, config: Finetu
     if resume:
         if not (out / "resume" / checkpoint.STATE_POINTER).exists():
             raise CheckpointError(f"{str(out)!r} holds no resumable state; run without --resume to start")
+        outdir.claim_dir(out)  # one run at a time
     else:
         checkpoint.check_out_dir(out, overwrite)
         _check_replaceable_run(out, Path(path).expanduser())

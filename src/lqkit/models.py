@@ -85,7 +85,30 @@ def resolve(name_or_path: str | None) -> str:
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep == "\\"
     if looks_local:
         raise ModelLoadError(f"model folder {name_or_path!r} does not exist; check the path or pass a Hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on") and not _hub_reachable():
+        try:  # no network: the Hub cache's copy if there is one, and no minute of retries either way
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(name_or_path, local_files_only=True)
+        except Exception:
+            raise ModelLoadError(f"{name_or_path!r} is not a local folder, the Hugging Face Hub cannot be reached from "
+                                 "here and the local Hub cache has no copy; pass a local folder (--model "
+                                 f"/path/to/model), or download it where there is network (huggingface-cli download "
+                                 f"{name_or_path})") from None
     return name_or_path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub's host opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_tokenizer(path: str):
@@ -105,10 +128,32 @@ def load_model(name_or_path: str | None = None, dtype: torch.dtype = torch.float
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except Exception as e:
-        hint = " (the Hub is offline here: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise ModelLoadError(f"could not load model {name_or_path!r}: {_first_line(e)}{hint}") from None
+        raise load_error(name_or_path, e) from None
     model.eval()
     return LoadedModel(model, load_tokenizer(path), name_or_path or DEFAULT_MODEL, path)
+
+
+def load_error(name_or_path: str | None, e: BaseException) -> ModelLoadError:
+    """One line for a model that transformers would not load: custom code (which lqkit never runs),
+    an architecture this transformers does not know, the Hub offline, or what transformers said."""
+    text = str(e)
+    name = name_or_path or DEFAULT_MODEL
+    if "custom code" in text or "trust_remote_code" in text:
+        return ModelLoadError(f"{name!r} asks to run Python code from its folder (auto_map in config.json), which lqkit "
+                              "never does; use a model whose architecture transformers supports (e.g. llama, qwen2, "
+                              "gemma3, mistral) or convert it to one")
+    if "does not recognize this architecture" in text or "Unrecognized model" in text:
+        return ModelLoadError(f"{name!r}: this transformers ({_tf_version()}) does not know its architecture; upgrade "
+                              "transformers (pip install -U transformers) or use a supported model")
+    hint = " (the Hub is offline here: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") and \
+        not Path(str(name)).expanduser().exists() else ""
+    return ModelLoadError(f"could not load model {name!r}: {_first_line(e)}{hint}")
+
+
+def _tf_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _first_line(e: BaseException) -> str:

@@ -13,17 +13,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import blockwise, checkpoint
-from .allocate import AllocationConfig, CostTable, allocate, cost_table, groups_by_identity, input_groups
+from .allocate import (AllocationConfig, CostTable, allocate, check_reachable, cost_table, groups_by_identity,
+                       input_groups)
 from .calibrate import CalibConfig, CalibrationStats, calibrate as _calibrate, calibration_ids, fast_autocast_dtype
 from .compress import MatrixReport, SizeSummary, check_stats, compress_model, full_fisher, needed_stats, size_summary
 from .core.decompose import MatrixSpec
 from .core.quant import QuantSpec
 from .data import DEFAULT_CALIB_TEXT, read_text
 from .dist import SINGLE, Group
-from .errors import SpecError
+from .errors import CheckpointError, SpecError
 from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
 from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan, find_linears
+from .outdir import check_free_space
 from .plan import Plan, no_layer_matches, plan_to_json, uniform_plan
 from .stream import open_model
 
@@ -46,11 +48,14 @@ class CompressResult:
 def _first_plan(model, spec: MatrixSpec | Plan | AllocationConfig, include, exclude) -> Plan:
     """The plan a compression starts from (checked against the model): one spec for every selected
     linear, the given plan, or for a budget the selected linears (their specs come from the solve)."""
-    if isinstance(spec, AllocationConfig):
+    config = spec if isinstance(spec, AllocationConfig) else None
+    if config is not None:
         spec = MatrixSpec("quant", QuantSpec())
     plan = uniform_plan(model, spec, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE) \
         if isinstance(spec, MatrixSpec) else dict(spec)
     check_plan(model, plan)
+    if config is not None:  # a budget no candidate can reach: said now, not after calibration and costs
+        check_reachable(config, {n: tuple(model.get_submodule(n).weight.shape) for n in plan})
     return plan
 
 
@@ -86,7 +91,7 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     and a plan that uses H, each block's H is recomputed from what the already compressed blocks
     produce. ``group``: the process group of a ``torchrun`` launch (see :mod:`lqkit.dist`).
     ``stats_path``: a statistics file (``lqkit calibrate``) to use instead, read or written whole."""
-    checkpoint.check_out_dir(out, overwrite)
+    checkpoint.check_out_dir(out, overwrite, claim=group is None or group.main)  # claimed by the writing process
     if stats_path is not None:
         return _compress_whole(model, spec, out, overwrite=overwrite, include=include, exclude=exclude, device=device,
                                eval_protocol=eval_protocol, eval_text=eval_text, progress=progress, calib=calib,
@@ -121,6 +126,9 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
         plan = alloc.plan if alloc is not None else plan
     seq_ids = calib_ids if sequential and "h" in needed_stats(plan) else None
     t0 = time.time()
+    if group.main:  # the checkpoint's size is known now: a disk without room for it is said before the work
+        expected = blockwise.size_summary(src, plan, other)
+        check_free_space(out, (expected.compressed_bits + expected.other_bits) // 8)
     writer = checkpoint.CheckpointWriter(out, overwrite, max_shard_bytes) if group.main else None
     try:
         reports = blockwise.compress_blocks(src, plan, stats=provider, seq_ids=seq_ids, writer=writer, sweep=sweep,
@@ -329,8 +337,16 @@ def obtain_stats(loaded, names: list[str], need: set[str], calib: CalibConfig | 
     config = calib or CalibConfig()
     explicit = stats_path is not None
     path = Path(stats_path).expanduser() if explicit else default_stats_path(loaded, names, body, config)
+    stats = None
     if path.is_file():
-        stats = checkpoint.load_stats(path)
+        try:
+            stats = checkpoint.load_stats(path)
+        except CheckpointError as e:
+            if explicit:
+                raise
+            log.warning("the cached statistics %s are damaged (%s); computing them again", path, e)
+            path.unlink(missing_ok=True)  # a damaged cache file is computed again, not an error forever
+    if stats is not None:
         src = stats.meta.get("model")
         if explicit and src and src != loaded.source:
             log.warning("statistics in %s were computed on %s, not %s", path, src, loaded.source)

@@ -21,7 +21,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -30,7 +29,7 @@ from torch import nn
 
 from .calibrate import find_blocks
 from .errors import ModelLoadError
-from .models import DEFAULT_MODEL, LoadedModel, load_model, load_tokenizer, resolve
+from .models import DEFAULT_MODEL, LoadedModel, load_error, load_model, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +321,7 @@ def _local(name_or_path: str | None) -> tuple[Path, str]:
             path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
                                                            "*.txt"])
         except Exception as e:
-            hint = " (the Hub is offline here: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
-            raise ModelLoadError(f"could not load model {name_or_path!r}: {str(e).splitlines()[0]}{hint}") from None
+            raise load_error(name_or_path, e) from None
     return Path(path), name_or_path or DEFAULT_MODEL
 
 
@@ -340,7 +338,7 @@ def open_model(name_or_path: str | None, device: torch.device | str = "cpu", dty
         except ModelLoadError:
             raise
         except Exception as e:  # transformers: unknown architecture, code it would have to run, bad config
-            raise ModelLoadError(f"could not load model {name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
+            raise load_error(name_or_path, e) from None
         missing = src.missing()
         if not missing:
             return src

@@ -383,6 +383,24 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     return MatrixCosts(tuple(out_specs[i] for i in front), bits[front], err[front], base, evaluated)
 
 
+def min_candidate_bits(cands: CandidateSet, shape: tuple[int, int]) -> int:
+    """A lower bound of the stored bits of any candidate of a ``shape`` matrix, from the specs alone
+    (no data): the cheapest Q configuration (that the target serves), plus the smallest rank's
+    factors when rank 0 is not a candidate."""
+    specs = cands.quant_specs()
+    if cands.target is not None:
+        from . import serving
+
+        target = serving.get_target(cands.target)
+        specs = [s for s in specs if serving.refusal(MatrixSpec("quant", s), shape, target) is None] or specs
+    q = min(qmod.storage_bits(s, shape) for s in specs)
+    if 0 in cands.ranks:
+        return q
+    r = min(r for r in cands.ranks if r > 0)
+    return storage_bits(MatrixSpec("lorc", specs[0], r, factor_dtype=cands.factor_dtype), shape) - \
+        qmod.storage_bits(specs[0], shape) + q
+
+
 def _scheme_fronts(specs: list[MatrixSpec], bits: np.ndarray, err: np.ndarray, in_features: int) -> np.ndarray:
     """The Pareto front within each integer scheme, by increasing bits."""
     from .serving import scheme
