@@ -49,8 +49,10 @@ def test_constraints_and_minimum_budget(tiny_model_dir, tmp_path, cache):
     for name, r in res.reports.items():
         if "down_proj" in name:
             assert r.bits_per_param >= 4.5
-    with pytest.raises(BudgetError, match="smallest achievable"):
+    with pytest.raises(BudgetError, match="smallest size these candidates can reach"):  # before calibration
         _compress(tiny_model_dir, tmp_path / "d", 1.0)
+    with pytest.raises(BudgetError, match="smallest achievable"):  # with constraints: once the costs are known
+        _compress(tiny_model_dir, tmp_path / "d", 3.0, constraints=(Constraint(".", min_bits=4.5),))
     assert not (tmp_path / "d").exists()
     with pytest.raises(SpecError, match="no candidate of"):
         _compress(tiny_model_dir, tmp_path / "e", 3.0, constraints=(Constraint("q_proj", min_bits=99),))
@@ -92,4 +94,4 @@ def test_budget_cli_smoke(tiny_model_dir, tmp_path, cache):
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
     r = run("compress", "--model", str(tiny_model_dir), "--budget", "0.5", "--cand-bits", "2,3,4",
             "--calib-samples", "4", "--calib-seqlen", "64", "--out", str(tmp_path / "low"), "-q")
-    assert r.returncode == 2 and "smallest achievable" in r.stderr and not (tmp_path / "low").exists()
+    assert r.returncode == 2 and "smallest size these candidates can reach" in r.stderr and not (tmp_path / "low").exists()
