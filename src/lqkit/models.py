@@ -53,8 +53,9 @@ def default_model_dir() -> Path:
         t0 = time.time()
         gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
         log.info("converting %s from GGUF to a plain HF folder in %s (once; about 2 minutes)", DEFAULT_MODEL, target)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
