@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  lqkit compress --model path/or/hub-id --budget 2.5 --min-bits 'mlp\\.down_proj=3' --out out/ck25\n"
                               "  lqkit compress --model path/to/folder --budget 3.0 --device cuda --out out/ck   # streamed on a GPU\n"
                               "  torchrun --nproc-per-node 2 -m lqkit compress --model path/to/folder --budget 3.0 --out out/ck\n"
-                              "  lqkit compress --model path/or/hub-id --method gptq --bits 4 --group-size 128 --out out/gptq4")
+                              "  lqkit compress --model path/or/hub-id --method gptq --bits 4 --group-size 128 --out out/gptq4\n"
+                              "  lqkit compress --model path/or/hub-id --budget 3.0 --target vllm --out out/ck   # servable")
     _add_model(c)
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
