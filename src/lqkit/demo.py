@@ -4,8 +4,8 @@ Runs on google/gemma-3-270m: full-precision perplexity (cached after the first r
 (16 x 512 tokens of the bundled WikiText-2 validation split; cached), the cost table of a compact
 candidate set (cached), the integer program for the budget, compression with the chosen plan, save,
 reload from disk and perplexity of the reloaded checkpoint, all under lqkit's fixed evaluation
-protocol. Measured from a fresh clone (venv, model conversion, everything) on 2 CPU cores while another
-benchmark held one of them: 22.4 min wall, perplexity 45.52 at 3.250 bits/param. The full candidate
+protocol. Measured from a fresh clone (venv, model conversion, everything) on 2 otherwise idle CPU
+cores: 13 min 56 s wall, perplexity 45.54 at 3.250 bits/param. The full candidate
 set and 64 x 512 calibration tokens are `lqkit compress --budget`'s defaults.
 """
 
