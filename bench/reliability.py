@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,9 +33,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "TO
 
 
 def lqkit(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
-          stdin: str | None = None) -> dict:
+          stdin: str | None = None, shell: str | None = None) -> dict:
+    """Run `python -m lqkit ARGS -q` (after the shell commands ``shell``, if given) and sum it up."""
     t = time.time()
-    p = subprocess.run([sys.executable, "-m", "lqkit", *args, "-q"], cwd=cwd, env=env or ENV, capture_output=True,
+    cmd = [sys.executable, "-m", "lqkit", *args, "-q"]
+    if shell is not None:
+        cmd = ["bash", "-c", f"{shell}; exec {shlex.join(cmd)}"]
+    p = subprocess.run(cmd, cwd=cwd, env=env or ENV, capture_output=True,
                        text=True, timeout=timeout, input=stdin if stdin is not None else "")
     err = [ln for ln in p.stderr.splitlines() if ln.strip()]
     return {"rc": p.returncode, "stderr_lines": len(err), "message": err[-1] if err else "",
@@ -237,20 +242,20 @@ def cases(work: Path, model: Path, ck: Path):
             return r, {"seconds to the error": round(time.time() - t, 1)}
         return run
 
+    def rtn4_in_shell(setup: str, out: Path) -> dict:
+        """`lqkit compress` (rtn 4-bit) to ``out`` from a shell that runs ``setup`` first (a limit, a umask)."""
+        return lqkit("compress", "--model", str(model), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                     "--out", str(out), shell=setup)
+
     def readonly_out():
         return compress_to("/proc/lqkit-out")()
 
     def full_disk():
         out = work / "full"
         shutil.rmtree(out, ignore_errors=True)
-        # a file-size limit: the first shard cannot be written (as on a full disk)
-        p = subprocess.run(["bash", "-c", f"ulimit -f 4; exec {sys.executable} -m lqkit compress --model {model} "
-                            f"--method rtn --bits 4 --group-size 32 --out {out} -q"], env=ENV, capture_output=True,
-                           text=True, timeout=300)
-        err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        r = rtn4_in_shell("ulimit -f 4", out)  # a file-size limit: the first shard cannot be written (a full disk)
         left = [x.name for x in work.iterdir() if x.name.startswith(".full.")]
-        return {"rc": p.returncode, "stderr_lines": len(err), "message": err[-1] if err else "", "seconds": 0}, {
-            "nothing left behind": not left and not out.exists()}
+        return r, {"nothing left behind": not left and not out.exists()}
 
     def cwd_out():
         here = work / "here"
@@ -312,11 +317,9 @@ def cases(work: Path, model: Path, ck: Path):
     def perms():
         out = work / "perms"
         shutil.rmtree(out, ignore_errors=True)
-        p = subprocess.run(["bash", "-c", f"umask 022; exec {sys.executable} -m lqkit compress --model {model} "
-                            f"--method rtn --bits 4 --group-size 32 --out {out} -q"], env=ENV, capture_output=True,
-                           text=True, timeout=300)
+        r = rtn4_in_shell("umask 022", out)
         modes = sorted({oct(f.stat().st_mode & 0o777) for f in [out, *out.iterdir()]}) if out.exists() else []
-        return {"rc": p.returncode, "stderr_lines": 0, "message": "", "seconds": 0}, {"modes under umask 022": modes}
+        return r, {"modes under umask 022": modes}
 
     def api_load():
         p = subprocess.run([sys.executable, "-c", f"import lqkit; m = lqkit.load({str(ck)!r}); print(type(m).__name__)"],

@@ -16,13 +16,18 @@ def random_instance(rng, matrices, candidates):
     return bits, err
 
 
-def brute_force(bits, err, budget):
+def brute_force(bits, err, budget, labels=None, ties=()):
+    """(least total error, choice) over every choice within ``budget``; with ``ties``, the matrices of
+    each tie must take candidates of one label."""
     best = (np.inf, None)
     for choice in itertools.product(*(range(len(b)) for b in bits)):
-        if sum(b[c] for b, c in zip(bits, choice)) <= budget:
-            e = sum(x[c] for x, c in zip(err, choice))
-            if e < best[0]:
-                best = (e, choice)
+        if sum(b[c] for b, c in zip(bits, choice)) > budget:
+            continue
+        if any(len({labels[m][choice[m]] for m in t}) > 1 for t in ties):
+            continue
+        e = sum(x[c] for x, c in zip(err, choice))
+        if e < best[0]:
+            best = (e, choice)
     return best
 
 

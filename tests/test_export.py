@@ -1,7 +1,6 @@
 """Export: compressed-tensors folders that transformers (+ peft) load with lqkit's logits, refusals of
 what the format cannot hold, the peft and dense formats, and servable allocation (--target vllm)."""
 
-import itertools
 import json
 
 import numpy as np
@@ -19,6 +18,7 @@ from lqkit.core.quant import QuantSpec
 from lqkit.errors import SpecError
 from lqkit.nn.surgery import compressed_modules
 from lqkit.plan import uniform_plan
+from test_allocate import brute_force
 
 X = torch.randint(3, 384, (2, 20), generator=torch.Generator().manual_seed(0))
 
@@ -255,19 +255,6 @@ def test_cli_formats_and_refusals(tiny_tokenizer, tmp_path, capsys):
 # servable allocation: ties in the integer program
 
 
-def _brute(bits, err, labels, ties, budget):
-    best = (np.inf, None)
-    for choice in itertools.product(*(range(len(b)) for b in bits)):
-        if sum(b[c] for b, c in zip(bits, choice)) > budget:
-            continue
-        if any(len({labels[m][choice[m]] for m in t}) > 1 for t in ties):
-            continue
-        e = sum(x[c] for x, c in zip(err, choice))
-        if e < best[0]:
-            best = (e, choice)
-    return best
-
-
 @pytest.mark.parametrize("seed", range(30))
 def test_tied_milp_equals_brute_force(seed):
     rng = np.random.default_rng(seed)
@@ -279,7 +266,7 @@ def test_tied_milp_equals_brute_force(seed):
         b[0] = 0
     ties = [tuple(range(0, min(3, n)))] + ([(3, 4)] if n == 5 else [])
     budget = int(rng.integers(sum(int(b.min()) for b in bits), sum(int(b.max()) for b in bits) + 1))
-    best, _ = _brute(bits, err, labels, ties, budget)
+    best, _ = brute_force(bits, err, budget, labels, ties)
     if not np.isfinite(best):
         with pytest.raises(BudgetError):
             solve(bits, err, budget, labels=labels, ties=ties)
