@@ -70,6 +70,42 @@ def profile_row(out: int, inp: int, device: str) -> dict:
     return row
 
 
+def sweep_profile(out: int, inp: int, device: str, stack: int) -> dict:
+    """One batched GPTQ call of the default candidates' gptq configurations (clip, act-order) on an
+    (out, inp) matrix, sweeps at most ``stack`` stacked elements tall: wall seconds, peak memory and
+    the CUDA kernels that took the most time (torch.profiler)."""
+    torch.manual_seed(0)
+    w = torch.randn(out, inp, device=device) * 0.02
+    x = torch.randn(4096, inp, device=device) * (torch.rand(inp, device=device) * 2)
+    h = x.T @ x / 4096
+    specs = [s for s in costs.CandidateSet().quant_specs() if s.method == "gptq"][:64]
+    saved = gptq.MAX_STACK_CUDA
+    gptq.MAX_STACK_CUDA = stack
+    try:
+        gptq.gptq_many(w, h, specs[:2])  # warm-up: triton compiles
+        _sync(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        gptq.gptq_many(w, h, specs)
+        _sync(device)
+        wall = time.time() - t0
+        row = {"shape": [out, inp], "configs": len(specs), "stack": stack, "seconds": round(wall, 3)}
+        if device.startswith("cuda"):
+            row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+                gptq.gptq_many(w, h, specs)
+                _sync(device)
+            ev = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]
+            row["top_cuda"] = [{"name": e.key[:60], "ms": round(e.device_time_total / 1e3, 1), "calls": e.count}
+                               for e in ev]
+    finally:
+        gptq.MAX_STACK_CUDA = saved
+    return row
+
+
 def eig_times(n: int, device: str) -> dict:
     a = torch.randn(n, n, device=device)
     g = a @ a.T
@@ -88,19 +124,26 @@ def eig_times(n: int, device: str) -> dict:
 
 def main() -> None:
     ap = base_parser(__doc__)
-    ap.add_argument("--shapes", default="4096x4096,4096x11008")
+    ap.add_argument("--shapes", default="4096x4096,4096x11008", help="comma-separated; empty: none")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweeps", default="", help="also profile one batched GPTQ call per SHAPE:STACK, e.g. 4096x4096:28")
     a = ap.parse_args()
+    sweeps = []
+    for s in filter(None, a.sweeps.split(",")):
+        shape, log2 = s.split(":")
+        o, i = (int(v) for v in shape.split("x"))
+        sweeps.append(sweep_profile(o, i, a.device, 1 << int(log2)))
+        print(json.dumps(sweeps[-1]), flush=True)
     rows = []
-    for s in a.shapes.split(","):
+    for s in filter(None, a.shapes.split(",")):
         o, i = (int(v) for v in s.split("x"))
         rows.append(profile_row(o, i, a.device))
         print(json.dumps(rows[-1]), flush=True)
-    eig = {n: eig_times(n, a.device) for n in (4096,)}
+    eig = {n: eig_times(n, a.device) for n in (4096,)} if rows else {}
     print(json.dumps(eig), flush=True)
     if a.out:
-        write_json(Path(a.out), {"machine": machine_info(), "rows": rows, "eig": eig})
+        write_json(Path(a.out), {"machine": machine_info(), "rows": rows, "eig": eig, "sweeps": sweeps})
 
 
 if __name__ == "__main__":

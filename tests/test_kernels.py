@@ -661,3 +661,39 @@ def test_stream_probe_reads_every_word_once(kind, monkeypatch):
             fn, _ = sp.frag_fn(q, p, out, n, nkb, ng, nw, u, occ, kind == "frag-pf", kind == "frag+params", 2)
         fn()
         assert xor(out) == xor(q), (kind, nw, u, occ)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_fused_sweep_equals_torch_sweep(act_order, monkeypatch):
+    """The cost table's GPTQ sweep with each block's column steps in one Triton launch per family
+    (lqkit.core.gptq_triton) gives the codes and group parameters of the torch sweep, over a stack of
+    families: groups along "in" (static with act-order) and "out" of 16/32/64 rows, clip on and off,
+    kept outliers, two super-blocks of columns, the second short (n = 160: blocks of 32, super-blocks of 128)."""
+    from lqkit.core import gptq as G
+
+    device = _device()
+    g = torch.Generator().manual_seed(3)
+    out, n, tokens = 64, 160, 300
+    w = torch.randn(out, n, generator=g) * 0.02
+    x = torch.randn(tokens, n, generator=g) @ (torch.randn(n, n, generator=g) * 0.4 + torch.eye(n))
+    h = x.T @ x / tokens
+    cfg = [(3, 32, "out", True), (2, 16, "out", True), (4, 64, "out", False)]
+    if act_order:
+        cfg += [(3, 32, "in", True), (8, 32, "in", False), (2, 40, "in", True)]
+    specs = [QuantSpec("gptq", b, gs, d, clip=c, act_order=act_order) for b, gs, d, c in cfg]
+    keep = torch.rand(out, n, generator=g) < 0.02
+    keeps = [keep if i % 2 else None for i in range(len(specs))]
+    w, h, keeps = w.to(device), h.to(device), [k.to(device) if k is not None else None for k in keeps]
+    monkeypatch.setenv("LQKIT_GPTQ_FUSED", "0")
+    ref = G.gptq_many(w, h, specs, keeps)
+    monkeypatch.setenv("LQKIT_GPTQ_FUSED", "1")
+    calls = []
+    real = G._fused_sweep
+    monkeypatch.setattr(G, "_fused_sweep", lambda *a: calls.append(1) or real(*a))
+    got = G.gptq_many(w, h, specs, keeps)
+    assert calls, "the fused sweep did not run"
+    for s, a, b in zip(specs, ref, got):
+        assert torch.equal(a.codes, b.codes), s
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset), s
+        torch.testing.assert_close(a.q, b.q, rtol=0, atol=1e-6)

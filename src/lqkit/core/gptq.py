@@ -19,19 +19,21 @@ feedback has given them, returned as aux["kept"], and are left out of the group 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ..errors import SpecError
-from .quant import (DTYPES, QUANTIZERS, QuantContext, QuantSpec, Quantizer, _rtn_dequantize, from_layout,
+from .quant import (CLIP_SHRINK, DTYPES, QUANTIZERS, QuantContext, QuantSpec, Quantizer, _rtn_dequantize, from_layout,
                     minmax_params, n_groups, register, to_groups, to_layout)
 from .stats import damped, require
 
 BLOCK = 32  # columns per lazy-update block (rank-1 updates inside a block, one matmul per block)
+SUPER = 128  # the fused sweep's second level: blocks update the rest of their super-block, which updates the rest
 MAX_STACK = 1 << 25  # elements of the stacked weight per sweep on a CPU (larger stacks run in several sweeps)
-MAX_STACK_CUDA = 1 << 30  # ... on a GPU at most (and at most a 40th of its free memory, ~10 bytes an element)
+MAX_STACK_CUDA = 1 << 28  # ... on a GPU at most (and at most a 40th of its free memory, ~10 bytes an element)
 
 
 def max_stack(device: torch.device) -> int:
@@ -155,6 +157,72 @@ def _out_groups(fams: list[_Family], out: int, n: int, device) -> list[_OutGroup
     return res
 
 
+def _fused_sweep_ok(w: torch.Tensor, fams: list[_Family], static: bool, out: int) -> bool:
+    """Whether the sweep runs as one Triton launch per block and family (:mod:`.gptq_triton`): on a
+    GPU with triton (LQKIT_GPTQ_FUSED=0 turns it off), groups along "in" fixed before the sweep
+    (act-order) or absent, and groups along "out" that a tile holds (16-128 rows, dividing ``out``)."""
+    if os.environ.get("LQKIT_GPTQ_FUSED", "1") == "0" or not _triton_ok(w.device):
+        return False
+    from .gptq_triton import supports_out_group
+
+    return all(static if f.group_dim == "in" else (supports_out_group(f.group_size) and out % f.group_size == 0)
+               for f in fams)
+
+
+def _triton_ok(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fused_sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
+                 perm: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_sweep` with each block's column steps in one Triton launch per family (same results
+    up to the order of sums; see :mod:`.gptq_triton`)."""
+    from . import gptq_triton as gt
+
+    rows, n = w.shape
+    bb = gt.block_columns()
+    u = u.contiguous()  # the kernel reads rows of u (cholesky_ex may return it column-major)
+    codes = torch.zeros(rows, n, dtype=torch.uint8, device=w.device)
+    q_all = torch.zeros_like(w)
+    err = torch.empty(rows, SUPER, device=w.device)
+    kp = keep.view(torch.uint8) if bool(keep.any()) else None
+    cols = (perm if perm is not None else torch.arange(n, device=w.device)).to(torch.int32)
+    shrink = torch.tensor(CLIP_SHRINK, dtype=torch.float32, device=w.device)
+    params = {}
+    for f in fams:
+        if f.group_dim == "out":
+            sc = torch.zeros(n, f.rows // f.group_size, dtype=f.dtype, device=w.device)
+            params[id(f)] = (sc, torch.zeros_like(sc))
+        else:
+            params[id(f)] = (f.scale, f.offset)
+    for s0 in range(0, n, SUPER):  # lazy updates in two levels: inside a super-block, then past it
+        s1 = min(s0 + SUPER, n)
+        for b0 in range(s0, s1, bb):
+            b1 = min(b0 + bb, s1)
+            for f in fams:
+                sc, of = params[id(f)]
+                gt.run_block(w, kp, codes, q_all, err, u, cols, qmax, sc, of, shrink, row0=f.start, rows=f.rows,
+                             b0=b0, nb=b1 - b0, out_groups=f.group_dim == "out", group_size=f.group_size,
+                             clip=f.clip, err_col0=b0 - s0)
+            if b1 < s1:
+                w[:, b1:s1].addmm_(err[:, b0 - s0:b1 - s0], u[b0:b1, b1:s1], alpha=-1.0)
+        if s1 < n:
+            w[:, s1:].addmm_(err[:, :s1 - s0], u[s0:s1, s1:], alpha=-1.0)
+    for f in fams:
+        if f.group_dim == "out":
+            k = len(f.members)
+            sc, of = params[id(f)]
+            f.scale = sc.reshape(n, k, -1).permute(1, 0, 2).contiguous()
+            f.offset = of.reshape(n, k, -1).permute(1, 0, 2).contiguous()
+    return codes, q_all
+
+
 def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
            perm: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ sweep over the stacked (rows, n) matrix ``w`` (modified in place). Fills the families'
@@ -163,6 +231,8 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
     Each block of columns is worked on transposed, (B, rows), so that every per-column operation
     reads and writes one contiguous vector; with static groups (act-order) the scales and offsets of
     a whole block are gathered once, not column by column."""
+    if _fused_sweep_ok(w, fams, perm is not None, out):
+        return _fused_sweep(w, keep, qmax, fams, u, perm, out)
     rows, n = w.shape
     dinv = (1.0 / torch.diagonal(u)).tolist()
     cols = perm.tolist() if perm is not None else list(range(n))  # original column of sweep step j

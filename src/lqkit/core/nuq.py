@@ -16,6 +16,7 @@ from .stats import require
 ITERS = 100  # Lloyd iterations at most (each is O(rows·k) after one sort)
 TOL = 1e-5  # ... stopping early once an iteration improves the error by less than this fraction
 WEIGHT_FLOOR = 1e-3  # weights below this fraction of a row's mean weight are raised to it
+ROWS_CHUNK = 1 << 23  # elements of the rows clustered at once (k-means holds ~60 bytes an element)
 
 
 def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,8 @@ def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
     if ctx.keep is not None:  # kept outliers: no weight, and no pull on the levels
         keep = to_layout(ctx.keep, spec)
         wt, x = wt.masked_fill(keep, 0.0), m.masked_fill(keep, 0.0)
-    c, _, _ = kmeans_1d(x, wt, k)
+    per = max(1, ROWS_CHUNK // x.shape[1])  # rows are independent: bounded memory on large matrices
+    c = torch.cat([kmeans_1d(x[i:i + per], wt[i:i + per], k)[0] for i in range(0, x.shape[0], per)])
     book = c.to(torch.float16)  # stored codebook; codes assigned against the rounded levels
     codes = _assign(x, book.float())
     return codes.to(torch.uint8), {"codebook": book}
