@@ -23,7 +23,8 @@ With ``rotations=(False, True)`` every candidate is also tried on the rotated ma
 (:mod:`.rotation`, the matrix's own rotation) with its rotated statistics. Its error is the same
 metric in the same coordinates: for "kfac" and "hessian" exactly (E' = E·Rᵀ, H' = R·H·Rᵀ:
 tr(E'·H'·E'ᵀ) row by row equals tr(E·H·Eᵀ), and the row sensitivities ρ_i are unchanged); for
-"fisher", Σ F' ∘ E'² with F' the estimated rotated Fisher diagonal. Both kinds meet in one Pareto
+"fisher", Σ F' ∘ E'² with F' the estimated rotated Fisher diagonal. (The 1 % dampening of H commutes
+with R, except for dead inputs, whose zero diagonal ``damped`` sets to 1 before rotation mixes them.) Both kinds meet in one Pareto
 front, so the integer program decides per matrix.
 
 A set with a serving ``target`` (:mod:`.serving`, e.g. "vllm") holds only the configurations the
