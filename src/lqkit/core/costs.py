@@ -24,8 +24,8 @@ With ``rotations=(False, True)`` every candidate is also tried on the rotated ma
 metric in the same coordinates: for "kfac" and "hessian" exactly (E' = E·Rᵀ, H' = R·H·Rᵀ:
 tr(E'·H'·E'ᵀ) row by row equals tr(E·H·Eᵀ), and the row sensitivities ρ_i are unchanged); for
 "fisher", Σ F' ∘ E'² with F' the estimated rotated Fisher diagonal. (The 1 % dampening of H commutes
-with R, except for dead inputs, whose zero diagonal ``damped`` sets to 1 before rotation mixes them.) Both kinds meet in one Pareto
-front, so the integer program decides per matrix.
+with R, except for dead inputs, whose zero diagonal ``damped`` sets to 1 before rotation mixes them.)
+Both kinds meet in one Pareto front, so the integer program decides per matrix.
 
 A set with a serving ``target`` (:mod:`.serving`, e.g. "vllm") holds only the configurations the
 target serves, and keeps the Pareto front within each integer scheme: the allocation may tie layers
@@ -368,7 +368,8 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
 
 
 def _candidates(w: torch.Tensor, stats: MatrixStats | None, specs: list[QuantSpec], cands: CandidateSet, metric: str,
-                step: Callable[[int], None], rot: Rotation | None) -> tuple[list[MatrixSpec], list[int], list[float], int]:
+                step: Callable[[int], None], rot: Rotation | None
+                ) -> tuple[list[MatrixSpec], list[int], list[float], int]:
     """(specs, bits, errors, configs evaluated) of every candidate of ``w`` (already rotated by ``rot``,
     with its statistics) that the pruning keeps, before the Pareto front."""
     shape = tuple(w.shape)
