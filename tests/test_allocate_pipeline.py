@@ -44,6 +44,25 @@ def test_budget_plan_is_within_budget_saved_and_reloaded(tiny_model_dir, tmp_pat
     assert len(tables) == 1 and CostTable.from_json(json.loads(tables[0].read_text())).key == a["table_key"]
 
 
+def test_rotated_candidates_end_to_end(tiny_model_dir, tmp_path, cache):
+    """--rotate: the table holds both kinds, the plan picks per matrix, the checkpoint reloads to the
+    plan (rotations included) and runs."""
+    import torch
+    from dataclasses import replace
+
+    from lqkit.nn.surgery import compressed_modules
+
+    res = pipeline.compress(str(tiny_model_dir), AllocationConfig(Budget(3.0), replace(CANDS, rotations=(False, True))),
+                            str(tmp_path / "r"), calib=CALIB, progress=False)
+    kinds = [s.rotation is not None for s in res.plan.values()]
+    assert any(kinds) and not all(kinds), kinds
+    assert res.allocation["achieved_bits_per_param"] <= 3.0
+    model = checkpoint.load(tmp_path / "r")
+    assert {n: m.spec for n, m in compressed_modules(model).items()} == res.plan
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(3, 20)[None]).logits).all()
+
+
 def test_constraints_and_minimum_budget(tiny_model_dir, tmp_path, cache):
     res = _compress(tiny_model_dir, tmp_path / "c", 3.5, constraints=(Constraint("down_proj", min_bits=4.5),))
     for name, r in res.reports.items():
@@ -76,6 +95,8 @@ def test_budget_in_bytes():
     (["--budget", "3", "--min-bits", "noequals"], "REGEX=BITS"),
     (["--budget", "3", "--cand-quantizers", "foo"], "unknown quantizer"),
     (["--budget", "3", "--cand-bits", "x"], "comma-separated"),
+    (["--method", "rtn", "--rotate"], "--rotate adds rotated candidates"),
+    (["--budget", "3", "--rotate", "--target", "vllm"], "cannot apply an input rotation"),
 ])
 def test_budget_cli_bad_input(args, expect, tmp_path):
     _bad(["compress", "--out", str(tmp_path / "x"), *args], tmp_path, expect)

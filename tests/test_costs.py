@@ -6,6 +6,7 @@ import torch
 
 from lqkit.core import MatrixStats, decompose, storage_bits
 from lqkit.core.costs import CandidateSet, matrix_costs, metric_error, near_front
+from lqkit.core.rotation import Rotation
 from lqkit.errors import SpecError
 
 
@@ -82,3 +83,41 @@ def test_top_eigenvalues_of_large_grams_match_lapack():
         assert (fast <= exact * (1 + 1e-12)).all()
         err_exact, err_fast = g.trace() - exact, g.trace() - fast
         assert float(((err_fast - err_exact) / err_exact).max()) < 1e-2
+
+
+def spiky(seed=0, spikes=12):
+    """problem() with a dozen large entries: a matrix where an input rotation helps."""
+    w, st = problem(seed)
+    g = torch.Generator().manual_seed(5)
+    w.view(-1)[torch.randint(0, w.numel(), (spikes,), generator=g)] = torch.randn(spikes, generator=g) * 0.4
+    return w, st
+
+
+ROTATING = CandidateSet(**{**SMALL.to_dict(), "rotations": (False, True)})
+
+
+@pytest.mark.parametrize("metric", ["kfac", "hessian"])
+def test_rotated_candidates_share_the_front_with_comparable_errors(metric):
+    """Rotated and unrotated candidates are scored in the same coordinates (exactly, for kfac and hessian):
+    the table's error of each is the error of the built matrix, rotated back, under the original statistics."""
+    w, st = spiky()
+    rot = Rotation.for_size(96, seed=11)
+    t = matrix_costs(w, st, ROTATING, metric, rotation=rot)
+    assert {s.rotation for s in t.specs} == {None, rot}  # both kinds on the front
+    plain = matrix_costs(w, st, SMALL, metric)
+    assert t.base == pytest.approx(plain.base) and t.evaluated > plain.evaluated
+    for b in plain.bits:  # the joint front is never worse than the unrotated one
+        assert t.errors[t.bits <= b].min() <= plain.errors[plain.bits <= b].min() * (1 + 1e-9)
+    for spec, bits, err in list(zip(t.specs, t.bits, t.errors))[::3]:
+        d = decompose(w, spec, st)
+        assert d.nbits == bits
+        assert metric_error(w - d.reconstruct(), st, metric) == pytest.approx(err, rel=1e-3), spec.label()
+
+
+def test_candidate_rotations_validation_and_keys():
+    assert "rotations" not in SMALL.to_dict()  # cost tables cached before rotations keep their keys
+    assert CandidateSet.from_dict(ROTATING.to_dict()) == ROTATING and ROTATING.to_dict()["rotations"] == (False, True)
+    with pytest.raises(SpecError, match="distinct booleans"):
+        CandidateSet(rotations=(True, True))
+    with pytest.raises(SpecError, match="cannot apply an input rotation"):
+        CandidateSet(rotations=(False, True), target="vllm")

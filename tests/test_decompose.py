@@ -1,7 +1,11 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
-from lqkit.core import MatrixSpec, QuantSpec, decompose, storage_bits, truncated_svd
+from lqkit.core import MatrixSpec, MatrixStats, QuantSpec, decompose, dequantize, storage_bits, truncated_svd
+from lqkit.core.rotation import Rotation, unrotate_weight
+from lqkit.core.stats import rel_error
 from lqkit.errors import SpecError
 
 
@@ -83,3 +87,50 @@ def test_spec_json_roundtrip():
     assert MatrixSpec.from_dict(s.to_dict()) == s
     s2 = MatrixSpec("lowrank", None, rank=3)
     assert MatrixSpec.from_dict(s2.to_dict()) == s2
+
+
+def _spiky(shape=(96, 160), seed=0, spikes=20):
+    """_w with a few large entries: what an incoherence rotation spreads over its blocks."""
+    w = _w(shape, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    w.view(-1)[torch.randint(0, w.numel(), (spikes,), generator=g)] = torch.randn(spikes, generator=g) * 0.5
+    return w
+
+
+@pytest.mark.parametrize("spec", [MatrixSpec("quant", Q3), MatrixSpec("lq", Q3, rank=8, iters=5),
+                                  MatrixSpec("lowrank", None, rank=6)], ids=lambda s: s.method)
+def test_rotated_decomposition_reconstructs_w(spec):
+    """A rotated spec stores the parts of W·Rᵀ (zero extra bits); reconstruct() rotates them back."""
+    w = _spiky()
+    rot = Rotation.for_size(160, seed=3)  # blocks of 32 over 160 inputs
+    d = decompose(w, replace(spec, rotation=rot))
+    rotated = (dequantize(d.q) if d.q is not None else 0) + (d.L.float() @ d.R.float() if d.L is not None else 0)
+    torch.testing.assert_close(d.reconstruct(), unrotate_weight(rotated, rot))  # Ŵ = Ŵ'·R
+    assert d.error == pytest.approx(float((w - d.reconstruct()).norm() / w.norm()), rel=1e-4)
+    assert d.nbits == storage_bits(spec, tuple(w.shape)) == decompose(w, spec).nbits
+    if spec.method == "quant":  # the spikes spread over their blocks: a smaller error at the same bits
+        assert d.error < 0.95 * decompose(w, spec).error
+
+
+@pytest.mark.parametrize("weighting", ["hessian", "kfac"])
+def test_rotated_decomposition_uses_rotated_statistics(weighting):
+    """gptq and the weighted LQ objective run on W·Rᵀ with R·H·Rᵀ: the weighted error they report is
+    the one of the rotated-back reconstruction under the original statistics."""
+    g = torch.Generator().manual_seed(4)
+    w = _spiky((48, 64))
+    x = torch.randn(300, 64, generator=g) @ (torch.randn(64, 64, generator=g) * 0.3 + torch.eye(64))
+    st = MatrixStats(h=x.T @ x / 300, fisher=torch.rand(48, 64, generator=g) + 0.1)
+    rot = Rotation.for_size(64, seed=5)
+    spec = MatrixSpec("lq", QuantSpec("gptq", 3, 16), rank=4, iters=3, weighting=weighting, rotation=rot)
+    d = decompose(w, spec, st)
+    assert d.weighted_error == pytest.approx(rel_error(w, d.reconstruct(), st, weighting), rel=1e-3)
+
+
+def test_rotated_spec_json_label_and_checks():
+    rot = Rotation(12345, 32)
+    s = MatrixSpec("lq", Q3, rank=4, rotation=rot)
+    assert MatrixSpec.from_dict(s.to_dict()) == s and s.to_dict()["rotation"] == {"seed": 12345, "block": 32}
+    assert "rotation" not in MatrixSpec("lq", Q3, rank=4).to_dict()  # unrotated plans keep their JSON
+    assert s.label().endswith("+rot")
+    with pytest.raises(SpecError, match="does not divide"):
+        decompose(_w((20, 48)), s)

@@ -320,3 +320,29 @@ def test_target_vllm_plan_ties_fused_layers_and_exports(tiny_model_dir, tmp_path
         assert tied.allocation.objective >= free.allocation.objective
     r = export(tmp_path / "ck", tmp_path / "ct")
     _close(_logits(_load_ct(tmp_path / "ct", adapter=r.adapter is not None)), _logits(checkpoint.load(tmp_path / "ck")))
+
+
+def test_rotated_matrices_refused_by_compressed_tensors_and_exact_in_dense_and_peft(tiny_tokenizer, tmp_path):
+    """compressed-tensors has no input transform: one line naming the rotated matrices and --rotate.
+    The dense formats rotate back: deq(Q)·Rot in the base, R·Rot as lora_A, the checkpoint's logits."""
+    from lqkit.export import _check_ct, export
+    from lqkit.plan import rotated_plan
+
+    ck = _checkpoint("llama", tiny_tokenizer, tmp_path / "ck",
+                     lambda m, a: rotated_plan(m, {n: s for n, s in _plan(m, a).items() if "layers.1." in n}))
+    with pytest.raises(SpecError) as e:
+        _check_ct(checkpoint.read_meta(ck))
+    msg = str(e.value)
+    assert "\n" not in msg and "model.layers.1.self_attn.q_proj" in msg
+    assert "input rotation" in msg and "--rotate" in msg
+    lq = _logits(checkpoint.load(ck))
+    from transformers import AutoModelForCausalLM
+
+    export(ck, tmp_path / "dense", "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(dense), lq, rtol=1e-3, atol=1e-3)
+    peft = pytest.importorskip("peft")
+    export(ck, tmp_path / "peft", "peft")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base", dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()
+    torch.testing.assert_close(_logits(model), lq, rtol=1e-3, atol=1e-3)

@@ -3,6 +3,8 @@ replaced by a torch reference over the stacked layout (``layout.reference_weight
 stacking, the factors' block structure and the hand-out logic; tests/test_kernels.py runs the real
 kernels on stacked weights (GPU, or triton's CPU interpreter)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.core.stats import MatrixStats
 from lqkit.kernels import layout
 from lqkit.nn import CompressedLinear, find_shared_inputs, fuse_shared_inputs, unfuse
-from lqkit.plan import uniform_plan
+from lqkit.plan import rotated_plan, uniform_plan
 
 SPEC = MatrixSpec("lq", QuantSpec("rtn", 4, 32), rank=4, iters=2)
 
@@ -219,3 +221,24 @@ def test_fused_model_on_gpu_matches_unfused():
     for a, b in ((y, ref), (y1, ref1)):
         assert torch.isfinite(a).all()
         assert float((a - b).norm() / b.norm()) <= 1e-2
+
+
+def test_rotated_layers_stack_when_they_share_their_rotation(monkeypatch):
+    """Siblings with one rotation (q/k/v, gate/up: rotated_plan's seeds) stack and the stack rotates the
+    shared input once; an unrotated v_proj leaves q + k."""
+    m = tiny_model("llama")
+    plan = rotated_plan(m, uniform_plan(m, SPEC))
+    compress_model(m, plan, progress=False)
+    with torch.no_grad():
+        ref = m(_x(1)).logits  # torch path
+    groups = fuse_shared_inputs(m, _x())
+    assert len(groups) == 4 and all(g.rotation is not None for g in groups)
+    calls = _reference_kernels(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(m(_x(1)).logits, ref, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 * 4
+    unfuse(m)
+    for n, mod in m.named_modules():
+        if n.endswith("v_proj"):
+            mod.spec = replace(mod.spec, rotation=None)  # the key only: stacking is decided by the specs
+    assert _layer_sets(find_shared_inputs(m, _x())) == [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj")] * 2

@@ -16,14 +16,15 @@ from lqkit.compress import compress_model
 from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.kernels import layout
 from lqkit.nn import CompressedLinear, compressed_modules, inference, ops, prepare_for_inference, unprepare
-from lqkit.plan import uniform_plan
+from lqkit.plan import rotated_plan, uniform_plan
 
 SPEC = MatrixSpec("lorc", QuantSpec("rtn", 4, 32), rank=4)
 
 
-def _compressed(arch="llama", spec=SPEC):
+def _compressed(arch="llama", spec=SPEC, rotate=False):
     m = tiny_model(arch)
-    compress_model(m, uniform_plan(m, spec), progress=False)
+    plan = uniform_plan(m, spec)
+    compress_model(m, rotated_plan(m, plan) if rotate else plan, progress=False)
     return m
 
 
@@ -234,3 +235,38 @@ def test_layers_without_kernel_format_stay_on_torch(reference_kernels):
     p = prepare_for_inference(m)
     assert p.kernel_layers == 0 and p.stacks == ()
     assert all(isinstance(mod, CompressedLinear) and mod._runner is None for mod in compressed_modules(m).values())
+
+
+def test_rotated_layers_prepared_and_compiled(reference_kernels):
+    """Rotated layers on the prepared kernel path (each runner rotates its input, a stack once for all
+    its members), eagerly and compiled as one graph (the rotation inside the opaque op)."""
+    m = _compressed("qwen2", rotate=True)
+    ref = _logits(m, _ids(1))
+    p = prepare_for_inference(m)
+    assert p.kernel_layers == 14 and len(p.stacks) == 4
+    runners = {id(mod._runner): mod._runner for mod in compressed_modules(m).values()}.values()
+    assert all(r.rotate is not None for r in runners)
+    reference_kernels.clear()
+    torch.testing.assert_close(_logits(m, _ids(1)), ref, rtol=1e-4, atol=1e-4)
+    assert len(reference_kernels) == 2 * 4
+    reference_kernels.clear()
+    torch.testing.assert_close(_logits(_compile(m), _ids(1)), ref, rtol=1e-4, atol=1e-4)
+    assert len(reference_kernels) == 2 * 4
+
+
+def test_rotated_torch_path_compiles_and_trains():
+    """Unprepared, a rotated layer's torch path compiles as one graph through ``lqkit::rotate`` (whose
+    backward is the inverse rotation: L and R of a rotated layer fine-tune)."""
+    from lqkit.core.rotation import Rotation
+
+    x = torch.randn(3, 160, dtype=torch.float64, requires_grad=True)
+    for inverse in (False, True):
+        torch.library.opcheck(ops._rotate, (x, 7, 32, inverse))
+    torch.testing.assert_close(ops.rotate(x, Rotation(7, 32)), ops._rotate(x, 7, 32, False))
+    m = _compressed(rotate=True)
+    ref = _logits(m, _ids(1))
+    torch.testing.assert_close(_logits(_compile(m), _ids(1)), ref, rtol=1e-4, atol=1e-4)
+    up = m.model.layers[0].mlp.up_proj
+    loss = m(_ids(1)).logits.square().mean()
+    loss.backward()
+    assert up.R.grad is not None and torch.isfinite(up.R.grad).all()

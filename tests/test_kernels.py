@@ -697,3 +697,27 @@ def test_gptq_fused_sweep_equals_torch_sweep(act_order, monkeypatch):
         assert torch.equal(a.codes, b.codes), s
         assert torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset), s
         torch.testing.assert_close(a.q, b.q, rtol=0, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_rotated_layer_runs_its_rotation_before_the_kernel():
+    """A rotated layer's prepared call: x rotated (on the device, in float32, back to x's dtype), then the
+    kernel: the outputs of x·Ŵᵀ with Ŵ the layer's reconstruction in the original coordinates."""
+    from lqkit.core import MatrixSpec, decompose
+    from lqkit.core.rotation import Rotation
+    from lqkit.nn import CompressedLinear
+
+    device = _device()
+    dtype = torch.bfloat16 if device != "cpu" else torch.float16
+    shape = (70, 320) if device == "cpu" else (1024, 1536)  # blocks of 64 and of 512: not powers of two
+    w = torch.randn(shape) * 0.02
+    spec = MatrixSpec("lorc", QuantSpec("rtn", 4, 64, "out"), rank=4, rotation=Rotation.for_size(shape[1], 3))
+    m = CompressedLinear.from_decomposition(decompose(w, spec), dtype=dtype).to(device)
+    run = m.prepare_runner()
+    assert run.rotate is not None
+    merged = m.merged_weight().to(device)
+    for t in (1, 3):
+        x = torch.randn(t, shape[1], device=device).to(dtype)
+        with torch.no_grad():
+            _check(run(x), x.float() @ merged.t())
+    assert len(run.calls) == 2  # the kernels ran (bound once per token count)

@@ -11,7 +11,7 @@ from lqkit.compress import compress_model, size_summary
 from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.errors import CheckpointError, SpecError
 from lqkit.nn import compressed_modules, find_linears
-from lqkit.plan import uniform_plan
+from lqkit.plan import plan_from_json, rotated_plan, uniform_plan
 
 SPECS = [
     MatrixSpec("lq", QuantSpec("rtn", 3, 32), rank=4, iters=4),
@@ -172,3 +172,35 @@ def test_materialized_gives_identical_outputs():
             y2 = m(_x()).logits
     assert torch.equal(y, y2)
     assert all(mod._dense_q is None for mod in compressed_modules(m).values())
+
+
+@pytest.mark.parametrize("arch_", ["llama", "gemma3"])  # gemma3: 160-wide mlp inputs, rotated in blocks of 32
+def test_rotated_plan_forward_save_load(arch_, tmp_path, tiny_tokenizer):
+    """Every matrix rotated: the layers rotate their input (the forward is the dense W·x of their
+    reconstruction), the checkpoint keeps the rotations in its plan (format 4) and loads to the same logits."""
+    m = tiny_model(arch_)
+    plan = rotated_plan(m, uniform_plan(m, SPECS[0]))
+    assert len({s.rotation for s in plan.values()}) == 2 * 3  # per layer: q/k/v (o: 64 inputs too), gate/up, down
+    ref = tiny_model(arch_)
+    compress_model(m, plan, progress=False)
+    for name, mod in compressed_modules(m).items():
+        x = torch.randn(3, 5, mod.in_features)
+        merged = mod.merged_weight().detach()
+        torch.testing.assert_close(mod(x), x @ merged.t() + (mod.bias if mod.bias is not None else 0),
+                                   rtol=1e-4, atol=1e-5)
+        w = ref.get_submodule(name).weight.detach()
+        assert float((merged - w).norm() / w.norm()) < 0.5  # rotated back: close to W, not to W·Rᵀ
+    with torch.no_grad():
+        y = m(_x()).logits
+    out = checkpoint.save(m, tiny_tokenizer, tmp_path / "ck", plan=plan)
+    meta = checkpoint.read_meta(out)
+    assert meta["format_version"] == 4 and plan_from_json(meta["plan"]) == plan
+    m2 = checkpoint.load(out)
+    with torch.no_grad():
+        assert torch.equal(m2(_x()).logits, y)
+    assert {n: mod.spec for n, mod in compressed_modules(m2).items()} == plan
+
+
+def test_unrotated_checkpoints_keep_format_3(tmp_path):
+    out, _, _ = _saved(tmp_path)
+    assert checkpoint.read_meta(out)["format_version"] == 3

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from .core.allocate import Allocation, BudgetError, min_bits, solve
 from .core.costs import METRICS, CandidateSet, MatrixCosts, matrix_costs, min_candidate_bits
 from .core.decompose import MatrixSpec
+from .core.rotation import for_matrix
 from .core.stats import MatrixStats
 from .errors import SpecError
 from .models import cache_dir
@@ -289,7 +290,7 @@ def _worker_init(threads: int) -> None:
 
 def _one(name: str, w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet, metric: str
          ) -> tuple[str, MatrixCosts]:
-    return name, matrix_costs(w, stats, cands, metric)
+    return name, matrix_costs(w, stats, cands, metric, rotation=for_matrix(name, w.shape[1]))
 
 
 class _PoolFailed(Exception):
@@ -422,8 +423,7 @@ def refined(spec: MatrixSpec, iters: int) -> MatrixSpec:
     """A LoRC spec as LQ alternations started from the LoRC result (never worse than it)."""
     if iters <= 0 or spec.method != "lorc":
         return spec
-    return MatrixSpec("lq", spec.quant, spec.rank, iters=iters + 1, factor_dtype=spec.factor_dtype,
-                      weighting=spec.weighting, init="quant")
+    return replace(spec, method="lq", iters=iters + 1, init="quant")
 
 
 def input_groups(aliases: Mapping[str, str], names: Sequence[str]) -> list[tuple[str, ...]]:

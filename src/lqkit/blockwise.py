@@ -45,6 +45,7 @@ from .calibrate import (CalibrationError, FisherAccumulator, HessianAccumulator,
 from .compress import MatrixReport, SizeSummary, _compress_one
 from .core.costs import CandidateSet, MatrixCosts, matrix_costs
 from .core.decompose import MatrixSpec, storage_bits
+from .core.rotation import for_matrix
 from .core.stats import MatrixStats
 from .dist import SINGLE, Group
 from .models import cache_dir
@@ -363,8 +364,8 @@ def stored_stats(stats: Mapping[str, MatrixStats], full: Callable[[str], bool], 
 # the cost table of one block
 
 
-def _costs_row(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet, metric: str) -> dict:
-    return matrix_costs(w, stats, cands, metric).to_dict()
+def _costs_row(name: str, w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet, metric: str) -> dict:
+    return matrix_costs(w, stats, cands, metric, rotation=for_matrix(name, w.shape[1])).to_dict()
 
 
 class CostPool:
@@ -402,10 +403,10 @@ def block_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixSt
     if pool is not None and not pool.broken:
         from concurrent.futures.process import BrokenProcessPool
 
-        per = len(cands.quant_specs())
+        per = len(cands.quant_specs()) * len(cands.rotations)
         try:
-            futures = {pool.pool.submit(_costs_row, model.get_submodule(n).weight.detach().cpu(), stats.get(n), cands,
-                                        metric): n for n in mine}
+            futures = {pool.pool.submit(_costs_row, n, model.get_submodule(n).weight.detach().cpu(), stats.get(n),
+                                        cands, metric): n for n in mine}
             for f in cf.as_completed(futures):
                 rows[futures[f]] = f.result()
                 bar.update(per)
@@ -417,7 +418,8 @@ def block_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixSt
         if n not in rows:
             w = model.get_submodule(n).weight.detach()
             t0 = time.time()
-            rows[n] = matrix_costs(w, stats.get(n), cands, metric, on_progress=bar.update).to_dict()
+            rows[n] = matrix_costs(w, stats.get(n), cands, metric, on_progress=bar.update,
+                                   rotation=for_matrix(n, w.shape[1])).to_dict()
             log.debug("cost-table row of %s (%dx%d): %.1f s", n, *w.shape, time.time() - t0)
     if group.world > 1:
         for part in group.gather(rows):

@@ -41,8 +41,9 @@ from .plan import plan_from_json, plan_to_json
 log = logging.getLogger(__name__)
 
 FORMAT = "lqkit"
-FORMAT_VERSION = 3  # 3: config.json (and generation_config.json) checksummed too; 2: tensors in one or more
-# shards, each listed under "files"; 1: one model.safetensors
+FORMAT_VERSION = 4  # 4: a matrix may carry an input rotation (written only then: an older lqkit reads every
+# other checkpoint and says "upgrade lqkit" for these); 3: config.json (and generation_config.json) checksummed
+# too; 2: tensors in one or more shards, each listed under "files"; 1: one model.safetensors
 META_FILE = "lqkit.json"
 TENSOR_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 2 * 2**30  # a shard is written once its tensors reach this size
@@ -193,7 +194,7 @@ class CheckpointWriter:
                     raise CheckpointError(f"cannot store an extra file named {fname!r} in a checkpoint")
                 (self.tmp / fname).write_bytes(data)
             meta = {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "lqkit_version": __version__,
+                "format": FORMAT, "format_version": _version(plan), "lqkit_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "dtype": str(dtype).removeprefix("torch."),
                 "plan": plan_to_json(plan), "reports": dict(reports or {}), "summary": summary or {},
@@ -219,6 +220,11 @@ class CheckpointWriter:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
         release(self.out)
+
+
+def _version(plan: Mapping[str, MatrixSpec]) -> int:
+    """The oldest format that holds ``plan``."""
+    return FORMAT_VERSION if any(s.rotation is not None for s in plan.values()) else 3
 
 
 def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, MatrixSpec],

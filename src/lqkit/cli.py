@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate fractions of sparse fp16 outliers (default %(default)s)")
     b.add_argument("--cand-no-clip", action="store_true", help="rtn/gptq candidates with plain min-max ranges")
     b.add_argument("--cand-no-act-order", action="store_true", help="gptq candidates in plain column order")
+    b.add_argument("--rotate", action="store_true",
+                   help="also try every candidate on the matrix with its input rotated (a seeded randomized Hadamard "
+                        "transform: spreads outliers; stored as a seed, no extra bits; applied to x at run time); the "
+                        "integer program picks per matrix. Exports only to the dense and peft formats")
     b.add_argument("--min-bits", action="append", default=[], metavar="REGEX=BITS",
                    help="matrices matching REGEX get at least BITS bits/param (repeatable)")
     b.add_argument("--max-bits", action="append", default=[], metavar="REGEX=BITS",
@@ -392,7 +396,8 @@ def _allocation_from_args(a: argparse.Namespace):
         group_sizes=_list(a.cand_group_sizes, int, "--cand-group-sizes"),
         group_dims=_list(a.cand_group_dims, str, "--cand-group-dims"), ranks=_list(a.cand_ranks, int, "--cand-ranks"),
         outliers=_list(a.cand_outliers, float, "--cand-outliers"), factor_dtype=a.factor_dtype,
-        clip=not a.cand_no_clip, act_order=not a.cand_no_act_order, target=a.target)
+        clip=not a.cand_no_clip, act_order=not a.cand_no_act_order, target=a.target,
+        rotations=(False, True) if a.rotate else (False,))
     cons = tuple(Constraint.parse(t, "min") for t in a.min_bits) + tuple(Constraint.parse(t, "max") for t in a.max_bits)
     return AllocationConfig(budget, cands, a.metric, cons, a.refine, a.workers, cache=not a.no_table_cache)
 
@@ -405,6 +410,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     elif a.target is not None:
         raise SpecError("--target restricts the candidates of a budget; give --budget or --budget-bytes "
                         "(with --method, check the plan with `lqkit export` instead)")
+    elif a.rotate:
+        raise SpecError("--rotate adds rotated candidates to a budget's cost table; give --budget or --budget-bytes "
+                        "(with --method every matrix gets one unrotated spec)")
     else:
         a.method = a.method or "lq"
         spec = _spec_from_args(a)

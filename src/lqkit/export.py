@@ -46,6 +46,7 @@ from torch import nn
 from . import checkpoint, outdir
 from .core import packing, serving
 from .core.quant import DTYPES
+from .core.rotation import unrotate_weight
 from .errors import CheckpointError, LqkitError, SpecError
 from .models import load_tokenizer
 from .nn.fuse import input_sets
@@ -173,13 +174,15 @@ def _check_not_source(out: Path, source: Path) -> None:
 
 def lora_tensors(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """PEFT-named LoRA tensors (lora_A = R, lora_B = L; in ``dtype``, default the plan's factor
-    dtype, which is what was stored) and the rank of each adapted module."""
+    dtype, which is what was stored) and the rank of each adapted module. A rotated layer's R is
+    rotated back (R·Rot, which reads x itself), so its adapter is exact but no longer the stored R."""
     tensors, ranks = {}, {}
     for name, m in compressed_modules(model).items():
         if m.L is None:
             continue
         dt = dtype or DTYPES[m.spec.factor_dtype]
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.R.detach().to(dt).contiguous()  # (r, in)
+        a = m.R.detach() if m.spec.rotation is None else unrotate_weight(m.R.detach().float(), m.spec.rotation)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.to(dt).contiguous()  # (r, in): R·Rot when rotated
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.L.detach().to(dt).contiguous()  # (out, r)
         ranks[name] = m.spec.rank
     return tensors, ranks
@@ -211,9 +214,11 @@ def _rank_counts(ranks: dict[str, int]) -> dict[str, int]:
 
 def dequantize_in_place(model: nn.Module, dtype: torch.dtype = torch.float32, merge: bool = False) -> None:
     """Replace each CompressedLinear by an ``nn.Linear`` holding deq(Q) (zeros without Q; with
-    ``merge`` deq(Q) + L·R) and its bias."""
+    ``merge`` deq(Q) + L·R) and its bias; rotated back (·Rot) for a rotated layer, so that it reads x."""
     for name, m in compressed_modules(model).items():
-        w = m.merged_weight(dtype) if merge else m.dequantized_weight(dtype)
+        w = m.merged_weight(dtype) if merge else m.dequantized_weight(torch.float32)
+        if not merge and w is not None and m.spec.rotation is not None:
+            w = unrotate_weight(w, m.spec.rotation)
         device = (m.qcodes if m.spec.quant is not None else m.L).device
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype, device=device)
         with torch.no_grad():

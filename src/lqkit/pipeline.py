@@ -202,7 +202,7 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
     todo = group.broadcast_object([k for k in by_block if not store.done(k, costs=budgeted)], 0)
     costs: dict = {}
     t_costs = [0.0]
-    per = len(spec.candidates.quant_specs()) if budgeted else 0
+    per = len(spec.candidates.quant_specs()) * len(spec.candidates.rotations) if budgeted else 0
     cbar = tqdm(total=len(plan) * per, desc="cost table", unit="cand", disable=not (budgeted and sweep.progress))
 
     pool = None

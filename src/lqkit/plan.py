@@ -3,11 +3,13 @@ checkpoint and is reported."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable, Mapping
 
 from torch import nn
 
 from .core.decompose import MatrixSpec
+from .core.rotation import for_matrix
 from .errors import SpecError
 from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, find_linears
 
@@ -21,6 +23,12 @@ def uniform_plan(model: nn.Module, spec: MatrixSpec, include: Iterable[str] = DE
     if not names:
         raise no_layer_matches(model)
     return {n: spec for n in names}
+
+
+def rotated_plan(model: nn.Module, plan: Mapping[str, MatrixSpec], seed: int = 0) -> Plan:
+    """``plan`` with every matrix's input rotated, each by its own rotation (:func:`core.rotation.for_matrix`:
+    layers of one parent module with one input size share theirs)."""
+    return {n: replace(s, rotation=for_matrix(n, model.get_submodule(n).in_features, seed)) for n, s in plan.items()}
 
 
 def no_layer_matches(model: nn.Module) -> SpecError:

@@ -19,6 +19,14 @@ Work is shared and pruned so that a table over a whole model stays cheap:
    (fisher: the FWSVD factors of each rank are formed and scored exactly);
 4. only the candidates on the (bits, error) Pareto front are returned: the others never help.
 
+With ``rotations=(False, True)`` every candidate is also tried on the rotated matrix W·Rᵀ
+(:mod:`.rotation`, the matrix's own rotation) with its rotated statistics. Its error is the same
+metric in the same coordinates: for "kfac" and "hessian" exactly (E' = E·Rᵀ, H' = R·H·Rᵀ:
+tr(E'·H'·E'ᵀ) row by row equals tr(E·H·Eᵀ), and the row sensitivities ρ_i are unchanged); for
+"fisher", Σ F' ∘ E'² with F' the estimated rotated Fisher diagonal. (The 1 % dampening of H commutes
+with R, except for dead inputs, whose zero diagonal ``damped`` sets to 1 before rotation mixes them.)
+Both kinds meet in one Pareto front, so the integer program decides per matrix.
+
 A set with a serving ``target`` (:mod:`.serving`, e.g. "vllm") holds only the configurations the
 target serves, and keeps the Pareto front within each integer scheme: the allocation may tie layers
 that the runtime fuses to one scheme, and a scheme dominated in one of them may be the best for all.
@@ -38,6 +46,7 @@ from . import quant as qmod
 from .allocate import pareto_front
 from .decompose import MatrixSpec, storage_bits
 from .quant import QUANTIZERS, QuantSpec
+from .rotation import Rotation, rotate_weight
 from .stats import MatrixStats, require, weight_scales
 
 METRICS = ("kfac", "hessian", "fisher")
@@ -63,9 +72,10 @@ class CandidateSet:
     slack: float = 0.25  # pruning tolerance: run a data-aware config if its proxy is within (1 + slack) of the front
     lowrank_slack: float = 0.05  # try low rank on Q configs within (1 + lowrank_slack) of the rank-0 front
     target: str | None = None  # a serving target (lqkit.core.serving.TARGETS): only what it serves
+    rotations: tuple[bool, ...] = (False,)  # each candidate without / with the matrix's input rotation
 
     def __post_init__(self) -> None:
-        for name in ("quantizers", "bits", "group_sizes", "group_dims", "ranks", "outliers"):
+        for name in ("quantizers", "bits", "group_sizes", "group_dims", "ranks", "outliers", "rotations"):
             if not getattr(self, name):
                 raise SpecError(f"the candidate set needs at least one value of {name}")
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -76,10 +86,14 @@ class CandidateSet:
             raise SpecError(f"candidate group dims must be 'in' or 'out', got {self.group_dims}")
         if any(not (isinstance(r, int) and r >= 0) for r in self.ranks):
             raise SpecError(f"candidate ranks must be non-negative integers, got {self.ranks}")
+        if any(not isinstance(r, bool) for r in self.rotations) or len(set(self.rotations)) < len(self.rotations):
+            raise SpecError(f"candidate rotations must be distinct booleans, e.g. (False, True), got {self.rotations}")
         if self.target is not None:
             from .serving import get_target
 
-            get_target(self.target)
+            t = get_target(self.target)
+            if True in self.rotations and not t.transforms:
+                raise SpecError(f"target {t.name} cannot apply an input rotation; drop --rotate or --target")
         if not self.quant_specs():
             why = f" that target {self.target} serves" if self.target else ""
             raise SpecError(f"the candidate set has no valid quantizer configuration{why} (check bits per quantizer)")
@@ -119,6 +133,8 @@ class CandidateSet:
         d = asdict(self)
         if d["target"] is None:  # left out: the cost tables cached before targets keep their keys
             del d["target"]
+        if d["rotations"] == (False,):  # likewise before rotations
+            del d["rotations"]
         return d
 
     @classmethod
@@ -311,14 +327,16 @@ def _near(specs: list[QuantSpec], err: np.ndarray, shape, slack: float) -> list[
 
 
 def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet = CandidateSet(),
-                 metric: str = "kfac", on_progress: Callable[[int], None] | None = None) -> MatrixCosts:
+                 metric: str = "kfac", on_progress: Callable[[int], None] | None = None,
+                 rotation: Rotation | None = None) -> MatrixCosts:
     """The Pareto-optimal candidates of the (out, in) matrix ``w`` with their bits and errors.
-    ``on_progress(n)`` is told as Q configurations are settled (n in all: ``len(cands.quant_specs())``)."""
+    ``on_progress(n)`` is told as Q configurations are settled (n in all: ``len(cands.quant_specs())``
+    per entry of ``cands.rotations``). ``rotation``: the matrix's rotation for its rotated candidates
+    (default: ``Rotation.for_size(in)``, seed 0)."""
     step = on_progress or (lambda n: None)
     w = w.float()
     shape = tuple(w.shape)
     stats = stats.to(w.device) if stats is not None else None
-    m = _Metric(stats, metric, w.device)
     specs = cands.quant_specs()
     target = None
     if cands.target is not None:
@@ -329,6 +347,33 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
         if not specs:
             raise SpecError(f"no candidate group size suits a {shape[0]}x{shape[1]} matrix for target {target.name}; "
                             f"add one dividing {shape[1]} to --cand-group-sizes")
+    out_specs, out_bits, out_err, evaluated = [], [], [], 0
+    for rotate in cands.rotations:
+        rot = (rotation or Rotation.for_size(shape[1])) if rotate else None
+        wr, sr = w, stats
+        if rot is not None:
+            rot.check(shape[1], f"the input of a {shape[0]}x{shape[1]} matrix")
+            wr, sr = rotate_weight(w, rot), (stats.rotated(rot) if stats is not None else None)
+        sp, bt, er, ev = _candidates(wr, sr, specs, cands, metric, step, rot)
+        out_specs += sp
+        out_bits += bt
+        out_err += er
+        evaluated += ev
+    if not out_specs:
+        raise SpecError(f"no candidate fits a {shape[0]}x{shape[1]} matrix (ranks {cands.ranks} too large?)")
+    bits, err = np.array(out_bits, dtype=np.int64), np.array(out_err, dtype=np.float64)
+    front = pareto_front(bits, err) if target is None else _scheme_fronts(out_specs, bits, err, shape[1])
+    base = float(_Metric(stats, metric, w.device).errors(w.unsqueeze(0))[0])
+    return MatrixCosts(tuple(out_specs[i] for i in front), bits[front], err[front], base, evaluated)
+
+
+def _candidates(w: torch.Tensor, stats: MatrixStats | None, specs: list[QuantSpec], cands: CandidateSet, metric: str,
+                step: Callable[[int], None], rot: Rotation | None
+                ) -> tuple[list[MatrixSpec], list[int], list[float], int]:
+    """(specs, bits, errors, configs evaluated) of every candidate of ``w`` (already rotated by ``rot``,
+    with its statistics) that the pruning keeps, before the Pareto front."""
+    shape = tuple(w.shape)
+    m = _Metric(stats, metric, w.device)
     aware = [s for s in specs if QUANTIZERS[s.method].data_aware]
     free = [s for s in specs if not QUANTIZERS[s.method].data_aware]
     # 1. data-free configs and the rtn proxies of the data-aware ones, screened cheaply
@@ -361,7 +406,7 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
     out_specs, out_bits, out_err = [], [], []
     if 0 in cands.ranks:
         for s, b, e in zip(qspecs, qbits, q0):
-            out_specs.append(MatrixSpec("quant", s, 0, factor_dtype=cands.factor_dtype, weighting=wt))
+            out_specs.append(MatrixSpec("quant", s, 0, factor_dtype=cands.factor_dtype, weighting=wt, rotation=rot))
             out_bits.append(int(b))
             out_err.append(float(e))
     # 4. low rank for the Q configs near the exact rank-0 front: one spectrum serves every rank
@@ -371,16 +416,11 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
                 continue
             evaluated += len(ranks)
             for r, er in zip(ranks, m.rank_errors(spectral[s], float(e), ranks)):
-                spec = MatrixSpec("lorc", s, r, factor_dtype=cands.factor_dtype, weighting=wt)
+                spec = MatrixSpec("lorc", s, r, factor_dtype=cands.factor_dtype, weighting=wt, rotation=rot)
                 out_specs.append(spec)
                 out_bits.append(storage_bits(spec, shape))
                 out_err.append(er)
-    if not out_specs:
-        raise SpecError(f"no candidate fits a {shape[0]}x{shape[1]} matrix (ranks {cands.ranks} too large?)")
-    bits, err = np.array(out_bits, dtype=np.int64), np.array(out_err, dtype=np.float64)
-    front = pareto_front(bits, err) if target is None else _scheme_fronts(out_specs, bits, err, shape[1])
-    base = float(m.errors(w.unsqueeze(0))[0])
-    return MatrixCosts(tuple(out_specs[i] for i in front), bits[front], err[front], base, evaluated)
+    return out_specs, out_bits, out_err, evaluated
 
 
 def min_candidate_bits(cands: CandidateSet, shape: tuple[int, int]) -> int:

@@ -15,6 +15,11 @@ and the LQ objective weighted: "fisher" (row × column scales fitted to the Fish
 or "hessian" (whitening by a Cholesky factor of H, activation-aware SVD as SVD-LLM / CorDA). The
 LQ alternation then keeps the iterate with the smallest weighted error. Group dim "auto" is resolved
 per matrix first (AdaDim, :mod:`.adadim`).
+
+A spec with a ``rotation`` (:mod:`.rotation`) compresses W' = W·Rᵀ with the statistics of W' (H' = R·H·Rᵀ,
+the Fisher diagonal estimated): every method above runs unchanged on the rotated matrix, whose stored
+parts a layer applies to R·x. :meth:`Decomposition.reconstruct` rotates back (Ŵ = Ŵ'·R); errors are the
+same in either coordinates (R is orthogonal), weighted ones exactly so for "hessian" and "kfac".
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..errors import SpecError
 from . import quant as qmod
 from .lowrank import LowRank, scaled_svd
 from .quant import QTensor, QuantSpec
+from .rotation import Rotation, rotate_weight, unrotate_weight
 from .stats import WEIGHTINGS, MatrixStats, rel_error, weight_scales
 
 
@@ -43,6 +49,7 @@ class MatrixSpec:
     factor_dtype: str = "float16"  # stored dtype of L and R
     weighting: str = "none"  # error weighting of L·R and of the LQ objective: none, fisher, hessian, kfac
     init: str = "zero"  # lq: start from Q = 0 (LQ-LoRA) or from Q = quant(W) ("quant": iterate 1 is LoRC)
+    rotation: Rotation | None = None  # compress W·Rᵀ and rotate the input at run time (None: no rotation)
 
     def __post_init__(self) -> None:
         if self.method not in DECOMPOSERS:
@@ -68,29 +75,38 @@ class MatrixSpec:
             raise SpecError("init is an lq option (where the alternation starts); use method lq")
         if self.weighting not in WEIGHTINGS:
             raise SpecError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.rotation is not None and not isinstance(self.rotation, Rotation):
+            raise SpecError(f"rotation must be a Rotation(seed, block) or None, got {self.rotation!r}")
 
     def check_shape(self, shape: tuple[int, int], name: str = "matrix") -> None:
         if self.rank > min(shape):
             raise SpecError(f"rank {self.rank} is larger than {name} of shape {shape[0]}x{shape[1]} "
                             f"allows (at most {min(shape)}); choose --rank {min(shape)} or less")
+        if self.rotation is not None:
+            self.rotation.check(shape[1], f"the input of {name}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["quant"] = self.quant.to_dict() if self.quant else None
+        if self.rotation is None:  # left out: plans and cost tables written before rotations keep their form
+            del d["rotation"]
+        else:
+            d["rotation"] = self.rotation.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "MatrixSpec":
         d = dict(d)
-        q = d.pop("quant", None)
-        return cls(quant=QuantSpec.from_dict(q) if q else None, **d)
+        q, rot = d.pop("quant", None), d.pop("rotation", None)
+        return cls(quant=QuantSpec.from_dict(q) if q else None, rotation=Rotation.from_dict(rot) if rot else None, **d)
 
     def label(self) -> str:
         q = self.quant.label() if self.quant else ""
         r = f"+r{self.rank}" if self.rank else ""
         wt = f"@{self.weighting}" if self.weighting != "none" else ""
         init = "(init=quant)" if self.init != "zero" else ""
-        return f"{self.method}{init}:{q}{r}{wt}"
+        rot = "+rot" if self.rotation is not None else ""
+        return f"{self.method}{init}:{q}{r}{wt}{rot}"
 
 
 @dataclass(frozen=True)
@@ -99,7 +115,7 @@ class Decomposition:
 
     spec: MatrixSpec
     shape: tuple[int, int]
-    q: QTensor | None
+    q: QTensor | None  # of W·Rᵀ for a rotated spec, as L and R
     L: torch.Tensor | None  # (out, rank), factor dtype
     R: torch.Tensor | None  # (rank, in), factor dtype
     error: float  # ‖W − Ŵ‖_F / ‖W‖_F of the stored reconstruction
@@ -107,9 +123,12 @@ class Decomposition:
     weighted_error: float | None = None  # relative error under spec.weighting (None for "none")
 
     def reconstruct(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Ŵ ≈ W (original coordinates: deq(Q) + L·R rotated back for a rotated spec)."""
         w = qmod.dequantize(self.q) if self.q is not None else torch.zeros(self.shape, device=self.L.device)
         if self.L is not None:
             w = w + self.L.float() @ self.R.float()
+        if self.spec.rotation is not None:
+            w = unrotate_weight(w, self.spec.rotation)
         return w.to(dtype)
 
     @property
@@ -227,6 +246,9 @@ def decompose(w: torch.Tensor, spec: MatrixSpec, stats: MatrixStats | None = Non
     spec.check_shape(tuple(w.shape))
     w = w.float()
     stats = stats.to(w.device) if stats is not None else None
+    if spec.rotation is not None:
+        w = rotate_weight(w, spec.rotation)
+        stats = stats.rotated(spec.rotation) if stats is not None else None
     if spec.quant is not None and spec.quant.group_dim == "auto":
         from .adadim import choose_group_dim
 

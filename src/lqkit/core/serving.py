@@ -4,8 +4,9 @@ weight schemes of the ``compressed-tensors`` format that vLLM and SGLang read.
 A matrix is servable when its Q is a uniform integer grid with groups along the input dimension:
 ``rtn`` and ``gptq`` (asymmetric: w = (q − zp)·scale with an integer zero point) and ``rtn_sym``
 (symmetric: w = q·scale). Codebooks (nf, nuq), groups along the output dimension, exactly kept
-outliers or feature columns, and matrices without Q have no such scheme. L·R needs nothing here:
-it travels as a LoRA adapter.
+outliers or feature columns, matrices without Q, and rotated matrices (W·Rᵀ stored, R·x at run time:
+the format has no input transform) have no such scheme. L·R needs nothing here: it travels as a LoRA
+adapter.
 
 lqkit stores codes c ∈ [0, 2^b) and, for the asymmetric grid, ``offset = fp(−z·scale)`` with an
 integer zero point z; compressed-tensors stores signed codes q = c − 2^(b−1) and zp = z − 2^(b−1),
@@ -48,13 +49,15 @@ class IntScheme:
 class Target:
     """What a runtime serves: integer codes of ``bits`` (``asym_bits`` with zero points), groups of
     ``group_sizes`` (None: any size dividing the inputs; "channel" is always allowed), and whether
-    layers that share an input must share one scheme (``ties``)."""
+    layers that share an input must share one scheme (``ties``), and whether it can apply an input
+    rotation before a layer (``transforms``)."""
 
     name: str
     bits: frozenset[int]
     asym_bits: frozenset[int]
     group_sizes: frozenset[int] | None = None
     ties: bool = True
+    transforms: bool = False  # applies a layer's randomized Hadamard rotation of its input (core.rotation)
     note: str = ""
 
 
@@ -90,6 +93,8 @@ def refusal(spec: MatrixSpec, shape: tuple[int, int], target: Target = FORMAT) -
     """Why ``target`` cannot hold a matrix of ``shape`` compressed with ``spec`` and which option
     avoids it, or None when it can."""
     q = spec.quant
+    if spec.rotation is not None and not target.transforms:
+        return "an input rotation (randomized Hadamard)", "compress without --rotate"
     if q is None:
         return "no quantized part (low rank only)", f"use a method with Q (lq, lorc, rtn, gptq) {_OPTION}"
     why = quant_refusal(q, target)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SpecError
+from . import rotation as rt
+from .rotation import Rotation
 
 WEIGHTINGS = ("none", "fisher", "hessian", "kfac")
 DAMP = 0.01  # default dampening: fraction of mean(diag H) added to the diagonal
@@ -46,6 +48,14 @@ class MatrixStats:
             f = self.fisher.float().clamp_min(0)
             return f.sum(dim=1), f.sum(dim=0)
         return self.fisher_sums
+
+    def rotated(self, rot: Rotation) -> "MatrixStats":
+        """The statistics of the rotated matrix W·Rᵀ (:mod:`.rotation`): H' = R·H·Rᵀ exactly; the Fisher
+        diagonal (or its sums) estimated from F and H, its row sums exact."""
+        h = rt.rotate_gram(self.h, rot) if self.h is not None else None
+        fisher = rt.rotate_fisher(self.fisher, rot, self.h) if self.fisher is not None else None
+        sums = rt.rotate_fisher_sums(self.fisher_sums, rot, self.h) if self.fisher_sums is not None else None
+        return MatrixStats(h, fisher, sums)
 
     def compact(self) -> "MatrixStats":
         """The same statistics with the Fisher diagonal reduced to its row and column sums."""

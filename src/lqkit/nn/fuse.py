@@ -31,6 +31,7 @@ class SharedInputGroup:
     def __init__(self, names: tuple[str, ...], members: list[CompressedLinear]):
         self.names = names
         self.members = members
+        self.rotation = members[0].spec.rotation  # shared by every member (_fusable_key): x rotated once
         self.launches = 0  # stacked launches so far, eager calls only (for tests and inspection)
         # outputs for one input not yet handed to every member: (x, x's version, outputs, bit mask of
         # the members served); a plain tuple so that torch.compile traces the hand-out too
@@ -78,7 +79,8 @@ class SharedInputGroup:
             from .. import kernels
 
             weight, (L, R, bias) = self._stacked()
-            y = kernels.linear(x, weight, L, R, bias)
+            xr = ops.rotate(x, self.rotation) if self.rotation is not None else x
+            y = kernels.linear(xr, weight, L, R, bias)
             self.launches += 1
         parts = y.split_with_sizes(self._sizes, -1)  # views: one call for all members
         return parts if self._pick is None else tuple(parts[j] for j in self._pick)
@@ -104,7 +106,7 @@ class SharedInputGroup:
         weight, (L, R, bias), offsets = self._build()
         self._set_pieces(offsets, weight.shape[0])
         self._stack = None
-        self._runner = KernelRunner(weight, L, R, bias)
+        self._runner = KernelRunner(weight, L, R, bias, self.rotation)
         for i, m in enumerate(self.members):
             m.__dict__.update(_runner=self._runner, _group=self, _index=i)
         return self._runner
@@ -152,7 +154,7 @@ def _fusable_key(m: CompressedLinear):
     k = qmod.kernel_spec(m.spec.quant) if m.spec.quant is not None else None
     if k is None or k.outliers or k.outlier_features or not layout.rows_stack(layout.auto_layout(k), k):
         return None  # exactly kept outliers: a sparse pass of their own, not stacked
-    return (k, m.in_features)
+    return (k, m.in_features, m.spec.rotation)  # rotated members: one rotation of the shared input
 
 
 def input_sets(model: nn.Module, names: list[str], *args, **kwargs) -> list[tuple[str, ...]]:

@@ -1,4 +1,5 @@
-"""The compressed linear layer: y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ (+ b)."""
+"""The compressed linear layer: y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ (+ b), with x first rotated (x ← Rot·x)
+when its spec has a rotation (then Q, L and R are those of W·Rotᵀ)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from ..core import quant as qmod
 from ..core.decompose import Decomposition, MatrixSpec
+from ..core.rotation import transform, unrotate_weight
 from ..errors import SpecError
 from . import ops
 
@@ -28,7 +30,9 @@ class CompressedLinear(nn.Module):
 
     Buffers: ``qcodes`` (bit-packed uint8 codes) and ``q_<name>`` for each auxiliary tensor of the
     quantizer (scales, offsets, ...), in their stored dtypes. Parameters: ``L`` (out, rank) and
-    ``R`` (rank, in) in the compute dtype, and ``bias`` if the original layer had one.
+    ``R`` (rank, in) in the compute dtype, and ``bias`` if the original layer had one. With a rotation
+    (``spec.rotation``), Q, L and R are those of W·Rotᵀ and every path rotates x first: nothing more is
+    stored (the rotation is its seed and block, in the plan).
     """
 
     def __init__(self, spec: MatrixSpec, shape: tuple[int, int], bias: bool = False,
@@ -78,18 +82,22 @@ class CompressedLinear(nn.Module):
         return {name: getattr(self, AUX_PREFIX + name) for name in self.aux_names}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """deq(Q) as an (out, in) matrix, built on the fly (None when there is no Q)."""
+        """deq(Q) as an (out, in) matrix, built on the fly (None when there is no Q); of the rotated
+        matrix when the layer has a rotation (it multiplies the rotated input)."""
         if self.spec.quant is None:
             return None
         return qmod.dequantize_packed(self.qcodes, self.aux(), self.spec.quant, self.shape).to(dtype)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Q + L·R as one dense matrix (for export and tests; the forward never builds it)."""
+        """The dense (out, in) matrix the layer applies to x: Q + L·R, rotated back ((Q + L·R)·Rot) for a
+        rotated layer (for export and tests; the forward never builds it)."""
         w = self.dequantized_weight(torch.float32)
         if w is None:
             w = torch.zeros(self.shape, device=self.L.device)
         if self.L is not None:
             w = w + self.L.float() @ self.R.float()
+        if self.spec.rotation is not None:
+            w = unrotate_weight(w, self.spec.rotation)
         return w.to(dtype)
 
     # prepared for inference (lqkit.nn.prepare_for_inference; kept in the instance __dict__, never saved):
@@ -115,6 +123,8 @@ class CompressedLinear(nn.Module):
         if self.resolve_backend(x) == "triton":
             group = self.__dict__.get("_shared_input")  # nn.fuse: siblings computed in one launch
             return group.forward(self, x) if group is not None else self._kernel_forward(x)
+        if self.spec.rotation is not None:
+            x = ops.rotate(x, self.spec.rotation)  # (..., in)
         y = None
         if self.spec.quant is not None:
             w = self._dense_q if self._dense_q is not None else self.dequantized_weight(x.dtype)
@@ -210,13 +220,15 @@ class CompressedLinear(nn.Module):
     def prepare_runner(self) -> "KernelRunner":
         """Prepare this layer's kernel call (its layout, built now; calls bound on first use) and take
         it from now on: no per-call checks or lookups (a snapshot, see lqkit.nn.prepare_for_inference)."""
-        run = KernelRunner(self.prepare_kernel_weight(), self.L, self.R, self.bias)
+        run = KernelRunner(self.prepare_kernel_weight(), self.L, self.R, self.bias, self.spec.rotation)
         self.__dict__["_runner"] = run
         return run
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels
 
+        if self.spec.rotation is not None:
+            x = ops.rotate(x, self.spec.rotation)
         return kernels.linear(x, self.kernel_weight(), self.L, self.R, self.bias)
 
     def extra_repr(self) -> str:
@@ -225,20 +237,25 @@ class CompressedLinear(nn.Module):
 
 class KernelRunner:
     """A matrix (one layer's, or the stack of layers sharing an input) prepared for the kernels: its
-    weight in their layout, L, R and bias, and per (tokens, dtype) one call bound on first use
-    (``kernels.bind``: configuration, plan and compiled kernel fixed). Registered for the compiled
-    graph's op under ``handle`` (lqkit.nn.ops). A call: one dictionary lookup, y allocated in its final
-    shape, one launch."""
+    weight in their layout, L, R and bias, its input rotation if any, and per (tokens, dtype) one call
+    bound on first use (``kernels.bind``: configuration, plan and compiled kernel fixed). Registered for
+    the compiled graph's op under ``handle`` (lqkit.nn.ops). A call: the rotation of x (rotated layers:
+    its signs and factors kept on the device), one dictionary lookup, y allocated in its final shape,
+    one launch."""
 
-    def __init__(self, kw, L: torch.Tensor | None, R: torch.Tensor | None, bias: torch.Tensor | None):
+    def __init__(self, kw, L: torch.Tensor | None, R: torch.Tensor | None, bias: torch.Tensor | None,
+                 rotation=None):
         self.kw = kw
         self.L, self.R, self.bias = (t.detach() if t is not None else None for t in (L, R, bias))
         self.n, self.k = kw.shape
         self.device = kw.device
+        self.rotate = transform(rotation, self.k, self.device) if rotation is not None else None
         self.calls: dict[tuple[torch.Size, torch.dtype], tuple] = {}  # (x's shape, dtype) -> (bound call, y's shape)
         self.handle = ops.register(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotate is not None:
+            x = self.rotate(x)  # a new contiguous tensor
         if not x.is_contiguous() or x.data_ptr() % 16:  # the bound launch reads rows back to back, aligned
             x = x.clone(memory_format=torch.contiguous_format)
         call = self.calls.get((x.shape, x.dtype))

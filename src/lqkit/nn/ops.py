@@ -12,6 +12,11 @@ behind it is looked up when the operator runs (during tracing, warm-up and graph
 of a captured graph do not run Python at all). Registrations are weak: a layer that drops its
 prepared state (``.to()``, ``.train()``, ``load_state_dict``, preparing again) frees it, and a graph
 compiled before that fails with a message instead of reading freed memory.
+
+``lqkit::rotate`` is a rotated layer's input rotation (:mod:`lqkit.core.rotation`) on the torch path
+when compiled: one opaque op (its signs and Hadamard factors are cached tensors, not state the
+compiler traces), with a fake implementation and a backward (the inverse rotation). Eagerly,
+:func:`rotate` calls the transform itself.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import weakref
 from typing import Callable
 
 import torch
+
+from ..core import rotation
+from ..core.rotation import Rotation
 
 _FUNCS: "weakref.WeakValueDictionary[int, Callable]" = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
@@ -51,3 +59,32 @@ def linear(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:
 @linear.register_fake
 def _(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("lqkit::rotate", mutates_args=())
+def _rotate(x: torch.Tensor, seed: int, block: int, inverse: bool) -> torch.Tensor:
+    """R·x (Rᵀ·x with ``inverse``) along the last dim, R = Rotation(seed, block)."""
+    return rotation.rotate_input(x, Rotation(seed, block), inverse)
+
+
+@_rotate.register_fake
+def _(x: torch.Tensor, seed: int, block: int, inverse: bool) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _rotate_backward(ctx, grad: torch.Tensor):
+    return _rotate(grad, ctx.seed, ctx.block, not ctx.inverse), None, None, None
+
+
+def _rotate_setup(ctx, inputs, output) -> None:
+    _, ctx.seed, ctx.block, ctx.inverse = inputs
+
+
+_rotate.register_autograd(_rotate_backward, setup_context=_rotate_setup)
+
+
+def rotate(x: torch.Tensor, rot: Rotation) -> torch.Tensor:
+    """R·x along the last dim: the ``lqkit::rotate`` op while compiling, else the transform itself."""
+    if torch.compiler.is_compiling():
+        return _rotate(x, rot.seed, rot.block, False)
+    return rotation.rotate_input(x, rot)
