@@ -200,6 +200,7 @@ def _fused_sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: 
             sc = torch.zeros(n, f.rows // f.group_size, dtype=f.dtype, device=w.device)
             params[id(f)] = (sc, torch.zeros_like(sc))
         else:
+            f.scale, f.offset = f.scale.contiguous(), f.offset.contiguous()  # the kernel reads them row-major
             params[id(f)] = (f.scale, f.offset)
     for s0 in range(0, n, SUPER):  # lazy updates in two levels: inside a super-block, then past it
         s1 = min(s0 + SUPER, n)
