@@ -172,6 +172,7 @@ def test_cli_distill(ckpt, tmp_path):
     assert "block-wise" in r.stdout and "held-out loss" in r.stdout and "unchanged" in r.stdout
     meta = checkpoint.read_meta(tmp_path / "d")
     assert meta["extra"]["distill"]["config"]["steps"] == 3
+    assert "distilled against" in pipeline.format_inspect(pipeline.inspect(str(tmp_path / "d")))
 
 
 def test_cli_compress_distill_eval(folder, tmp_path):

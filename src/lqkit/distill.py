@@ -515,7 +515,7 @@ def nothing_to_train(plan, cfg: DistillConfig) -> str | None:
         return None
     if not ranks and not cfg.scales:
         return "no layer has a low-rank part and the scales are frozen (drop --no-scales)"
-    return "no layer has a quantized part and the factors are frozen (drop --no-factors)"
+    return "no layer has a quantized part and the factors are frozen (DistillConfig(factors=False))"
 
 
 def _open_teacher(source: str, ckpt: Path, device: torch.device):

@@ -523,6 +523,14 @@ def format_inspect(report: dict) -> str:
     if alloc:
         rows.append(format_allocation(alloc).replace("budget      ", "allocation: budget", 1)
                     .replace("\nallocation  ", "\n            "))
+    dist = (report.get("extra") or {}).get("distill")
+    if dist:
+        blocks = dist.get("blocks") or []
+        what = f"{len(blocks)} blocks x {dist['config']['steps']} steps" if blocks else "no block-wise stage"
+        kl = f", KL {dist['config']['kl_steps']} steps" if dist.get("kl") else ""
+        n = dist.get("heldout_nll") or {}
+        held = (f"; held-out loss {n['before']:.4f} -> {n['after']:.4f}" if n.get("before") is not None else "")
+        rows.append(f"distilled against {dist.get('source_model')}: {what}{kl}{held}")
     ev = (report.get("extra") or {}).get("eval")
     if ev:
         rows.append(f"perplexity {ev['perplexity']:.3f} ({ev['windows']} windows x {ev['window_tokens']} tokens)")
