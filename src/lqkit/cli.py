@@ -270,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stats", default=None, metavar="FILE",
                    help="calibration statistics (safetensors from `lqkit calibrate`); computed and saved "
                         "there if the file does not exist")
+    dd = c.add_argument_group("distillation after compression (at fixed bits; see `lqkit distill`)")
+    dd.add_argument("--distill", type=int, default=0, metavar="STEPS",
+                    help="then train each block's L, R and quantization scales (codes frozen) for STEPS steps to "
+                         "match the uncompressed block's outputs on the calibration text (default 0: none)")
+    dd.add_argument("--distill-kl", type=int, default=0, metavar="STEPS",
+                    help="then STEPS steps of end-to-end KL on the logits against the uncompressed model (default 0)")
+    _add_distill_train(dd, prefix="distill-")
     c.add_argument("--eval", action="store_true", help="evaluate perplexity after compressing")
     _add_eval_protocol(c)
     c.set_defaults(func=cmd_compress)
@@ -330,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plot", default=None, metavar="PNG",
                    help="also draw the plan (bits/param and rank per matrix, by layer and projection) to PNG")
     i.set_defaults(func=cmd_inspect)
+    _add_distill_command(sub, common)
     g = sub.add_parser("generate", parents=[common], help="continue a prompt, print tokens/s",
                        description="Greedy generation with an lqkit checkpoint (or a plain HF model, to compare), "
                                    "ready for fast inference as loaded; the second of two calls is timed.",
@@ -423,13 +431,86 @@ def cmd_compress(a: argparse.Namespace) -> int:
     calib = _calib_config(a)  # validate before loading anything
     shard = parse_bytes(a.max_shard_size)
     dtype = _dtype(a.dtype)
+    distill = _distill_config(a, a.distill, a.distill_kl, "distill_") if a.distill or a.distill_kl else None
     group, device = from_env(a.device)  # torchrun: this rank's process group and GPU
     res = pipeline.compress(a.model, spec, a.out, overwrite=a.overwrite, include=a.include, exclude=a.exclude,
                             device=device, eval_protocol=proto, eval_text=a.text, progress=not a.quiet,
                             calib=calib, calib_text=a.calib, stats_path=a.stats, sequential=not a.no_sequential,
-                            group=group, dtype=dtype, max_shard_bytes=shard)
+                            group=group, dtype=dtype, max_shard_bytes=shard, distill=distill)
     if group.main:
         print(pipeline.format_summary(res))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# distillation after compression
+
+
+def _add_distill_train(p, prefix: str = "") -> None:
+    """The training options shared by `distill` and `compress --distill` (prefixed there)."""
+    from .distill import DistillConfig
+
+    d = DistillConfig()
+    p.add_argument(f"--{prefix}lr", type=float, default=d.lr, help=f"learning rate of L and R (default {d.lr:g})")
+    p.add_argument(f"--{prefix}scale-lr", type=float, default=d.scale_lr,
+                   help=f"learning rate of the quantization scales, offsets, absmax, codebooks (default {d.scale_lr:g})")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size,
+                   help=f"calibration windows per step (default {d.batch_size})")
+    p.add_argument(f"--{prefix}heldout", type=int, default=d.heldout,
+                   help=f"further calibration windows never trained on, for the reported losses (default {d.heldout})")
+    p.add_argument(f"--{prefix}kl-lr", type=float, default=d.kl_lr, help=f"learning rate of the KL stage (default {d.kl_lr:g})")
+    p.add_argument(f"--{prefix}zero-points", choices=("auto", "free", "integer"), default=d.zero_points,
+                   help="rtn/gptq offsets: free, or integer (offset = -zero*scale with the zero point frozen, so the "
+                        "matrix still exports with integer zero points, e.g. to compressed-tensors); auto: integer when "
+                        "the plan was made for a --target (default auto)")
+    p.add_argument(f"--{prefix}no-scales", action="store_true", help="train only L and R (quantization parameters frozen)")
+    p.add_argument(f"--{prefix}seed", type=int, default=d.seed, help=f"minibatch order (default {d.seed})")
+
+
+def _distill_config(a, steps: int, kl_steps: int, prefix: str = ""):
+    from .distill import DistillConfig
+
+    g = lambda name: getattr(a, prefix + name)  # noqa: E731
+    return DistillConfig(steps=steps, kl_steps=kl_steps, lr=g("lr"), scale_lr=g("scale_lr"), batch_size=g("batch_size"),
+                         samples=a.calib_samples, seqlen=a.calib_seqlen, heldout=g("heldout"), kl_lr=g("kl_lr"),
+                         zero_points=g("zero_points"), scales=not g("no_scales"), seed=g("seed"))
+
+
+def _add_distill_command(sub, common: argparse.ArgumentParser) -> None:
+    from .distill import DistillConfig
+
+    d = DistillConfig()
+    s = sub.add_parser("distill", parents=[common], help="train a checkpoint against its uncompressed model, same bits",
+                       description="Distillation after compression, at fixed bits: each decoder block's L, R and "
+                                   "quantization scales/offsets (packed codes frozen) are trained to reproduce the "
+                                   "uncompressed block's outputs on the calibration text, one block and its teacher at "
+                                   "a time (the teacher streamed from its folder); optionally then end-to-end KL on the "
+                                   "logits. Plan, stored dtypes and size stay exactly those of the checkpoint.",
+                       epilog="examples:\n"
+                              "  lqkit distill out/ck --out out/ck-distilled\n"
+                              "  lqkit distill out/ck --out out/ck-distilled --steps 200 --kl-steps 50 --device cuda\n"
+                              "  lqkit distill out/ck --out out/ck --overwrite --model path/to/uncompressed")
+    s.add_argument("path", help="lqkit checkpoint folder")
+    s.add_argument("--out", required=True, help="output checkpoint folder (may be the input with --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.add_argument("--model", default=None,
+                   help="the uncompressed model the checkpoint came from (default: the one its lqkit.json names)")
+    s.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per block (default {d.steps}; 0: none)")
+    s.add_argument("--kl-steps", type=int, default=d.kl_steps,
+                   help="then end-to-end KL steps on the logits, every block at once (default 0)")
+    _add_distill_train(s)
+    _add_calib(s)
+    s.add_argument("--device", type=_device, default=None, help="where to train, e.g. cuda (default: cuda when present)")
+    s.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    from . import distill
+
+    cfg = _distill_config(a, a.steps, a.kl_steps)
+    res = distill.distill(a.path, a.out, cfg, model=a.model, calib_text=a.calib, device=a.device,
+                          overwrite=a.overwrite, progress=not a.quiet)
+    print(distill.format_result(res))
     return 0
 
 

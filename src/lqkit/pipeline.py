@@ -43,6 +43,7 @@ class CompressResult:
     eval: EvalResult | None
     allocation: dict | None = None  # AllocationResult.report() when the plan came from a budget
     stage_seconds: dict | None = None  # wall time of each stage (open, calibrate, cost_table, solve, compress, save, eval)
+    distill: dict | None = None  # the distillation report, when distilled after compressing (lqkit.distill)
 
 
 def _first_plan(model, spec: MatrixSpec | Plan | AllocationConfig, include, exclude) -> Plan:
@@ -74,7 +75,7 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
              eval_text: str | None = None, progress: bool = True, calib: CalibConfig | None = None,
              calib_text: str | None = None, stats_path: str | None = None, sequential: bool = True,
              group: Group | None = None, dtype: torch.dtype | None = None,
-             max_shard_bytes: int = checkpoint.MAX_SHARD_BYTES) -> CompressResult:
+             max_shard_bytes: int = checkpoint.MAX_SHARD_BYTES, distill=None) -> CompressResult:
     """Compress ``model`` (a folder, Hub id, or None for the default model) and write a checkpoint to
     ``out``; optionally evaluate. What each selected linear becomes is one spec for all, an explicit
     plan, or (an :class:`AllocationConfig`) the plan that fits a memory budget best: cost table,
@@ -90,8 +91,16 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     and cost-table rows are cached per block and a killed run resumes. With ``sequential`` (default)
     and a plan that uses H, each block's H is recomputed from what the already compressed blocks
     produce. ``group``: the process group of a ``torchrun`` launch (see :mod:`lqkit.dist`).
-    ``stats_path``: a statistics file (``lqkit calibrate``) to use instead, read or written whole."""
+    ``stats_path``: a statistics file (``lqkit calibrate``) to use instead, read or written whole.
+    ``distill``: a :class:`lqkit.distill.DistillConfig`: the compressed model is then distilled against
+    the source model on the same calibration text (:func:`lqkit.distill.distill`) before it lands in
+    ``out``."""
     checkpoint.check_out_dir(out, overwrite, claim=group is None or group.main)  # claimed by the writing process
+    if distill is not None:
+        return _compress_distilled(model, spec, out, distill, overwrite=overwrite, include=include, exclude=exclude,
+                                   device=device, eval_protocol=eval_protocol, eval_text=eval_text, progress=progress,
+                                   calib=calib, calib_text=calib_text, stats_path=stats_path, sequential=sequential,
+                                   group=group, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if stats_path is not None:
         return _compress_whole(model, spec, out, overwrite=overwrite, include=include, exclude=exclude, device=device,
                                eval_protocol=eval_protocol, eval_text=eval_text, progress=progress, calib=calib,
@@ -167,6 +176,38 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
                                       **peak_memory(dev)})
     group.barrier()
     return CompressResult(str(out), src.source, plan, reports, summary, seconds, result, report, timings)
+
+
+def _compress_distilled(model, spec, out: str, config, *, overwrite: bool, eval_protocol, eval_text, progress,
+                        group, **kw) -> CompressResult:
+    """:func:`compress` into a temporary folder beside ``out``, then :func:`lqkit.distill.distill` from
+    there into ``out`` (so ``out`` only ever holds the distilled checkpoint), then the evaluation."""
+    import dataclasses
+    import shutil
+    from pathlib import Path
+
+    from .distill import distill
+    from .outdir import make_temp_dir
+
+    if group is not None and group.world > 1:
+        raise SpecError("--distill runs in one process; compress under torchrun without it, then run "
+                        "`lqkit distill CHECKPOINT --out DIR` on the result")
+    text = read_text(eval_text)[0] if eval_protocol else None  # a missing --text is said now
+    tmp = make_temp_dir(Path(out).expanduser())
+    try:
+        res = compress(model, spec, str(tmp), overwrite=True, progress=progress, group=group, **kw)
+        d = distill(tmp, out, config, calib_text=kw.get("calib_text"), device=kw.get("device"), overwrite=overwrite,
+                    progress=progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = None
+    if eval_protocol:
+        t0 = time.time()
+        back = checkpoint.load(out, device=kw.get("device") or "cpu")
+        tok = load_tokenizer(str(out))
+        result = perplexity(back, tok, text, eval_protocol, progress, ids=_eval_ids(tok, text, eval_protocol))
+        checkpoint.update_extra(out, {"eval": result.to_dict(), "eval_seconds": round(time.time() - t0, 1)})
+    return dataclasses.replace(res, out=str(out), eval=result, distill=d.report.to_dict())
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -437,6 +478,18 @@ def format_summary(r: CompressResult) -> str:
     ]
     if r.allocation:
         lines[2:2] = [format_allocation(r.allocation)]
+    if r.distill:
+        blocks = r.distill["blocks"]
+        if blocks:
+            mb = sum(b["mse_before"] for b in blocks) / len(blocks)
+            ma = sum(b["mse_after"] for b in blocks) / len(blocks)
+            lines.append(f"distilled            {len(blocks)} blocks x {r.distill['config']['steps']} steps: mean "
+                         f"relative block MSE {mb:.4g} -> {ma:.4g}")
+        if r.distill["kl"]:
+            lines.append(f"distilled (KL)       {r.distill['kl']['before']:.4g} -> {r.distill['kl']['after']:.4g} nats/token")
+        n = r.distill["heldout_nll"]
+        if n.get("before") is not None:
+            lines.append(f"held-out calib loss  {n['before']:.4f} -> {n['after']:.4f} (uncompressed {n['teacher']:.4f})")
     if r.eval:
         lines.append(f"perplexity           {r.eval.perplexity:.3f} ({r.eval.windows} windows x {r.eval.window_tokens})")
     lines.append(f"checkpoint           {r.out}")
@@ -470,6 +523,14 @@ def format_inspect(report: dict) -> str:
     if alloc:
         rows.append(format_allocation(alloc).replace("budget      ", "allocation: budget", 1)
                     .replace("\nallocation  ", "\n            "))
+    dist = (report.get("extra") or {}).get("distill")
+    if dist:
+        blocks = dist.get("blocks") or []
+        what = f"{len(blocks)} blocks x {dist['config']['steps']} steps" if blocks else "no block-wise stage"
+        kl = f", KL {dist['config']['kl_steps']} steps" if dist.get("kl") else ""
+        n = dist.get("heldout_nll") or {}
+        held = (f"; held-out loss {n['before']:.4f} -> {n['after']:.4f}" if n.get("before") is not None else "")
+        rows.append(f"distilled against {dist.get('source_model')}: {what}{kl}{held}")
     ev = (report.get("extra") or {}).get("eval")
     if ev:
         rows.append(f"perplexity {ev['perplexity']:.3f} ({ev['windows']} windows x {ev['window_tokens']} tokens)")
