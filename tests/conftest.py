@@ -98,3 +98,13 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     tiny_model("llama").save_pretrained(d)
     tiny_tokenizer.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and far faster on a machine busy with other work
+    (the training tests use it: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,6 +18,8 @@ from lqkit.nn.surgery import compressed_modules
 from lqkit.stream import open_model
 from test_cli import run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = DistillConfig(steps=40, lr=1e-3, scale_lr=1e-4, batch_size=2, samples=8, seqlen=64, heldout=2)
 SMALL = ["--calib-samples", "4", "--calib-seqlen", "32", "--heldout", "1", "--batch-size", "2"]
 
@@ -34,14 +36,6 @@ def _plan(model):
             else:
                 plan[n] = MatrixSpec("quant", QuantSpec("rtn", 2, 32))
     return plan
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

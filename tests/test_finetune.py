@@ -20,6 +20,8 @@ from lqkit.finetune import FinetuneConfig, finetune, freeze_all_but, train, trai
 from lqkit.plan import uniform_plan
 from lqkit.train_data import IGNORE, load_packed, pack, read_examples
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LQ = MatrixSpec("lq", QuantSpec("rtn", 3, 32), 4, iters=2)
 CFG = FinetuneConfig(steps=6, seq_len=32, batch_size=2, grad_accum=2, lr=1e-3, warmup_steps=1, eval_every=3,
                      save_every=3, eval_fraction=0.1, max_eval_sequences=2)
@@ -30,15 +32,6 @@ def _compressed(arch="llama", plan=None, tok=None):
     plan = plan or uniform_plan(m, LQ)
     compress_model(m, plan, progress=False)
     return m, plan
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread, and far faster on a machine busy with other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

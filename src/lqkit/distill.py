@@ -262,6 +262,29 @@ def _optimizer(copies: list[LayerCopy], lr: float, scale_lr: float) -> torch.opt
     return torch.optim.AdamW(groups, weight_decay=0.0) if groups else None
 
 
+def _train(copies: list[LayerCopy], opt: torch.optim.Optimizer, steps: int, batches, loss_of, bar, key: str) -> None:
+    """``steps`` optimizer steps on ``loss_of(rows)`` for the next rows of ``batches`` (cosine schedule),
+    then the trained values committed to the layers; every layer restored if anything fails."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
+    try:
+        for _ in range(steps):
+            with torch.enable_grad():
+                loss = loss_of(next(batches))
+                loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if bar is not None:
+                bar.update()
+                bar.set_postfix({key: f"{float(loss.detach()):.4g}"}, refresh=False)
+        for c in copies:
+            c.commit()
+    except BaseException:
+        for c in copies:
+            c.restore()
+        raise
+
+
 def distill_block(block: nn.Module, x: torch.Tensor, y: torch.Tensor, call, train: torch.Tensor,
                   held: torch.Tensor, cfg: DistillConfig, integer_zero: bool, chunk: int, seed: int,
                   bar=None) -> tuple[float, float, float | None, float | None, bool, int]:
@@ -277,26 +300,8 @@ def distill_block(block: nn.Module, x: torch.Tensor, y: torch.Tensor, call, trai
             c.restore()
         return before, before, hbefore, hbefore, False, 0
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.steps))
-    batches = _batches(train, cfg.batch_size, seed)
-    try:
-        for _ in range(cfg.steps):
-            rows = next(batches)
-            with torch.enable_grad():
-                loss = F.mse_loss(_run(block, x, call, rows).float(), y[rows].float())
-                loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if bar is not None:
-                bar.update()
-                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
-        for c in copies:
-            c.commit()
-    except BaseException:
-        for c in copies:
-            c.restore()
-        raise
+    _train(copies, opt, cfg.steps, _batches(train, cfg.batch_size, seed),
+           lambda rows: F.mse_loss(_run(block, x, call, rows).float(), y[rows].float()), bar, "loss")
     after = block_mse(block, x, y, call, train, chunk)
     kept = after <= before  # NaN: not kept
     if not kept:
@@ -366,29 +371,15 @@ def distill_kl(student: nn.Module, teacher: nn.Module, tblocks: nn.ModuleList, h
     before = heldout_kl(student, teacher, tblocks, h[judge], ids[judge])
     copies = _copies(student, cfg, integer_zero)
     opt = _optimizer(copies, cfg.kl_lr, cfg.kl_lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(cfg.kl_steps))
-    batches = _batches(train, cfg.kl_batch_size, cfg.seed + 1_000_003)
     bar = tqdm(total=cfg.kl_steps, desc="distill KL", unit="step", disable=not progress)
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = _tail_logits(teacher, tblocks, h[rows], ids[rows])
+        return _kl(student(input_ids=ids[rows], use_cache=False).logits, t)
+
     try:
-        for _ in range(cfg.kl_steps):
-            rows = next(batches)
-            with torch.no_grad():
-                t = _tail_logits(teacher, tblocks, h[rows], ids[rows])
-            with torch.enable_grad():
-                loss = _kl(student(input_ids=ids[rows], use_cache=False).logits, t)
-                loss.backward()
-            del t
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update()
-            bar.set_postfix(kl=f"{float(loss.detach()):.4g}", refresh=False)
-        for c in copies:
-            c.commit()
-    except BaseException:
-        for c in copies:
-            c.restore()
-        raise
+        _train(copies, opt, cfg.kl_steps, _batches(train, cfg.kl_batch_size, cfg.seed + 1_000_003), loss_of, bar, "kl")
     finally:
         bar.close()
     after = heldout_kl(student, teacher, tblocks, h[judge], ids[judge])
