@@ -26,8 +26,8 @@ from typing import Sequence
 import torch
 
 from ..errors import SpecError
-from .quant import (CLIP_SHRINK, DTYPES, QUANTIZERS, QuantContext, QuantSpec, Quantizer, _rtn_dequantize, from_layout,
-                    minmax_params, n_groups, register, to_groups, to_layout)
+from .quant import (DTYPES, QUANTIZERS, QuantContext, QuantSpec, Quantizer, _rtn_dequantize, from_layout,
+                    _shrink_factors, minmax_params, n_groups, register, to_groups, to_layout)
 from .stats import damped, require
 
 BLOCK = 32  # columns per lazy-update block (rank-1 updates inside a block, one matmul per block)
@@ -193,7 +193,7 @@ def _fused_sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: 
     err = torch.empty(rows, SUPER, device=w.device)
     kp = keep.view(torch.uint8) if bool(keep.any()) else None
     cols = (perm if perm is not None else torch.arange(n, device=w.device)).to(torch.int32)
-    shrink = torch.tensor(CLIP_SHRINK, dtype=torch.float32, device=w.device)
+    shrink = _shrink_factors(w.device)
     params = {}
     for f in fams:
         if f.group_dim == "out":
