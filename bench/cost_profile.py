@@ -1,8 +1,8 @@
 """Where the time of one cost-table row goes (lqkit.core.costs.matrix_costs), phase by phase, on
 random matrices of real shapes with synthetic statistics (H from random activations, Fisher random):
 screening of the data-free configurations, the data-aware runs (GPTQ sweeps, nuq k-means), the exact
-errors, the low-rank spectra. Also times the eigen-solvers a spectrum can use. Prints a table and
-writes JSON (--out) with machine info.
+errors, the low-rank spectra (seconds and, on a GPU, each phase's peak allocated memory). Also times
+the eigen-solvers a spectrum can use. Prints a table and writes JSON (--out) with machine info.
 
     python bench/cost_profile.py --shapes 4096x4096,4096x11008 --device cuda --out /tmp/cost-profile.json
 """
@@ -30,14 +30,35 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+_ACTIVE: list[list[float]] = []  # running peak (bytes) of each timed call in progress, outermost first
+
+
+def _note_peak(device: str) -> None:
+    """Fold the allocator's peak since the last reset into every timed call in progress, then reset it,
+    so that nested timed calls each see their own peak."""
+    if device.startswith("cuda"):
+        p = torch.cuda.max_memory_allocated()
+        for a in _ACTIVE:
+            a[0] = max(a[0], p)
+        torch.cuda.reset_peak_memory_stats()
+
+
 def timed(store: dict, key: str, fn, device: str):
     def wrap(*a, **k):
         _sync(device)
+        _note_peak(device)
+        _ACTIVE.append([0.0])
         t = time.time()
-        out = fn(*a, **k)
-        _sync(device)
+        try:
+            out = fn(*a, **k)
+            _sync(device)
+        finally:
+            _note_peak(device)
+            peak = _ACTIVE.pop()[0]
         store[key] += time.time() - t
         store[key + "_calls"] += 1
+        if device.startswith("cuda"):
+            store[key + "_peak_mib"] = max(store[key + "_peak_mib"], round(peak / 2**20))
         return out
     return wrap
 
@@ -47,17 +68,20 @@ def profile_row(out: int, inp: int, device: str) -> dict:
     w = (torch.randn(out, inp, device=device) * 0.02).to(torch.bfloat16)
     x = torch.randn(4096, inp, device=device) * (torch.rand(inp, device=device) * 2)
     stats = MatrixStats(h=x.T @ x / 4096, fisher=torch.rand(out, inp, device=device) ** 4 * 1e-6)
+    del x
+    stats_bytes = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     t: dict = defaultdict(float)
     patches = [(quant, "reconstruct_many"), (gptq, "gptq_many"), (nuq, "kmeans_1d"),
-               (costs._Metric, "rank_errors"), (costs._Metric, "spectral_summary"), (costs._Metric, "errors_and_spectral"),
-               (costs._Metric, "screen")]
+               (costs._Metric, "rank_errors"), (costs._Metric, "spectral_summary"),
+               (costs._Metric, "errors_and_spectral"), (costs._Metric, "screen"), (costs, "weight_scales"),
+               (gptq, "inverse_cholesky"), (gptq, "_gptq_stack"), (quant, "quantize_many")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
     for obj, name, fn in saved:
         setattr(obj, name, timed(t, name, fn, device))
     try:
         _sync(device)
         t0 = time.time()
-        c = costs.matrix_costs(w, stats)
+        c = timed(t, "matrix_costs", costs.matrix_costs, device)(w, stats)
         _sync(device)
         total = time.time() - t0
     finally:
@@ -66,7 +90,9 @@ def profile_row(out: int, inp: int, device: str) -> dict:
     row = {"shape": [out, inp], "total_s": round(total, 2), "evaluated": c.evaluated, "front": len(c.specs)}
     row.update({k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(t.items())})
     if device.startswith("cuda"):
-        row["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        _note_peak(device)
+        row["peak_gpu_mib"] = max(v for k, v in row.items() if k.endswith("_peak_mib"))
+        row["stats_mib"] = round(stats_bytes / 2**20)
     return row
 
 

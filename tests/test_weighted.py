@@ -6,7 +6,8 @@ import torch
 from lqkit.core import MatrixSpec, MatrixStats, QuantSpec, decompose, truncated_svd
 from lqkit.core.adadim import choose_group_dim, group_dim_errors
 from lqkit.core.lowrank import scaled_svd
-from lqkit.core.stats import fisher_scales, kfac_rows, sq_error, weight_scales, whitening
+from lqkit.core import gptq
+from lqkit.core.stats import _lower_inverse, fisher_scales, kfac_rows, memo_on, sq_error, weight_scales, whitening
 from lqkit.errors import SpecError
 
 
@@ -40,6 +41,41 @@ def test_whitening_guards_singular_h():
     torch.testing.assert_close(s @ s_inv, torch.eye(20), atol=1e-3, rtol=0)
     with pytest.raises(SpecError):
         whitening(torch.full((4, 4), float("nan")))
+
+
+@pytest.mark.parametrize("n,block", [(1, 4), (7, 3), (64, 16), (50, 64)])
+def test_lower_inverse_blocked_equals_dense_solve(n, block):
+    a = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    chol = torch.linalg.cholesky(a @ a.T + n * torch.eye(n, dtype=torch.float64))
+    ref = torch.linalg.solve_triangular(chol, torch.eye(n, dtype=torch.float64), upper=False)
+    torch.testing.assert_close(_lower_inverse(chol, block), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_memo_on_remembers_per_tensor_and_forgets_on_change():
+    calls = []
+    h = torch.randn(5, 5)
+    f = lambda: calls.append(1) or len(calls)  # noqa: E731
+    assert memo_on(h, "k", f) == 1 and memo_on(h, "k", f) == 1  # once per key
+    assert memo_on(h, "other", f) == 2
+    assert memo_on(h.clone(), "k", f) == 3  # another tensor (equal values) is another entry
+    h.add_(1.0)  # an in-place change drops what was remembered
+    assert memo_on(h, "k", f) == 4
+
+
+def test_factorisations_are_computed_once_per_h(monkeypatch):
+    x = torch.randn(200, 24)
+    h = x.T @ x / 200
+    s1 = whitening(h)
+    assert whitening(h)[0] is s1[0]
+    spec = QuantSpec("gptq", 3, 8)
+    calls = []
+    real = gptq.inverse_cholesky
+    monkeypatch.setattr(gptq, "inverse_cholesky", lambda *a: calls.append(1) or real(*a))
+    w = torch.randn(16, 24)
+    first = gptq.gptq_many(w, h, [spec])[0]
+    again = gptq.gptq_many(w, h, [QuantSpec("gptq", 4, 8), spec])[1]
+    assert len(calls) == 1  # one factorisation for every chunk of configurations on this H
+    torch.testing.assert_close(first.q, again.q, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("weighting", ["fisher", "hessian", "kfac"])

@@ -28,7 +28,7 @@ import torch
 from ..errors import SpecError
 from .quant import (DTYPES, QUANTIZERS, QuantContext, QuantSpec, Quantizer, _rtn_dequantize, from_layout,
                     _shrink_factors, minmax_params, n_groups, register, to_groups, to_layout)
-from .stats import damped, require
+from .stats import damped, memo_on, require
 
 BLOCK = 32  # columns per lazy-update block (rank-1 updates inside a block, one matmul per block)
 SUPER = 128  # the fused sweep's second level: blocks update the rest of their super-block, which updates the rest
@@ -59,16 +59,20 @@ class GPTQResult:
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (damped H)⁻¹; dampening grows ×10 until H is positive definite."""
+    """Upper Cholesky factor of (damped H)⁻¹; dampening grows ×10 until H is positive definite.
+    Runs in fp64, holding at most two n×n fp64 matrices at a time."""
     if not torch.isfinite(h).all():
         raise SpecError("the input second-moment matrix H has NaN/inf entries; re-run calibration")
     for _ in range(6):
         chol, info = torch.linalg.cholesky_ex(damped(h, damp).double())
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return u.float()
+        del chol
         damp *= 10
     raise SpecError("H is not positive definite even with heavy dampening; check the calibration data")
 
@@ -329,10 +333,13 @@ def gptq_many(w: torch.Tensor, h: torch.Tensor, specs: Sequence[QuantSpec],
 
 
 def _factor(h: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(U, perm): the upper Cholesky factor of the damped H⁻¹ in sweep order, and that order."""
-    perm = torch.argsort(torch.diagonal(h), descending=True) if spec.act_order else None
-    hp = h[perm][:, perm] if perm is not None else h
-    return inverse_cholesky(hp, spec.damp), perm
+    """(U, perm): the upper Cholesky factor of the damped H⁻¹ in sweep order, and that order.
+    Remembered per H: a cost-table row runs its GPTQ configurations in many chunks on one H."""
+    def make() -> tuple[torch.Tensor, torch.Tensor | None]:
+        perm = torch.argsort(torch.diagonal(h), descending=True) if spec.act_order else None
+        hp = h[perm][:, perm] if perm is not None else h
+        return inverse_cholesky(hp, spec.damp), perm
+    return memo_on(h, ("gptq-factor", spec.act_order, spec.damp), make)
 
 
 def _gptq_stack(w, h, specs, keeps, u_perm) -> list[GPTQResult]:

@@ -15,8 +15,10 @@ For a linear layer y = x·Wᵀ with W of shape (out, in):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Hashable, TypeVar
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import SpecError
 from . import rotation as rt
@@ -109,20 +111,57 @@ def damped(h: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return h
 
 
+T = TypeVar("T")
+_MEMO: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (its version, {key: value})
+
+
+def memo_on(t: torch.Tensor, key: Hashable, fn: Callable[[], T]) -> T:
+    """``fn()``, computed once per ``key`` for as long as ``t`` lives unchanged (in-place changes bump
+    its version and drop what was remembered). One cost-table row factors its H many times over (every
+    chunk of GPTQ configurations, every metric built): this makes that once. ``fn``'s result must not
+    refer to ``t``, or ``t`` would never be freed."""
+    version = 0 if t.is_inference() else t._version
+    slot = _MEMO.get(t)
+    if slot is None or slot[0] != version:
+        slot = _MEMO[t] = (version, {})
+    if key not in slot[1]:
+        slot[1][key] = fn()
+    return slot[1][key]
+
+
+def _lower_inverse(chol: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L, block column by block column (L⁻¹ is lower-triangular, so column
+    block j needs only rows ≥ j): about two n×n matrices in memory instead of four."""
+    n = chol.shape[0]
+    inv = torch.zeros_like(chol)
+    for j0 in range(0, n, block):
+        j1 = min(n, j0 + block)
+        rhs = torch.zeros(n - j0, j1 - j0, dtype=chol.dtype, device=chol.device)
+        rhs[:j1 - j0].fill_diagonal_(1.0)
+        inv[j0:, j0:j1] = torch.linalg.solve_triangular(chol[j0:, j0:], rhs, upper=False)
+    return inv
+
+
 def whitening(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, S⁻¹) with S·Sᵀ = damped H, so that tr(E·H·Eᵀ) ≈ ‖E·S‖²_F.
 
     Cholesky of the damped H; if that fails (H not positive definite even after dampening, e.g.
     from NaN-free but degenerate statistics), the eigen-decomposition with eigenvalues clamped to
-    ≥ 1e-6·max is used instead (S = V·Λ^½, S⁻¹ = Λ^-½·Vᵀ). Non-finite H raises a SpecError."""
+    ≥ 1e-6·max is used instead (S = V·Λ^½, S⁻¹ = Λ^-½·Vᵀ). Non-finite H raises a SpecError.
+    Remembered per H (:func:`memo_on`)."""
+    return memo_on(h, ("whitening", damp), lambda: _whitening(h, damp))
+
+
+def _whitening(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.isfinite(h).all():
         raise SpecError("the input second-moment matrix H has NaN/inf entries; re-run calibration")
     hd = damped(h, damp).double()
     chol, info = torch.linalg.cholesky_ex(hd)
     if int(info) == 0:
-        eye = torch.eye(hd.shape[0], dtype=hd.dtype, device=hd.device)
-        inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        del hd  # fp64 n×n: free before the inverse (a 28672-wide H is 6.6 GB a copy)
+        inv = _lower_inverse(chol)
         return chol.float(), inv.float()
+    del chol
     evals, evecs = torch.linalg.eigh((hd + hd.T) / 2)
     evals = evals.clamp_min(evals.max().clamp_min(1e-30) * 1e-6)
     root = evals.sqrt()
