@@ -73,3 +73,37 @@ def test_bundled_texts_are_disjoint_wikitext_splits():
     valid, _ = read_text(None, "wikitext2-valid.txt")
     assert " = Robert Boulter = " in test and " = Homarus gammarus = " in valid
     assert " = Robert Boulter = " not in valid
+
+
+def test_nll_inplace_equals_cross_entropy_with_extreme_logits():
+    from lqkit.core.loss import nll_inplace
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 3000, generator=g) * 40  # rows spanning hundreds of nats: subnormal exp without the floor
+    z[:, :10] -= 500.0
+    y = torch.randint(0, 3000, (50,), generator=g)
+    y[:3] = torch.arange(3)  # targets among the lowest logits
+    ref = torch.nn.functional.cross_entropy(z, y, reduction="none")
+    torch.testing.assert_close(nll_inplace(z.clone(), y), ref, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,softcap", [("llama", None), ("gemma3", None), ("gemma3", 3.0)])
+def test_chunked_output_layer_equals_plain_path(tiny_tokenizer, monkeypatch, arch, softcap):
+    """The chunked fp32 head (reused buffer, in-place log-softmax) gives the model's own losses; a
+    model that transforms its logits (soft-capping) is detected by the probe and keeps the plain path."""
+    from lqkit import evaluate
+
+    model = tiny_model(arch)
+    if softcap is not None:
+        model.config.final_logit_softcapping = softcap
+    text = read_text(None)[0][:40_000]
+    proto = EvalProtocol(windows=3, window_tokens=40, batch_size=2)
+    monkeypatch.setattr(evaluate, "HEAD_CHUNK", 17)  # several chunks per batch, the buffer reused
+    used = []
+    real = evaluate._ChunkedHead.__init__
+    monkeypatch.setattr(evaluate._ChunkedHead, "__init__", lambda self, *a: real(self, *a) or used.append(self.ok))
+    fast = perplexity(model, tiny_tokenizer, text, proto, progress=False)
+    assert used == [softcap is None]
+    monkeypatch.setattr(evaluate._ChunkedHead, "__init__", lambda self, *a: setattr(self, "ok", False))
+    plain = perplexity(model, tiny_tokenizer, text, proto, progress=False)
+    assert fast.perplexity == pytest.approx(plain.perplexity, rel=1e-5)

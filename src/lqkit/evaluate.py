@@ -16,13 +16,14 @@ import hashlib
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .core.loss import nll_inplace
 from .errors import DataError, SpecError
 from .nn.linear import materialized
 
@@ -94,6 +95,64 @@ def perplexity(model, tokenizer, text: str, protocol: EvalProtocol = EvalProtoco
         return _perplexity(model, tokenizer, text, protocol, progress, ids)
 
 
+HEAD_CHUNK = 512  # tokens per chunk of the fp32 output layer (one reused (chunk, vocab) buffer)
+
+
+@contextmanager
+def _head_inputs(head: torch.nn.Module, store: list):
+    """Within: ``head`` stores its input in ``store`` and returns zeros of width 1 instead of logits."""
+    head.forward = lambda h: store.append(h) or h.new_zeros(*h.shape[:-1], 1)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+class _ChunkedHead:
+    """Sum of next-token NLLs with the output layer applied in chunks of tokens into one reused
+    buffer, its log-softmax computed in place. On a CPU a (batch, 512, vocab) fp32 logits tensor
+    (2 GiB at a 262k vocabulary) and the copies cross-entropy makes of it are fresh memory on every
+    batch, and faulting those pages in took as long as the whole model body (:mod:`.core.loss` says why
+    the log-softmax avoids subnormal floats). Used only when the
+    output layer is a plain fp32 ``nn.Linear`` and a probe through the model's own forward gives the
+    same log-likelihoods (a model that transforms its logits, e.g. soft-capping, keeps the plain path)."""
+
+    def __init__(self, model, probe: torch.Tensor):
+        self.model, self.head, self.buf = model, model.get_output_embeddings(), None
+        self.ok = type(self.head) is torch.nn.Linear and self.head.weight.dtype == torch.float32
+        if self.ok:
+            ref = _plain_nll(model, probe, reduction="none")
+            self.ok = torch.allclose(self.nll(probe, reduction="none"), ref, rtol=1e-4, atol=1e-4)
+            if not self.ok:
+                log.debug("the output layer's logits are transformed by the model: plain evaluation path")
+
+    def nll(self, x: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        store: list = []
+        with _head_inputs(self.head, store):
+            self.model(input_ids=x)
+        h = store[0][:, :-1].reshape(-1, store[0].shape[-1])
+        y = x[:, 1:].reshape(-1)
+        w, b = self.head.weight, self.head.bias
+        rows = min(HEAD_CHUNK, h.shape[0])
+        if self.buf is None or self.buf.shape[0] < rows:
+            self.buf = torch.empty(rows, w.shape[0], dtype=torch.float32, device=w.device)
+        out = []
+        for i in range(0, h.shape[0], rows):
+            z = self.buf[:min(rows, h.shape[0] - i)]
+            torch.matmul(h[i:i + rows], w.t(), out=z)
+            if b is not None:
+                z += b
+            out.append(nll_inplace(z, y[i:i + rows]))
+        nll = torch.cat(out)
+        return nll.sum() if reduction == "sum" else nll
+
+
+def _plain_nll(model, x: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    logits = model(input_ids=x).logits  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
+                           reduction=reduction)
+
+
 @torch.no_grad()
 def _perplexity(model, tokenizer, text, protocol, progress, ids) -> EvalResult:
     t0 = time.time()
@@ -104,12 +163,11 @@ def _perplexity(model, tokenizer, text, protocol, progress, ids) -> EvalResult:
     bos = torch.full((1,), bos_id(tokenizer), dtype=torch.long)
     total, count = 0.0, 0
     batches = [starts[i:i + protocol.batch_size] for i in range(0, len(starts), protocol.batch_size)]
+    head = _ChunkedHead(model, torch.cat([bos, ids[starts[0]:starts[0] + min(span, 15)]])[None].to(device))
     bar = tqdm(total=len(starts), desc="perplexity", unit="win", disable=not progress, leave=False)
     for batch in batches:
         x = torch.stack([torch.cat([bos, ids[s:s + span]]) for s in batch]).to(device)  # (B, T)
-        logits = model(input_ids=x).logits  # (B, T, V)
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1),
-                              reduction="sum")
+        nll = head.nll(x) if head.ok else _plain_nll(model, x)
         if not torch.isfinite(nll):
             log.warning("non-finite loss in an evaluation window: the model produces NaN/inf logits")
         total += float(nll)
