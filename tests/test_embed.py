@@ -110,3 +110,16 @@ def test_modules_lookup_and_tied_head():
     x = torch.randn(2, 16)
     with torch.no_grad():
         torch.testing.assert_close(m.head(x), x @ deq.T)
+
+
+def test_chunked_rows_give_the_same_table(monkeypatch):
+    """Large vocabularies are quantized, dequantized and scored in chunks of rows: the same result."""
+    torch.manual_seed(3)
+    w = torch.randn(23, 16)
+    stats = TableStats(torch.tensor([0, 7, 22]), torch.rand(3, 16), torch.eye(16), torch.rand(23))
+    whole = embed.dequantize(embed.quantize(w, RowSpec(4, symmetric=False)))
+    err = table_error(w, whole, stats)
+    monkeypatch.setattr(embed, "CHUNK_ROWS", 5)
+    q = embed.quantize(w, RowSpec(4, symmetric=False))
+    torch.testing.assert_close(embed.dequantize(q), whole)
+    assert table_error(w, whole, stats) == pytest.approx(err, rel=1e-6)

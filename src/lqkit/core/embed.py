@@ -150,22 +150,28 @@ def quantize(w: torch.Tensor, spec: RowSpec) -> QRows:
     return QRows(spec, torch.cat(codes), torch.cat(scales), None if spec.symmetric else torch.cat(offsets))
 
 
-def dequantize(q: QRows, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The table (or only ``rows``, any integer shape: the result has that shape + (dim,)) in ``dtype``."""
-    spec = q.spec
-    dim = q.shape[1]
-    idx = rows.reshape(-1) if rows is not None else None
-    codes = q.codes if idx is None else q.codes[idx]  # (n, dim·b/8)
+def _rows(spec: RowSpec, dim: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+          dtype: torch.dtype) -> torch.Tensor:
+    """(n, dim) rows from their packed codes (n, dim·b/8), scales and offsets."""
     n = codes.shape[0]
     c = packing.unpack(codes.reshape(-1), spec.bits, n * dim).view(n, spec.groups(dim), -1).to(dtype)
-    s = (q.scales if idx is None else q.scales[idx]).to(dtype).unsqueeze(2)
-    if spec.symmetric:
-        w = (c - 2 ** (spec.bits - 1)) * s
-    else:
-        o = (q.offsets if idx is None else q.offsets[idx]).to(dtype).unsqueeze(2)
-        w = c * s + o
-    w = w.reshape(n, dim)
-    return w if rows is None else w.reshape(*rows.shape, dim)
+    s = scales.to(dtype).unsqueeze(2)
+    w = (c - 2 ** (spec.bits - 1)) * s if spec.symmetric else c * s + offsets.to(dtype).unsqueeze(2)
+    return w.reshape(n, dim)
+
+
+def dequantize(q: QRows, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The table (or only ``rows``, any integer shape: the result has that shape + (dim,)) in ``dtype``."""
+    dim = q.shape[1]
+    if rows is not None:
+        idx = rows.reshape(-1)
+        w = _rows(q.spec, dim, q.codes[idx], q.scales[idx], q.offsets[idx] if q.offsets is not None else None, dtype)
+        return w.reshape(*rows.shape, dim)
+    out = torch.empty(q.shape, dtype=dtype, device=q.codes.device)
+    for i in range(0, q.shape[0], CHUNK_ROWS):  # bounded temporaries for a large vocabulary
+        j = slice(i, i + CHUNK_ROWS)
+        out[j] = _rows(q.spec, dim, q.codes[j], q.scales[j], q.offsets[j] if q.offsets is not None else None, dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
