@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from lqkit.core import embed
-from lqkit.core.embed import RowCandidates, RowSpec, TableStats, table_costs, table_error
+from lqkit.core.embed import (
+    RowCandidates,
+    RowSpec,
+    TableStats,
+    table_costs,
+    table_error,
+)
 from lqkit.errors import SpecError
 
 
@@ -89,7 +95,13 @@ def test_table_costs_keep_is_a_candidate_and_the_front_is_pareto():
 def test_modules_lookup_and_tied_head():
     from torch import nn
 
-    from lqkit.nn.embedding import QuantizedEmbedding, TiedHead, build_tables, quantized_tables, tied_heads
+    from lqkit.nn.embedding import (
+        QuantizedEmbedding,
+        TiedHead,
+        build_tables,
+        quantized_tables,
+        tied_heads,
+    )
 
     class Toy(nn.Module):
         def __init__(self):

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
+from test_cli import _bad
 
 from lqkit import checkpoint, pipeline
 from lqkit.allocate import AllocationConfig, Budget
@@ -14,9 +16,6 @@ from lqkit.core.costs import CandidateSet
 from lqkit.core.embed import RowSpec
 from lqkit.errors import SpecError
 from lqkit.nn.embedding import QuantizedEmbedding, QuantizedHead, TiedHead, build_tables
-
-from conftest import tiny_config
-from test_cli import _bad
 
 CANDS = CandidateSet(quantizers=("rtn", "nf"), bits=(2, 3, 4, 8), group_sizes=(16, 32), ranks=(0, 4), outliers=(0.0,))
 CALIB = CalibConfig(samples=4, seqlen=64)
@@ -38,16 +37,19 @@ def _folder(tmp_path, tok, arch: str, tied: bool):
     return d
 
 
+def _headers(folder) -> dict:
+    """name -> safetensors header entry of every tensor of a checkpoint."""
+    out = {}
+    for f in checkpoint.tensor_files(checkpoint.read_meta(folder)):
+        with open(folder / f, "rb") as fh:
+            out.update(json.loads(fh.read(int.from_bytes(fh.read(8), "little"))))
+    out.pop("__metadata__", None)
+    return out
+
+
 def _tensor_bytes(folder) -> int:
     """Bytes of every tensor in a checkpoint's safetensors files (their data, headers aside)."""
-    meta = checkpoint.read_meta(folder)
-    total = 0
-    for f in checkpoint.tensor_files(meta):
-        with open(folder / f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            head = json.loads(fh.read(n))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in head.items() if k != "__metadata__")
-    return total
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for v in _headers(folder).values())
 
 
 @pytest.mark.parametrize("arch, tied", [("gemma3", True), ("llama", False), ("llama", True)])
@@ -73,8 +75,7 @@ def test_quantized_tables_save_reload_and_run(arch, tied, tmp_path, tiny_tokeniz
         assert back.lm_head.table is back.get_input_embeddings()  # still tied: one stored copy
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref)
-    names = set().union(*[set(json.loads(open(out / f, "rb").read()[8:8 + int.from_bytes(open(out / f, "rb").read(8),
-                          "little")])) for f in checkpoint.tensor_files(meta)])
+    names = set(_headers(out))
     assert "model.embed_tokens.codes" in names and not any(n.startswith("lm_head") for n in names if tied)
 
 
