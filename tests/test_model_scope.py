@@ -131,3 +131,16 @@ def test_budget_scope_is_checked():
 def test_scope_cli_bad_input(args, expect, tmp_path):
     _bad(["compress", "--out", str(tmp_path / "x"), *args], tmp_path, expect)
     assert not (tmp_path / "x").exists()
+
+
+def test_linear_then_whole_model_budget_share_the_run(tmp_path, tiny_tokenizer, cache):
+    """A whole-model budget after a linear-only one on the same model and candidates sweeps again for
+    the tables' statistics only: the linear layers' cost rows are the cached ones."""
+    folder = _folder(tmp_path, tiny_tokenizer, "llama", True)
+    a = pipeline.compress(str(folder), AllocationConfig(Budget(3.0), CANDS), str(tmp_path / "a"), calib=CALIB,
+                          progress=False)
+    b = pipeline.compress(str(folder), AllocationConfig(Budget(bytes=75_000, scope="model"), CANDS),
+                          str(tmp_path / "b"), calib=CALIB, progress=False)
+    assert b.allocation["table_cached"] and b.allocation["table_key"] == a.allocation["table_key"]
+    assert "model" in b.allocation and "model" not in a.allocation
+    assert _tensor_bytes(tmp_path / "b") <= 75_000 < _tensor_bytes(tmp_path / "a")
