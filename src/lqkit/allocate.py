@@ -41,7 +41,9 @@ from tqdm.auto import tqdm
 
 from .core.allocate import Allocation, BudgetError, min_bits, solve
 from .core.costs import METRICS, CandidateSet, MatrixCosts, matrix_costs, min_candidate_bits
+from .core import embed
 from .core.decompose import MatrixSpec
+from .core.embed import RowCandidates, RowSpec, TableCosts
 from .core.rotation import for_matrix
 from .core.stats import MatrixStats
 from .errors import SpecError
@@ -62,14 +64,22 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
+SCOPES = ("linear", "model")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """The memory budget of the compressed matrices: bits per parameter, or bytes in total."""
+    """The memory budget: bits per parameter, or bytes in total, of the compressed linear layers
+    (scope "linear") or of every stored tensor of the model (scope "model": linear layers, embedding
+    and head, norms and everything else kept; bits per parameter over all its parameters)."""
 
     bits_per_param: float | None = None
     bytes: int | None = None
+    scope: str = "linear"
 
     def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise SpecError(f"the budget's scope is 'linear' or 'model' (e.g. --scope model), got {self.scope!r}")
         if (self.bits_per_param is None) == (self.bytes is None):
             raise SpecError("give the budget either in bits per parameter (--budget, e.g. 3.0) or in bytes "
                             "(--budget-bytes, e.g. 40MB)")
@@ -86,25 +96,79 @@ class Budget:
         return int(self.bytes) * 8
 
     def label(self) -> str:
-        return f"{self.bits_per_param:g} bits/param" if self.bits_per_param is not None else f"{self.bytes} bytes"
+        text = f"{self.bits_per_param:g} bits/param" if self.bits_per_param is not None else f"{self.bytes} bytes"
+        return text + (" (whole model)" if self.scope == "model" else "")
 
     def to_dict(self) -> dict:
-        return {"bits_per_param": self.bits_per_param, "bytes": self.bytes}
+        return {"bits_per_param": self.bits_per_param, "bytes": self.bytes, "scope": self.scope}
 
 
 MAX_BITS_PER_PARAM = 16
 
 
-def check_reachable(config: "AllocationConfig", shapes: Mapping[str, tuple[int, int]]) -> None:
+@dataclass(frozen=True)
+class ModelScope:
+    """What a whole-model budget counts besides the linear layers: the tables (the input embedding, and
+    an output head not tied to it and not among the linear layers), which are candidates too, and
+    everything else stored as it is (norms, biases, linear layers left out)."""
+
+    params: int  # every parameter of the model, tied ones once
+    fixed_bits: int  # stored bits of what is neither a compressed linear layer nor a table
+    tables: tuple[str, ...]  # module names
+    shapes: tuple[tuple[int, int], ...]
+    keep_bits: tuple[int, ...]  # stored bits of each table kept as it is
+    tied: tuple[tuple[str, str], ...] = ()  # (head, table): heads that compute with a table's rows
+    lookup: tuple[bool, ...] = ()  # per table: read by lookup (an embedding)
+    head: tuple[bool, ...] = ()  # per table: used as the output head (an untied head, or tied to it)
+
+
+def model_scope(model: nn.Module, names: Sequence[str], stored: torch.dtype) -> ModelScope:
+    """The :class:`ModelScope` of ``model`` (weights may be on the meta device) whose linear layers
+    ``names`` are compressed; every other tensor is stored in ``stored``."""
+    mods = {id(m): n for n, m in model.named_modules()}
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tables, lookup, heads, tied = [mods[id(emb)]], [True], [False], []
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        heads[0] = True
+        tied.append((mods[id(head)], tables[0]))
+    elif isinstance(head, nn.Linear) and head.bias is None and mods[id(head)] not in names:
+        tables.append(mods[id(head)])
+        lookup.append(False)
+        heads.append(True)
+    shapes = tuple(tuple(model.get_submodule(n).weight.shape) for n in tables)
+    bits = torch.empty((), dtype=stored).element_size() * 8
+    params = sum(p.numel() for p in model.parameters())
+    linear = sum(model.get_submodule(n).weight.numel() for n in names)
+    table = sum(r * d for r, d in shapes)
+    return ModelScope(params, (params - linear - table) * bits, tuple(tables), shapes,
+                      tuple(r * d * bits for r, d in shapes), tuple(tied), tuple(lookup), tuple(heads))
+
+
+def check_reachable(config: "AllocationConfig", shapes: Mapping[str, tuple[int, int]],
+                    scope: ModelScope | None = None) -> None:
     """Refuse, before any statistics or costs, a budget below what the candidate specs alone can reach
-    for these matrices (a lower bound: the exact minimum is checked again once the costs are known)."""
+    for these matrices (a lower bound: the exact minimum is checked again once the costs are known);
+    with a whole-model budget, for the tables and the rest of the model too."""
     need = sum(min_candidate_bits(config.candidates, tuple(sh)) for sh in shapes.values())
     params = sum(int(o) * int(i) for o, i in shapes.values())
+    if config.budget.scope == "model" and scope is not None:
+        specs = config.tables.specs()
+        need += scope.fixed_bits + sum(min([embed.storage_bits(s, sh) for s in specs] + [k])
+                                       for sh, k in zip(scope.shapes, scope.keep_bits))
+        params = scope.params
     if params and config.budget.total_bits(params) < need:
+        what = "the whole model" if config.budget.scope == "model" else f"{len(shapes)} matrices"
         raise BudgetError(f"the budget of {config.budget.label()} is below the smallest size these candidates can "
-                          f"reach for {len(shapes)} matrices ({need / params:.4f} bits/param, {math.ceil(need / 8)} "
-                          f"bytes); raise it, e.g. --budget {math.ceil(need / params * 100 + 1e-6) / 100:g} or "
-                          f"--budget-bytes {math.ceil(need / 8)}")
+                          f"reach for {what} ({need / params:.4f} bits/param, {math.ceil(need / 8)} "
+                          f"bytes); raise it, e.g. {_raise_hint(need, params, config.budget.scope)}")
+
+
+def _raise_hint(need: int, params: int, scope: str) -> str:
+    """Flags that give a budget of at least ``need`` bits."""
+    tail = " --scope model" if scope == "model" else ""
+    return (f"--budget {math.ceil(need / params * 100 + 1e-6) / 100:g}{tail} or --budget-bytes "
+            f"{math.ceil(need / 8)}{tail}")
 
 
 @dataclass(frozen=True)
@@ -155,17 +219,24 @@ class AllocationConfig:
     refine_iters: int = 0  # > 0: matrices with a low-rank part run LQ alternations from the LoRC start
     workers: int | None = None  # cost-table worker processes (None: by machine and model size)
     cache: bool = True  # read / write the cost table under $LQKIT_CACHE/tables
+    tables: RowCandidates = field(default_factory=RowCandidates)  # embedding / head rows (budget scope "model")
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise SpecError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.budget.scope == "model" and self.metric == "hessian":
+            raise SpecError("a whole-model budget (--scope model) weighs the embedding's errors on the loss scale, "
+                            "as the kfac and fisher metrics do; use --metric kfac (the default) or fisher")
+        if self.budget.scope == "model" and self.candidates.target is not None:
+            raise SpecError(f"target {self.candidates.target} cannot serve a quantized embedding table; drop --target "
+                            "or use --scope linear")
         if not (isinstance(self.refine_iters, int) and self.refine_iters >= 0):
             raise SpecError(f"refine iterations must be a non-negative integer, got {self.refine_iters!r}")
 
     def needs(self) -> set[str]:
         """Statistics the metric and the candidate quantizers use."""
         need = {"kfac": {"h", "fisher"}, "hessian": {"h"}, "fisher": {"fisher"}}[self.metric]
-        return need | self.candidates.needs()
+        return need | self.candidates.needs() | ({"fisher"} if self.budget.scope == "model" else set())
 
 
 @dataclass(frozen=True)
@@ -210,17 +281,46 @@ class AllocationResult:
     table: CostTable
     table_cached: bool
     ties: tuple[tuple[str, ...], ...] = ()  # layers held to one scheme (a target's fused layers)
+    scope: ModelScope | None = None  # a whole-model budget: what it counts besides the linear layers
+    table_costs: tuple[TableCosts, ...] = ()  # per scope table
+    tables: dict[str, RowSpec] = field(default_factory=dict)  # the tables stored as quantized rows (others kept)
+
+    @property
+    def linear_bits(self) -> int:
+        """Stored bits of the chosen linear-layer candidates."""
+        return int(sum(int(c.bits[k]) for c, k in zip(self.table.costs, self.allocation.choice)))
+
+    def _model_report(self) -> dict:
+        """The whole-model side of :meth:`report`: every stored bit, the tables' choices."""
+        sc, a = self.scope, self.allocation
+        n = len(self.table.costs)
+        picks = a.choice[n:]
+        tbits = sum(int(c.bits[k]) for c, k in zip(self.table_costs, picks))
+        total = self.linear_bits + tbits + sc.fixed_bits
+        need = min_bits([c.bits for c in self.table.costs] + [c.bits for c in self.table_costs]) + sc.fixed_bits
+        tables = {}
+        for name, c, k in zip(sc.tables, self.table_costs, picks):
+            spec = c.specs[k]
+            tables[name] = {"spec": spec.label() if spec is not None else "kept", "bits": int(c.bits[k]),
+                            "predicted_relative_error": float(c.errors[k] / max(c.base, 1e-300))}
+        return {"params": sc.params, "budget_bits": a.budget_bits + sc.fixed_bits, "fixed_bits": sc.fixed_bits,
+                "achieved_bits": total, "achieved_bits_per_param": total / sc.params, "achieved_bytes": total // 8,
+                "minimum_bits_per_param": need / sc.params, "minimum_bytes": math.ceil(need / 8), "tables": tables,
+                "tied": {h: t for h, t in sc.tied}}
 
     def report(self) -> dict:
-        """JSON-ready summary, saved in the checkpoint and printed by ``lqkit inspect``."""
+        """JSON-ready summary, saved in the checkpoint and printed by ``lqkit inspect``. The linear layers'
+        figures ("achieved_bits", ...) always count them alone; a whole-model budget adds "model"."""
         a, t = self.allocation, self.table
         idx = {n: i for i, n in enumerate(t.names)}
         predicted = {n: float(t.costs[idx[n]].errors[c] / max(t.costs[idx[n]].base, 1e-300))
                      for n, c in zip(t.names, a.choice)}
+        lbits = self.linear_bits
         return {
             "budget": self.config.budget.to_dict(), "budget_bits": a.budget_bits,
-            "budget_bits_per_param": a.budget_bits / t.params, "achieved_bits": a.bits,
-            "achieved_bits_per_param": a.bits / t.params, "params": t.params,
+            "budget_bits_per_param": a.budget_bits / t.params, "achieved_bits": lbits,
+            "achieved_bits_per_param": lbits / t.params, "params": t.params,
+            **({"model": self._model_report()} if self.scope is not None else {}),
             "minimum_bits_per_param": min_bits([c.bits for c in t.costs]) / t.params,
             "objective": a.objective, "solver_status": a.status, "optimal": a.optimal,
             "solver_seconds": round(a.seconds, 3), "variables": a.variables,
@@ -469,29 +569,46 @@ def _ties(table: CostTable, ties: Sequence[Sequence[str]]) -> list[tuple[int, ..
 
 
 def allocate(table: CostTable, config: AllocationConfig, table_cached: bool = False,
-             ties: Sequence[Sequence[str]] = ()) -> AllocationResult:
+             ties: Sequence[Sequence[str]] = (), scope: ModelScope | None = None,
+             table_costs: Sequence[TableCosts] = ()) -> AllocationResult:
     """Solve the budget over ``table`` under ``config``'s constraints; the plan keeps table order.
     ``ties``: groups of layers that read one input; with a target that fuses them (the table's
-    candidate set says), each group takes one integer scheme."""
+    candidate set says), each group takes one integer scheme. A whole-model budget (scope "model")
+    needs ``scope`` and the cost rows of its tables (``table_costs``, in ``scope.tables`` order): they
+    enter the same program, and what stays as it is (``scope.fixed_bits``) is taken off the budget."""
+    whole = config.budget.scope == "model"
+    if whole and (scope is None or len(table_costs) != len(scope.tables)):
+        raise SpecError("a whole-model budget needs the model's scope and the cost rows of its tables")
     allowed = _allowed(table, config.constraints)
     bits = [c.bits[a] for c, a in zip(table.costs, allowed)]
     errs = [c.errors[a] for c, a in zip(table.costs, allowed)]
-    budget_bits = config.budget.total_bits(table.params)
     tied = _ties(table, ties)
     labels = _labels(table, allowed) if tied else None
+    params, fixed = (scope.params, scope.fixed_bits) if whole else (table.params, 0)
+    if whole:  # the tables: one more row each, no constraint, no tie
+        bits += [c.bits for c in table_costs]
+        errs += [c.errors for c in table_costs]
+        allowed += [np.arange(len(c.bits)) for c in table_costs]
+        labels = labels + [np.full(len(c.bits), -1 - i) for i, c in enumerate(table_costs)] if labels else None
+    budget_bits = config.budget.total_bits(params) - fixed
     need = min_bits(bits, labels, tied)
     if budget_bits < need:
-        raise BudgetError(f"the budget of {config.budget.label()} ({budget_bits} bits for {table.params} parameters) "
-                          f"is below the smallest achievable {need / table.params:.4f} bits/param "
-                          f"({math.ceil(need / 8)} bytes) with these candidates and constraints; raise the budget, "
-                          f"e.g. --budget {math.ceil(need / table.params * 100 + 1e-6) / 100:g} or --budget-bytes "
-                          f"{math.ceil(need / 8)}")
+        what = "bits for every stored tensor of" if whole else "bits for"
+        raise BudgetError(f"the budget of {config.budget.label()} ({budget_bits + fixed} {what} {params} parameters) "
+                          f"is below the smallest achievable {(need + fixed) / params:.4f} bits/param "
+                          f"({math.ceil((need + fixed) / 8)} bytes) with these candidates and constraints; raise the "
+                          f"budget, e.g. {_raise_hint(need + fixed, params, config.budget.scope)}")
     with _quiet_stdout():
         sol = solve(bits, errs, budget_bits, labels=labels, ties=tied)
     choice = tuple(int(a[c]) for a, c in zip(allowed, sol.choice))
     sol = replace(sol, choice=choice)
-    plan = {n: refined(c.specs[k], config.refine_iters) for n, c, k in zip(table.names, table.costs, choice)}
+    n = len(table.costs)
+    plan = {nm: refined(c.specs[k], config.refine_iters) for nm, c, k in zip(table.names, table.costs, choice[:n])}
+    tables = {}
+    if whole:
+        tables = {nm: c.specs[k] for nm, c, k in zip(scope.tables, table_costs, choice[n:]) if c.specs[k] is not None}
     log.info("allocation: %s -> %.4f bits/param (%s, %d candidates, %d ties, %.2f s)", config.budget.label(),
-             sol.bits / table.params, sol.status, sol.variables, len(tied), sol.seconds)
+             (sol.bits + fixed) / params, sol.status, sol.variables, len(tied), sol.seconds)
     names = tuple(tuple(table.names[m] for m in t) for t in tied)
-    return AllocationResult(plan, sol, config, table, table_cached, names)
+    return AllocationResult(plan, sol, config, table, table_cached, names, scope if whole else None,
+                            tuple(table_costs) if whole else (), tables)

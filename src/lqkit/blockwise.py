@@ -40,11 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .calibrate import (CalibrationError, FisherAccumulator, HessianAccumulator, _check_finite, backward_block,
-                        block_calls, first_inputs, forward_block, tail_grads, windows_per_call)
+from .calibrate import (CalibrationError, FisherAccumulator, HessianAccumulator, TableAccumulator, _check_finite,
+                        backward_block, block_calls, first_inputs, forward_block, tail_grads, windows_per_call)
 from .compress import MatrixReport, SizeSummary, _compress_one
 from .core.costs import CandidateSet, MatrixCosts, matrix_costs
 from .core.decompose import MatrixSpec, storage_bits
+from .core.embed import RowCandidates, RowSpec, TableCosts, TableStats
 from .core.rotation import for_matrix
 from .core.stats import MatrixStats
 from .dist import SINGLE, Group
@@ -197,6 +198,56 @@ class RunStore:
             raise CalibrationError(f"cannot read {self._costs(k)} ({e}); delete {self.root} to recompute") from None
 
 
+class TableStore:
+    """The statistics and cost rows of a run's embedding / head tables (:mod:`lqkit.core.embed`), saved
+    beside its blocks' (rank 0 writes): a whole-model budget and a linear-only one on the same model,
+    text and candidates share a run (its key does not name the scope); the tables' statistics come
+    with the first whole-model budget, their rows once per set of row candidates."""
+
+    def __init__(self, root: Path, writer: bool = True):
+        self.stats_path, self.costs_path, self.writer = root / "tables.stats.safetensors", root / "tables.costs.json", writer
+
+    def save_stats(self, stats: Mapping[str, TableStats]) -> None:
+        if not self.writer:
+            return
+        from safetensors.torch import save as st_save
+
+        tensors = {f"{n}::{k}": v.contiguous().cpu() for n, ts in stats.items() for k, v in ts.tensors().items()}
+        checkpoint.write_atomic(self.stats_path, st_save(tensors, metadata={"names": json.dumps(list(stats))}))
+
+    def load_stats(self) -> dict[str, TableStats] | None:
+        """The saved statistics, or None when there are none (or they are unreadable)."""
+        from safetensors import SafetensorError, safe_open
+
+        from .core.embed import TableStats
+
+        try:
+            with safe_open(str(self.stats_path), framework="pt", device="cpu") as f:
+                names = json.loads((f.metadata() or {}).get("names", "[]"))
+                t = {key: f.get_tensor(key) for key in f.keys()}
+            return {n: TableStats.from_tensors({k.split("::", 1)[1]: v for k, v in t.items()
+                                                if k.startswith(f"{n}::")}) for n in names}
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            if self.stats_path.exists():
+                log.warning("the cached table statistics %s are unreadable (%s); computing them again", self.stats_path, e)
+            return None
+
+    def save_costs(self, costs: Mapping[str, TableCosts], cands: RowCandidates) -> None:
+        if self.writer:
+            data = {"candidates": cands.to_dict(), "tables": {n: c.to_dict() for n, c in costs.items()}}
+            checkpoint.write_atomic(self.costs_path, json.dumps(data).encode())
+
+    def load_costs(self, cands: RowCandidates) -> dict[str, TableCosts] | None:
+        """The saved rows when they were made for ``cands``, else None."""
+        try:
+            d = json.loads(self.costs_path.read_text())
+            if RowCandidates.from_dict(d["candidates"]) != cands:
+                return None
+            return {n: TableCosts.from_dict(c) for n, c in d["tables"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+
 class Activations:
     """Each block's inputs (and, where given, its H), kept for the backward sweep: in memory when they
     are small, else on disk (safetensors, one file a block), so that memory does not grow with depth."""
@@ -260,13 +311,17 @@ class Activations:
 
 def statistics(src: BlockSource, ids: torch.Tensor, by_block: Mapping[int, list[str]], fisher: bool,
                todo: Iterable[int], on_block: Callable[[int, dict[str, MatrixStats]], None], sweep: Sweep,
-               scratch: Path, autocast: str = "float32") -> dict:
+               scratch: Path, autocast: str = "float32", tables: TableAccumulator | None = None) -> dict:
     """Compute H (and with ``fisher`` the Fisher diagonal) of the linears of every block in ``todo``,
     calling ``on_block(k, {name: MatrixStats})`` while block k is loaded, as its statistics complete.
     H is always gathered from a forward in the compute dtype; the Fisher's backward sweep (and the
     model's tail) runs under ``autocast`` ("float32": none; see ``calibrate.fast_autocast_dtype``).
-    Returns timings and the number of windows used."""
+    ``tables`` (with ``fisher`` and block 0 in ``todo``): also fed the statistics of the embedding
+    and the head (the head's in the tail, the lookup's from the gradient at block 0's input, which
+    must be the embedding's output). Returns timings and the number of windows used."""
     todo = sorted(set(todo))
+    if tables is not None and (not fisher or (todo and todo[0] != 0)):
+        raise ValueError("the statistics of the embedding and head need the Fisher sweep down to block 0")
     info = {"seconds_forward": 0.0, "seconds_backward": 0.0, "windows": int(ids.shape[0])}
     if not todo:
         return info
@@ -277,6 +332,7 @@ def statistics(src: BlockSource, ids: torch.Tensor, by_block: Mapping[int, list[
     src.load_rest()
     calls = block_calls(model, blocks, ids, dev)
     x = first_inputs(model, blocks, ids, dev, sweep.chunk)
+    scale = _embedding_scale(model, ids, x) if tables is not None else 1.0
     kmin = todo[0]
     last = n - 1 if fisher else todo[-1]
     bar = tqdm(total=last + 1 + (n - kmin if fisher else 0), desc="calibrate", unit="block", disable=not sweep.progress)
@@ -304,7 +360,7 @@ def statistics(src: BlockSource, ids: torch.Tensor, by_block: Mapping[int, list[
         if not fisher:
             return info
         t1 = time.time()
-        with torch.autocast(**ac):
+        with torch.autocast(**ac), (tables.head_hooks() if tables is not None else contextlib.nullcontext()):
             g, used = tail_grads(model, blocks, x, ids, sweep.tail_chunk)
         del x
         windows = int(used.sum())
@@ -341,11 +397,29 @@ def statistics(src: BlockSource, ids: torch.Tensor, by_block: Mapping[int, list[
                 on_block(k, stats)  # block k still loaded
             src.release_block(k)
             bar.update()
+        if tables is not None:  # g: the gradient at block 0's input, the embedding's output
+            tables.add_lookup(ids, g, scale)
         info["seconds_backward"] = round(time.time() - t1, 1)
         return info
     finally:
         acts.close()
         bar.close()
+
+
+def _embedding_scale(model, ids: torch.Tensor, x: torch.Tensor) -> float:
+    """s with block 0's inputs x = s·W[ids] (W the embedding table); a model that changes its
+    embeddings otherwise before the first block (a norm, a projection) has no lookup statistics here."""
+    from .nn.embedding import embed_scale
+
+    emb = model.get_input_embeddings()
+    first = ids[:1].to(x.device)
+    s = embed_scale(emb)
+    with torch.no_grad():
+        ref = emb.weight[first].to(x.dtype) * s
+    if not torch.allclose(ref, x[:1], rtol=1e-2, atol=1e-3 * float(ref.abs().max().clamp_min(1e-30))):
+        raise CalibrationError("this model transforms its token embeddings before the first decoder block, where "
+                               "lqkit reads the lookup statistics of the embedding table; use --scope linear")
+    return s
 
 
 def stored_stats(stats: Mapping[str, MatrixStats], full: Callable[[str], bool], keep_h: bool,
@@ -526,14 +600,27 @@ def other_params(src: BlockSource, names: Iterable[str]) -> int:
     return sum(p.numel() for p in model.parameters()) - sum(model.get_submodule(n).weight.numel() for n in names)
 
 
-def size_summary(src: BlockSource, plan: Mapping[str, MatrixSpec], other: int) -> SizeSummary:
-    """Exact storage of the planned matrices (resolved specs) and of the ``other`` parameters at
-    their stored dtype."""
+def size_summary(src: BlockSource, plan: Mapping[str, MatrixSpec], other: int,
+                 tables: Mapping[str, RowSpec] | None = None) -> SizeSummary:
+    """Exact storage of the planned matrices (resolved specs), of the tables stored as quantized rows
+    (``tables``) and of the ``other`` parameters (tables included: counted before they were replaced)
+    at their stored dtype."""
+    from .core import embed
+
     model = src.model
     shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in plan}
     cbits = sum(storage_bits(plan[n], shapes[n]) for n in plan)
+    tshapes = {n: tuple(_table_shape(model.get_submodule(n))) for n in (tables or {})}
+    tparams = sum(r * d for r, d in tshapes.values())
+    tbits = sum(embed.storage_bits(s, tshapes[n]) for n, s in (tables or {}).items())
+    other -= tparams
     return SizeSummary(sum(o * i for o, i in shapes.values()), cbits, other,
-                       other * torch.empty((), dtype=src.stored_dtype).element_size() * 8)
+                       other * torch.empty((), dtype=src.stored_dtype).element_size() * 8, tparams, tbits)
+
+
+def _table_shape(module) -> tuple[int, int]:
+    shape = getattr(module, "shape", None)  # a quantized table
+    return tuple(shape) if shape is not None else tuple(module.weight.shape)
 
 
 def run_key(src: BlockSource, names: list[str], ids: torch.Tensor, parts: Mapping) -> str:

@@ -522,6 +522,81 @@ class FisherAccumulator:
         return forward_hooks(self, self.linears, self._hook)
 
 
+class TableAccumulator:
+    """Statistics of the embedding table and the output head (:class:`lqkit.core.embed.TableStats`)
+    from the streamed Fisher sweep. Head side, from the model's tail (hooks of :meth:`head_hooks` on
+    the head): H = E[x·xᵀ] of its input, and the row sensitivity ρ_v = Σ_j F_vj / tr H with the head's
+    per-window Fisher row sums estimated as Σ_t δ_{t,v}²·‖x_t‖² (δ the gradient of the window's loss
+    at the head's output; the cross terms between positions of a window are left out: the exact sums
+    need a (vocab × tokens) product per window). Lookup side (:meth:`add_lookup`): the exact per-window
+    Fisher diagonal of the rows the text reads, from the gradient at the embedding's output."""
+
+    def __init__(self, head: nn.Module | None):
+        self.head = head
+        self.h: torch.Tensor | None = None  # Σ x·xᵀ of the head's inputs
+        self.tokens = 0
+        self.rows: torch.Tensor | None = None  # Σ over windows of the estimated Fisher row sums
+        self.lookup_rows: torch.Tensor | None = None
+        self.lookup_sq: torch.Tensor | None = None
+
+    def _add_head(self, x: torch.Tensor, d: torch.Tensor) -> None:
+        x = x.float().reshape(-1, x.shape[-1])  # (tokens, dim)
+        d = d.float().reshape(-1, d.shape[-1])  # (tokens, rows)
+        if self.h is None:
+            self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.rows = torch.zeros(d.shape[1], dtype=torch.float64, device=d.device)
+        self.h.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+        self.rows += (x.square().sum(dim=1) @ d.square()).double()  # Σ_t ‖x_t‖²·δ_tv²
+
+    @contextmanager
+    def head_hooks(self) -> Iterator[TableAccumulator]:
+        """While the model's tail runs forward and backward: feed the head side."""
+        if self.head is None:
+            yield self
+            return
+
+        def hook(mod, args, out):
+            x = args[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda d: self._add_head(x, d))
+
+        hd = self.head.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            hd.remove()
+
+    def add_lookup(self, ids: torch.Tensor, g: torch.Tensor, scale: float) -> None:
+        """``g`` (windows, seqlen, dim): the gradient of each window's loss at the embedding's output
+        (``scale`` times the rows of ``ids``); row i's per-window gradient is scale·Σ_{t: ids=i} g_t."""
+        ids = ids.to(g.device)
+        rows = ids.unique()  # sorted
+        sq = torch.zeros(rows.numel(), g.shape[-1], dtype=torch.float32, device=g.device)
+        for w in range(ids.shape[0]):
+            u, inv = ids[w].unique(return_inverse=True)
+            grad = torch.zeros(u.numel(), g.shape[-1], device=g.device).index_add_(0, inv, g[w].float()) * scale
+            sq[torch.searchsorted(rows, u)] += grad.square()
+        self.lookup_rows, self.lookup_sq = rows, sq
+
+    def stats(self, windows: int, lookup: bool, head: bool):
+        """The :class:`~lqkit.core.embed.TableStats` of a table read by lookup and/or as the head."""
+        from .core.embed import TableStats
+
+        kw = {}
+        if lookup:
+            if self.lookup_rows is None:
+                raise CalibrationError("no gradient reached the embedding: its lookup statistics are missing")
+            kw.update(lookup_rows=self.lookup_rows.cpu(), lookup_fisher=(self.lookup_sq / windows).cpu())
+        if head:
+            if self.h is None:
+                raise CalibrationError("the output head never ran in the calibration sweep: its statistics are missing")
+            h = self.h / max(self.tokens, 1)
+            rho = self.rows / windows / float(torch.diagonal(h).clamp_min(0).sum().clamp_min(1e-30))
+            kw.update(head_h=h.cpu(), head_rows=rho.float().cpu())
+        return TableStats(**kw)
+
+
 def backward_block(block: nn.Module, x: torch.Tensor, g: torch.Tensor, call: tuple[tuple, dict], chunk: int,
                    hacc: HessianAccumulator | None = None, facc: FisherAccumulator | None = None) -> torch.Tensor:
     """Recompute ``block`` on its inputs x (samples, seqlen, hidden) and back-propagate the gradient

@@ -31,9 +31,11 @@ from torch import nn
 
 from . import __version__
 from .core.decompose import MatrixSpec
+from .core.embed import RowSpec
 from .core.quant import DTYPES
 from .errors import CheckpointError
 from .outdir import check_out_dir, make_temp_dir, release, swap_in, umask  # noqa: F401  (check_out_dir: re-exported)
+from .nn.embedding import build_tables, quantized_tables, tied_heads
 from .nn.inference import prepare_for_inference
 from .nn.surgery import build_empty, compressed_modules
 from .plan import plan_from_json, plan_to_json
@@ -41,7 +43,8 @@ from .plan import plan_from_json, plan_to_json
 log = logging.getLogger(__name__)
 
 FORMAT = "lqkit"
-FORMAT_VERSION = 4  # 4: a matrix may carry an input rotation (written only then: an older lqkit reads every
+FORMAT_VERSION = 5  # 5: tables (embedding, head) stored as quantized rows, listed under "tables" (written only
+# then); 4: a matrix may carry an input rotation (written only then: an older lqkit reads every
 # other checkpoint and says "upgrade lqkit" for these); 3: config.json (and generation_config.json) checksummed
 # too; 2: tensors in one or more shards, each listed under "files"; 1: one model.safetensors
 META_FILE = "lqkit.json"
@@ -73,6 +76,8 @@ def stored_state(module: nn.Module, dense_dtype: torch.dtype | None, prefix: str
             if getattr(m, part) is not None:
                 factor[f"{name}.{part}" if name else part] = DTYPES[m.spec.factor_dtype]
         packed |= {f"{name}.{b}" if name else b for b, _ in m.named_buffers()}  # codes, scales, ...: as planned
+    for name, m in quantized_tables(module).items():  # a table's codes, scales, offsets: as planned
+        packed |= {f"{name}.{b}" if name else b for b, _ in m.named_buffers()}
     state, aliases, seen = {}, {}, {}
     for key, t in module.state_dict().items():
         if exclude is not None and key.startswith(exclude):
@@ -172,8 +177,12 @@ class CheckpointWriter:
 
     def finish(self, model_config, tokenizer, *, plan: Mapping[str, MatrixSpec], reports: Mapping[str, dict] | None,
                summary: dict | None, extra: dict | None, dtype: torch.dtype, generation_config=None,
-               files: Mapping[str, bytes] | None = None, overwrite: bool = False) -> Path:
-        """Write the remaining tensors, the JSON, config and tokenizer; rename into place."""
+               files: Mapping[str, bytes] | None = None, overwrite: bool = False,
+               tables: Mapping[str, tuple[RowSpec, tuple[int, int]]] | None = None,
+               tied: Mapping[str, str] | None = None) -> Path:
+        """Write the remaining tensors, the JSON, config and tokenizer; rename into place. ``tables``:
+        module name -> (RowSpec, shape) of the tables stored as quantized rows; ``tied``: head -> the
+        table it computes with."""
         try:
             self._flush()
             if not self._shards:
@@ -194,11 +203,12 @@ class CheckpointWriter:
                     raise CheckpointError(f"cannot store an extra file named {fname!r} in a checkpoint")
                 (self.tmp / fname).write_bytes(data)
             meta = {
-                "format": FORMAT, "format_version": _version(plan), "lqkit_version": __version__,
+                "format": FORMAT, "format_version": _version(plan, tables), "lqkit_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "dtype": str(dtype).removeprefix("torch."),
                 "plan": plan_to_json(plan), "reports": dict(reports or {}), "summary": summary or {},
                 "aliases": self.aliases, "extra": extra or {},
+                **({"tables": tables_to_json(tables, tied)} if tables else {}),
                 "files": {name: {"sha256": _sha256(self.tmp / name), "bytes": (self.tmp / name).stat().st_size}
                           for name in names + [c for c in CHECKSUMMED if (self.tmp / c).is_file()]},
             }
@@ -222,9 +232,33 @@ class CheckpointWriter:
         release(self.out)
 
 
-def _version(plan: Mapping[str, MatrixSpec]) -> int:
-    """The oldest format that holds ``plan``."""
-    return FORMAT_VERSION if any(s.rotation is not None for s in plan.values()) else 3
+def _version(plan: Mapping[str, MatrixSpec], tables=None) -> int:
+    """The oldest format that holds ``plan`` (and ``tables``)."""
+    if tables:
+        return 5
+    return 4 if any(s.rotation is not None for s in plan.values()) else 3
+
+
+def tables_to_json(tables: Mapping[str, tuple[RowSpec, tuple[int, int]]], tied: Mapping[str, str] | None) -> dict:
+    """lqkit.json's "tables": {name: {"spec": ..., "shape": [rows, dim], "tied": [heads]}}."""
+    tied = tied or {}
+    return {n: {"spec": spec.to_dict(), "shape": list(shape), "tied": sorted(h for h, t in tied.items() if t == n)}
+            for n, (spec, shape) in tables.items()}
+
+
+def refuse_tables(meta: Mapping, path, verb: str) -> None:
+    """A SpecError for a verb that does not handle quantized tables yet, when the checkpoint has them."""
+    if meta.get("tables"):
+        from .errors import SpecError
+
+        raise SpecError(f"checkpoint {path} stores its embedding as quantized rows (--scope model), which {verb} "
+                        "does not handle yet; use a checkpoint compressed with --scope linear")
+
+
+def tables_from_json(d: Mapping) -> tuple[dict[str, RowSpec], dict[str, str]]:
+    """({table: RowSpec}, {head: table}) of lqkit.json's "tables"."""
+    return ({n: RowSpec.from_dict(e["spec"]) for n, e in d.items()},
+            {h: n for n, e in d.items() for h in e.get("tied", [])})
 
 
 def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, MatrixSpec],
@@ -244,9 +278,10 @@ def save(model: nn.Module, tokenizer, out: str | Path, *, plan: Mapping[str, Mat
         writer.abort()
         raise
     dtype = dense_dtype or next(model.parameters()).dtype
+    tables = {n: (m.spec, m.shape) for n, m in quantized_tables(model).items()}
     return writer.finish(model.config, tokenizer, plan=plan, reports=reports, summary=summary, extra=extra,
                          dtype=dtype, generation_config=getattr(model, "generation_config", None), files=files,
-                         overwrite=overwrite)
+                         overwrite=overwrite, tables=tables, tied=tied_heads(model))
 
 
 def read_meta(path: str | Path) -> dict:
@@ -294,6 +329,11 @@ def _check_meta(path: Path, meta: dict) -> None:
         raise CheckpointError(f"{where}: unknown dtype {meta['dtype']!r}; re-create the checkpoint")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.get("aliases", {}).items()):
         raise CheckpointError(f"{where} has malformed aliases; re-create the checkpoint")
+    try:
+        tables_from_json(meta.get("tables") or {})
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{where}: the tables entry is malformed ({msg}); re-create the checkpoint") from None
     for name, spec in meta["plan"].items():
         try:
             if not isinstance(spec, dict):
@@ -385,15 +425,18 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     if check:
         verify(path, meta)
     plan = plan_from_json(meta["plan"])
+    tables, tied = tables_from_json(meta.get("tables") or {})
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         with init_empty_weights():  # parameters on the meta device; buffers real
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         build_empty(model, plan, dtype=dtype, device="meta")
+        build_tables(model, tables, tied, dtype=dtype, device="meta")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # config.json or plan do not fit
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot build the model of checkpoint {path}: {msg}; re-create the checkpoint") from None
     comp_buffers = {f"{n}.{b}" for n, m in compressed_modules(model).items() for b, _ in m.named_buffers()}
+    comp_buffers |= {f"{n}.{b}" for n, m in quantized_tables(model).items() for b, _ in m.named_buffers()}
     expected = {k: (tuple(t.shape), t.dtype if k in comp_buffers else None) for k, t in model.state_dict().items()}
     aliases = meta.get("aliases", {})  # a dict of names: read_meta checked
     loaded: dict[str, torch.Tensor] = {}
@@ -419,7 +462,7 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
         tied[alias] = loaded[target]
     if tied:
         model.load_state_dict(tied, strict=False, assign=True)
-    if hasattr(model, "tie_weights"):
+    if hasattr(model, "tie_weights") and not tables:  # a quantized table's heads are tied by their modules
         model.tie_weights()
     still_meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.device.type == "meta"]
     if still_meta:

@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n"
                               "  lqkit compress --model path/or/hub-id --budget 3.0 --out out/ck\n"
                               "  lqkit compress --model path/or/hub-id --budget-bytes 40MB --out out/ck-40mb\n"
+                              "  lqkit compress --model path/or/hub-id --budget-bytes 300MB --scope model --out out/ck-300mb   # every stored byte\n"
                               "  lqkit compress --model path/or/hub-id --budget 2.5 --min-bits 'mlp\\.down_proj=3' --out out/ck25\n"
                               "  lqkit compress --model path/to/folder --budget 3.0 --device cuda --out out/ck   # streamed on a GPU\n"
                               "  torchrun --nproc-per-node 2 -m lqkit compress --model path/to/folder --budget 3.0 --out out/ck\n"
@@ -189,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bits per parameter of the compressed layers, everything stored counted (e.g. 2.75)")
     b.add_argument("--budget-bytes", default=None, metavar="SIZE",
                    help="total size of the compressed layers, e.g. 40MB or 38MiB (instead of --budget)")
+    b.add_argument("--scope", choices=("linear", "model"), default="linear",
+                   help="what the budget counts: linear = the compressed linear layers (default); model = every "
+                        "stored tensor of the model (embedding and head, norms, everything kept), --budget then in "
+                        "bits per parameter over all parameters; the embedding / head rows become candidates too "
+                        "(per-row int codes with scales, or kept as stored)")
+    b.add_argument("--cand-table-bits", default="4,6,8",
+                   help="with --scope model: candidate bits of the embedding / head rows (default %(default)s)")
     b.add_argument("--metric", choices=("kfac", "hessian", "fisher"), default="kfac",
                    help="error the allocation minimises: kfac (H-weighted, rows scaled by Fisher sensitivity), "
                         "hessian (H-weighted output error) or fisher (diagonal Fisher) (default kfac)")
@@ -391,6 +399,7 @@ def _list(text: str, kind, what: str) -> tuple:
 
 def _allocation_from_args(a: argparse.Namespace):
     from .allocate import AllocationConfig, Budget, Constraint, parse_bytes
+    from .core.embed import RowCandidates
 
     if a.budget is not None and a.budget_bytes is not None:
         raise SpecError("give either --budget (bits per parameter) or --budget-bytes, not both: e.g. --budget 3.0 "
@@ -398,7 +407,10 @@ def _allocation_from_args(a: argparse.Namespace):
     if a.method is not None:
         raise SpecError("--method sets one method for every matrix and --budget lets lqkit choose per matrix: "
                         "drop one of them, e.g. --budget 3.0 alone or --method gptq --bits 4 alone")
-    budget = Budget(bits_per_param=a.budget) if a.budget is not None else Budget(bytes=parse_bytes(a.budget_bytes))
+    if a.budget is not None:
+        budget = Budget(bits_per_param=a.budget, scope=a.scope)
+    else:
+        budget = Budget(bytes=parse_bytes(a.budget_bytes), scope=a.scope)
     cands = CandidateSet(
         quantizers=_list(a.cand_quantizers, str, "--cand-quantizers"), bits=_list(a.cand_bits, int, "--cand-bits"),
         group_sizes=_list(a.cand_group_sizes, int, "--cand-group-sizes"),
@@ -407,7 +419,9 @@ def _allocation_from_args(a: argparse.Namespace):
         clip=not a.cand_no_clip, act_order=not a.cand_no_act_order, target=a.target,
         rotations=(False, True) if a.rotate else (False,))
     cons = tuple(Constraint.parse(t, "min") for t in a.min_bits) + tuple(Constraint.parse(t, "max") for t in a.max_bits)
-    return AllocationConfig(budget, cands, a.metric, cons, a.refine, a.workers, cache=not a.no_table_cache)
+    tables = RowCandidates(bits=_list(a.cand_table_bits, int, "--cand-table-bits"))
+    return AllocationConfig(budget, cands, a.metric, cons, a.refine, a.workers, cache=not a.no_table_cache,
+                            tables=tables)
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
@@ -418,6 +432,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     elif a.target is not None:
         raise SpecError("--target restricts the candidates of a budget; give --budget or --budget-bytes "
                         "(with --method, check the plan with `lqkit export` instead)")
+    elif a.scope != "linear":
+        raise SpecError(f"--scope {a.scope} says what a budget counts; give --budget or --budget-bytes with it, e.g. "
+                        f"--budget-bytes 300MB --scope {a.scope}")
     elif a.rotate:
         raise SpecError("--rotate adds rotated candidates to a budget's cost table; give --budget or --budget-bytes "
                         "(with --method every matrix gets one unrotated spec)")

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .core import embed
 from .core.decompose import MatrixSpec, decompose, storage_bits
 from .core.stats import MatrixStats
 from .errors import SpecError
+from .nn.embedding import quantized_tables
 from .nn.linear import CompressedLinear
 from .nn.surgery import check_plan, compressed_modules, set_submodule
 
@@ -46,16 +48,33 @@ class MatrixReport:
 class SizeSummary:
     compressed_params: int  # weights of the compressed linear layers
     compressed_bits: int  # their exact stored bits (codes, scales, zeros, factors)
-    other_params: int  # all other parameters (embeddings, norms, biases, uncompressed layers)
+    other_params: int  # all other parameters (embeddings, norms, biases, uncompressed layers) but the tables
     other_bits: int  # at the dtype they are kept in
+    table_params: int = 0  # entries of the tables stored as quantized rows (embedding, head)
+    table_bits: int = 0  # their exact stored bits (codes, scales, offsets)
 
     @property
     def effective_bits(self) -> float | None:
+        """Bits per parameter of the compressed linear layers alone."""
         return self.compressed_bits / self.compressed_params if self.compressed_params else None
+
+    @property
+    def model_params(self) -> int:
+        return self.compressed_params + self.other_params + self.table_params
+
+    @property
+    def model_bits(self) -> int:
+        """Every stored bit of the model's tensors."""
+        return self.compressed_bits + self.other_bits + self.table_bits
+
+    @property
+    def model_bits_per_param(self) -> float | None:
+        return self.model_bits / self.model_params if self.model_params else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["effective_bits"] = self.effective_bits
+        d.update(effective_bits=self.effective_bits, model_params=self.model_params, model_bits=self.model_bits,
+                 model_bits_per_param=self.model_bits_per_param, model_bytes=self.model_bits // 8)
         return d
 
 
@@ -155,6 +174,9 @@ def size_summary(model: nn.Module) -> SizeSummary:
     cparams = sum(m.in_features * m.out_features for m in comp.values())
     cbits = sum(storage_bits(m.spec, m.shape) for m in comp.values())
     inside = {id(t) for m in comp.values() for t in (m.L, m.R) if t is not None}
+    tables = quantized_tables(model)
+    tparams = sum(t.shape[0] * t.shape[1] for t in tables.values())
+    tbits = sum(embed.storage_bits(t.spec, t.shape) for t in tables.values())
     seen, oparams, obits = set(), 0, 0
     for t in model.parameters():
         key = (t.data_ptr(), t.numel()) if t.device.type != "meta" else id(t)
@@ -163,4 +185,4 @@ def size_summary(model: nn.Module) -> SizeSummary:
         seen.add(key)
         oparams += t.numel()
         obits += t.numel() * t.element_size() * 8
-    return SizeSummary(cparams, cbits, oparams, obits)
+    return SizeSummary(cparams, cbits, oparams, obits, tparams, tbits)

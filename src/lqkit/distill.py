@@ -533,6 +533,7 @@ def distill(path: str | Path, out: str | Path, config: DistillConfig = DistillCo
     t0 = time.time()
     path = Path(path).expanduser()
     meta = checkpoint.read_meta(path)
+    checkpoint.refuse_tables(meta, path, "lqkit distill")
     plan = plan_from_json(meta["plan"])
     why = nothing_to_train(plan, config)
     if why:

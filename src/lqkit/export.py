@@ -134,6 +134,7 @@ def export(path: str | Path, out: str | Path, fmt: str = "compressed-tensors", *
     path = Path(path).expanduser()
     _check_not_source(out, path)
     meta = checkpoint.read_meta(path)
+    checkpoint.refuse_tables(meta, path, "lqkit export")
     FORMATS[fmt].check(meta)
     model = checkpoint.load(path, dtype=torch.float32, prepare=False)  # read, not run: no dense copies
     src = Source(path, meta, model, load_tokenizer(str(path)), dtype or DTYPES.get(meta.get("dtype"), torch.float32),

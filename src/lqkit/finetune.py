@@ -547,6 +547,7 @@ def train(model: nn.Module, data: PackedData, cfg: FinetuneConfig, *, params: Ma
 def check_low_rank(path: str | Path) -> dict:
     """The checkpoint's metadata; CheckpointError when no matrix has a low-rank part."""
     meta = checkpoint.read_meta(path)
+    checkpoint.refuse_tables(meta, path, "lqkit finetune")
     plan = plan_from_json(meta["plan"])
     if not any(spec.rank for spec in plan.values()):
         raise CheckpointError(f"checkpoint {str(path)!r} has no low-rank part (rank 0 in every layer), so there is "

@@ -14,16 +14,19 @@ from tqdm.auto import tqdm
 
 from . import blockwise, checkpoint
 from .allocate import (AllocationConfig, CostTable, allocate, check_reachable, cost_table, groups_by_identity,
-                       input_groups)
+                       input_groups, model_scope)
 from .calibrate import CalibConfig, CalibrationStats, calibrate as _calibrate, calibration_ids, fast_autocast_dtype
 from .compress import MatrixReport, SizeSummary, check_stats, compress_model, full_fisher, needed_stats, size_summary
+from .core import embed
 from .core.decompose import MatrixSpec
+from .core.embed import RowSpec
 from .core.quant import QuantSpec
 from .data import DEFAULT_CALIB_TEXT, read_text
 from .dist import SINGLE, Group
 from .errors import CheckpointError, SpecError
 from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
+from .nn.embedding import build_tables
 from .nn.surgery import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, check_plan, find_linears
 from .outdir import check_free_space
 from .plan import Plan, no_layer_matches, plan_to_json, uniform_plan
@@ -46,9 +49,11 @@ class CompressResult:
     distill: dict | None = None  # the distillation report, when distilled after compressing (lqkit.distill)
 
 
-def _first_plan(model, spec: MatrixSpec | Plan | AllocationConfig, include, exclude) -> Plan:
+def _first_plan(model, spec: MatrixSpec | Plan | AllocationConfig, include, exclude,
+                stored: torch.dtype | None = None) -> Plan:
     """The plan a compression starts from (checked against the model): one spec for every selected
-    linear, the given plan, or for a budget the selected linears (their specs come from the solve)."""
+    linear, the given plan, or for a budget the selected linears (their specs come from the solve).
+    ``stored``: the dtype the model's other tensors are stored in (for a whole-model budget)."""
     config = spec if isinstance(spec, AllocationConfig) else None
     if config is not None:
         spec = MatrixSpec("quant", QuantSpec())
@@ -56,7 +61,12 @@ def _first_plan(model, spec: MatrixSpec | Plan | AllocationConfig, include, excl
         if isinstance(spec, MatrixSpec) else dict(spec)
     check_plan(model, plan)
     if config is not None:  # a budget no candidate can reach: said now, not after calibration and costs
-        check_reachable(config, {n: tuple(model.get_submodule(n).weight.shape) for n in plan})
+        scope = model_scope(model, list(plan), stored) if config.budget.scope == "model" else None
+        if scope is not None:
+            for name, shape in zip(scope.tables, scope.shapes):
+                for s in config.tables.specs():
+                    s.check_shape(shape, name)
+        check_reachable(config, {n: tuple(model.get_submodule(n).weight.shape) for n in plan}, scope)
     return plan
 
 
@@ -96,6 +106,10 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     the source model on the same calibration text (:func:`lqkit.distill.distill`) before it lands in
     ``out``."""
     checkpoint.check_out_dir(out, overwrite, claim=group is None or group.main)  # claimed by the writing process
+    whole = isinstance(spec, AllocationConfig) and spec.budget.scope == "model"
+    if whole and (distill is not None or stats_path is not None):
+        raise SpecError("a whole-model budget (--scope model) runs in the streamed pipeline without --distill and "
+                        "--stats; drop them, or use --scope linear")
     if distill is not None:
         return _compress_distilled(model, spec, out, distill, overwrite=overwrite, include=include, exclude=exclude,
                                    device=device, eval_protocol=eval_protocol, eval_text=eval_text, progress=progress,
@@ -112,9 +126,10 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     src = open_model(model, dev, dtype)
     m = src.model
     budgeted = isinstance(spec, AllocationConfig)
-    plan = _first_plan(m, spec, include, exclude)
+    plan = _first_plan(m, spec, include, exclude, src.stored_dtype)
     ids = _eval_ids(src.tokenizer, text, eval_protocol)
     need = spec.needs() if budgeted else needed_stats(plan)
+    scope = model_scope(m, list(plan), src.stored_dtype) if whole else None
     by_block, outside = blockwise.block_linears(src, plan)
     if outside and need:
         raise SpecError(f"{outside[0]} lies outside the decoder blocks, where no calibration statistics are "
@@ -130,14 +145,18 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     provider, alloc = None, None
     if budgeted or "fisher" in need or ("h" in need and not sequential):
         provider, alloc, stage = _statistics_and_costs(src, spec, plan, need, calib_ids, calib, sequential, group,
-                                                       sweep, by_block)
+                                                       sweep, by_block, scope)
         timings.update(stage)
         plan = alloc.plan if alloc is not None else plan
     seq_ids = calib_ids if sequential and "h" in needed_stats(plan) else None
     t0 = time.time()
+    tables, tied = (alloc.tables, _tied_to(alloc)) if alloc is not None else ({}, {})
+    if tables:  # the tables' rows quantized now: pass 2's sequential statistics see them
+        src.load_rest()
+        build_tables(m, tables, tied, dtype=src.dtype, quantize=True)
     if group.main:  # the checkpoint's size is known now: a disk without room for it is said before the work
-        expected = blockwise.size_summary(src, plan, other)
-        check_free_space(out, (expected.compressed_bits + expected.other_bits) // 8)
+        expected = blockwise.size_summary(src, plan, other, tables)
+        check_free_space(out, expected.model_bits // 8)
     writer = checkpoint.CheckpointWriter(out, overwrite, max_shard_bytes) if group.main else None
     try:
         reports = blockwise.compress_blocks(src, plan, stats=provider, seq_ids=seq_ids, writer=writer, sweep=sweep,
@@ -149,7 +168,7 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
     seconds = time.time() - t0
     timings["compress"] = round(seconds, 1)
     plan = {n: m.get_submodule(n).spec for n in plan}  # concrete specs (group dim "auto" resolved)
-    summary = blockwise.size_summary(src, plan, other)
+    summary = blockwise.size_summary(src, plan, other, tables)
     log.info("compressed %d matrices in %.1f s: %.3f effective bits", len(plan), seconds, summary.effective_bits)
     report = alloc.report() if alloc else None
     result = None
@@ -163,7 +182,8 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
         t0 = time.time()
         writer.finish(m.config, src.tokenizer, plan=plan, reports={k: r.to_dict() for k, r in reports.items()},
                       summary=summary.to_dict(), extra=extra, dtype=src.stored_dtype,
-                      generation_config=getattr(m, "generation_config", None), files=files, overwrite=overwrite)
+                      generation_config=getattr(m, "generation_config", None), files=files, overwrite=overwrite,
+                      tables={n: (s, m.get_submodule(n).shape) for n, s in tables.items()}, tied=tied)
         timings["save"] = round(time.time() - t0, 1)
         if eval_protocol:
             t0 = time.time()
@@ -221,11 +241,38 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
+def _tied_to(alloc) -> dict[str, str]:
+    """{head: table} of the heads tied to a table the allocation quantizes."""
+    if alloc.scope is None:
+        return {}
+    return {h: t for h, t in alloc.scope.tied if t in alloc.tables}
+
+
+def _table_costs(src, scope, spec, store, tabs) -> tuple:
+    """The cost rows of the scope's tables (cached in the run's store), in scope order."""
+    from .core.embed import table_costs
+
+    cached = store.load_costs(spec.tables)
+    if cached is not None and set(cached) >= set(scope.tables):
+        return tuple(cached[n] for n in scope.tables)
+    stats = tabs.load_stats() if not isinstance(tabs, dict) else tabs
+    src.load_rest()
+    out = {}
+    for name, keep in zip(scope.tables, scope.keep_bits):
+        t0 = time.time()
+        w = src.model.get_submodule(name).weight.detach()
+        out[name] = table_costs(w, stats[name].to(w.device), spec.tables, keep)
+        log.info("cost rows of %s (%dx%d): %.1f s", name, *w.shape, time.time() - t0)
+    store.save_costs(out, spec.tables)
+    return tuple(out[n] for n in scope.tables)
+
+
 def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torch.Tensor, calib: CalibConfig | None,
-                          sequential: bool, group: Group, sweep, by_block) -> tuple:
+                          sequential: bool, group: Group, sweep, by_block, scope=None) -> tuple:
     """Pass 1 of the streamed pipeline: each block's statistics, saved per block as they complete,
-    and (a budget) its cost-table rows; then the solve. Returns (block k -> its stored statistics,
-    the AllocationResult or None, stage timings)."""
+    and (a budget) its cost-table rows; then the solve. With a whole-model budget (``scope``), the
+    embedding's and head's statistics come from the same sweep and their cost rows join the solve.
+    Returns (block k -> its stored statistics, the AllocationResult or None, stage timings)."""
     m, dev = src.model, src.device
     budgeted = isinstance(spec, AllocationConfig)
     timings: dict[str, float] = {}
@@ -240,7 +287,15 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
                 else {"plan": plan_to_json(plan)})}
     key = blockwise.run_key(src, list(plan), calib_ids, parts)
     store = blockwise.RunStore(blockwise.run_dir(key), writer=group.main)
-    todo = group.broadcast_object([k for k in by_block if not store.done(k, costs=budgeted)], 0)
+    tstore = blockwise.TableStore(store.root, writer=group.main) if scope is not None else None
+    done = set(group.broadcast_object([k for k in by_block if store.done(k, costs=budgeted)], 0))
+    todo = [k for k in by_block if k not in done]
+    tabs = None
+    if tstore is not None and tstore.load_stats() is None:  # the tables' statistics need the sweep from block 0
+        from .calibrate import TableAccumulator
+
+        todo = list(by_block)  # (blocks already done keep their statistics and rows: see on_block)
+        tabs = TableAccumulator(m.get_output_embeddings() if any(scope.head) else None)
     costs: dict = {}
     t_costs = [0.0]
     per = len(spec.candidates.quant_specs()) * len(spec.candidates.rotations) if budgeted else 0
@@ -254,6 +309,8 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
         pool = blockwise.CostPool(workers) if workers > 1 else None
 
     def on_block(k: int, stats: dict) -> None:
+        if k in done:  # swept again for the tables only
+            return
         if budgeted:
             t0 = time.time()
             stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype)  # the costs see what is stored
@@ -269,7 +326,7 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
     t0 = time.time()
     try:
         info = blockwise.statistics(src, calib_ids, by_block, fisher, todo, on_block, sweep, store.root,
-                                    autocast=autocast)
+                                    autocast=autocast, tables=tabs)
     finally:
         cbar.close()
         if pool is not None:
@@ -280,7 +337,7 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
     provider = lambda k: store.load_stats(k, dev)  # noqa: E731
     if budgeted:
         for k in by_block:
-            if k not in todo:
+            if k in done:
                 costs.update(store.load_costs(k))
         names = list(plan)
         table = CostTable(tuple(names), tuple(tuple(m.get_submodule(n).weight.shape) for n in names),
@@ -289,9 +346,19 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
             from .allocate import table_path
 
             checkpoint.write_atomic(table_path(key), json.dumps(table.to_json()).encode())
+        tcosts = ()
+        if scope is not None:
+            t0 = time.time()
+            if tabs is not None:
+                tstats = {n: tabs.stats(info["windows"], lk, hd) for n, lk, hd in zip(scope.tables, scope.lookup,
+                                                                                       scope.head)}
+                tstore.save_stats(tstats)
+                tstore.save_costs({}, spec.tables)  # costs of earlier statistics are stale
+            tcosts = _table_costs(src, scope, spec, tstore, tstats if tabs is not None else tstore)
+            timings["table_rows"] = round(time.time() - t0, 1)
         t0 = time.time()
         ties = [g for k in by_block for g in store.shared(k)]
-        alloc = allocate(table, spec, not todo, ties=ties)
+        alloc = allocate(table, spec, done >= set(by_block), ties=ties, scope=scope, table_costs=tcosts)
         timings["solve"] = round(time.time() - t0, 1)
         check_plan(m, alloc.plan)
     return provider, alloc, timings
@@ -447,6 +514,14 @@ def inspect(path: str) -> dict:
 
     meta = checkpoint.read_meta(path)
     out = {k: meta.get(k) for k in ("lqkit_version", "created", "plan", "reports", "summary", "extra")}
+    out["tables"] = meta.get("tables") or {}
+    s = out["summary"] or {}
+    if s and "model_bits" not in s:  # a checkpoint from before the whole-model figures: they follow from the rest
+        s = dict(s, table_params=0, table_bits=0)
+        s["model_params"] = s.get("compressed_params", 0) + s.get("other_params", 0)
+        s["model_bits"] = s.get("compressed_bits", 0) + s.get("other_bits", 0)
+        s["model_bits_per_param"] = s["model_bits"] / s["model_params"] if s["model_params"] else None
+        out["summary"] = s
     out["gpu"] = {n: kernels.path_for(spec.quant) for n, spec in plan_from_json(meta.get("plan") or {}).items()}
     return out
 
@@ -472,8 +547,14 @@ def format_summary(r: CompressResult) -> str:
     lines = [
         f"model                {r.source}",
         f"compressed matrices  {len(r.plan)} ({s.compressed_params / 1e6:.1f}M params) in {r.seconds:.1f} s",
-        f"effective bits       {_fmt_bits(s.effective_bits)} per parameter ({s.compressed_bits / 8 / 2**20:.1f} MiB)",
-        f"other parameters     {s.other_params / 1e6:.1f}M, {s.other_bits / 8 / 2**20:.1f} MiB (embeddings, norms; kept)",
+        (f"effective bits       {_fmt_bits(s.effective_bits)} per parameter ({s.compressed_bits / 8 / 2**20:.1f} MiB), "
+         "linear layers"),
+        *([(f"tables               {s.table_params / 1e6:.1f}M entries as quantized rows, "
+            f"{s.table_bits / 8 / 2**20:.1f} MiB")] if s.table_params else []),
+        (f"other parameters     {s.other_params / 1e6:.1f}M, {s.other_bits / 8 / 2**20:.1f} MiB ("
+         f"{'norms, ...' if s.table_params else 'embeddings, norms'}; kept)"),
+        (f"whole model          {_fmt_bits(s.model_bits_per_param)} bits per parameter over {s.model_params / 1e6:.1f}M, "
+         f"{s.model_bits // 8} bytes ({s.model_bits / 8 / 2**20:.1f} MiB) of tensors"),
         f"mean rel. error      {sum(x.error for x in r.reports.values()) / len(r.reports):.4f}",
     ]
     if r.allocation:
@@ -497,12 +578,21 @@ def format_summary(r: CompressResult) -> str:
 
 
 def format_allocation(a: dict) -> str:
-    """Two lines on how a budget was spent."""
+    """Two lines on how a budget was spent (three for a whole-model budget)."""
     b = a["budget"]
     asked = f"{b['bits_per_param']:g} bits/param" if b["bits_per_param"] is not None else f"{b['bytes']} bytes"
     table = "cached" if a["table_cached"] else f"{a['table_seconds']:.0f} s"
-    return (f"budget               {asked} -> achieved {a['achieved_bits_per_param']:.4f} bits/param "
-            f"(minimum possible {a['minimum_bits_per_param']:.3f})\n"
+    mdl = a.get("model")
+    if mdl:
+        picks = ", ".join(f"{n} {t['spec']}" for n, t in mdl["tables"].items())
+        head = (f"budget               {asked} for the whole model -> achieved {mdl['achieved_bytes']} bytes, "
+                f"{mdl['achieved_bits_per_param']:.4f} bits/param over {mdl['params']} params (minimum possible "
+                f"{mdl['minimum_bits_per_param']:.3f}); linear layers {a['achieved_bits_per_param']:.4f} bits/param; "
+                f"{picks}\n")
+    else:
+        head = (f"budget               {asked} -> achieved {a['achieved_bits_per_param']:.4f} bits/param "
+                f"(minimum possible {a['minimum_bits_per_param']:.3f})\n")
+    return (head +
             f"allocation           {a['metric']} error {a['objective']:.4g}, solver: {a['solver_status']} "
             f"({'optimal' if a['optimal'] else 'not proven optimal'}, {a['variables']} candidates, "
             f"{a['solver_seconds']:.2f} s); cost table {table}")
@@ -516,9 +606,18 @@ def format_inspect(report: dict) -> str:
         rows.append(f"{name:<48} {r['spec']:<28} {shape:>11} {r['bits_per_param']:>10.3f} {r['error']:>8.4f}  "
                     f"{gpu.get(name, '-')}")
     s = report.get("summary") or {}
+    for name, t in (report.get("tables") or {}).items():
+        tied = f", tied to {', '.join(t['tied'])}" if t.get("tied") else ""
+        rows.append(f"{name:<48} {RowSpec.from_dict(t['spec']).label():<28} {'x'.join(map(str, t['shape'])):>11} "
+                    f"{embed.storage_bits(RowSpec.from_dict(t['spec']), tuple(t['shape'])) / (t['shape'][0] * t['shape'][1]):>10.3f}"
+                    f"  (table{tied})")
     rows.append("")
     rows.append(f"effective bits {_fmt_bits(s.get('effective_bits'))} over {s.get('compressed_params', 0) / 1e6:.1f}M "
-                f"compressed params; other params {s.get('other_params', 0) / 1e6:.1f}M kept uncompressed")
+                f"compressed params (linear layers); other params {s.get('other_params', 0) / 1e6:.1f}M kept uncompressed"
+                + (f"; tables {s['table_params'] / 1e6:.1f}M as quantized rows" if s.get("table_params") else ""))
+    if s.get("model_bits") is not None:
+        rows.append(f"whole model {s['model_bits_per_param']:.3f} bits/param over {s['model_params'] / 1e6:.1f}M params, "
+                    f"{s['model_bits'] // 8} bytes ({s['model_bits'] / 8 / 2**20:.1f} MiB) of tensors")
     alloc = (report.get("extra") or {}).get("allocation")
     if alloc:
         rows.append(format_allocation(alloc).replace("budget      ", "allocation: budget", 1)
