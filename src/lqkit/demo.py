@@ -6,7 +6,7 @@ background process at the lowest priority, beside the compression), calibration
 candidate set (cached), the integer program for the budget, compression with the chosen plan, save,
 reload from disk and perplexity of the reloaded checkpoint, all under lqkit's fixed evaluation
 protocol. Measured from a fresh clone (venv, model conversion, everything) on 2 otherwise idle CPU
-cores: 13 min 56 s wall, perplexity 45.54 at 3.250 bits/param. The full candidate
+cores: 11 min 11 s wall, perplexity 45.55 at 3.250 bits/param. The full candidate
 set and 64 x 512 calibration tokens are `lqkit compress --budget`'s defaults.
 """
 
