@@ -38,8 +38,12 @@ def _baseline_key(proto: EvalProtocol) -> dict:
     return {"model": resolve(None), "windows": proto.windows, "window_tokens": proto.window_tokens}
 
 
+def _baseline_path():
+    return cache_dir() / "baseline-gemma-3-270m.json"
+
+
 def _cached_baseline(proto: EvalProtocol) -> dict | None:
-    path = cache_dir() / "baseline-gemma-3-270m.json"
+    path = _baseline_path()
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("key") == _baseline_key(proto):
@@ -67,7 +71,7 @@ def baseline(proto: EvalProtocol, text: str, progress: bool = False, done=None) 
         loaded.model.forward = forward_then_widen
     r = perplexity(loaded.model, loaded.tokenizer, text, proto, progress=progress,
                    ids=tokenize(loaded.tokenizer, text)).to_dict()
-    path = cache_dir() / "baseline-gemma-3-270m.json"
+    path = _baseline_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomic(path, json.dumps({"key": _baseline_key(proto), "result": r}).encode())
     return r
