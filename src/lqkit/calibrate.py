@@ -549,23 +549,16 @@ class TableAccumulator:
         self.tokens += x.shape[0]
         self.rows += (x.square().sum(dim=1) @ d.square()).double()  # Σ_t ‖x_t‖²·δ_tv²
 
-    @contextmanager
-    def head_hooks(self) -> Iterator[TableAccumulator]:
-        """While the model's tail runs forward and backward: feed the head side."""
-        if self.head is None:
-            yield self
-            return
-
+    def _hook(self, name: str):
         def hook(mod, args, out):
             x = args[0].detach()
             if out.requires_grad:
                 out.register_hook(lambda d: self._add_head(x, d))
+        return hook
 
-        hd = self.head.register_forward_hook(hook)
-        try:
-            yield self
-        finally:
-            hd.remove()
+    def head_hooks(self) -> "contextlib.AbstractContextManager[TableAccumulator]":
+        """While the model's tail runs forward and backward: feed the head side."""
+        return forward_hooks(self, {"head": self.head} if self.head is not None else {}, self._hook)
 
     def add_lookup(self, ids: torch.Tensor, g: torch.Tensor, scale: float) -> None:
         """``g`` (windows, seqlen, dim): the gradient of each window's loss at the embedding's output
