@@ -147,3 +147,27 @@ def test_reconstruct_many_equals_dequantize_of_quantize():
     st2 = type(st)(h=st.h, fisher=torch.rand_like(w))
     for s, dense in zip(specs, Q.reconstruct_many(w, specs, st2)):
         assert torch.equal(dense, dequantize(quantize(w, s, st2))), s.label()
+
+
+@pytest.mark.parametrize("ao", [False, True])
+def test_out_groups_as_views_equal_the_gathered_groups(monkeypatch, ao):
+    """Groups along "out" that tile the rows are read as views of the stack; the general gather gives
+    the same codes and parameters, outliers included."""
+    from lqkit.core import gptq as G
+
+    w, st = problem(8, out=64, n=96)
+    specs = [QuantSpec("gptq", b, gs, "out", act_order=ao, outliers=o) for b in (2, 3) for gs in (16, 32)
+             for o in (0.0, 0.02)]
+    fast = Q.quantize_many(w, specs, st)
+    made = G._out_groups
+
+    def gathered(*a, **k):
+        res = made(*a, **k)
+        assert all(og.view is not None for og in res)  # 64 rows: every family tiles
+        for og in res:
+            og.view = None
+        return res
+
+    monkeypatch.setattr(G, "_out_groups", gathered)
+    for a, b in zip(fast, Q.quantize_many(w, specs, st)):
+        assert torch.equal(a.packed, b.packed) and all(torch.equal(a.aux[k], b.aux[k]) for k in a.aux)

@@ -111,51 +111,46 @@ def _families(specs: Sequence[QuantSpec], out: int, device) -> list[_Family]:
 
 @dataclass
 class _OutGroups:
-    """Every output-dimension group of the "out" families that share (scale dtype, clip), gathered
-    into one padded (G, GMAX) table so that one set of operations per column serves them all. A
-    group's first ``group_size`` slots follow ``to_groups`` (a short last group repeats its last
-    row); slots beyond its group size repeat that row too but have mask 0 (no weight in the clip
-    search, no effect on min and max)."""
+    """The output-dimension groups of one "out" family as a (G, group size) table that one set of
+    operations per column serves. A group's slots follow ``to_groups`` (a short last group repeats
+    its last row). When the group size divides ``out`` the table is a view of the family's stacked
+    rows (``view``): no gather."""
 
     fams: list[_Family]
     dtype: torch.dtype
     clip: bool
-    idx: torch.Tensor  # (G, GMAX) stacked row of each slot
-    mask: torch.Tensor  # (G, GMAX) float
+    idx: torch.Tensor  # (G, group size) stacked row of each slot
     qmax: torch.Tensor  # (G,)
     rows: torch.Tensor  # (R,) the stacked rows of these families
     row_group: torch.Tensor  # (R,) the group of each of those rows
     spans: list[tuple[int, int]]  # groups [g0, g1) of each family, member-major
     scale: torch.Tensor | None = None  # (n, G) per column
     offset: torch.Tensor | None = None
+    view: slice | None = None  # the family's stacked rows, when its groups tile them exactly
 
 
 def _out_groups(fams: list[_Family], out: int, n: int, device) -> list[_OutGroups]:
-    by_key: dict[tuple, list[_Family]] = {}
-    for f in fams:
-        if f.group_dim == "out":
-            by_key.setdefault((f.dtype, f.clip), []).append(f)
     res = []
-    for (dtype, clip), fs in by_key.items():
-        gmax = max(f.group_size for f in fs)
-        idx, mask, qmax, rows, row_group, spans = [], [], [], [], [], []
-        for f in fs:
-            g0 = len(idx)
-            for m in range(len(f.members)):
-                base = f.start + m * out
-                for g in range(n_groups(out, f.group_size)):
-                    lo, hi = g * f.group_size, min((g + 1) * f.group_size, out)
-                    members = list(range(base + lo, base + hi))
-                    idx.append(members + [base + hi - 1] * (gmax - len(members)))
-                    mask.append([1.0] * f.group_size + [0.0] * (gmax - f.group_size))
-                    qmax.append(float(f.qmax[m, 0]))
-                    rows.extend(members)
-                    row_group.extend([len(idx) - 1] * len(members))
-            spans.append((g0, len(idx)))
+    for f in fams:  # one table per family: padding groups to the largest group size would cost work
+        if f.group_dim != "out":
+            continue
+        gs = f.group_size
+        idx, qmax, rows, row_group = [], [], [], []
+        for m in range(len(f.members)):
+            base = f.start + m * out
+            for g in range(n_groups(out, gs)):
+                lo, hi = g * gs, min((g + 1) * gs, out)
+                members = list(range(base + lo, base + hi))
+                idx.append(members + [base + hi - 1] * (gs - len(members)))
+                qmax.append(float(f.qmax[m, 0]))
+                rows.extend(members)
+                row_group.extend([len(idx) - 1] * len(members))
         t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-        og = _OutGroups(fs, dtype, clip, t(idx, torch.long), t(mask, torch.float32), t(qmax, torch.float32),
-                        t(rows, torch.long), t(row_group, torch.long), spans)
-        og.scale = torch.zeros(n, len(idx), dtype=dtype, device=device)
+        og = _OutGroups([f], f.dtype, f.clip, t(idx, torch.long), t(qmax, torch.float32),
+                        t(rows, torch.long), t(row_group, torch.long), [(0, len(idx))])
+        if out % gs == 0:
+            og.view = slice(f.start, f.start + f.rows)
+        og.scale = torch.zeros(n, len(idx), dtype=f.dtype, device=device)
         og.offset = torch.zeros_like(og.scale)
         res.append(og)
     return res
@@ -230,12 +225,14 @@ def _fused_sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: 
 
 def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
            perm: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ sweep over the stacked (rows, n) matrix ``w`` (modified in place). Fills the families'
+    """GPTQ sweep over the stacked (rows, n) matrix ``w`` (modified or consumed). Fills the families'
     group parameters; returns (codes uint8, q) of the stack in the sweep's column order.
 
-    Each block of columns is worked on transposed, (B, rows), so that every per-column operation
-    reads and writes one contiguous vector; with static groups (act-order) the scales and offsets of
-    a whole block are gathered once, not column by column."""
+    The sweep works on Wᵀ (n, rows), so that every per-column operation reads and writes one
+    contiguous vector and a block of columns is a slice of rows, with no copies. Lazy updates in two
+    levels: after each block of BLOCK columns, the rest of its super-block of SUPER columns; after each
+    super-block, everything past it. With static groups (act-order) the scales and offsets of a whole
+    block are gathered once, not column by column."""
     if _fused_sweep_ok(w, fams, perm is not None, out):
         return _fused_sweep(w, keep, qmax, fams, u, perm, out)
     rows, n = w.shape
@@ -243,21 +240,26 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
     cols = perm.tolist() if perm is not None else list(range(n))  # original column of sweep step j
     has_keep = bool(keep.any())
     tiny = torch.finfo(torch.float32).tiny
-    codes = torch.zeros(rows, n, dtype=torch.uint8, device=w.device)
-    q_all = torch.zeros_like(w)
+    wT = w.T.contiguous()  # (n, rows): sweep step j is the row wT[j]
+    del w
+    keepT = keep.T.contiguous() if has_keep else None
+    codesT = torch.empty(n, rows, dtype=torch.uint8, device=wT.device)
+    qT = torch.empty_like(wT)
     static = perm is not None  # act-order: "in" groups fixed before the sweep
     row_qmax = {id(f): f.row_qmax(out) for f in fams if f.group_dim == "in"}
-    col_t = torch.tensor(cols, device=w.device)  # group of each sweep step, gathered per block without a host copy
-    outs = _out_groups(fams, out, n, w.device)
+    col_t = torch.tensor(cols, device=wT.device)  # group of each sweep step, gathered per block without a host copy
+    outs = _out_groups(fams, out, n, wT.device)
     ins = [f for f in fams if f.group_dim == "in"]
-    s_run = torch.ones(rows, device=w.device)  # lazy groups: the current scale and offset of each row
-    o_run = torch.zeros(rows, device=w.device)
+    s_run = torch.ones(rows, device=wT.device)  # lazy groups: the current scale and offset of each row
+    o_run = torch.zeros(rows, device=wT.device)
+    err_s = torch.empty(SUPER, rows, device=wT.device)  # the scaled errors of the current super-block's steps
     for b0 in range(0, n, BLOCK):
         b1 = min(b0 + BLOCK, n)
+        s1 = min((b0 // SUPER + 1) * SUPER, n)  # end of this block's super-block
         nb = b1 - b0
-        wt = w[:, b0:b1].T.contiguous()  # (B, rows): column j of the block is the row wt[j - b0]
-        kt = keep[:, b0:b1].T.contiguous() if has_keep else None
-        err, ct, qt = torch.empty_like(wt), torch.empty_like(wt), torch.empty_like(wt)
+        wt, ct, qt = wT[b0:b1], codesT[b0:b1], qT[b0:b1]  # (B, rows) views
+        kt = keepT[b0:b1] if has_keep else None
+        err = err_s[b0 % SUPER:b0 % SUPER + nb]
         st = torch.ones_like(wt)  # scale and offset of each (column, stacked row)
         ot = torch.zeros_like(wt)
         if static:
@@ -273,39 +275,51 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
                 for f in ins:
                     sl = slice(f.start, f.start + f.rows)
                     if col % f.group_size == 0:
-                        blk = torch.cat([wt[i:, sl].T, w[sl, b1:]], dim=1)[:, :f.group_size]
-                        blk = torch.where(keep[sl, j:j + blk.shape[1]], 0.0, blk)
+                        blk = wT[j:j + f.group_size, sl].T  # steps past this super-block lack its updates
+                        if has_keep:
+                            blk = torch.where(keepT[j:j + f.group_size, sl].T, 0.0, blk)
                         sc, of = minmax_params(blk.unsqueeze(1), row_qmax[id(f)], f.dtype, f.clip)  # (rows, 1)
                         g = col // f.group_size
                         f.scale[:, g], f.offset[:, g] = sc[:, 0], of[:, 0]
                         s_run[sl], o_run[sl] = sc[:, 0].float().clamp_min(tiny), of[:, 0].float()
                     st[i, sl], ot[i, sl] = s_run[sl], o_run[sl]
-            for og in outs:  # per column: the groups of every "out" family at once
-                xg = x[og.idx]  # (G, GMAX)
-                if has_keep:
-                    xg = torch.where(kt[i][og.idx], 0.0, xg)
-                sc, of = minmax_params(xg, og.qmax, og.dtype, og.clip, og.mask)  # (G,)
+            for og in outs:  # per column: every group of each "out" family at once
+                if og.view is not None:  # (G, group size) views: no gather
+                    gs = og.idx.shape[1]
+                    xg = x[og.view].view(-1, gs)
+                    if has_keep:
+                        xg = torch.where(kt[i][og.view].view(-1, gs), 0.0, xg)
+                    sc, of = minmax_params(xg, og.qmax, og.dtype, og.clip)  # (G,)
+                    st[i, og.view].view(-1, gs).copy_(sc.float().clamp_min(tiny).unsqueeze(1).expand(-1, gs))
+                    ot[i, og.view].view(-1, gs).copy_(of.float().unsqueeze(1).expand(-1, gs))
+                else:
+                    xg = x[og.idx]  # (G, group size)
+                    if has_keep:
+                        xg = torch.where(kt[i][og.idx], 0.0, xg)
+                    sc, of = minmax_params(xg, og.qmax, og.dtype, og.clip)  # (G,)
+                    st[i, og.rows] = sc.float().clamp_min(tiny)[og.row_group]
+                    ot[i, og.rows] = of.float()[og.row_group]
                 og.scale[col], og.offset[col] = sc, of
-                st[i, og.rows] = sc.float().clamp_min(tiny)[og.row_group]
-                ot[i, og.rows] = of.float()[og.row_group]
             s, o = st[i], ot[i]
             c = torch.minimum(torch.round((x - o) / s).clamp_(min=0), qmax)
             q = torch.addcmul(o, c, s)
             if has_keep:
                 q = torch.where(kt[i], x, q)
             ct[i], qt[i] = c, q
-            e = (x - q).mul_(dinv[j])
+            e = torch.sub(x, q, out=err[i]).mul_(dinv[j])
             if i + 1 < nb:
                 wt[i + 1:].addr_(u[j, j + 1:b1], e, alpha=-1.0)
-            err[i] = e
-        codes[:, b0:b1], q_all[:, b0:b1] = ct.T.to(torch.uint8), qt.T
-        w[:, b1:] -= err.T @ u[b0:b1, b1:]
+        if b1 < s1:
+            wT[b1:s1].addmm_(u[b0:b1, b1:s1].T, err, alpha=-1.0)
+        elif s1 < n:
+            s0 = s1 - SUPER
+            wT[s1:].addmm_(u[s0:s1, s1:].T, err_s, alpha=-1.0)
     for og in outs:  # back to each family's (members, n, ngo) layout
         for f, (g0, g1) in zip(og.fams, og.spans):
             k = len(f.members)
             f.scale = og.scale[:, g0:g1].reshape(n, k, -1).permute(1, 0, 2).contiguous()
             f.offset = og.offset[:, g0:g1].reshape(n, k, -1).permute(1, 0, 2).contiguous()
-    return codes, q_all
+    return codesT.T, qT.T
 
 
 def gptq_many(w: torch.Tensor, h: torch.Tensor, specs: Sequence[QuantSpec],
