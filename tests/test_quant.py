@@ -181,3 +181,38 @@ def test_clip_search_vectorised_equals_looped(monkeypatch):
     monkeypatch.setattr(Q, "CLIP_VECTOR_MAX", 0)
     for s, f in zip(specs, fast):
         assert torch.equal(dequantize(quantize(w, s)), f)
+
+
+@pytest.mark.parametrize("case", ["groups", "transposed", "row-qmax", "flat-qmax"])
+def test_clip_search_compiled_equals_eager(monkeypatch, case):
+    """On a CPU the clip search runs as one compiled loop (lqkit.core.compiled): the same scales and
+    offsets as the eager search, fp16 rounding of the candidate scales included."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 64, generator=g) * torch.rand(300, 1, generator=g)
+    g3, qmax = {"groups": (w.view(300, 2, 32), 7), "transposed": (w.T.contiguous().T.unsqueeze(1), 3),
+                "row-qmax": (w.view(300, 2, 32), torch.full((300, 1), 7.0)),
+                "flat-qmax": (w[:40, :32], torch.full((40,), 3.0))}[case]
+    fast = Q.minmax_params(g3, qmax, torch.float16, clip=True)
+    monkeypatch.setenv("LQKIT_COMPILE", "0")
+    slow = Q.minmax_params(g3, qmax, torch.float16, clip=True)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_a_failed_compile_runs_eagerly(monkeypatch, caplog):
+    from lqkit.core import compiled
+
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_FAILED", set())
+
+    @compiled.cpu_compiled
+    def double(x):
+        return x * 2
+
+    with caplog.at_level("WARNING"):
+        assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+    assert "no C++ compiler" in caplog.text and not compiled.enabled()

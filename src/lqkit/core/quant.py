@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import SpecError
-from . import packing
+from . import compiled, packing
 from .stats import MatrixStats, require
 
 GROUP_DIMS = ("in", "out", "auto")  # "auto": chosen per matrix by weighted error (AdaDim, see .adadim)
@@ -236,8 +236,8 @@ CLIP_SHRINK = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76)  # range fra
 CLIP_VECTOR_MAX = 1 << 23  # elements up to which all fractions are tried in one vectorised pass
 
 
-def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype, clip: bool = False,
-                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype, clip: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored (scale, offset) of asymmetric min-max groups along the last dim of g (..., gs), for
     codes 0..qmax (an int, or a tensor broadcasting against g's leading dims: one qmax per row).
 
@@ -248,28 +248,38 @@ def minmax_params(g: torch.Tensor, qmax: int | torch.Tensor, dtype: torch.dtype,
 
     ``clip``: the range [lo, hi] is shrunk by the factor of CLIP_SHRINK that gives each group the
     least squared rounding error (GPTQ's "mse" grid search): clipping a few extreme weights buys a
-    finer grid for all the others. ``mask`` (broadcasting against g, 0/1): elements that count in
-    that error (padding that only repeats an element of its group gets 0)."""
+    finer grid for all the others."""
     lo = g.amin(dim=-1).clamp(max=0)
     hi = g.amax(dim=-1).clamp(min=0)
     if not clip:
         return _range_params(lo, hi, qmax, dtype)
+    if g.device.type == "cpu" and compiled.enabled():  # one fused pass: no (P, ...) copies of g
+        return _clip_search(g, lo, hi, _shrink_factors(g.device), qmax, dtype)
     if g.numel() * len(CLIP_SHRINK) <= CLIP_VECTOR_MAX:  # all factors at once (few, large ops)
         p = _shrink_factors(g.device).view(-1, *[1] * lo.ndim)  # (P, 1, ...)
         scale, offset = _range_params(lo * p, hi * p, qmax, dtype)  # (P, ...)
-        err = _grid_sq_err(g, scale, offset, qmax, mask)  # (P, ...)
+        err = _grid_sq_err(g, scale, offset, qmax)  # (P, ...)
         best = err.argmin(dim=0, keepdim=True)  # the first factor of least error
         return scale.gather(0, best)[0], offset.gather(0, best)[0]
     best = None
     for p in CLIP_SHRINK:  # one factor at a time (bounded memory)
         scale, offset = _range_params(lo * p, hi * p, qmax, dtype)
-        err = _grid_sq_err(g, scale, offset, qmax, mask)
+        err = _grid_sq_err(g, scale, offset, qmax)
         if best is None:
             best = (err, scale, offset)
             continue
         better = err < best[0]
         best = (torch.where(better, err, best[0]), torch.where(better, scale, best[1]), torch.where(better, offset, best[2]))
     return best[1], best[2]
+
+
+@compiled.cpu_compiled
+def _clip_search(g, lo, hi, shrink, qmax, dtype):
+    """The clip search of :func:`minmax_params` with every factor at once: (scale, offset) of least error."""
+    p = shrink.view(-1, *[1] * lo.ndim)  # (P, 1, ...)
+    scale, offset = _range_params(lo * p, hi * p, qmax, dtype)  # (P, ...)
+    best = _grid_sq_err(g, scale, offset, qmax).argmin(dim=0, keepdim=True)  # the first of least error
+    return scale.gather(0, best)[0], offset.gather(0, best)[0]
 
 
 _SHRINK: dict[torch.device, torch.Tensor] = {}
@@ -284,17 +294,14 @@ def _shrink_factors(device: torch.device) -> torch.Tensor:
     return t
 
 
-def _grid_sq_err(g, scale, offset, qmax, mask: torch.Tensor | None) -> torch.Tensor:
+def _grid_sq_err(g, scale, offset, qmax) -> torch.Tensor:
     """Squared error of rounding g (..., gs) to the grid code·scale + offset (codes 0..qmax), summed
     over the last dim: Σ ((t − clamp(round(t)))·scale)², t = (g − offset) / scale (few passes, in place)."""
     s = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
     t = (g - offset.float().unsqueeze(-1)).div_(s)
     c = torch.round(t).clamp_(min=0)
     c = c.clamp_(max=qmax) if isinstance(qmax, int) else torch.minimum(c, qmax.unsqueeze(-1), out=c)
-    d = t.sub_(c).mul_(s).square_()
-    if mask is not None:
-        d.mul_(mask)
-    return d.sum(dim=-1)
+    return t.sub_(c).mul_(s).square_().sum(dim=-1)
 
 
 def _range_params(lo, hi, qmax, dtype) -> tuple[torch.Tensor, torch.Tensor]:
