@@ -8,6 +8,12 @@ keeps what it measured.
 
     python bench/scale.py --shape llama2-7b --layers 8,32 --runs rtn4,gptq4,budget3 \\
         --out bench/results/scale-h200.json
+
+``--model FOLDER`` runs on an existing model folder instead (e.g. the default model on a CPU, with
+``--extra=--eval`` for its perplexity):
+
+    python bench/scale.py --model ~/.cache/lqkit/models/gemma-3-270m --device cpu --runs budget3 \\
+        --extra=--eval --out bench/results/scale-cpu.json
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, ex
         row.update({k: e.get(k) for k in ("stage_seconds", "peak_rss_mib", "peak_gpu_reserved_mib",
                                           "peak_gpu_allocated_mib", "device", "dtype")})
         row["effective_bits"] = (m.get("summary") or {}).get("effective_bits")
+        if e.get("eval"):
+            row["eval"] = e["eval"]
         row["checkpoint_bytes"] = sum(f["bytes"] for f in m["files"].values())
         a = e.get("allocation")
         if a:
@@ -81,15 +89,26 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--extra", default="", help="further lqkit compress arguments for every run")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/scale-<shape>.json)")
+    ap.add_argument("--model", default=None, help="an existing model folder instead of built ones (--shape, "
+                    "--layers unused)")
     a = ap.parse_args()
     from synth import build
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(a.out or Path(__file__).parent / "results" / f"scale-{a.shape}.json")
-    result = {"machine": machine_info(), "shape": a.shape, "rows": []}
+    name = Path(a.model).name if a.model else a.shape
+    out = Path(a.out or Path(__file__).parent / "results" / f"scale-{name}.json")
+    result = {"machine": machine_info(), "shape": name, "rows": []}
     if out.is_file() and not a.fresh:
         result["rows"] = json.loads(out.read_text()).get("rows", [])
+    if a.model:
+        folder = Path(a.model).expanduser()
+        for run in a.runs.split(","):
+            row = run_one(folder, run, work, a.device, a.timeout, a.extra.split(), a.nproc)
+            row["layers"] = json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
+            result["rows"].append(row)
+            write_json(out, result)
+        return
     for layers in [int(v) for v in a.layers.split(",")]:
         folder = work / f"{a.shape}-{layers}l"
         if not (folder / "config.json").is_file():

@@ -479,8 +479,10 @@ def block_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixSt
 
         per = len(cands.quant_specs()) * len(cands.rotations)
         try:
+            size = dict(zip(names, [o * i * i for o, i in shapes]))
             futures = {pool.pool.submit(_costs_row, n, model.get_submodule(n).weight.detach().cpu(), stats.get(n),
-                                        cands, metric): n for n in mine}
+                                        cands, metric): n
+                       for n in sorted(mine, key=lambda n: -size[n])}  # largest first: the workers end together
             for f in cf.as_completed(futures):
                 rows[futures[f]] = f.result()
                 bar.update(per)
