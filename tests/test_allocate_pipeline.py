@@ -91,7 +91,7 @@ def test_budget_in_bytes():
 @pytest.mark.parametrize("args, expect", [
     (["--budget", "3", "--method", "rtn"], "drop one of them"),
     (["--budget", "3", "--budget-bytes", "1MB"], "not both"),
-    (["--budget-bytes", "lots"], "cannot read"),
+    (["--budget-bytes", "lots"], "e.g. --budget-bytes 40MB"),
     (["--budget", "3", "--min-bits", "noequals"], "REGEX=BITS"),
     (["--budget", "3", "--cand-quantizers", "foo"], "unknown quantizer"),
     (["--budget", "3", "--cand-bits", "x"], "comma-separated"),

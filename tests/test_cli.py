@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ SMALL_EVAL = ["--windows", "2", "--window-tokens", "64"]
 
 
 def run(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", LQKIT_CACHE=os.environ.get("LQKIT_CACHE", ""))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", LQKIT_CACHE=os.environ.get("LQKIT_CACHE", ""), COLUMNS="80")
     return subprocess.run([sys.executable, "-m", "lqkit", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=600)
 
@@ -24,17 +25,112 @@ def test_help():
         assert r.returncode == 0 and "usage" in r.stdout
 
 
-def test_help_lists_every_verb_with_examples():
+def _verbs():
     from lqkit.cli import build_parser
 
-    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_help_lists_every_verb_with_examples():
+    verbs = _verbs()
+    assert {"compress", "eval", "generate", "export", "distill", "inspect", "finetune"} <= set(verbs)
     r = run("--help")
     assert r.returncode == 0
-    for verb in verbs:  # one line each: the verb, then what it does
-        assert re.search(rf"^ +{re.escape(verb)} +\S", r.stdout, re.M), (verb, r.stdout)
-    assert "examples:" in r.stdout and "lqkit compress --model" in r.stdout and "torchrun --nproc-per-node" in r.stdout
+    listing, examples = r.stdout.split("\nexamples", 1)
+    lines = listing.splitlines()
+    for verb in verbs:  # one line each: the verb, then what it does, not wrapped onto a second line
+        i = next((i for i, ln in enumerate(lines) if re.match(rf" +{re.escape(verb)} +\S", ln)), None)
+        assert i is not None, (verb, r.stdout)
+        assert i + 1 == len(lines) or not re.match(r" {10,}\S", lines[i + 1]), (verb, lines[i + 1])
+    for verb in verbs:  # and an example command line for each verb
+        assert re.search(rf"^  lqkit {re.escape(verb)}( |$)", examples, re.M), (verb, examples)
+    assert re.search(r"^  lqkit compress --model \S+ --budget [\d.]+ .*--device cuda", examples, re.M)  # streamed
+    assert re.search(r"^  torchrun --nproc-per-node \d+ -m lqkit compress ", examples, re.M)
     for verb, parser in verbs.items():
         assert "examples:" in parser.format_help() and f"lqkit {verb}" in parser.epilog, verb
+
+
+@pytest.mark.parametrize("verb", sorted(_verbs()))
+def test_every_verb_help_renders_with_an_example(verb, capsys):
+    from lqkit.cli import main
+
+    assert main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: lqkit {verb}") and re.search(rf"^  (lqkit|torchrun .* -m lqkit) {verb}", out, re.M)
+
+
+def _accepted(argv: list[str]) -> None:
+    """Parse ``argv`` and run the checks a verb makes before it loads anything (raises on a bad value)."""
+    from lqkit import cli
+
+    a = cli.build_parser().parse_args(argv)
+    if a.command == "compress":
+        if a.budget is not None or a.budget_bytes is not None:
+            cli._allocation_from_args(a)
+        else:
+            a.method = a.method or "lq"
+            cli._spec_from_args(a)
+        cli._protocol(a), cli._calib_config(a)
+    elif a.command in ("eval",):
+        cli._protocol(a)
+
+
+NO_MODEL = "/nonexistent/lqkit-test-model"  # a flag that passed its checks would fail here, at once
+
+
+@pytest.mark.parametrize("args, flag, works", [
+    (["compress", "--method", "nf", "--bits", "5"], "--bits", "4"),
+    (["compress", "--method", "rtn", "--bits", "9"], "--bits", "8"),
+    (["compress", "--quantizer", "nf", "--bits", "8"], "--bits", "4"),
+    (["compress", "--group-size", "0"], "--group-size", "128"),
+    (["compress", "--method", "sparse", "--outliers", "0.7"], "--outliers", None),
+    (["compress", "--method", "gptq", "--damp", "0"], "--damp", "0.01"),
+    (["compress", "--calib-seqlen", "1"], "--calib-seqlen", "512"),
+    (["compress", "--max-shard-size", "huge"], "--max-shard-size", "2GiB"),
+    (["compress", "--budget", "-1"], "--budget", "3.0"),
+    (["compress", "--budget", "abc"], "--budget", "3.0"),
+    (["compress", "--budget-bytes", "lots"], "--budget-bytes", "40MB"),
+    (["compress", "--budget", "3", "--cand-bits", "9"], "--cand-bits", None),
+    (["compress", "--budget", "3", "--cand-quantizers", "nuq", "--cand-bits", "6"], "--cand-bits", "2,3,4"),
+    (["compress", "--budget", "3", "--cand-quantizers", "rtn,foo"], "--cand-quantizers", None),
+    (["compress", "--budget", "3", "--cand-group-sizes", "0"], "--cand-group-sizes", None),
+    (["compress", "--budget", "3", "--cand-outliers", "0.9"], "--cand-outliers", None),
+    (["compress", "--budget", "3", "--target", "vllm-marlin", "--cand-bits", "3"], "--cand-bits", None),
+    (["compress", "--budget", "3", "--min-bits", "down_proj"], "--min-bits", None),
+    (["compress", "--budget", "3", "--workers", "0"], "--workers", None),
+    (["eval", "--windows", "0"], "--windows", "40"),
+    (["eval", "--window-tokens", "1"], "--window-tokens", "512"),
+    (["generate", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens", "64"),
+    (["demo", "--budget", "0"], "--budget", "3.0"),
+    (["distill", "ck", "--out", "o", "--lr", "0"], "--lr", None),
+    (["finetune", "ck", "--data", "d.txt", "--out", "o", "--eval-fraction", "1.5"], "--eval-fraction", None),
+    (["finetune", "ck", "--data", "d.txt", "--out", "o", "--weight-decay", "-1"], "--weight-decay", None),
+])
+def test_bad_flag_values_name_a_value_that_works(args, flag, works, capsys, tmp_path):
+    """Each message names the flag and a value of it that works, and that value passes the same checks."""
+    from lqkit.cli import main
+
+    if args[0] in ("compress",):
+        args = [*args, "--model", NO_MODEL, "--out", str(tmp_path / "o")]
+    code = main([*args, "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert flag in err, err
+    m = re.search(rf"e\.g\. {re.escape(flag)} ('[^']*'|[^\s;)]+)", err)
+    assert m, f"no working value of {flag} named: {err}"
+    value = shlex.split(m.group(1))[0]
+    if works is not None:
+        assert value == works, err
+    i = len(args) - 1 - args[::-1].index(flag)  # the suggested value in place of the bad one
+    _accepted([*args[:i + 1], value, *args[i + 2:]])
+
+
+def test_a_bad_flag_exits_non_zero_in_one_line():
+    r = run("compress", "--model", NO_MODEL, "--out", "o", "--method", "nf", "--bits", "5")
+    assert r.returncode == 2 and r.stderr.strip() == ("lqkit compress: error: --bits 5 is not supported with "
+                                                      "--method nf; use one of 2, 3, 4, e.g. --bits 4"), r.stderr
+    r = run("eval", "--windows", "0")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "e.g. --windows 40" in r.stderr
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -102,10 +198,10 @@ def _bad(args, tmp_path, expect):
 
 @pytest.mark.parametrize("args, expect", [
     (["--method", "foo"], "invalid choice"),
-    (["--method", "nf", "--bits", "5"], "supports bits"),
-    (["--method", "rtn", "--bits", "9"], "supports bits"),
+    (["--method", "nf", "--bits", "5"], "--bits 5 is not supported with --method nf; use one of 2, 3, 4"),
+    (["--method", "rtn", "--bits", "9"], "use one of 2, 3, 4, 5, 6, 7, 8, e.g. --bits 8"),
     (["--rank", "1000"], "rank 1000 is larger"),
-    (["--group-size", "0"], "group size"),
+    (["--group-size", "0"], "e.g. --group-size 128"),
     (["--include", "nomatch_xyz"], "no linear layer matches"),
     (["--eval", "--text", "{empty}"], "empty"),
     (["--eval", "--text", "{short}"], "at least 63"),
@@ -141,3 +237,18 @@ def test_corrupted_checkpoint(tiny_model_dir, tmp_path):
     f = out / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-64])
     _bad(["eval", str(out), *SMALL_EVAL], tmp_path, "truncated")
+
+
+def test_a_target_without_a_fitting_group_size_names_one():
+    import torch
+
+    from lqkit.core.costs import CandidateSet, matrix_costs
+    from lqkit.errors import SpecError
+
+    cands = CandidateSet(quantizers=("rtn",), bits=(4,), group_sizes=(64,), ranks=(0,), outliers=(0.0,), target="vllm")
+    with pytest.raises(SpecError) as e:
+        matrix_costs(torch.randn(16, 96), None, cands, metric="hessian")
+    m = re.search(r"e\.g\. --cand-group-sizes ([\d,]+)$", str(e.value))
+    assert m, str(e.value)
+    sizes = [int(g) for g in m.group(1).split(",")]
+    assert sizes[:-1] == [64] and 96 % sizes[-1] == 0 and sizes[-1] < 96

@@ -54,12 +54,18 @@ class _Parser(argparse.ArgumentParser):
         act = self._option_string_actions.get(m.group(1)) if m else None
         if act is not None and act.choices:
             return ""  # argparse lists them
-        if act is not None and act.default not in (None, False, [], argparse.SUPPRESS):
+        if act is not None and act.default is not None and act.default is not False and act.default != [] \
+                and act.default != argparse.SUPPRESS:
             return f"; e.g. {m.group(1)} {act.default}"
-        examples = [ln.split("  #")[0].strip() for ln in (self.epilog or "").splitlines() if ln.startswith("  ")]
+        examples = [ln.split("  #")[0].strip() for ln in _examples(self)]
         if examples and (act is not None or "required" in message or "unrecognized" in message):
             return f"; e.g. {examples[0]}"
         return ""
+
+
+def _examples(parser: argparse.ArgumentParser) -> list[str]:
+    """The example command lines of a parser's epilog (its indented lines), comments included."""
+    return [ln.strip() for ln in (parser.epilog or "").splitlines() if ln.startswith("  ")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +117,77 @@ def _regex(value: str) -> str:
     return value
 
 
+def _number(kind, lo=None, hi=None, *, above: bool = False, example=None):
+    """An argparse type: a finite ``kind`` (int or float) with ``lo <= x`` (``lo < x`` if ``above``) and
+    ``x < hi``. The error says which range; it names ``example`` when the flag has no default to name."""
+    what = "an integer" if kind is int else "a number"
+    rng = " and ".join(([f"above {lo:g}" if above else f"at least {lo:g}"] if lo is not None else [])
+                       + ([f"below {hi:g}"] if hi is not None else []))
+    eg = f"; e.g. {example}" if example is not None else ""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}{eg}") from None
+        if not (math.isfinite(v) and (lo is None or (v > lo if above else v >= lo)) and (hi is None or v < hi)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it takes {what} {rng}{eg}")
+        return v
+
+    return parse
+
+
+_COUNT = _number(int, 1)  # windows, samples, steps, batch sizes
+_COUNT0 = _number(int, 0)  # the same where 0 means none
+_RATE = _number(float, 0, above=True)  # learning rates, dampening
+
+
+def _budget(text: str) -> float:
+    """--budget: bits per parameter, checked as the allocation checks it."""
+    from .allocate import Budget
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits per parameter; e.g. --budget 3.0") from None
+    try:
+        Budget(bits_per_param=v)
+    except LqkitError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
+
+def _size(example: str | None = None):
+    """An argparse type: a size as parse_bytes reads it (kept as written)."""
+    def parse(text: str) -> str:
+        from .allocate import parse_bytes
+
+        try:
+            parse_bytes(text)
+        except LqkitError:
+            eg = f"; e.g. {example}" if example else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not a size (a number with an optional unit B, KB, MB, GB, "
+                                             f"KiB, MiB, GiB){eg}") from None
+        return text
+
+    return parse
+
+
+def _constraint(flag: str):
+    """An argparse type: REGEX=BITS for --min-bits / --max-bits, checked as the allocation reads it."""
+    def parse(text: str) -> str:
+        from .allocate import Constraint
+
+        try:
+            Constraint.parse(text, "min")
+        except LqkitError as e:
+            raise argparse.ArgumentTypeError(f"{str(e).split('; ')[0]}; write REGEX=BITS, e.g. {flag} "
+                                             "'mlp\\.down_proj=4'") from None
+        return text
+
+    return parse
+
+
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="Hugging Face model id or local folder (default: google/gemma-3-270m, from the demo extra)")
@@ -118,10 +195,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_protocol(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="UTF-8 evaluation text (default: bundled WikiText-2 test split)")
-    p.add_argument("--windows", type=int, default=40, help="number of evenly spaced windows (default 40)")
-    p.add_argument("--window-tokens", type=int, default=512, help="tokens per window including BOS (default 512)")
+    p.add_argument("--windows", type=_COUNT, default=40, help="number of evenly spaced windows (default 40)")
+    p.add_argument("--window-tokens", type=_number(int, 2), default=512,
+                   help="tokens per window including BOS (default 512)")
     p.add_argument("--full", action="store_true", help="score every non-overlapping window (slow)")
-    p.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
+    p.add_argument("--batch-size", type=_COUNT, default=2, help="windows per forward pass (default 2)")
 
 
 def _spec_from_args(a: argparse.Namespace):
@@ -131,6 +209,7 @@ def _spec_from_args(a: argparse.Namespace):
     quant = None
     if a.method != "lowrank":
         qname = a.method if a.method in ("rtn", "nf", "gptq", "nuq") else a.quantizer
+        _check_quantizer_flags(a, qname)
         outliers = a.outliers if a.outliers is not None else SPARSE_DEFAULT if a.method == "sparse" else 0.0
         quant = QuantSpec(qname, a.bits, a.group_size, a.group_dim, a.double_quant, act_order=a.act_order,
                           damp=a.damp, outliers=outliers, outlier_features=a.outlier_features, clip=a.clip)
@@ -139,11 +218,30 @@ def _spec_from_args(a: argparse.Namespace):
     return MatrixSpec(method, quant, rank, iters=a.iters, factor_dtype=a.factor_dtype, weighting=a.weighting)
 
 
+def _check_quantizer_flags(a: argparse.Namespace, qname: str) -> None:
+    """--bits and --double-quant against what the chosen quantizer supports (lqkit.core.quant.QUANTIZERS)."""
+    from .core.quant import QUANTIZERS
+
+    flag = f"--method {qname}" if a.method == qname else f"--quantizer {qname}"
+    q = QUANTIZERS[qname]
+    allowed = sorted(q.bits_allowed)
+    if a.bits not in allowed:
+        near = min(allowed, key=lambda b: (abs(b - a.bits), -b))
+        raise SpecError(f"--bits {a.bits} is not supported with {flag}; use one of {_csv(allowed).replace(',', ', ')}, "
+                        f"e.g. --bits {near}")
+    if a.double_quant and not q.supports_double_quant:
+        able = [n for n, x in QUANTIZERS.items() if x.supports_double_quant]
+        how = " or ".join(f"--quantizer {n}" if a.method in ("lq", "lorc", "sparse") else f"--method {n}" for n in able)
+        raise SpecError(f"--double-quant quantizes the scales of {', '.join(able)} only, not of {qname}; drop it or "
+                        f"use {how}")
+
+
 def _add_calib(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="UTF-8 calibration text (default: bundled WikiText-2 validation split)")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sequence incl. BOS (default 512)")
+    p.add_argument("--calib-samples", type=_COUNT, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--calib-seqlen", type=_number(int, 2), default=512,
+                   help="tokens per calibration sequence incl. BOS (default 512)")
 
 
 def _calib_config(a, fisher: bool = True):
@@ -155,13 +253,7 @@ def _calib_config(a, fisher: bool = True):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lqkit", description="Compress a Hugging Face causal LM to a memory budget: each linear weight "
                 "becomes W ≈ Q + L·R (+ S), its quantizer, bits, groups, rank and outliers chosen per matrix by an "
-                "integer program. `lqkit VERB --help` shows a verb's options and examples.",
-                epilog="examples:\n"
-                       "  lqkit compress --model path/or/hub-id --budget 3.0 --out out/ck   # streamed by block; GPU when present\n"
-                       "  torchrun --nproc-per-node 2 -m lqkit compress --model path/to/folder --budget 3.0 --out out/ck\n"
-                       "  lqkit eval out/ck                               # perplexity, fixed WikiText-2 protocol\n"
-                       "  lqkit generate out/ck --prompt \"The tower is\"   # the text, then tokens/s\n"
-                       "  lqkit export out/ck --format compressed-tensors --out out/ck-vllm   # for vLLM / SGLang")
+                "integer program. `lqkit VERB --help` shows a verb's options and more examples.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
@@ -186,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output checkpoint folder")
     c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b = c.add_argument_group("memory budget (the plan is chosen per matrix by an integer program)")
-    b.add_argument("--budget", type=float, default=None, metavar="BITS",
+    b.add_argument("--budget", type=_budget, default=None, metavar="BITS",
                    help="bits per parameter of the compressed layers, everything stored counted (e.g. 2.75)")
-    b.add_argument("--budget-bytes", default=None, metavar="SIZE",
+    b.add_argument("--budget-bytes", type=_size("--budget-bytes 40MB"), default=None, metavar="SIZE",
                    help="total size of the compressed layers, e.g. 40MB or 38MiB (instead of --budget)")
     b.add_argument("--scope", choices=("linear", "model"), default="linear",
                    help="what the budget counts: linear = the compressed linear layers (default); model = every "
@@ -214,13 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also try every candidate on the matrix with its input rotated (a seeded randomized Hadamard "
                         "transform: spreads outliers; stored as a seed, no extra bits; applied to x at run time); the "
                         "integer program picks per matrix. Exports only to the dense and peft formats")
-    b.add_argument("--min-bits", action="append", default=[], metavar="REGEX=BITS",
+    b.add_argument("--min-bits", type=_constraint("--min-bits"), action="append", default=[], metavar="REGEX=BITS",
                    help="matrices matching REGEX get at least BITS bits/param (repeatable)")
-    b.add_argument("--max-bits", action="append", default=[], metavar="REGEX=BITS",
+    b.add_argument("--max-bits", type=_constraint("--max-bits"), action="append", default=[], metavar="REGEX=BITS",
                    help="matrices matching REGEX get at most BITS bits/param (repeatable)")
-    b.add_argument("--refine", type=int, default=0, metavar="ITERS",
+    b.add_argument("--refine", type=_COUNT0, default=0, metavar="ITERS",
                    help="LQ alternations after LoRC for matrices given a low-rank part (default 0)")
-    b.add_argument("--workers", type=int, default=None,
+    b.add_argument("--workers", type=_number(int, 1, example="--workers 2"), default=None,
                    help="processes computing the cost table (default: up to 4 CPU cores; 1 on GPU)")
     b.add_argument("--no-table-cache", action="store_true", help="recompute the cost table even if cached")
     b.add_argument("--target", choices=_targets(), default=None,
@@ -238,24 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantizer of Q for lq/lorc/sparse (default rtn: asymmetric min-max)")
     c.add_argument("--bits", type=int, default=3, help="bits per code (rtn/gptq/nuq: 2-8, nf: 2-4; default 3)")
     c.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing activation energy")
-    c.add_argument("--damp", type=float, default=0.01, help="gptq: dampening as a fraction of mean(diag H) (default 0.01)")
+    c.add_argument("--damp", type=_RATE, default=0.01,
+                   help="gptq: dampening as a fraction of mean(diag H) (default 0.01)")
     c.add_argument("--clip", action="store_true",
                    help="rtn/gptq: shrink each group's range to the one of least squared error (MSE grid search)")
-    c.add_argument("--outliers", type=float, default=None, metavar="FRAC",
+    c.add_argument("--outliers", type=_number(float, 0, 0.5, example=f"--outliers {SPARSE_DEFAULT}"), default=None,
+                   metavar="FRAC",
                    help="fraction of weights kept exactly as sparse fp16 (dense-and-sparse), by |w|·sensitivity")
-    c.add_argument("--outlier-features", type=float, default=0.0, metavar="FRAC",
+    c.add_argument("--outlier-features", type=_number(float, 0, 1, example="--outlier-features 0.01"), default=0.0,
+                   metavar="FRAC",
                    help="fraction of input features (largest activations) kept as 16-bit columns (LLM.int8())")
     c.add_argument("--weighting", choices=("none", "fisher", "hessian", "kfac"), default="none",
                    help="weight the low-rank part and the LQ objective by the Fisher diagonal (FWSVD), by "
                         "the input second moments H (activation-aware SVD), or by both (kfac: H per row, "
                         "scaled by the row's Fisher sensitivity) (default none)")
-    c.add_argument("--group-size", type=int, default=128, help="elements per quantization group (default 128)")
+    c.add_argument("--group-size", type=_COUNT, default=128, help="elements per quantization group (default 128)")
     c.add_argument("--group-dim", choices=("in", "out", "auto"), default="in",
                    help="groups along the input dim (per output channel) or the output dim; auto: per matrix, "
                         "the one of smaller (weighted) error (AdaDim) (default in)")
     c.add_argument("--double-quant", action="store_true", help="nf: quantize the absmax scales to 8 bits")
-    c.add_argument("--rank", type=int, default=32, help="rank of L·R for lq/lorc/lowrank (default 32)")
-    c.add_argument("--iters", type=int, default=20, help="lq: maximum alternations (default 20)")
+    c.add_argument("--rank", type=_COUNT0, default=32, help="rank of L·R for lq/lorc/lowrank (default 32)")
+    c.add_argument("--iters", type=_COUNT, default=20, help="lq: maximum alternations (default 20)")
     c.add_argument("--factor-dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="stored dtype of L and R (default float16)")
     c.add_argument("--include", type=_regex, action="append", default=None, metavar="REGEX",
@@ -269,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the decoder blocks run in during calibration and compression (default auto: the "
                         "model's stored 16-bit type on a GPU, float32 on a CPU); the checkpoint keeps the stored "
                         "dtype for uncompressed tensors")
-    c.add_argument("--max-shard-size", default="2GiB", metavar="SIZE",
+    c.add_argument("--max-shard-size", type=_size(), default="2GiB", metavar="SIZE",
                    help="checkpoint tensors are written in files of about this size (default 2GiB)")
     _add_calib(c)
     c.add_argument("--no-sequential", action="store_true",
@@ -279,10 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration statistics (safetensors from `lqkit calibrate`); computed and saved "
                         "there if the file does not exist")
     dd = c.add_argument_group("distillation after compression (at fixed bits; see `lqkit distill`)")
-    dd.add_argument("--distill", type=int, default=0, metavar="STEPS",
+    dd.add_argument("--distill", type=_COUNT0, default=0, metavar="STEPS",
                     help="then train each block's L, R and quantization scales (codes frozen) for STEPS steps to "
                          "match the uncompressed block's outputs on the calibration text (default 0: none)")
-    dd.add_argument("--distill-kl", type=int, default=0, metavar="STEPS",
+    dd.add_argument("--distill-kl", type=_COUNT0, default=0, metavar="STEPS",
                     help="then STEPS steps of end-to-end KL on the logits against the uncompressed model (default 0)")
     _add_distill_train(dd, prefix="distill-")
     c.add_argument("--eval", action="store_true", help="evaluate perplexity after compressing")
@@ -330,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "  lqkit demo\n"
                               "  lqkit demo --budget 3.0 --windows 8")
     d.add_argument("--out", default="out/gemma-3-270m-budget", help="checkpoint folder (replaced)")
-    d.add_argument("--windows", type=int, default=40, help="evaluation windows (default 40)")
-    d.add_argument("--budget", type=float, default=3.25, help="bits per parameter of the linear layers (default 3.25)")
+    d.add_argument("--windows", type=_COUNT, default=40, help="evaluation windows (default 40)")
+    d.add_argument("--budget", type=_budget, default=3.25,
+                   help="bits per parameter of the linear layers (default 3.25)")
     d.set_defaults(func=cmd_demo)
 
     i = sub.add_parser("inspect", parents=[common], help="a checkpoint's per-matrix plan, bits and error",
@@ -356,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("path", nargs="?", default=None,
                    help="lqkit checkpoint or HF model folder/id (default: the default model)")
     g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--max-new-tokens", type=_COUNT, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--compile", action="store_true",
                    help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU); the first, "
                         "untimed call compiles (minutes for a large model)")
@@ -366,7 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     g.set_defaults(func=cmd_generate)
     _add_finetune_commands(sub, common)
+    p.epilog = _verb_examples(sub)
     return p
+
+
+def _verb_examples(sub) -> str:
+    """The top-level epilog: each verb's first example, in the order of the verb list; for compress also
+    its streamed-on-a-GPU and torchrun examples."""
+    lines = []
+    for verb, parser in sub.choices.items():
+        ex = _examples(parser)
+        lines += [ex[0]] + [e for e in ex[1:] if verb == "compress" and ("--device cuda" in e or "torchrun" in e)]
+    return "examples, one per verb (`lqkit VERB --help` shows more):\n" + \
+        "\n".join(f"  {e}" for e in lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,12 +497,73 @@ def _csv(values) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def _list(text: str, kind, what: str) -> tuple:
+def _list(text: str, kind, what: str, example=None, check=None) -> tuple:
+    """A comma-separated flag value; ``check(v)`` (raising LqkitError) vets each value, ``example`` is a
+    value of the flag that works (its default)."""
+    eg = f"; e.g. {what} {_csv(example)}" if example is not None else ""
     try:
-        return tuple(kind(v) for v in text.split(",") if v.strip())
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
     except ValueError:
-        example = {"--cand-group-sizes": "32,64,128", "--cand-ranks": "0,8,16", "--cand-outliers": "0,0.005"}.get(what, "2,3,4")
-        raise SpecError(f"cannot read {what} {text!r}; write comma-separated values, e.g. {what} {example}") from None
+        raise SpecError(f"cannot read {what} {text!r}; write comma-separated values{eg}") from None
+    if not values:
+        raise SpecError(f"{what} {text!r} gives no value{eg}")
+    for v in values:
+        try:
+            check and check(v)
+        except LqkitError as e:
+            raise SpecError(f"{what} {text}: {e}{eg}") from None
+    return values
+
+
+def _candidates_from_args(a: argparse.Namespace) -> CandidateSet:
+    """The candidate set of a budget; each --cand-* value checked alone against the library's validation, so
+    the error names the flag, the value and one that works (the default)."""
+    from dataclasses import replace
+
+    d = CandidateSet()
+    quantizers = _list(a.cand_quantizers, str, "--cand-quantizers", d.quantizers,
+                       lambda v: CandidateSet(quantizers=(v,)))
+    base = CandidateSet(quantizers=quantizers)
+
+    def bits_ok(b: int) -> None:  # a bit width counts when one of the chosen quantizers takes it
+        replace(base, bits=(b,))
+
+    bits = _list(a.cand_bits, int, "--cand-bits", d.bits)
+    usable = [b for b in range(1, 17) if _accepts(bits_ok, b)]
+    bad = [b for b in bits if b not in usable]
+    if bad:
+        raise SpecError(f"--cand-bits {a.cand_bits}: no candidate quantizer ({', '.join(quantizers)}) takes "
+                        f"{_csv(bad).replace(',', ', ')} bits; use bits among {_csv(usable)}, "
+                        f"e.g. --cand-bits {_csv([b for b in d.bits if b in usable] or usable[:3])}")
+    cands = dict(
+        quantizers=quantizers, bits=bits,
+        group_sizes=_list(a.cand_group_sizes, int, "--cand-group-sizes", d.group_sizes,
+                          lambda v: replace(base, group_sizes=(v,))),
+        group_dims=_list(a.cand_group_dims, str, "--cand-group-dims", d.group_dims,
+                         lambda v: replace(base, group_dims=(v,))),
+        ranks=_list(a.cand_ranks, int, "--cand-ranks", d.ranks, lambda v: replace(base, ranks=(v,))),
+        outliers=_list(a.cand_outliers, float, "--cand-outliers", d.outliers, lambda v: replace(base, outliers=(v,))),
+        factor_dtype=a.factor_dtype, clip=not a.cand_no_clip, act_order=not a.cand_no_act_order,
+        rotations=(False, True) if a.rotate else (False,))
+    try:
+        return CandidateSet(**cands, target=a.target)
+    except LqkitError as e:
+        if a.target is None or "no valid quantizer configuration" not in str(e):
+            raise
+    # the target serves none of these: name the bits it serves with these quantizers and group sizes
+    served = [b for b in range(1, 17)
+              if _accepts(lambda b: CandidateSet(**{**cands, "bits": (b,)}, target=a.target), b)]
+    hint = f"e.g. --cand-bits {_csv(served)}" if served else f"e.g. the default candidates, or drop --target {a.target}"
+    raise SpecError(f"--target {a.target} serves none of the candidates --cand-quantizers {a.cand_quantizers} "
+                    f"--cand-bits {a.cand_bits} --cand-group-sizes {a.cand_group_sizes}; {hint}")
+
+
+def _accepts(check, v) -> bool:
+    try:
+        check(v)
+    except LqkitError:
+        return False
+    return True
 
 
 def _allocation_from_args(a: argparse.Namespace):
@@ -411,15 +580,10 @@ def _allocation_from_args(a: argparse.Namespace):
         budget = Budget(bits_per_param=a.budget, scope=a.scope)
     else:
         budget = Budget(bytes=parse_bytes(a.budget_bytes), scope=a.scope)
-    cands = CandidateSet(
-        quantizers=_list(a.cand_quantizers, str, "--cand-quantizers"), bits=_list(a.cand_bits, int, "--cand-bits"),
-        group_sizes=_list(a.cand_group_sizes, int, "--cand-group-sizes"),
-        group_dims=_list(a.cand_group_dims, str, "--cand-group-dims"), ranks=_list(a.cand_ranks, int, "--cand-ranks"),
-        outliers=_list(a.cand_outliers, float, "--cand-outliers"), factor_dtype=a.factor_dtype,
-        clip=not a.cand_no_clip, act_order=not a.cand_no_act_order, target=a.target,
-        rotations=(False, True) if a.rotate else (False,))
+    cands = _candidates_from_args(a)
     cons = tuple(Constraint.parse(t, "min") for t in a.min_bits) + tuple(Constraint.parse(t, "max") for t in a.max_bits)
-    tables = RowCandidates(bits=_list(a.cand_table_bits, int, "--cand-table-bits"))
+    tables = RowCandidates(bits=_list(a.cand_table_bits, int, "--cand-table-bits", RowCandidates().bits,
+                                      lambda v: RowCandidates(bits=(v,))))
     return AllocationConfig(budget, cands, a.metric, cons, a.refine, a.workers, cache=not a.no_table_cache,
                             tables=tables)
 
@@ -468,14 +632,15 @@ def _add_distill_train(p, prefix: str = "") -> None:
     from .distill import DistillConfig
 
     d = DistillConfig()
-    p.add_argument(f"--{prefix}lr", type=float, default=d.lr, help=f"learning rate of L and R (default {d.lr:g})")
-    p.add_argument(f"--{prefix}scale-lr", type=float, default=d.scale_lr,
+    p.add_argument(f"--{prefix}lr", type=_RATE, default=d.lr, help=f"learning rate of L and R (default {d.lr:g})")
+    p.add_argument(f"--{prefix}scale-lr", type=_RATE, default=d.scale_lr,
                    help=f"learning rate of the quantization scales, offsets, absmax, codebooks (default {d.scale_lr:g})")
-    p.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size,
+    p.add_argument(f"--{prefix}batch-size", type=_COUNT, default=d.batch_size,
                    help=f"calibration windows per step (default {d.batch_size})")
-    p.add_argument(f"--{prefix}heldout", type=int, default=d.heldout,
+    p.add_argument(f"--{prefix}heldout", type=_COUNT0, default=d.heldout,
                    help=f"further calibration windows never trained on, for the reported losses (default {d.heldout})")
-    p.add_argument(f"--{prefix}kl-lr", type=float, default=d.kl_lr, help=f"learning rate of the KL stage (default {d.kl_lr:g})")
+    p.add_argument(f"--{prefix}kl-lr", type=_RATE, default=d.kl_lr,
+                   help=f"learning rate of the KL stage (default {d.kl_lr:g})")
     p.add_argument(f"--{prefix}zero-points", choices=("auto", "free", "integer"), default=d.zero_points,
                    help="rtn/gptq offsets: free, or integer (offset = -zero*scale with the zero point frozen, so the "
                         "matrix still exports with integer zero points, e.g. to compressed-tensors); auto: integer when "
@@ -512,8 +677,9 @@ def _add_distill_command(sub, common: argparse.ArgumentParser) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.add_argument("--model", default=None,
                    help="the uncompressed model the checkpoint came from (default: the one its lqkit.json names)")
-    s.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per block (default {d.steps}; 0: none)")
-    s.add_argument("--kl-steps", type=int, default=d.kl_steps,
+    s.add_argument("--steps", type=_COUNT0, default=d.steps,
+                   help=f"optimizer steps per block (default {d.steps}; 0: none)")
+    s.add_argument("--kl-steps", type=_COUNT0, default=d.kl_steps,
                    help="then end-to-end KL steps on the logits, every block at once (default 0)")
     _add_distill_train(s)
     _add_calib(s)
@@ -617,25 +783,32 @@ def _add_finetune_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="data format (default auto: JSONL for .jsonl/.json, plain text otherwise)")
     f.add_argument("--on-bad-line", choices=("error", "skip"), default=d.on_bad_line,
                    help="JSONL lines that cannot be used: stop with their line number, or skip them (default error)")
-    f.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
-    f.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per packed sequence (default {d.seq_len})")
-    f.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per micro-batch (default {d.batch_size})")
-    f.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default 1)")
-    f.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    f.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)")
+    f.add_argument("--steps", type=_COUNT, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    f.add_argument("--seq-len", type=_number(int, 2), default=d.seq_len,
+                   help=f"tokens per packed sequence (default {d.seq_len})")
+    f.add_argument("--batch-size", type=_COUNT, default=d.batch_size,
+                   help=f"sequences per micro-batch (default {d.batch_size})")
+    f.add_argument("--grad-accum", type=_COUNT, default=d.grad_accum, help="micro-batches per step (default 1)")
+    f.add_argument("--lr", type=_RATE, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    f.add_argument("--weight-decay", type=_number(float, 0), default=d.weight_decay,
+                   help="AdamW weight decay (default 0)")
     f.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=d.schedule,
                    help="learning-rate schedule after warm-up (default cosine)")
-    f.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"warm-up steps (default {d.warmup_steps})")
-    f.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping, 0: off (default 1)")
+    f.add_argument("--warmup-steps", type=_COUNT0, default=d.warmup_steps,
+                   help=f"warm-up steps (default {d.warmup_steps})")
+    f.add_argument("--max-grad-norm", type=_number(float, 0), default=d.max_grad_norm,
+                   help="gradient clipping, 0: off (default 1)")
     f.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision, help="autocast precision (default fp32)")
     f.add_argument("--no-grad-checkpointing", dest="grad_checkpointing", action="store_false",
                    help="keep activations instead of recomputing them (faster, more memory)")
     f.add_argument("--train-norms", action="store_true", help="also train norm weights")
     f.add_argument("--train-biases", action="store_true", help="also train biases")
-    f.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between held-out evaluations (default {d.eval_every})")
-    f.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+    f.add_argument("--eval-every", type=_COUNT0, default=d.eval_every,
+                   help=f"steps between held-out evaluations (default {d.eval_every})")
+    f.add_argument("--eval-fraction", type=_number(float, 0, 1), default=d.eval_fraction,
                    help=f"share of sequences held out for evaluation (default {d.eval_fraction})")
-    f.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between resumable states (default {d.save_every})")
+    f.add_argument("--save-every", type=_COUNT0, default=d.save_every,
+                   help=f"steps between resumable states (default {d.save_every})")
     f.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
     f.add_argument("--device", type=_device, default=None, help="where to train, e.g. cuda (default cpu)")
     f.add_argument("--export-peft", action="store_true", help="also export the best checkpoint to OUT/peft (see export-peft)")
@@ -643,7 +816,7 @@ def _add_finetune_commands(sub, common: argparse.ArgumentParser) -> None:
 
     from .export import FORMATS
 
-    x = sub.add_parser("export", parents=[common], help="export a checkpoint for vLLM / SGLang, PEFT or as a dense model",
+    x = sub.add_parser("export", parents=[common], help="export a checkpoint: vLLM / SGLang, PEFT or dense",
                        description="compressed-tensors: a Hugging Face folder vLLM and SGLang serve (int codes, "
                                    "scales, zero points), L·R as a PEFT LoRA in OUT/adapter, OUT/SERVE.md with the "
                                    "commands; peft: OUT/base (dense deq(Q)) + OUT/adapter; dense: one plain model "
@@ -721,7 +894,11 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, err
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one verb; returns the exit status (2 for any usage or input error, after one line on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, its line already printed)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "urllib3", "filelock", "huggingface_hub"):

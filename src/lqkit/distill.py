@@ -415,7 +415,8 @@ def _split(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
 def _check_teacher(name: str, m: CompressedLinear, w: torch.Tensor) -> None:
     if tuple(w.shape) != m.shape:
         raise CheckpointError(f"the source model's {name} is {tuple(w.shape)}, the checkpoint's {m.shape}: the "
-                              "source model is not the one this checkpoint was compressed from; pass it with --model")
+                              "source model is not the one this checkpoint was compressed from; pass it with --model, "
+                              "e.g. --model path/to/uncompressed")
 
 
 def _weight_errors(sblock: nn.Module, tblock: nn.Module, prefix: str) -> dict[str, float]:
@@ -439,7 +440,7 @@ def distill_model(student: nn.Module, teacher, ids: torch.Tensor, cfg: DistillCo
     if len(sblocks) != len(teacher.blocks):
         raise CheckpointError(f"the source model has {len(teacher.blocks)} decoder blocks, the checkpoint "
                               f"{len(sblocks)}: it is not the model this checkpoint was compressed from; pass it with "
-                              "--model")
+                              "--model, e.g. --model path/to/uncompressed")
     ids = ids.to(dev)
     train, held = _split(ids.shape[0], min(cfg.heldout, ids.shape[0] - 1), cfg.seed)
     train, held = train.to(dev), held.to(dev)
@@ -515,12 +516,12 @@ def _open_teacher(source: str, ckpt: Path, device: torch.device):
     p = Path(source).expanduser()
     if (source.startswith((".", "/", "~")) or p.is_absolute()) and not p.is_dir():
         raise ModelLoadError(f"the source model of {ckpt}, {source!r}, does not exist; pass the uncompressed model "
-                             "it was compressed from with --model")
+                             "it was compressed from with --model, e.g. --model path/to/uncompressed")
     try:
         return open_model(source, device)
     except ModelLoadError as e:
         raise ModelLoadError(f"cannot open the source model of {ckpt} ({e}); pass the uncompressed model it was "
-                             "compressed from with --model") from None
+                             "compressed from with --model, e.g. --model path/to/uncompressed") from None
 
 
 def distill(path: str | Path, out: str | Path, config: DistillConfig = DistillConfig(), *, model: str | None = None,
@@ -541,7 +542,7 @@ def distill(path: str | Path, out: str | Path, config: DistillConfig = DistillCo
     source = model or (meta.get("extra") or {}).get("source_model")
     if not source:
         raise CheckpointError(f"checkpoint {path} does not name the model it was compressed from; pass it with "
-                              "--model")
+                              "--model, e.g. --model path/to/uncompressed")
     checkpoint.check_out_dir(out, overwrite)
     body, label = read_text(calib_text, DEFAULT_CALIB_TEXT)
     tok = load_tokenizer(str(path))

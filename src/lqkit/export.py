@@ -166,7 +166,8 @@ def _check_not_source(out: Path, source: Path) -> None:
     o, s = out.resolve(), source.resolve()
     if o == s or o in s.parents:
         raise CheckpointError(f"--out {str(out)!r} would replace the checkpoint being exported ({str(source)!r}) "
-                              "or a folder holding it; choose another --out")
+                              "or a folder holding it; choose another --out, e.g. "
+                              f"--out {str(source).rstrip('/')}-export")
 
 
 # ----------------------------------------------------------------------------------------------

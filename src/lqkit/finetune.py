@@ -571,7 +571,8 @@ def _check_replaceable_run(out: Path, source: Path) -> None:
     others = [p.name for p in o.iterdir() if p.name not in RUN_MARKERS and not p.name.startswith(".")]
     if others or not any((o / m).exists() for m in RUN_MARKERS):
         raise CheckpointError(f"--out {str(out)!r} is not a fine-tuning run folder (it holds {others[:3] or 'nothing of a run'}); "
-                              "--overwrite replaces only an earlier run: remove it yourself or choose another --out")
+                              "--overwrite replaces only an earlier run: remove it yourself or choose another --out, "
+                              f"e.g. --out {str(out).rstrip('/')}-2")
 
 
 def finetune(path: str | Path, data: str | Path, out: str | Path, config: FinetuneConfig = FinetuneConfig(), *,

@@ -68,7 +68,8 @@ def check_out_dir(out: str | Path, overwrite: bool, *, claim: bool = True) -> Pa
                               f"or choose another --out, e.g. --out {out}-2")
     base = _nearest_existing(full.parent)
     if not base.is_dir():
-        raise CheckpointError(f"cannot create --out {str(out)!r}: {base} is a file; choose another --out")
+        raise CheckpointError(f"cannot create --out {str(out)!r}: {base} is a file; choose another --out, e.g. "
+                              f"--out {base.parent / Path(out).name}")
     if not os.access(base, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write to {base} (read-only or no permission); choose another --out, "
                               "e.g. one under your home folder")
@@ -180,10 +181,10 @@ def swap_in(src: Path, dst: Path, overwrite: bool) -> None:
                 return
         except FileExistsError:
             raise CheckpointError(f"output folder {str(dst)!r} appeared while this run was working; pass "
-                                  "--overwrite to replace it or choose another --out") from None
+                                  f"--overwrite to replace it or choose another --out, e.g. --out {dst}-2") from None
         if dst.exists():
             raise CheckpointError(f"output folder {str(dst)!r} appeared while this run was working; pass "
-                                  "--overwrite to replace it or choose another --out")
+                                  f"--overwrite to replace it or choose another --out, e.g. --out {dst}-2")
         os.rename(src, dst)
         return
     if _rename2(src, dst, _RENAME_EXCHANGE):  # dst is now the new folder, src the old one

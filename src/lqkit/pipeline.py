@@ -476,7 +476,9 @@ def calibrate(model: str | None, out: str, *, text: str | None = None, config: C
     from pathlib import Path
 
     if Path(out).expanduser().exists() and not overwrite:
-        raise checkpoint.CheckpointError(f"statistics file {out!r} already exists; pass --overwrite or choose another --out")
+        stem = Path(out).expanduser()
+        raise checkpoint.CheckpointError(f"statistics file {out!r} already exists; pass --overwrite or choose another "
+                                         f"--out, e.g. --out {stem.with_name(stem.stem + '-2' + stem.suffix)}")
     body, label = read_text(text, DEFAULT_CALIB_TEXT)
     loaded = load_model(model)
     names = list(find_linears(loaded.model, include or DEFAULT_INCLUDE, exclude or DEFAULT_EXCLUDE))

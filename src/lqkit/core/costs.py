@@ -345,8 +345,14 @@ def matrix_costs(w: torch.Tensor, stats: MatrixStats | None, cands: CandidateSet
         target = serving.get_target(cands.target)
         specs = [s for s in specs if serving.refusal(MatrixSpec("quant", s), shape, target) is None]
         if not specs:
+            fits = [g for g in (2 ** k for k in range(3, 13)) if any(  # group sizes the target serves for this shape
+                serving.refusal(MatrixSpec("quant", replace(s, group_size=g)), shape, target) is None
+                for s in cands.quant_specs())]
+            below = [g for g in fits if g < shape[1]]  # the largest proper group, else one row per group
+            pick = below[-1] if below else fits[0] if fits else None
+            hint = f", e.g. --cand-group-sizes {','.join(map(str, [*cands.group_sizes, pick]))}" if pick else ""
             raise SpecError(f"no candidate group size suits a {shape[0]}x{shape[1]} matrix for target {target.name}; "
-                            f"add one dividing {shape[1]} to --cand-group-sizes")
+                            f"add one dividing {shape[1]} to --cand-group-sizes{hint}")
     out_specs, out_bits, out_err, evaluated = [], [], [], 0
     for rotate in cands.rotations:
         rot = (rotation or Rotation.for_size(shape[1])) if rotate else None
