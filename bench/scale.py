@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,13 +41,23 @@ RUNS = {  # name -> lqkit compress arguments
 }
 
 
+def run_args(name: str) -> list[str]:
+    """A run's lqkit compress arguments: one of RUNS, or "budgetX" for --budget X (e.g. budget2.25)."""
+    if name in RUNS:
+        return RUNS[name]
+    m = re.fullmatch(r"budget(\d+(?:\.\d+)?)", name)
+    if m is None:
+        raise SystemExit(f"unknown run {name!r}: one of {', '.join(RUNS)} or budgetX, e.g. budget2.5")
+    return ["--budget", m.group(1)]
+
+
 def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, extra: list[str], nproc: int = 1) -> dict:
     out = work / f"ck-{folder.name}-{name}"
     log = work / f"log-{folder.name}-{name}.txt"
     lqkit = [sys.executable, "-m", "lqkit"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "lqkit"]
     cmd = lqkit + ["compress", "--model", str(folder), "--out", str(out), "--overwrite", "--device", device,
-                   *RUNS[name], *extra]
+                   *run_args(name), *extra]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
@@ -56,7 +67,7 @@ def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, ex
         except subprocess.TimeoutExpired:
             rc = "timeout"
     wall = time.time() - t0
-    row = {"run": name, "model": folder.name, "processes": nproc, "args": RUNS[name] + extra, "returncode": rc,
+    row = {"run": name, "model": folder.name, "processes": nproc, "args": run_args(name) + extra, "returncode": rc,
            "wall_seconds": round(wall, 1), "log_tail": log.read_text()[-3000:]}
     meta = out / "lqkit.json"
     if rc == 0 and meta.is_file():
@@ -82,7 +93,7 @@ def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--layers", default="8", help="comma-separated decoder-block counts")
-    ap.add_argument("--runs", default="rtn4,gptq4,budget3", help=f"comma-separated, of {', '.join(RUNS)}")
+    ap.add_argument("--runs", default="rtn4,gptq4,budget3", help=f"comma-separated, of {', '.join(RUNS)} or budgetX")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
     ap.add_argument("--work", default="/tmp/lqkit-scale", help="where model folders and checkpoints go")
