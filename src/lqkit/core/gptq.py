@@ -225,7 +225,7 @@ def _fused_sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: 
 
 def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
            perm: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ sweep over the stacked (rows, n) matrix ``w`` (the fused sweep modifies it). Fills the families
+    """GPTQ sweep over the stacked (rows, n) matrix ``w`` (the fused sweep modifies it). Fills the families'
     group parameters; returns (codes uint8, q) of the stack in the sweep's column order.
 
     The sweep works on Wᵀ (n, rows), so that every per-column operation reads and writes one
