@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lqkit.core import MatrixStats, decompose, storage_bits
+from lqkit.core import costs as C
 from lqkit.core.costs import CandidateSet, matrix_costs, metric_error, near_front
 from lqkit.core.rotation import Rotation
 from lqkit.errors import SpecError
@@ -121,3 +122,20 @@ def test_candidate_rotations_validation_and_keys():
         CandidateSet(rotations=(True, True))
     with pytest.raises(SpecError, match="cannot apply an input rotation"):
         CandidateSet(rotations=(False, True), target="vllm")
+
+
+def test_large_gram_matrices_kept_as_eigenvalues_give_the_same_table(monkeypatch):
+    """Low-rank summaries above GRAM_KEEP_MAX elements are reduced to their top eigenvalues at once
+    (bounded memory on large matrices); the table is the same as with the Gram matrices kept whole."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 80, generator=g) * 0.02
+    x = torch.randn(400, 80, generator=g) * torch.rand(80, generator=g) * 2
+    st = MatrixStats(h=x.T @ x / 400, fisher=torch.rand(96, 80, generator=g) ** 4)
+    cands = C.CandidateSet(quantizers=("rtn", "gptq"), bits=(2, 3), group_sizes=(16, 32), ranks=(0, 4, 16))
+    monkeypatch.setattr(C, "GRAM_KEEP_MAX", 1 << 40)
+    whole = C.matrix_costs(w, st, cands)
+    monkeypatch.setattr(C, "GRAM_KEEP_MAX", 0)
+    reduced = C.matrix_costs(w, st, cands)
+    assert any(s.rank > 0 for s in whole.specs)
+    assert [s.to_dict() for s in whole.specs] == [s.to_dict() for s in reduced.specs]
+    assert np.array_equal(whole.errors, reduced.errors) and np.array_equal(whole.bits, reduced.bits)

@@ -170,10 +170,12 @@ def _sum(x: torch.Tensor) -> torch.Tensor:
 class _Metric:
     """The weighted error of one matrix and its weighted low-rank spectrum."""
 
-    def __init__(self, stats: MatrixStats | None, metric: str, device):
+    def __init__(self, stats: MatrixStats | None, metric: str, device, top: int = 0):
+        """``top``: the largest rank that :meth:`rank_errors` will be asked for (0: not known)."""
         if metric not in METRICS:
             raise SpecError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
         self.metric = metric
+        self.top = top
         self.d, self.c, self.c_inv = weight_scales(stats, metric)
         self.fisher = require(stats, "fisher", "the fisher metric").float().to(device) if metric == "fisher" else None
 
@@ -211,16 +213,21 @@ class _Metric:
 
     def spectral_summary(self, b: torch.Tensor) -> torch.Tensor:
         """What :meth:`rank_errors` needs of a matrix ``b`` that :meth:`errors_and_spectral` gave: its
-        smaller Gram matrix (σ² are its eigenvalues), or for fisher ``b`` itself (E)."""
+        smaller Gram matrix (σ² are its eigenvalues), or for fisher ``b`` itself (E). A Gram matrix of
+        more than GRAM_KEEP_MAX elements is reduced at once to its ``top`` largest eigenvalues (what
+        :meth:`rank_errors` computes of it): a table keeps one summary per configuration until the
+        low-rank step, and on a 70B-sized matrix a Gram matrix is 256 MiB."""
         if self.fisher is not None:
             return b
-        return b @ b.T if b.shape[0] <= b.shape[1] else b.T @ b
+        g = b @ b.T if b.shape[0] <= b.shape[1] else b.T @ b
+        return top_eigenvalues(g, self.top) if self.top and g.numel() > GRAM_KEEP_MAX else g
 
     def rank_errors(self, b: torch.Tensor, total: float, ranks: list[int]) -> list[float]:
         """err(E − best weighted rank-r fit) for each r in ``ranks`` (all > 0), from
         :meth:`spectral_summary` of E's matrix (the Gram matrix of D·E·C; E itself for fisher)."""
-        if self.fisher is None:  # σ² are the eigenvalues of the smaller Gram matrix
-            cum = torch.cumsum(top_eigenvalues(b, max(ranks)), 0).tolist()
+        if self.fisher is None:  # σ² are the eigenvalues of the smaller Gram matrix (or already those)
+            ev = b[:max(ranks)] if b.ndim == 1 else top_eigenvalues(b, max(ranks))
+            cum = torch.cumsum(ev, 0).tolist()
             return [max(total - cum[r - 1], 0.0) for r in ranks]
         e = b.double()
         u, s, vh = torch.linalg.svd(self.scaled(b.unsqueeze(0))[0].double(), full_matrices=False)
@@ -232,6 +239,7 @@ class _Metric:
         return res
 
 
+GRAM_KEEP_MAX = 1 << 22  # Gram matrices (a low-rank summary) up to this many elements are kept whole (2048²)
 EIG_EXACT_MAX = 1024  # Gram matrices up to this size get every eigenvalue (LAPACK); larger ones the top ones
 EIG_OVERSAMPLE = 32
 EIG_POWER = 4
@@ -379,7 +387,8 @@ def _candidates(w: torch.Tensor, stats: MatrixStats | None, specs: list[QuantSpe
     """(specs, bits, errors, configs evaluated) of every candidate of ``w`` (already rotated by ``rot``,
     with its statistics) that the pruning keeps, before the Pareto front."""
     shape = tuple(w.shape)
-    m = _Metric(stats, metric, w.device)
+    ranks = sorted(r for r in set(cands.ranks) if 0 < r <= min(shape))
+    m = _Metric(stats, metric, w.device, top=max(ranks, default=0))
     aware = [s for s in specs if QUANTIZERS[s.method].data_aware]
     free = [s for s in specs if not QUANTIZERS[s.method].data_aware]
     # 1. data-free configs and the rtn proxies of the data-aware ones, screened cheaply
@@ -407,7 +416,6 @@ def _candidates(w: torch.Tensor, stats: MatrixStats | None, specs: list[QuantSpe
     q0 = np.concatenate([ferr, aerr])
     qbits = np.array([qmod.storage_bits(s, shape) for s in qspecs], dtype=np.int64)
     evaluated = len(cheap) + len(run)
-    ranks = sorted(r for r in set(cands.ranks) if 0 < r <= min(shape))
     wt = metric  # built matrices use the metric's weighting for their low rank (and report it)
     out_specs, out_bits, out_err = [], [], []
     if 0 in cands.ranks:
