@@ -63,7 +63,40 @@ def timed(store: dict, key: str, fn, device: str):
     return wrap
 
 
-def profile_row(out: int, inp: int, device: str) -> dict:
+def _where(frames: list, depth: int = 3) -> str:
+    """The innermost ``depth`` lqkit frames of an allocation's stack, innermost first."""
+    mine = [f for f in frames if "/lqkit/" in f.get("filename", "")][:depth]
+    return " < ".join(f"{f['filename'].rsplit('/lqkit/', 1)[1]}:{f['line']} {f['name']}" for f in mine) or "?"
+
+
+def peak_breakdown(snapshot: dict, base_bytes: int, top: int = 12) -> dict:
+    """Replay the allocator's trace (torch.cuda.memory._record_memory_history) to the moment of most
+    allocated memory and group the tensors alive then by where they were allocated."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    events = snapshot["device_traces"][0] if snapshot.get("device_traces") else []
+    for ev in events:
+        a = ev.get("action")
+        if a == "alloc":
+            live[ev["addr"]] = (ev["size"], _where(ev.get("frames", [])))
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif a in ("free_requested", "free_completed") and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+    groups: dict[str, list[int]] = {}
+    for size, where in at_peak.values():
+        g = groups.setdefault(where, [0, 0])
+        g[0] += size
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"events": len(events), "peak_mib_traced": round(peak / 2**20),
+            "before_trace_mib": round(base_bytes / 2**20),
+            "live_at_peak": [{"where": w, "mib": round(b / 2**20), "tensors": n} for w, (b, n) in ranked]}
+
+
+def profile_row(out: int, inp: int, device: str, trace: bool = False) -> dict:
     torch.manual_seed(0)
     w = (torch.randn(out, inp, device=device) * 0.02).to(torch.bfloat16)
     x = torch.randn(4096, inp, device=device) * (torch.rand(inp, device=device) * 2)
@@ -78,13 +111,20 @@ def profile_row(out: int, inp: int, device: str) -> dict:
     saved = [(obj, name, getattr(obj, name)) for obj, name in patches]
     for obj, name, fn in saved:
         setattr(obj, name, timed(t, name, fn, device))
+    snap = None
+    if trace:
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
     try:
         _sync(device)
         t0 = time.time()
         c = timed(t, "matrix_costs", costs.matrix_costs, device)(w, stats)
         _sync(device)
         total = time.time() - t0
+        if trace:
+            snap = torch.cuda.memory._snapshot()
     finally:
+        if trace:
+            torch.cuda.memory._record_memory_history(enabled=None)
         for obj, name, fn in saved:
             setattr(obj, name, fn)
     row = {"shape": [out, inp], "total_s": round(total, 2), "evaluated": c.evaluated, "front": len(c.specs)}
@@ -93,6 +133,8 @@ def profile_row(out: int, inp: int, device: str) -> dict:
         _note_peak(device)
         row["peak_gpu_mib"] = max(v for k, v in row.items() if k.endswith("_peak_mib"))
         row["stats_mib"] = round(stats_bytes / 2**20)
+    if snap is not None:
+        row["memory_at_peak"] = peak_breakdown(snap, stats_bytes)
     return row
 
 
@@ -154,6 +196,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweeps", default="", help="also profile one batched GPTQ call per SHAPE:STACK, e.g. 4096x4096:28")
+    ap.add_argument("--memory-trace", action="store_true",
+                    help="(CUDA) record the allocator's trace and report what is alive at the peak, "
+                         "by where it was allocated")
     a = ap.parse_args()
     sweeps = []
     for s in filter(None, a.sweeps.split(",")):
@@ -164,7 +209,7 @@ def main() -> None:
     rows = []
     for s in filter(None, a.shapes.split(",")):
         o, i = (int(v) for v in s.split("x"))
-        rows.append(profile_row(o, i, a.device))
+        rows.append(profile_row(o, i, a.device, a.memory_trace))
         print(json.dumps(rows[-1]), flush=True)
     eig = {n: eig_times(n, a.device) for n in (4096,)} if rows else {}
     print(json.dumps(eig), flush=True)

@@ -171,7 +171,61 @@ def kernel_check(model, device: str) -> float | None:
     return worst
 
 
-def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, device: str, backend: str) -> dict:
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
+    ("lqkit", ("_frag_kernel", "_gemv_kernel", "_mma_kernel", "_gemm_kernel", "_dequant_kernel", "_sparse_add")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("gemm", ("gemm", "gemv", "nvjet", "sm90_xmma", "cutlass", "splitk", "dot_kernel")),
+    ("inductor", ("triton_",)),
+    ("copy/fill", ("copy", "memcpy", "memset", "fill", "cat")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, subs in KERNEL_KINDS if any(s in low for s in subs)), "other")
+
+
+def profile_generate(once, new: int) -> dict:
+    """One generate() call under torch.profiler: wall seconds, GPU kernel time (sum of the kernels'
+    durations, one stream) per new token and by kind, and the top kernels. Wall minus kernel time is what
+    the GPU waits on the host (generate's Python loop, launches, synchronisations)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = once()
+    by_name: dict[str, list[float]] = {}
+    steps: list[float] = []  # end of each step's argmax kernel (µs): one per generated token
+    first = None
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and e.device_time_total > 0:
+            v = by_name.setdefault(e.name, [0.0, 0])
+            v[0] += e.device_time_total / 1e3  # ms
+            v[1] += 1
+            first = e.time_range.start if first is None else min(first, e.time_range.start)
+            if "ArgMax" in e.name:
+                steps.append(e.time_range.end)
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in by_name.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    gpu_ms = sum(kinds.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
+    steps.sort()
+    gaps = [(b - a) / 1e3 for a, b in zip(steps, steps[1:])]
+    cpu = sorted((e for e in prof.key_averages() if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    return {"wall_s": round(wall, 4), "gpu_kernel_ms": round(gpu_ms, 2),
+            "gpu_ms_per_token": round(gpu_ms / new, 4), "wall_ms_per_token": round(wall * 1e3 / new, 4),
+            "gpu_busy_fraction": round(gpu_ms / (wall * 1e3), 3),
+            "prefill_ms": round((steps[0] - first) / 1e3, 3) if steps and first is not None else None,
+            "step_ms_median": round(statistics.median(gaps), 4) if gaps else None,
+            "step_ms_min": round(min(gaps), 4) if gaps else None,
+            "ms_per_token_by_kind": {k: round(v / new, 4) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:120], "ms": round(ms, 2), "calls": c} for n, (ms, c) in top],
+            "top_cpu_self": [{"name": e.key[:100], "ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
+                             for e in cpu[:20]]}
+
+
+def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, device: str, backend: str,
+                  profile: bool = False) -> dict:
     from transformers import CompileConfig
 
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
@@ -186,16 +240,21 @@ def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, devi
         sync(device)
         t = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, **args)
+            if mode == "loop":  # lqkit's decoding loop (lqkit generate --compile)
+                from lqkit.generate import greedy_loop
+
+                out = greedy_loop(model, ids, new, backend=backend)
+            else:
+                out = model.generate(input_ids=ids, attention_mask=mask, **args)
         sync(device)
         return time.perf_counter() - t, out
 
-    if mode == "compiled":  # the full length: the static cache's size is part of the compiled graph
+    if mode in ("compiled", "loop"):  # the full length: the static cache's size is part of the compiled graph
         warm, _ = once()
     else:  # binds the kernel calls of the prefill and of one decoding step
         warm, _ = once(dict(kw, max_new_tokens=2, min_new_tokens=2))
     log(f"    warm-up {warm:.1f} s" + (" (compiles" + (", records CUDA graphs)" if device == "cuda" else ")")
-                                      if mode == "compiled" else ""))
+                                      if mode != "eager" else ""))
     times = []
     for i in range(reps):
         s, out = once()
@@ -204,7 +263,14 @@ def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, devi
         times.append(s)
         log(f"    run {i + 1}/{reps}: {s:.3f} s ({ids.shape[0] * new / s:.1f} tokens/s)")
     t = statistics.median(times)
-    return {"mode": mode, "batch": ids.shape[0], "prompt_tokens": ids.shape[1], "new_tokens": new,
+    prof = None
+    if profile and device == "cuda":
+        prof = profile_generate(once, new)
+        log(f"    profiled: {prof['wall_ms_per_token']} ms/token wall, {prof['gpu_ms_per_token']} ms/token of kernels, "
+            f"step {prof['step_ms_median']} ms (median), prefill {prof['prefill_ms']} ms "
+            f"{prof['ms_per_token_by_kind']}")
+    return {**({"profile": prof} if prof else {}), "mode": mode, "batch": ids.shape[0],
+            "prompt_tokens": ids.shape[1], "new_tokens": new,
             "seconds": round(t, 4), "times": [round(s, 4) for s in times], "warmup_seconds": round(warm, 2),
             "tokens_per_s": round(ids.shape[0] * new / t, 1), "ms_per_token": round(t / new * 1e3, 3),
             "tokens": out[0, ids.shape[1]:ids.shape[1] + 8].tolist()}
@@ -240,7 +306,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the built model (default 32)")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    ap.add_argument("--modes", default="eager,compiled", help="eager, compiled or both (default both)")
+    ap.add_argument("--modes", default="eager,compiled,loop",
+                    help="of eager, compiled (generate() with a static cache and compile_config) and loop (lqkit's "
+                         "compiled greedy loop, lqkit.generate.greedy_loop); default all three")
     ap.add_argument("--new", type=int, default=128, help="generated tokens per call (default 128)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     ap.add_argument("--reps", type=int, default=3, help="timed calls per measurement, median (default 3)")
@@ -248,6 +316,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="rebuild the model folder's checkpoints even if present")
     ap.add_argument("--fresh-results", action="store_true",
                     help="start --out afresh (default: rows of earlier runs of the same shape are kept unless re-run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, one more call under torch.profiler: kernel time per token by kind, top kernels")
     ap.add_argument("--tiny", action="store_true", help="2-layer tiny llama on the CPU: checks the script's logic")
     args = ap.parse_args()
 
@@ -320,7 +390,8 @@ def main() -> None:
                 log(f"  {name} batch {b} {mode}")
                 r = dict(info_row)
                 try:
-                    r.update(time_generate(model, prompts[:b].to(device), mode, args.new, args.reps, device, backend))
+                    r.update(time_generate(model, prompts[:b].to(device), mode, args.new, args.reps, device, backend,
+                                           args.profile))
                     if bw:
                         r["copy_bandwidth_gb_s"] = round(bw, 1)
                         floor = wb / (bw * 1e9)

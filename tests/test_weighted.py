@@ -7,7 +7,8 @@ from lqkit.core import MatrixSpec, MatrixStats, QuantSpec, decompose, truncated_
 from lqkit.core.adadim import choose_group_dim, group_dim_errors
 from lqkit.core.lowrank import scaled_svd
 from lqkit.core import gptq
-from lqkit.core.stats import _lower_inverse, fisher_scales, kfac_rows, memo_on, sq_error, weight_scales, whitening
+from lqkit.core.stats import (cholesky_, damped, fisher_scales, invert_lower_, kfac_rows, memo_on, sq_error,
+                              weight_scales, whitening)
 from lqkit.errors import SpecError
 
 
@@ -44,11 +45,18 @@ def test_whitening_guards_singular_h():
 
 
 @pytest.mark.parametrize("n,block", [(1, 4), (7, 3), (64, 16), (50, 64)])
-def test_lower_inverse_blocked_equals_dense_solve(n, block):
+def test_lower_factor_and_inverse_in_place_equal_dense(n, block):
     a = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
-    chol = torch.linalg.cholesky(a @ a.T + n * torch.eye(n, dtype=torch.float64))
+    h = a @ a.T + n * torch.eye(n, dtype=torch.float64)
+    chol = torch.linalg.cholesky(h)
     ref = torch.linalg.solve_triangular(chol, torch.eye(n, dtype=torch.float64), upper=False)
-    torch.testing.assert_close(_lower_inverse(chol, block), ref, atol=1e-12, rtol=1e-10)
+    m = h.clone()
+    ptr = m.data_ptr()
+    assert cholesky_(m, block) and m.data_ptr() == ptr
+    torch.testing.assert_close(m, chol, atol=1e-12, rtol=1e-10)
+    assert invert_lower_(m, block).data_ptr() == ptr
+    torch.testing.assert_close(m, ref, atol=1e-12, rtol=1e-10)
+    assert not cholesky_(-h.clone(), block)  # not positive definite
 
 
 def test_memo_on_remembers_per_tensor_and_forgets_on_change():
@@ -161,3 +169,14 @@ def test_init_is_an_lq_option():
     with pytest.raises(SpecError, match="init"):
         MatrixSpec("lorc", QuantSpec("rtn", 3, 16), 4, init="quant")
     assert MatrixSpec("lq", QuantSpec("rtn", 3, 16), 4, init="quant").label() == "lq(init=quant):rtn3/g16in+r4"
+
+
+@pytest.mark.parametrize("n", [1, 9, 70])
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse(n):
+    a = torch.randn(n, 3 * n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    h = (a @ a.T / (3 * n)).float()
+    u = gptq.inverse_cholesky(h, 0.01)
+    hinv = torch.linalg.inv(damped(h, 0.01).double())
+    ref = torch.linalg.cholesky(hinv, upper=True)  # the unique factor with a positive diagonal
+    assert torch.equal(u, torch.triu(u))
+    torch.testing.assert_close(u.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)

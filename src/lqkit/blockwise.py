@@ -47,7 +47,7 @@ from .core.costs import CandidateSet, MatrixCosts, matrix_costs
 from .core.decompose import MatrixSpec, storage_bits
 from .core.embed import RowCandidates, RowSpec, TableCosts, TableStats
 from .core.rotation import for_matrix
-from .core.stats import MatrixStats
+from .core.stats import MatrixStats, forget
 from .dist import SINGLE, Group
 from .models import cache_dir
 from .nn.linear import CompressedLinear
@@ -423,12 +423,16 @@ def _embedding_scale(model, ids: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def stored_stats(stats: Mapping[str, MatrixStats], full: Callable[[str], bool], keep_h: bool,
-                 dtype: torch.dtype) -> dict[str, MatrixStats]:
+                 dtype: torch.dtype, inplace: bool = False) -> dict[str, MatrixStats]:
     """What later stages read of a block's statistics: H when ``keep_h``; the Fisher diagonal in
-    ``dtype``, whole for the matrices where ``full(name)``, else its row and column sums."""
+    ``dtype``, whole for the matrices where ``full(name)``, else its row and column sums. ``inplace``:
+    round the given fp32 Fisher tensors to ``dtype`` where they are instead of copying them (a 70B
+    block's are 3.2 GB)."""
     out = {}
     for n, ms in stats.items():
-        f = ms.fisher.to(dtype).float() if ms.fisher is not None else None
+        f = ms.fisher
+        if f is not None and f.dtype != dtype:
+            f = f.copy_(f.to(dtype)) if inplace and f.dtype == torch.float32 else f.to(dtype).float()
         ms = MatrixStats(h=ms.h if keep_h else None, fisher=f)
         out[n] = ms if (f is None or full(n)) else ms.compact()
     return out
@@ -490,13 +494,16 @@ def block_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixSt
             pool.broken = True
             log.warning("cost-table workers failed (%s); computing in this process. Scripts that call lqkit should "
                         "guard their entry point with `if __name__ == \"__main__\":`", e or "a worker died")
-    for n in mine:
-        if n not in rows:
-            w = model.get_submodule(n).weight.detach()
-            t0 = time.time()
-            rows[n] = matrix_costs(w, stats.get(n), cands, metric, on_progress=bar.update,
-                                   rotation=for_matrix(n, w.shape[1])).to_dict()
-            log.debug("cost-table row of %s (%dx%d): %.1f s", n, *w.shape, time.time() - t0)
+    left = [n for n in mine if n not in rows]
+    for i, n in enumerate(left):
+        w = model.get_submodule(n).weight.detach()
+        t0 = time.time()
+        rows[n] = matrix_costs(w, stats.get(n), cands, metric, on_progress=bar.update,
+                               rotation=for_matrix(n, w.shape[1])).to_dict()
+        log.debug("cost-table row of %s (%dx%d): %.1f s", n, *w.shape, time.time() - t0)
+        h = stats[n].h if n in stats else None
+        if h is not None and not any(stats[m].h is h for m in left[i + 1:] if m in stats):
+            forget(h)  # its factorisations (n×n each) are not needed by the rows still to come
     if group.world > 1:
         for part in group.gather(rows):
             rows.update(part)

@@ -154,13 +154,17 @@ class HessianAccumulator:
         return self.h[key] / max(self.count[key], 1) if key in self.h else None
 
     def means(self, names) -> dict[str, torch.Tensor | None]:
-        """:meth:`mean` of each name; layers that share an input share one tensor (their identity
+        """:meth:`mean` of each name, the sums divided in place (no second copy: a 28672-wide H is 3.3 GB;
+        the accumulator is done after this); layers that share an input share one tensor (their identity
         says who reads one input, e.g. for the allocation's ties)."""
         done: dict[str, torch.Tensor | None] = {}
         for n in names:
             key = self.alias.get(n, n)
             if key not in done:
-                done[key] = self.mean(n)
+                if key in self.h:
+                    self.h[key].div_(max(self.count[key], 1))
+                    self.count[key] = 1
+                done[key] = self.h.get(key)
         return {n: done[self.alias.get(n, n)] for n in names}
 
     def new_call(self) -> None:

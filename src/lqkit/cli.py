@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import math
+import os
 import re
 import sys
 
@@ -590,6 +591,11 @@ def _allocation_from_args(a: argparse.Namespace):
 
 def cmd_compress(a: argparse.Namespace) -> int:
     from . import pipeline
+
+    # a compression run's tensors come in many sizes (an n×n factorisation beside (out, in) stacks): growable
+    # segments keep the GPU memory it reserves near what it uses (before any CUDA allocation; a user's own
+    # PYTORCH_CUDA_ALLOC_CONF wins)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     if a.budget is not None or a.budget_bytes is not None:
         spec = _allocation_from_args(a)  # validate before loading anything

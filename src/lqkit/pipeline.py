@@ -313,7 +313,8 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
             return
         if budgeted:
             t0 = time.time()
-            stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype)  # the costs see what is stored
+            # the costs see what is stored: the Fisher rounded where it is (no second copy of it beside the sweep's)
+            stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype, inplace=True)
             c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar, pool)
             t_costs[0] += time.time() - t0
             log.info("cost table of block %d (%d matrices): %.1f s", k, len(c), time.time() - t0)

@@ -129,17 +129,49 @@ def memo_on(t: torch.Tensor, key: Hashable, fn: Callable[[], T]) -> T:
     return slot[1][key]
 
 
-def _lower_inverse(chol: torch.Tensor, block: int = 2048) -> torch.Tensor:
-    """L⁻¹ of a lower-triangular L, block column by block column (L⁻¹ is lower-triangular, so column
-    block j needs only rows ≥ j): about two n×n matrices in memory instead of four."""
-    n = chol.shape[0]
-    inv = torch.zeros_like(chol)
+def forget(t: torch.Tensor) -> None:
+    """Drop what :func:`memo_on` remembers for ``t`` (e.g. once no later step reads H's factorisations)."""
+    _MEMO.pop(t, None)
+
+
+def cholesky_(a: torch.Tensor, block: int = 2048) -> bool:
+    """Replace the symmetric ``a`` by its lower Cholesky factor (zeros above the diagonal) where it is:
+    block column by block column (right-looking: factor the diagonal block, solve the panel below it,
+    subtract its outer product from the trailing matrix), so that no second n×n matrix is held (a
+    28672-wide fp64 H is 6.6 GB; the library factorisation on a GPU holds 3.5 more). False when ``a``
+    is not positive definite (then ``a`` holds an unusable partial factor)."""
+    n = a.shape[0]
     for j0 in range(0, n, block):
         j1 = min(n, j0 + block)
-        rhs = torch.zeros(n - j0, j1 - j0, dtype=chol.dtype, device=chol.device)
-        rhs[:j1 - j0].fill_diagonal_(1.0)
-        inv[j0:, j0:j1] = torch.linalg.solve_triangular(chol[j0:, j0:], rhs, upper=False)
-    return inv
+        d, info = torch.linalg.cholesky_ex(a[j0:j1, j0:j1])
+        if int(info) != 0:
+            return False
+        a[j0:j1, j0:j1] = d
+        if j1 < n:
+            p = torch.linalg.solve_triangular(d.mT, a[j1:, j0:j1], upper=True, left=False)  # A₂₁·L₁₁⁻ᵀ
+            a[j1:, j0:j1] = p
+            a[j1:, j1:].addmm_(p, p.mT, alpha=-1.0)
+            a[j0:j1, j1:] = 0
+            del p
+    return True
+
+
+def invert_lower_(chol: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """Replace the lower-triangular ``chol`` (zeros above the diagonal) by its inverse where it is, block
+    column by block column from the last: with the trailing part already inverted (X₂₂), a block column
+    [A₁₁; A₂₁] becomes [A₁₁⁻¹; −X₂₂·A₂₁·A₁₁⁻¹] (one matrix product per block; no second n×n matrix).
+    Returns ``chol``."""
+    n = chol.shape[0]
+    for j0 in reversed(range(0, n, block)):
+        j1 = min(n, j0 + block)
+        eye = torch.eye(j1 - j0, dtype=chol.dtype, device=chol.device)
+        d = torch.linalg.solve_triangular(chol[j0:j1, j0:j1], eye, upper=False)  # A₁₁⁻¹
+        if j1 < n:
+            t = chol[j1:, j0:j1] @ d
+            chol[j1:, j0:j1] = -(chol[j1:, j1:] @ t)
+            del t
+        chol[j0:j1, j0:j1] = d
+    return chol
 
 
 def whitening(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,13 +187,12 @@ def whitening(h: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, torch.
 def _whitening(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.isfinite(h).all():
         raise SpecError("the input second-moment matrix H has NaN/inf entries; re-run calibration")
-    hd = damped(h, damp).double()
-    chol, info = torch.linalg.cholesky_ex(hd)
-    if int(info) == 0:
-        del hd  # fp64 n×n: free before the inverse (a 28672-wide H is 6.6 GB a copy)
-        inv = _lower_inverse(chol)
-        return chol.float(), inv.float()
+    chol = damped(h, damp).double()
+    if cholesky_(chol):  # fp64 n×n once, factored and inverted where it is
+        s = chol.float()
+        return s, invert_lower_(chol).float()
     del chol
+    hd = damped(h, damp).double()
     evals, evecs = torch.linalg.eigh((hd + hd.T) / 2)
     evals = evals.clamp_min(evals.max().clamp_min(1e-30) * 1e-6)
     root = evals.sqrt()
