@@ -67,6 +67,20 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
+def by_site(blocks, top: int = 15) -> list[dict]:
+    """GPU allocations (size in bytes, the allocator's recorded stack frames) summed by where lqkit made
+    them — the innermost three lqkit frames — largest first (``torch.cuda.memory._record_memory_history``)."""
+    groups: dict[str, list[int]] = {}
+    for size, frames in blocks:
+        mine = [f for f in frames if "/lqkit/" in f.get("filename", "")][:3]
+        where = " < ".join(f"{f['filename'].rsplit('/lqkit/', 1)[1]}:{f['line']} {f['name']}" for f in mine) or "?"
+        g = groups.setdefault(where, [0, 0])
+        g[0] += size
+        g[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"where": w, "mib": round(b / 2**20), "tensors": n} for w, (b, n) in ranked]
+
+
 def fmt_ppl(p: float) -> str:
     """Perplexity for tables: two decimals, or three significant digits once it has collapsed."""
     return f"{p:.2f}" if p < 1e4 else f"{p:.3g}"

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, machine_info, write_json  # noqa: E402
+from common import base_parser, by_site, machine_info, write_json  # noqa: E402
 from lqkit.core import costs, gptq, nuq, quant  # noqa: E402
 from lqkit.core.stats import MatrixStats  # noqa: E402
 
@@ -63,37 +63,24 @@ def timed(store: dict, key: str, fn, device: str):
     return wrap
 
 
-def _where(frames: list, depth: int = 3) -> str:
-    """The innermost ``depth`` lqkit frames of an allocation's stack, innermost first."""
-    mine = [f for f in frames if "/lqkit/" in f.get("filename", "")][:depth]
-    return " < ".join(f"{f['filename'].rsplit('/lqkit/', 1)[1]}:{f['line']} {f['name']}" for f in mine) or "?"
-
-
 def peak_breakdown(snapshot: dict, base_bytes: int, top: int = 12) -> dict:
     """Replay the allocator's trace (torch.cuda.memory._record_memory_history) to the moment of most
     allocated memory and group the tensors alive then by where they were allocated."""
-    live: dict[int, tuple[int, str]] = {}
+    live: dict[int, tuple[int, list]] = {}
     total = peak = 0
-    at_peak: dict[int, tuple[int, str]] = {}
+    at_peak: dict[int, tuple[int, list]] = {}
     events = snapshot["device_traces"][0] if snapshot.get("device_traces") else []
     for ev in events:
         a = ev.get("action")
         if a == "alloc":
-            live[ev["addr"]] = (ev["size"], _where(ev.get("frames", [])))
+            live[ev["addr"]] = (ev["size"], ev.get("frames", []))
             total += ev["size"]
             if total > peak:
                 peak, at_peak = total, dict(live)
         elif a in ("free_requested", "free_completed") and ev["addr"] in live:
             total -= live.pop(ev["addr"])[0]
-    groups: dict[str, list[int]] = {}
-    for size, where in at_peak.values():
-        g = groups.setdefault(where, [0, 0])
-        g[0] += size
-        g[1] += 1
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
     return {"events": len(events), "peak_mib_traced": round(peak / 2**20),
-            "before_trace_mib": round(base_bytes / 2**20),
-            "live_at_peak": [{"where": w, "mib": round(b / 2**20), "tensors": n} for w, (b, n) in ranked]}
+            "before_trace_mib": round(base_bytes / 2**20), "live_at_peak": by_site(at_peak.values(), top)}
 
 
 def profile_row(out: int, inp: int, device: str, trace: bool = False) -> dict:

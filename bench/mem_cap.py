@@ -26,29 +26,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_info, write_json  # noqa: E402
-
-
-def _where(frames: list, depth: int = 3) -> str:
-    mine = [f for f in frames if "/lqkit/" in f.get("filename", "")][:depth]
-    return " < ".join(f"{f['filename'].rsplit('/lqkit/', 1)[1]}:{f['line']} {f['name']}" for f in mine) or "?"
+from common import by_site, machine_info, write_json  # noqa: E402
 
 
 def live_tensors(top: int = 15) -> dict:
     """The allocator's active blocks now, grouped by where they were allocated (needs the history on)."""
-    groups: dict[str, list[int]] = {}
-    total = 0
-    for seg in torch.cuda.memory._snapshot()["segments"]:
-        for b in seg["blocks"]:
-            if b["state"] != "active_allocated":
-                continue
-            g = groups.setdefault(_where(b.get("frames", [])), [0, 0])
-            g[0] += b["size"]
-            g[1] += 1
-            total += b["size"]
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"allocated_mib": round(total / 2**20),
-            "by_site": [{"where": w, "mib": round(b / 2**20), "tensors": n} for w, (b, n) in ranked]}
+    blocks = [(b["size"], b.get("frames", [])) for seg in torch.cuda.memory._snapshot()["segments"]
+              for b in seg["blocks"] if b["state"] == "active_allocated"]
+    return {"allocated_mib": round(sum(size for size, _ in blocks) / 2**20), "by_site": by_site(blocks, top)}
 
 
 def main() -> None:

@@ -81,15 +81,6 @@ def _load(path: str | None, dtype: torch.dtype, device: torch.device):
     return loaded.model.to(device), loaded.tokenizer
 
 
-def _compile_config(device: torch.device, backend: str):
-    from transformers import CompileConfig
-
-    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else "default"
-    cc = CompileConfig(fullgraph=True, backend=backend, mode=mode)
-    cc._compile_all_devices = True  # transformers compiles only on accelerators unless told (its testing switch)
-    return cc
-
-
 def _timed(model, ids, kw: dict) -> tuple[torch.Tensor, float]:
     return _timed_call(model, lambda: model.generate(**ids, **kw))
 

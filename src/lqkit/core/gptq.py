@@ -114,14 +114,11 @@ class _OutGroups:
     its last row). When the group size divides ``out`` the table is a view of the family's stacked
     rows (``view``): no gather."""
 
-    fams: list[_Family]
-    dtype: torch.dtype
-    clip: bool
+    fam: _Family
     idx: torch.Tensor  # (G, group size) stacked row of each slot
     qmax: torch.Tensor  # (G,)
-    rows: torch.Tensor  # (R,) the stacked rows of these families
-    row_group: torch.Tensor  # (R,) the group of each of those rows
-    spans: list[tuple[int, int]]  # groups [g0, g1) of each family, member-major
+    rows: torch.Tensor  # (R,) the stacked rows of the family
+    row_group: torch.Tensor  # (R,) the group of each of those rows, member-major
     scale: torch.Tensor | None = None  # (n, G) per column
     offset: torch.Tensor | None = None
     view: slice | None = None  # the family's stacked rows, when its groups tile them exactly
@@ -144,8 +141,7 @@ def _out_groups(fams: list[_Family], out: int, n: int, device) -> list[_OutGroup
                 rows.extend(members)
                 row_group.extend([len(idx) - 1] * len(members))
         t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-        og = _OutGroups([f], f.dtype, f.clip, t(idx, torch.long), t(qmax, torch.float32),
-                        t(rows, torch.long), t(row_group, torch.long), [(0, len(idx))])
+        og = _OutGroups(f, t(idx, torch.long), t(qmax, torch.float32), t(rows, torch.long), t(row_group, torch.long))
         if out % gs == 0:
             og.view = slice(f.start, f.start + f.rows)
         og.scale = torch.zeros(n, len(idx), dtype=f.dtype, device=device)
@@ -287,14 +283,14 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
                     xg = x[og.view].view(-1, gs)
                     if has_keep:
                         xg = torch.where(kt[i][og.view].view(-1, gs), 0.0, xg)
-                    sc, of = minmax_params(xg, og.qmax, og.dtype, og.clip)  # (G,)
+                    sc, of = minmax_params(xg, og.qmax, og.fam.dtype, og.fam.clip)  # (G,)
                     st[i, og.view].view(-1, gs).copy_(sc.float().clamp_min(tiny).unsqueeze(1).expand(-1, gs))
                     ot[i, og.view].view(-1, gs).copy_(of.float().unsqueeze(1).expand(-1, gs))
                 else:
                     xg = x[og.idx]  # (G, group size)
                     if has_keep:
                         xg = torch.where(kt[i][og.idx], 0.0, xg)
-                    sc, of = minmax_params(xg, og.qmax, og.dtype, og.clip)  # (G,)
+                    sc, of = minmax_params(xg, og.qmax, og.fam.dtype, og.fam.clip)  # (G,)
                     st[i, og.rows] = sc.float().clamp_min(tiny)[og.row_group]
                     ot[i, og.rows] = of.float()[og.row_group]
                 og.scale[col], og.offset[col] = sc, of
@@ -312,11 +308,10 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
         elif s1 < n:
             s0 = s1 - SUPER
             wT[s1:].addmm_(u[s0:s1, s1:].T, err_s, alpha=-1.0)
-    for og in outs:  # back to each family's (members, n, ngo) layout
-        for f, (g0, g1) in zip(og.fams, og.spans):
-            k = len(f.members)
-            f.scale = og.scale[:, g0:g1].reshape(n, k, -1).permute(1, 0, 2).contiguous()
-            f.offset = og.offset[:, g0:g1].reshape(n, k, -1).permute(1, 0, 2).contiguous()
+    for og in outs:  # back to the family's (members, n, ngo) layout
+        f, k = og.fam, len(og.fam.members)
+        f.scale = og.scale.reshape(n, k, -1).permute(1, 0, 2).contiguous()
+        f.offset = og.offset.reshape(n, k, -1).permute(1, 0, 2).contiguous()
     return codesT.T, qT.T
 
 
