@@ -206,7 +206,8 @@ def profile_generate(once, new: int) -> dict:
                 steps.append(e.time_range.end)
     kinds: dict[str, float] = {}
     for name, (ms, _) in by_name.items():
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     gpu_ms = sum(kinds.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:15]
     steps.sort()

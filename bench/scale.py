@@ -52,12 +52,13 @@ def run_args(name: str) -> list[str]:
 
 
 def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, extra: list[str], nproc: int = 1) -> dict:
+    args = run_args(name)
     out = work / f"ck-{folder.name}-{name}"
     log = work / f"log-{folder.name}-{name}.txt"
     lqkit = [sys.executable, "-m", "lqkit"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "lqkit"]
     cmd = lqkit + ["compress", "--model", str(folder), "--out", str(out), "--overwrite", "--device", device,
-                   *run_args(name), *extra]
+                   *args, *extra]
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
@@ -67,7 +68,7 @@ def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, ex
         except subprocess.TimeoutExpired:
             rc = "timeout"
     wall = time.time() - t0
-    row = {"run": name, "model": folder.name, "processes": nproc, "args": run_args(name) + extra, "returncode": rc,
+    row = {"run": name, "model": folder.name, "processes": nproc, "args": args + extra, "returncode": rc,
            "wall_seconds": round(wall, 1), "log_tail": log.read_text()[-3000:]}
     meta = out / "lqkit.json"
     if rc == 0 and meta.is_file():
