@@ -109,8 +109,9 @@ def checkpoint_for(name: str, spec: MatrixSpec, model_dir: Path, work: Path, dev
     return out
 
 
-def load_row(name: str, path: Path, device: str):
-    """(model, seconds): bf16 through transformers, lqkit checkpoints through lqkit.checkpoint.load."""
+def load_row(name: str, path: Path, device: str, tune: bool = False):
+    """(model, seconds): bf16 through transformers, lqkit checkpoints through lqkit.checkpoint.load
+    (``tune``: with the one-token launch configurations timed on this GPU, ``load(tune=True)``)."""
     from lqkit import checkpoint
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -120,7 +121,7 @@ def load_row(name: str, path: Path, device: str):
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
     else:
-        model = checkpoint.load(path, dtype=dtype, device=device)
+        model = checkpoint.load(path, dtype=dtype, device=device, tune=tune)
     sync(device)
     return model, time.time() - t
 
@@ -310,6 +311,8 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,compiled,loop",
                     help="of eager, compiled (generate() with a static cache and compile_config) and loop (lqkit's "
                          "compiled greedy loop, lqkit.generate.greedy_loop); default all three")
+    ap.add_argument("--tune", default="off", choices=("off", "on", "both"),
+                    help="lqkit rows loaded with load(tune=True) (row name + '+tuned'), without, or both (default off)")
     ap.add_argument("--new", type=int, default=128, help="generated tokens per call (default 128)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     ap.add_argument("--reps", type=int, default=3, help="timed calls per measurement, median (default 3)")
@@ -368,14 +371,17 @@ def main() -> None:
     vocab = min(1000, shape["vocab_size"])  # ids the tokenizer has (every row gets the same prompts)
     prompts = torch.randint(4, vocab, (max(batches), args.prompt), generator=g)
 
-    for name in rows:
-        log(f"== {name}")
+    tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
+    for name, tune in [(n, t) for n in rows for t in ((False,) if ROWS[n] is None else tunes)]:
+        label = name + ("+tuned" if tune else "")
+        log(f"== {label}")
         try:
             path = model_dir if ROWS[name] is None else checkpoint_for(name, ROWS[name], model_dir, work, device,
                                                                         args.fresh)
-            model, load_s = load_row(name, path, device)
+            model, load_s = load_row(name, path, device, tune)
             wb = weight_bytes(model)
-            info_row = {"row": name, "spec": ROWS[name].label() if ROWS[name] else "bf16", "path": str(path),
+            info_row = {"row": label, "tuned": tune, "spec": ROWS[name].label() if ROWS[name] else "bf16",
+                        "path": str(path),
                         "load_seconds": round(load_s, 1), "weight_bytes": wb, **prepared_info(model)}
             err = kernel_check(model, device)
             info_row["layer_rel_err"] = err
@@ -383,7 +389,7 @@ def main() -> None:
                 + (f"; block-0 layers vs deq(Q)+LR: rel. err {err:.2e}" if err is not None else ""))
         except Exception as e:
             traceback.print_exc()
-            result["rows"].append({"row": name, "error": f"{type(e).__name__}: {e}"[:800]})
+            result["rows"].append({"row": label, "error": f"{type(e).__name__}: {e}"[:800]})
             write_json(out, result)
             continue
         for b in batches:

@@ -80,6 +80,50 @@ def test_prepared_kernel_path_matches_torch(arch, reference_kernels):
                for mod in mods.values())
 
 
+def test_tuned_table_used_and_filled_once_per_distinct_call(reference_kernels, monkeypatch):
+    """prepare_for_inference(tuned=table): each distinct (shape, format, tokens) call is timed once
+    (kernels.tuned_config, faked here: timing needs a GPU) and added to the table; a table that holds
+    them all times nothing; without a table nothing is timed."""
+    timed = []
+
+    def fake(x, kw, L=None, R=None, bias=None, known=None):
+        key = f"{kw.shape}|{x.shape[0]}|{L is not None}"
+        if known and key in known:
+            return key, known[key], False
+        timed.append(key)
+        return key, {"kind": "frag", "pf": 4}, True
+
+    monkeypatch.setattr(kernels, "tuned_config", fake)
+    m = _compressed()
+    ref = _logits(m, _ids(1))
+    table = {}
+    p = prepare_for_inference(m, tuned=table)
+    # per layer: the q/k/v stack, o, the gate/up stack, down; both layers alike: 4 distinct calls
+    assert p.tuned == 4 == len(timed) == len(set(timed)) and set(table) == set(timed)
+    assert all(v == {"kind": "frag", "pf": 4} for v in table.values())
+    torch.testing.assert_close(_logits(m, _ids(1)), ref, rtol=1e-4, atol=1e-4)
+    timed.clear()
+    assert prepare_for_inference(m, tuned=table).tuned == 0 and timed == []
+    assert prepare_for_inference(m).tuned == 0 and timed == []
+
+
+def test_bind_calls_binds_a_decoding_steps_calls_ahead(reference_kernels, monkeypatch):
+    """bind_calls(model, (batch, 1)) binds every prepared layer's call for one decoding step of that
+    batch (outside any CUDA graph), so that the step itself binds nothing."""
+    binds = []
+    bind = kernels.bind
+    monkeypatch.setattr(kernels, "bind", lambda x, kw, *a, **k: binds.append(x.shape) or bind(x, kw, *a, **k))
+    m = _compressed()
+    prepare_for_inference(m)
+    binds.clear()
+    assert inference.bind_calls(m, (2, 1)) == 2 * 4 == len(binds) and {s[0] for s in binds} == {2}
+    assert inference.bind_calls(m, (2, 1)) == 0
+    binds.clear()
+    with torch.no_grad():
+        m(_ids(2, t=1))
+    assert binds == []
+
+
 def test_prepared_state_is_dropped_by_train_and_to(reference_kernels):
     m = _compressed()
     ref = _logits(m, _ids(1))

@@ -91,6 +91,28 @@ def test_load_builds_no_dense_copy(tmp_path, monkeypatch):
     assert created and set(created) == {"meta"}  # linear layers only ever exist as meta skeletons
 
 
+def test_tuned_launch_configs_kept_across_loads(tmp_path, monkeypatch, caplog):
+    """The table of timed launch configurations: written whole by a temporary file and a rename, read
+    back; an unreadable file warns and reads as empty (timed again); on the CPU load(tune=True) times
+    nothing and writes nothing."""
+    monkeypatch.setenv("LQKIT_CACHE", str(tmp_path / "cache"))
+    assert checkpoint.read_tuned() == {}
+    checkpoint.write_tuned({"b": {"kind": "frag", "pf": 4}, "a": {}})
+    assert checkpoint.read_tuned() == {"a": {}, "b": {"kind": "frag", "pf": 4}}
+    assert [f.name for f in checkpoint.tuned_path().parent.iterdir()] == ["tuned.json"]
+    checkpoint.tuned_path().write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert checkpoint.read_tuned() == {}
+    assert "timed again" in caplog.text
+    checkpoint.tuned_path().unlink()
+    m = tiny_model("llama")
+    plan = uniform_plan(m, SPECS[0])
+    compress_model(m, plan, progress=False)
+    checkpoint.save(m, None, tmp_path / "ck", plan=plan)
+    checkpoint.load(tmp_path / "ck", tune=True)
+    assert not checkpoint.tuned_path().exists()
+
+
 def test_plan_roundtrip_in_checkpoint(tmp_path):
     m = tiny_model("qwen2")
     plan = uniform_plan(m, SPECS[1])

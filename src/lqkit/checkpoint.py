@@ -411,12 +411,18 @@ def tensor_files(meta: dict) -> list[str]:
     return sorted(f for f in meta.get("files", {}) if f.endswith(".safetensors"))
 
 
+TUNE_DEFAULT = False  # load(tune=...): time the one-token launch configurations on a GPU
+
+
 def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         check: bool = True, prepare: bool = True) -> nn.Module:
+         check: bool = True, prepare: bool = True, tune: bool = TUNE_DEFAULT) -> nn.Module:
     """Load a compressed checkpoint as a working ``transformers`` model, one shard at a time; with
     ``prepare`` (default) ready for fast inference (lqkit.nn.prepare_for_inference: on CUDA kernels
     prepared and layers that share an input stacked; on the CPU deq(Q) kept dense). Training or
-    moving the model drops that state."""
+    moving the model drops that state. ``tune`` (on a GPU): the one-token kernel calls get the launch
+    configuration timed fastest on this GPU for their shape and format, kept under
+    ``$LQKIT_CACHE/kernels/`` (timed once per GPU, triton version, shape and format; later loads
+    read it), instead of the default one."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -470,8 +476,45 @@ def load(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | 
     model.to(device)
     model.eval()
     if prepare:  # issue #24: ready for generate() (kernels, stacked q/k/v and gate/up; dense deq(Q) on the CPU)
-        prepare_for_inference(model)
+        tuned = read_tuned() if tune and torch.device(device).type == "cuda" else None
+        before = dict(tuned or {})
+        prepare_for_inference(model, tuned=tuned)
+        if tuned is not None and tuned != before:
+            write_tuned(tuned)
     return model
+
+
+def tuned_path() -> Path:
+    """Where the launch configurations timed on this machine's GPUs are kept (JSON)."""
+    from .models import cache_dir
+
+    return cache_dir() / "kernels" / "tuned.json"
+
+
+def read_tuned() -> dict[str, dict]:
+    """The kept launch configurations ({} when none, or when the file is unreadable: they are timed again)."""
+    p = tuned_path()
+    try:
+        d = json.loads(p.read_text())
+        return {k: v for k, v in d.get("configs", {}).items() if isinstance(v, dict)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("ignoring %s (%s); the kernels' launch configurations will be timed again", p, e)
+        return {}
+
+
+def write_tuned(configs: Mapping[str, dict]) -> None:
+    """Keep ``configs`` (a temporary file renamed over the old one; a failure to write only warns)."""
+    p = tuned_path()
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tuned-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": 1, "configs": dict(sorted(configs.items()))}, f, indent=1)
+        os.replace(tmp, p)
+    except OSError as e:
+        log.warning("could not keep the timed launch configurations in %s (%s)", p, e)
 
 
 # ----------------------------------------------------------------------------------------------

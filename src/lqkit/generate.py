@@ -40,10 +40,12 @@ class Generation:
 
 
 def generate(path: str | None, prompt: str, *, max_new_tokens: int = 64, device: str | None = None,
-             dtype: torch.dtype | None = None, compile: bool = False, compile_backend: str = "inductor") -> Generation:
+             dtype: torch.dtype | None = None, compile: bool = False, compile_backend: str = "inductor",
+             tune: bool = False) -> Generation:
     """Greedy continuation of ``prompt`` by the lqkit checkpoint or HF model at ``path`` (default: the
     default model), timed (see the module docstring). ``device``: default cuda when present; ``dtype``:
-    default bfloat16 on a GPU, float32 on the CPU."""
+    default bfloat16 on a GPU, float32 on the CPU; ``tune``: a checkpoint's one-token kernel launch
+    configurations timed on this GPU (``checkpoint.load(tune=True)``; kept for later loads)."""
     if not prompt:
         raise DataError("the prompt is empty; pass some text, e.g. --prompt \"The tower is\"")
     if max_new_tokens < 1:
@@ -52,7 +54,7 @@ def generate(path: str | None, prompt: str, *, max_new_tokens: int = 64, device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LqkitError("CUDA is not available here; pass --device cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model, tok = _load(path, dtype, device)
+    model, tok = _load(path, dtype, device, tune)
     ids = tok(prompt, return_tensors="pt").to(device)
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
     if compile:
@@ -71,12 +73,12 @@ def generate(path: str | None, prompt: str, *, max_new_tokens: int = 64, device:
                       compiled=compile, warmup_seconds=warm)
 
 
-def _load(path: str | None, dtype: torch.dtype, device: torch.device):
+def _load(path: str | None, dtype: torch.dtype, device: torch.device, tune: bool = False):
     from . import checkpoint
     from .models import load_model, load_tokenizer
 
     if path is not None and checkpoint.is_checkpoint(path):
-        return checkpoint.load(path, dtype=dtype, device=device), load_tokenizer(path)
+        return checkpoint.load(path, dtype=dtype, device=device, tune=tune), load_tokenizer(path)
     loaded = load_model(path, dtype=dtype)
     return loaded.model.to(device), loaded.tokenizer
 
@@ -117,6 +119,9 @@ def greedy_loop(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_toke
     key = (b, p + max_new_tokens, backend)
     kept = model.__dict__.get("_lqkit_decode")
     if kept is None or kept[0] != key:
+        from .nn import bind_calls
+
+        bind_calls(model, (b, 1))  # a compressed model's one-token kernel calls for this batch, outside the graph
         mode = "reduce-overhead" if dev.type == "cuda" and backend == "inductor" else None
         step = torch.compile(_decode_step, fullgraph=True, backend=backend, mode=mode)
         kept = model.__dict__["_lqkit_decode"] = (key, StaticCache(config=model.config, max_cache_len=key[1]), step)

@@ -28,7 +28,8 @@ import torch
 from ..core.quant import QuantSpec
 from .layout import KernelWeight, auto_layout, prepare_weight, stack_factors, stack_weights, stackable
 
-__all__ = ["available", "prepare", "linear", "bind", "tune", "auto_layout", "path_for", "KernelWeight", "stack",
+__all__ = ["available", "prepare", "linear", "bind", "tune", "tuned_config", "use_config", "auto_layout",
+           "path_for", "KernelWeight", "stack",
            "stackable", "stack_factors"]
 
 
@@ -110,3 +111,38 @@ def tune(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None, **k
     from . import _triton
 
     return _triton.tune(x, prepared, L, R, bias, **kw)
+
+
+def tuned_config(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None,
+                 known: Mapping[str, dict] | None = None) -> tuple[str, dict, bool]:
+    """The launch configuration for calls like ``x`` on ``prepared``, kept for this process (as
+    :func:`tune` keeps it): the one under its key in ``known`` (a persisted table of earlier
+    tunings) when there, else the fastest of a few candidates timed now (one-token calls on the
+    fragment layout; other calls keep the default). Returns ``(key, config as a dict, timed now?)``;
+    an empty dict: the default configuration."""
+    from dataclasses import asdict
+
+    from . import _triton
+
+    key = _triton.config_key(x, prepared, L, R)
+    if known and key in known:
+        use_config(x, prepared, L, R, known[key])
+        return key, dict(known[key]), False
+    m = x.reshape(-1, prepared.shape[1]).shape[0]
+    configs = _triton.quick_candidates(prepared, m, x.dtype)
+    if not configs:
+        return key, {}, False
+    cfg, _ = _triton.tune(x, prepared, L, R, bias, configs=configs)
+    return key, (asdict(cfg) if cfg is not None else {}), True
+
+
+def use_config(x: torch.Tensor, prepared: KernelWeight, L, R, config: Mapping) -> None:
+    """Make ``config`` (a dict of a launch configuration's fields) this process's choice for calls
+    like ``x`` on ``prepared`` (an empty one: the default)."""
+    from . import _triton
+
+    if not config:
+        return
+    m = x.reshape(-1, prepared.shape[1]).shape[0]
+    has_lr = L is not None and R is not None and L.shape[1] > 0
+    _triton.set_config(prepared, m, has_lr, x.dtype, _triton.Config(**config))

@@ -845,6 +845,20 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
     return out
 
 
+def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
+    """The few one-token configurations worth timing when a model is loaded (each costs a compile):
+    the default and those that won :func:`candidates` on an H200's 7B-sized layers at 2–4 bits,
+    rank 0 and 32 (bench/results/kernels-h200-1token.json). None at other token counts."""
+    from ._triton import Config
+
+    if m != 1 or not ok(kw, m, dtype):
+        return []
+    return [default_config(kw, m, dtype), Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1),
+            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1, unroll=2),
+            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2),
+            Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1)]
+
+
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
     """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48

@@ -31,6 +31,7 @@ rtn_sym a = s·2ᵇ, b = −a − 2ᵇ⁻¹·s; nf v = table[code], a = absmax, 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import time
@@ -1110,6 +1111,12 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
     return out
 
 
+def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list[Config]:
+    """What a model's load times (``kernels.tuned_config``): a few configurations of the fragment
+    layout at one token; none elsewhere (the default stays)."""
+    return _frag.quick_candidates(kw, m, dtype) if kw.layout == "frag" else []
+
+
 def time_call(fn, rep_ms: int = 20, graph: bool = True) -> float:
     """Median milliseconds of ``fn`` (CUDA events, L2 flushed before each call). With ``graph``,
     ``fn`` is captured once in a CUDA graph and the replays are timed: the device-side time,
@@ -1230,5 +1237,18 @@ def set_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype, cfg: 
     _TUNED[_tune_key(kw, m, has_lr, dtype)] = cfg
 
 
+def config_key(x: torch.Tensor, kw: KernelWeight, L=None, R=None) -> str:
+    """A text key under which a tuned configuration for this call can be kept across processes: the
+    GPU's name, triton's version, and what the per-process choice is keyed by (shape, layout,
+    format, token bucket, low-rank term, dtype)."""
+    m = x.reshape(-1, kw.shape[1]).shape[0]
+    has_lr = L is not None and R is not None and L.shape[1] > 0
+    shape, spec, mb, lr, dt = _tune_key(kw, m, has_lr, x.dtype)
+    gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    fmt = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    return "|".join(map(str, (gpu, triton.__version__, f"{shape[0]}x{shape[1]}", kw.layout, fmt, mb, int(lr),
+                              str(dt).removeprefix("torch."))))
+
+
 __all__ = ["Config", "linear", "bind", "BoundLinear", "dequantize", "tune", "time_call", "time_calls", "cold_copies", "clone_weight",
-           "candidates", "default_config", "set_config", "mma_ok"]
+           "candidates", "default_config", "set_config", "config_key", "mma_ok"]

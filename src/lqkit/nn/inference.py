@@ -43,14 +43,20 @@ class Prepared:
     stacks: tuple[tuple[str, ...], ...]  # sets of layers computed by one launch (q/k/v, gate/up, ...)
     dense_layers: int  # layers keeping deq(Q) dense (CPU)
     seconds: float
+    tuned: int = 0  # distinct (shape, format, tokens) calls whose launch configuration was timed now
+    tune_seconds: float = 0.0
 
 
 def prepare_for_inference(model: nn.Module, *, fuse: bool = True, dense_cpu: bool = True,
-                          tokens: tuple[int, ...] = (1,), example: torch.Tensor | None = None) -> Prepared:
+                          tokens: tuple[int, ...] = (1,), example: torch.Tensor | None = None,
+                          tuned: dict[str, dict] | None = None) -> Prepared:
     """Prepare ``model``'s compressed layers for inference where they are (see the module docstring).
     ``fuse``: stack layers that share an input (found by running ``model(example)``, default four
     token ids, once); ``tokens``: token counts whose kernel calls are bound now (the rest on first
-    use); ``dense_cpu``: on the CPU keep deq(Q) dense. Idempotent: prepares afresh each time."""
+    use); ``dense_cpu``: on the CPU keep deq(Q) dense. ``tuned``: a table of launch configurations
+    (``kernels.tuned_config``'s keys): the calls bound now take theirs from it, and those not in it
+    are timed now (``kernels.tune``, once per distinct shape and format) and added to it; None: the
+    default configurations. Idempotent: prepares afresh each time."""
     t0 = time.time()
     unprepare(model)
     mods = compressed_modules(model)
@@ -60,7 +66,7 @@ def prepare_for_inference(model: nn.Module, *, fuse: bool = True, dense_cpu: boo
     dtype = _compute_dtype(model)
     on_kernels = {n: m for n, m in mods.items() if _kernel_format(m)} if _kernels_usable(device) else {}
     stacks: tuple[tuple[str, ...], ...] = ()
-    dense = 0
+    dense, n_tuned, tune_s = 0, 0, 0.0
     if on_kernels:
         runners = []
         if fuse:
@@ -68,6 +74,8 @@ def prepare_for_inference(model: nn.Module, *, fuse: bool = True, dense_cpu: boo
             stacks = tuple(g.names for g in groups)
             runners += [g.prepare() for g in groups]
         runners += [m.prepare_runner() for m in on_kernels.values() if m._runner is None]
+        if tuned is not None:
+            n_tuned, tune_s = _tune(runners, dtype, tokens, tuned)
         with torch.no_grad():
             for run in runners:
                 for t in tokens:
@@ -77,10 +85,48 @@ def prepare_for_inference(model: nn.Module, *, fuse: bool = True, dense_cpu: boo
             if m.spec.quant is not None:
                 m._dense_q = m.dequantized_weight(dtype)
                 dense += 1
-    res = Prepared(str(device), len(on_kernels), stacks, dense, time.time() - t0)
+    res = Prepared(str(device), len(on_kernels), stacks, dense, time.time() - t0, n_tuned, tune_s)
     log.info("prepared %d compressed layers on %s for inference: %d on the kernels (%d stacks), %d with a dense "
-             "deq(Q) (%.1f s)", len(mods), device, res.kernel_layers, len(stacks), dense, res.seconds)
+             "deq(Q) (%.1f s%s)", len(mods), device, res.kernel_layers, len(stacks), dense, res.seconds,
+             f"; {n_tuned} launch configurations timed in {tune_s:.1f} s" if n_tuned else "")
     return res
+
+
+def _tune(runners: list[KernelRunner], dtype: torch.dtype, tokens: tuple[int, ...],
+          tuned: dict[str, dict]) -> tuple[int, float]:
+    """Each distinct call's launch configuration from ``tuned`` or timed now (then added to it):
+    (how many were timed, seconds)."""
+    t0, done, n = time.time(), set(), 0
+    with torch.no_grad():
+        for run in runners:
+            for t in tokens:
+                gen = torch.Generator(device=run.device).manual_seed(0)
+                x = torch.randn(t, run.k, generator=gen, device=run.device).to(dtype)
+                key, cfg, now = kernels.tuned_config(x, run.kw, run.L, run.R, run.bias, tuned)
+                if key in done:
+                    continue
+                done.add(key)
+                if now:
+                    n += 1
+                    log.info("tuned the %d-token call of a %dx%d %s layer: %s", t, run.n, run.k,
+                             run.kw.spec.label(), cfg or "the default (no candidate ran)")
+                tuned[key] = cfg
+    return n, time.time() - t0
+
+
+def bind_calls(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Bind now, eagerly, every prepared layer's kernel call for inputs of ``shape`` without the last
+    dimension (e.g. (batch, 1) for one decoding step): a call bound for the first time allocates lasting
+    scratch, which must not come from the memory pool of a CUDA graph being recorded (torch.compile's
+    "reduce-overhead" refuses a graph that leaves such tensors behind). Returns how many were bound."""
+    runners = {id(m._runner): m._runner for m in compressed_modules(model).values() if m._runner is not None}
+    dtype, n = _compute_dtype(model), 0
+    with torch.no_grad():
+        for run in runners.values():
+            if (torch.Size((*shape, run.k)), dtype) not in run.calls:
+                run(torch.zeros(*shape, run.k, dtype=dtype, device=run.device))
+                n += 1
+    return n
 
 
 def unprepare(model: nn.Module) -> None:
