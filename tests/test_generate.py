@@ -37,19 +37,22 @@ def test_generate_plain_model_and_bad_input(tiny_model_dir):
         generate(str(tiny_model_dir), "")
 
 
-def test_greedy_loop_equals_transformers_generate_and_stops_at_eos(tiny_checkpoint):
+def test_greedy_loop_equals_transformers_generate_and_stops_at_eos(tiny_checkpoint, monkeypatch):
     import torch
 
-    from lqkit import checkpoint
+    from lqkit import checkpoint, nn
     from lqkit.generate import greedy_loop
 
     model = checkpoint.load(str(tiny_checkpoint), dtype=torch.float32, device="cpu")
     ids = torch.randint(4, 200, (2, 5), generator=torch.Generator().manual_seed(0))
     ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
                          do_sample=False, pad_token_id=0)
+    bound = []
+    monkeypatch.setattr(nn, "bind_calls", lambda m, shape: bound.append(shape) or 0)
     for _ in range(2):  # the second call reuses the cache and the compiled step
         out = greedy_loop(model, ids, 20, backend="aot_eager", check_every=4)
         assert torch.equal(out, ref)
+    assert bound == [(2, 1)]  # a new batch's one-token kernel calls bound once, before the step is compiled
     eos = int(ref[0, 7])  # an id both rows have produced by their last check
     cut = greedy_loop(model, ids, 20, eos_token_id=eos, backend="aot_eager", check_every=4)
     first = [int((ref[r, 5:] == eos).nonzero()[0]) if (ref[r, 5:] == eos).any() else None for r in range(2)]

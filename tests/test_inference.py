@@ -90,6 +90,8 @@ def test_tuned_table_used_and_filled_once_per_distinct_call(reference_kernels, m
         key = f"{kw.shape}|{x.shape[0]}|{L is not None}"
         if known and key in known:
             return key, known[key], False
+        if kw.shape[1] == 160:  # a call without candidates (here: down_proj), nothing to keep
+            return key, None, False
         timed.append(key)
         return key, {"kind": "frag", "pf": 4}, True
 
@@ -98,8 +100,9 @@ def test_tuned_table_used_and_filled_once_per_distinct_call(reference_kernels, m
     ref = _logits(m, _ids(1))
     table = {}
     p = prepare_for_inference(m, tuned=table)
-    # per layer: the q/k/v stack, o, the gate/up stack, down; both layers alike: 4 distinct calls
-    assert p.tuned == 4 == len(timed) == len(set(timed)) and set(table) == set(timed)
+    # per layer: the q/k/v stack, o, the gate/up stack, down; both layers alike: 4 distinct calls, of
+    # which the one without candidates is neither timed nor kept
+    assert p.tuned == 3 == len(timed) == len(set(timed)) and set(table) == set(timed)
     assert all(v == {"kind": "frag", "pf": 4} for v in table.values())
     torch.testing.assert_close(_logits(m, _ids(1)), ref, rtol=1e-4, atol=1e-4)
     timed.clear()

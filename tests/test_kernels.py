@@ -468,6 +468,37 @@ def test_tune_keeps_the_fastest_candidate(cold):
 
 
 @pytest.mark.cuda
+def test_tuned_config_kept_as_json_and_reused():
+    """kernels.tuned_config times the quick candidates of a one-token call once; its result survives
+    a JSON round trip, is used (not timed again) when found under its key, and becomes the process's
+    choice; an entry that is not a valid configuration for the layout is refused and timed again;
+    calls without quick candidates keep the default and give nothing to keep."""
+    import json
+
+    from lqkit import kernels
+
+    if INTERPRET or not kernels.available():
+        pytest.skip("times CUDA events: needs a GPU")
+    from lqkit.kernels import _triton as kt
+
+    shape, h = (256, 512), torch.bfloat16
+    kw, W, L, R, b = _case(FRAG[0], shape, 8, False, "cuda", h, layout="frag")
+    x = torch.randn(1, shape[1], device="cuda", dtype=h)
+    key, cfg, now = kernels.tuned_config(x, kw, L, R)
+    assert now and cfg is not None and kt.Config(**cfg) in kt.quick_candidates(kw, 1, h)
+    kept = json.loads(json.dumps({key: cfg}))
+    kt._TUNED.clear()
+    assert kernels.tuned_config(x, kw, L, R, known=kept) == (key, cfg, False)
+    assert kt._TUNED[kt._tune_key(kw, 1, True, h)] == kt.Config(**cfg)
+    assert not kernels.use_config(x, kw, L, R, {"kind": "gemv"}) and not kernels.use_config(x, kw, L, R, {"bogus": 1})
+    assert kernels.tuned_config(x, kw, L, R, known={key: {"bogus": 1}})[2]  # refused: timed again
+    x16 = torch.randn(16, shape[1], device="cuda", dtype=h)
+    assert kernels.tuned_config(x16, kw, L, R)[1:] == (None, False)
+    assert key != kernels.tuned_config(x, kw, None, None, known=kept)[0]  # the rank is part of the key
+    _check(kernels.linear(x, kw, L, R), _ref(x, W, L, R, None))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("f", FRAG + [("rtn", 5, "in", 32, False), ("rtn", 7, "in", 64, False)], ids=_fid)
 def test_frag_dequantize_kernel(f):
     """The fragment layout's decode-to-dense kernel (many tokens) gives the stored weight."""

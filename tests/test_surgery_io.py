@@ -104,6 +104,8 @@ def test_tuned_launch_configs_kept_across_loads(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert checkpoint.read_tuned() == {}
     assert "timed again" in caplog.text
+    checkpoint.tuned_path().write_text('{"format": 99, "configs": {"a": {}}}')
+    assert checkpoint.read_tuned() == {}
     checkpoint.tuned_path().unlink()
     m = tiny_model("llama")
     plan = uniform_plan(m, SPECS[0])

@@ -491,11 +491,17 @@ def tuned_path() -> Path:
     return cache_dir() / "kernels" / "tuned.json"
 
 
+TUNED_FORMAT = 1
+
+
 def read_tuned() -> dict[str, dict]:
-    """The kept launch configurations ({} when none, or when the file is unreadable: they are timed again)."""
+    """The kept launch configurations ({} when none, or when the file is unreadable or of another
+    format: they are timed again). An entry that is not a valid configuration is timed again too."""
     p = tuned_path()
     try:
         d = json.loads(p.read_text())
+        if d.get("format") != TUNED_FORMAT:
+            raise ValueError(f"format {d.get('format')!r}, expected {TUNED_FORMAT}")
         return {k: v for k, v in d.get("configs", {}).items() if isinstance(v, dict)}
     except FileNotFoundError:
         return {}
@@ -505,16 +511,12 @@ def read_tuned() -> dict[str, dict]:
 
 
 def write_tuned(configs: Mapping[str, dict]) -> None:
-    """Keep ``configs`` (a temporary file renamed over the old one; a failure to write only warns)."""
-    p = tuned_path()
+    """Keep ``configs`` (atomically; a failure to write only warns: they are timed again next time)."""
+    data = json.dumps({"format": TUNED_FORMAT, "configs": dict(sorted(configs.items()))}, indent=1)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tuned-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": 1, "configs": dict(sorted(configs.items()))}, f, indent=1)
-        os.replace(tmp, p)
+        write_atomic(tuned_path(), data.encode())
     except OSError as e:
-        log.warning("could not keep the timed launch configurations in %s (%s)", p, e)
+        log.warning("could not keep the timed launch configurations in %s (%s)", tuned_path(), e)
 
 
 # ----------------------------------------------------------------------------------------------

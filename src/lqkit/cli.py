@@ -459,9 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU); the first, "
                         "untimed call compiles (minutes for a large model)")
     g.add_argument("--tune", action="store_true",
-                   help="time the checkpoint's one-token kernel launch configurations on this GPU and keep the "
-                        "fastest (under $LQKIT_CACHE/kernels/: timed once per GPU, shape and format; 14-68 s "
-                        "the first time on a 7B-shaped model; there, batch 1: +6%% tokens/s at 4 bits, +11%% at 3)")
+                   help="on a GPU, time an lqkit checkpoint's one-token kernel launch configurations and keep "
+                        "the fastest (under $LQKIT_CACHE/kernels/: timed once per GPU, shape and format; 14-68 s "
+                        "the first time on a 7B-shaped model; there, with --compile at batch 1: +6%% tokens/s at "
+                        "4 bits, +11%% at 3). Nothing on the CPU or for an uncompressed model")
     g.add_argument("--device", type=_device, default=None, help="cuda or cpu (default: cuda when present)")
     g.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)")

@@ -114,35 +114,40 @@ def tune(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None, **k
 
 
 def tuned_config(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None,
-                 known: Mapping[str, dict] | None = None) -> tuple[str, dict, bool]:
-    """The launch configuration for calls like ``x`` on ``prepared``, kept for this process (as
-    :func:`tune` keeps it): the one under its key in ``known`` (a persisted table of earlier
-    tunings) when there, else the fastest of a few candidates timed now (one-token calls on the
-    fragment layout; other calls keep the default). Returns ``(key, config as a dict, timed now?)``;
-    an empty dict: the default configuration."""
+                 known: Mapping[str, dict] | None = None) -> tuple[str, dict | None, bool]:
+    """The launch configuration for calls like ``x`` on ``prepared``, made this process's choice (as
+    :func:`tune` makes it): the one under its key in ``known`` (a persisted table of earlier
+    tunings) when it is there and valid, else the fastest of a few candidates timed now (one-token
+    calls on the fragment layout). Returns ``(key, config as a dict, timed now?)``; config None: the
+    default stays (no candidate for this call, or none ran), and nothing is worth keeping."""
     from dataclasses import asdict
 
     from . import _triton
 
     key = _triton.config_key(x, prepared, L, R)
-    if known and key in known:
-        use_config(x, prepared, L, R, known[key])
+    if known and key in known and use_config(x, prepared, L, R, known[key]):
         return key, dict(known[key]), False
     m = x.reshape(-1, prepared.shape[1]).shape[0]
     configs = _triton.quick_candidates(prepared, m, x.dtype)
     if not configs:
-        return key, {}, False
+        return key, None, False
     cfg, _ = _triton.tune(x, prepared, L, R, bias, configs=configs)
-    return key, (asdict(cfg) if cfg is not None else {}), True
+    return key, (asdict(cfg) if cfg is not None else None), True
 
 
-def use_config(x: torch.Tensor, prepared: KernelWeight, L, R, config: Mapping) -> None:
+def use_config(x: torch.Tensor, prepared: KernelWeight, L, R, config: Mapping) -> bool:
     """Make ``config`` (a dict of a launch configuration's fields) this process's choice for calls
-    like ``x`` on ``prepared`` (an empty one: the default)."""
+    like ``x`` on ``prepared``. False, and nothing changed, when it is not a valid configuration for
+    this layout (e.g. kept by another version)."""
     from . import _triton
 
-    if not config:
-        return
+    try:
+        cfg = _triton.Config(**config)
+    except TypeError:
+        return False
+    if cfg.kind not in _triton._KINDS[prepared.layout]:
+        return False
     m = x.reshape(-1, prepared.shape[1]).shape[0]
     has_lr = L is not None and R is not None and L.shape[1] > 0
-    _triton.set_config(prepared, m, has_lr, x.dtype, _triton.Config(**config))
+    _triton.set_config(prepared, m, has_lr, x.dtype, cfg)
+    return True

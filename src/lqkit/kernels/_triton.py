@@ -1237,17 +1237,24 @@ def set_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype, cfg: 
     _TUNED[_tune_key(kw, m, has_lr, dtype)] = cfg
 
 
+KERNELS_REVISION = 1  # raise when the kernels or Config change: configurations kept under older keys are not read
+
+
 def config_key(x: torch.Tensor, kw: KernelWeight, L=None, R=None) -> str:
     """A text key under which a tuned configuration for this call can be kept across processes: the
-    GPU's name, triton's version, and what the per-process choice is keyed by (shape, layout,
-    format, token bucket, low-rank term, dtype)."""
+    kernels' revision, triton's version, the GPU (name, SMs, compute capability), and what the
+    per-process choice is keyed by (shape, layout, format, token bucket, dtype), with the rank."""
     m = x.reshape(-1, kw.shape[1]).shape[0]
-    has_lr = L is not None and R is not None and L.shape[1] > 0
-    shape, spec, mb, lr, dt = _tune_key(kw, m, has_lr, x.dtype)
-    gpu = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    rank = L.shape[1] if L is not None and R is not None else 0
+    shape, spec, mb, _, dt = _tune_key(kw, m, rank > 0, x.dtype)
+    if x.is_cuda:
+        p = torch.cuda.get_device_properties(x.device)
+        gpu = f"{p.name}/{p.multi_processor_count}sm/sm{p.major}{p.minor}"
+    else:
+        gpu = x.device.type
     fmt = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
-    return "|".join(map(str, (gpu, triton.__version__, f"{shape[0]}x{shape[1]}", kw.layout, fmt, mb, int(lr),
-                              str(dt).removeprefix("torch."))))
+    return "|".join(map(str, (f"r{KERNELS_REVISION}", triton.__version__, gpu, f"{shape[0]}x{shape[1]}", kw.layout,
+                              fmt, mb, f"rank{rank}", str(dt).removeprefix("torch."))))
 
 
 __all__ = ["Config", "linear", "bind", "BoundLinear", "dequantize", "tune", "time_call", "time_calls", "cold_copies", "clone_weight",

@@ -55,8 +55,9 @@ def prepare_for_inference(model: nn.Module, *, fuse: bool = True, dense_cpu: boo
     token ids, once); ``tokens``: token counts whose kernel calls are bound now (the rest on first
     use); ``dense_cpu``: on the CPU keep deq(Q) dense. ``tuned``: a table of launch configurations
     (``kernels.tuned_config``'s keys): the calls bound now take theirs from it, and those not in it
-    are timed now (``kernels.tune``, once per distinct shape and format) and added to it; None: the
-    default configurations. Idempotent: prepares afresh each time."""
+    are timed now (once per distinct shape and format) and added to it; None: nothing is timed or
+    read (the configurations this process already chose, else the defaults). Idempotent: prepares
+    afresh each time."""
     t0 = time.time()
     unprepare(model)
     mods = compressed_modules(model)
@@ -96,21 +97,19 @@ def _tune(runners: list[KernelRunner], dtype: torch.dtype, tokens: tuple[int, ..
           tuned: dict[str, dict]) -> tuple[int, float]:
     """Each distinct call's launch configuration from ``tuned`` or timed now (then added to it):
     (how many were timed, seconds)."""
-    t0, done, n = time.time(), set(), 0
+    t0, n = time.time(), 0
     with torch.no_grad():
         for run in runners:
             for t in tokens:
                 gen = torch.Generator(device=run.device).manual_seed(0)
                 x = torch.randn(t, run.k, generator=gen, device=run.device).to(dtype)
                 key, cfg, now = kernels.tuned_config(x, run.kw, run.L, run.R, run.bias, tuned)
-                if key in done:
-                    continue
-                done.add(key)
+                n += now
                 if now:
-                    n += 1
-                    log.info("tuned the %d-token call of a %dx%d %s layer: %s", t, run.n, run.k,
-                             run.kw.spec.label(), cfg or "the default (no candidate ran)")
-                tuned[key] = cfg
+                    log.info("timed the %d-token call of a %dx%d %s layer: %s", t, run.n, run.k,
+                             run.kw.spec.label(), cfg or "no candidate ran; the default stays")
+                if cfg:  # read from the table or timed now (a repeated key is then found there)
+                    tuned[key] = cfg
     return n, time.time() - t0
 
 
