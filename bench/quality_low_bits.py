@@ -10,8 +10,11 @@ cached statistics).
 Variants (rows are (variant, budget)):
 - ``plan``: today's budget plan over the candidate set;
 - ``plan+rot``: the same candidates, each also tried on the rotated matrix (``rotations=(False, True)``),
-  the integer program choosing per matrix.
-Distillation after compression (the issue's other two variants) does not exist yet: no rows.
+  the integer program choosing per matrix;
+- ``plan+distill``, ``plan+rot+distill``: the same compressed model saved as a checkpoint, then
+  ``lqkit distill`` (``lqkit.distill.distill``: block-wise output matching against the uncompressed
+  model, ``--distill-kl`` end-to-end KL steps after) on WikiText-2 validation windows, at the same
+  bits; the distilled checkpoint is loaded and evaluated.
 
 Each variant's cost table is computed once (cached as ``lqkit compress`` caches it) and its time
 recorded; each row is then a solve, a compression and two evaluations. ``--candidates compact``
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -45,6 +49,7 @@ from lqkit.core import MatrixSpec, QuantSpec
 from lqkit.core.costs import CandidateSet
 from lqkit.data import read_text
 from lqkit.demo import DEMO_CANDIDATES
+from lqkit.distill import DistillConfig
 from lqkit.evaluate import EvalProtocol, perplexity, tokenize
 from lqkit.models import load_model
 from lqkit.plan import uniform_plan
@@ -71,7 +76,27 @@ def evaluate_all(model, tok, txts: dict[str, str], proto: EvalProtocol) -> dict:
 
 
 def variants(base: CandidateSet) -> dict[str, CandidateSet]:
-    return {"plan": replace(base, rotations=(False,)), "plan+rot": replace(base, rotations=(False, True))}
+    plain, rot = replace(base, rotations=(False,)), replace(base, rotations=(False, True))
+    return {"plan": plain, "plan+rot": rot, "plan+distill": plain, "plan+rot+distill": rot}
+
+
+def distilled(model, tok, plan, cfg: DistillConfig, work: Path) -> tuple[torch.nn.Module, dict]:
+    """``model`` (compressed by ``plan``) saved, distilled by ``lqkit.distill.distill`` against the default
+    model, and loaded again: (the distilled model, what the distillation reported)."""
+    from lqkit import checkpoint
+    from lqkit.distill import distill
+    from lqkit.models import DEFAULT_MODEL
+
+    shutil.rmtree(work, ignore_errors=True)
+    checkpoint.save(model, tok, work / "ck", plan=plan, extra={"source_model": DEFAULT_MODEL})
+    res = distill(work / "ck", work / "distilled", cfg, device="cpu", progress=True)
+    out = checkpoint.load(work / "distilled", dtype=torch.float32, device="cpu")
+    rep = res.extra["distill"]
+    blocks = rep.get("blocks") or []
+    summary = {"config": cfg.to_dict(), "seconds": rep.get("seconds"), "heldout_nll": rep.get("heldout_nll"),
+               "kl": rep.get("kl"), "blocks_kept": sum(1 for b in blocks if b.get("kept")), "blocks": len(blocks)}
+    shutil.rmtree(work, ignore_errors=True)
+    return out, summary
 
 
 def row_md(r: dict) -> str:
@@ -96,7 +121,14 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--sequential", action="store_true", help="each block's H from the compressed blocks before it")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--distill-steps", type=int, default=40, help="distill variants: block-wise steps per block")
+    ap.add_argument("--distill-samples", type=int, default=32, help="distill variants: training windows")
+    ap.add_argument("--distill-seqlen", type=int, default=256, help="distill variants: tokens per window")
+    ap.add_argument("--distill-kl", type=int, default=0, help="distill variants: end-to-end KL steps after")
+    ap.add_argument("--work", default="/tmp/lqkit-quality-low-bits", help="distill variants: checkpoints go here")
     a = ap.parse_args()
+    dcfg = DistillConfig(steps=a.distill_steps, samples=a.distill_samples, seqlen=a.distill_seqlen, heldout=4,
+                         kl_steps=a.distill_kl)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(a.out)
     proto = EvalProtocol(windows=a.windows, batch_size=4)
@@ -147,7 +179,13 @@ def main() -> None:
                    "effective_bits": size_summary(loaded.model).effective_bits, "plan_mix": plan_mix(alloc.plan),
                    "rotated": sum(1 for s in alloc.plan.values() if getattr(s, "rotation", None) is not None),
                    "matrices": len(alloc.plan)}
-            ev = evaluate_all(loaded.model, loaded.tokenizer, txts, proto)
+            model = loaded.model
+            if vname.endswith("+distill"):
+                t2 = time.time()
+                model, row["distill"] = distilled(model, loaded.tokenizer, alloc.plan, dcfg, Path(a.work))
+                row["distill_seconds"] = round(time.time() - t2, 1)
+                row["effective_bits_after_distill"] = size_summary(model).effective_bits
+            ev = evaluate_all(model, loaded.tokenizer, txts, proto)
             row["perplexity"] = {k: v["perplexity"] for k, v in ev.items()}
             row["eval_seconds"] = {k: v["eval_seconds"] for k, v in ev.items()}
             logging.info("%s %g: %.3f bits, ppl %s", vname, b, row["effective_bits"], row["perplexity"])

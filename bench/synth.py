@@ -29,6 +29,8 @@ SHAPES = {  # LlamaConfig fields of public models' shapes
                  num_key_value_heads=2),  # for checking the scripts on a CPU
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                         num_key_value_heads=8),
+    "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),  # 210 linears
 }
 VOCAB = 32000
 
@@ -53,18 +55,21 @@ def tokenizer(vocab: int = VOCAB):
 
 
 def build(shape: str | dict, layers: int | None, out: Path, device: str = "cuda", dtype: torch.dtype | None = None,
-          seed: int = 0, max_shard_size: str = "4GB", vocab: int = VOCAB) -> Path:
+          seed: int = 0, max_shard_size: str = "4GB", vocab: int | None = None) -> Path:
     """Write a random-initialised causal LM of ``shape`` (a name in SHAPES or LlamaConfig fields;
-    ``layers`` decoder blocks) to ``out``: bf16 on a GPU, fp32 on a CPU unless ``dtype`` is given."""
+    ``layers`` decoder blocks) to ``out``: bf16 on a GPU, fp32 on a CPU unless ``dtype`` is given.
+    ``vocab``: default the shape's, else VOCAB; embeddings untied unless the shape ties them."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = tokenizer(vocab)
     fields = dict(SHAPES[shape] if isinstance(shape, str) else shape)
+    vocab = vocab or fields.pop("vocab_size", None) or VOCAB
     fields.pop("vocab_size", None)
+    tok = tokenizer(vocab)
     if layers:
         fields["num_hidden_layers"] = layers
+    fields = {"tie_word_embeddings": False, **fields}
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **fields)
+                         eos_token_id=tok.eos_token_id, **fields)
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     torch.manual_seed(seed)
     with torch.device(device):
