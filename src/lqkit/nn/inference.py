@@ -77,10 +77,8 @@ def prepare_for_inference(model: nn.Module, *, fuse: bool = True, dense_cpu: boo
         runners += [m.prepare_runner() for m in on_kernels.values() if m._runner is None]
         if tuned is not None:
             n_tuned, tune_s = _tune(runners, dtype, tokens, tuned)
-        with torch.no_grad():
-            for run in runners:
-                for t in tokens:
-                    run(torch.zeros(t, run.k, dtype=dtype, device=run.device))
+        for t in tokens:
+            _bind(runners, (t,), dtype)
     elif device.type == "cpu" and dense_cpu:
         for m in mods.values():
             if m.spec.quant is not None:
@@ -119,9 +117,15 @@ def bind_calls(model: nn.Module, shape: tuple[int, ...]) -> int:
     scratch, which must not come from the memory pool of a CUDA graph being recorded (torch.compile's
     "reduce-overhead" refuses a graph that leaves such tensors behind). Returns how many were bound."""
     runners = {id(m._runner): m._runner for m in compressed_modules(model).values() if m._runner is not None}
-    dtype, n = _compute_dtype(model), 0
+    return _bind(list(runners.values()), shape, _compute_dtype(model))
+
+
+def _bind(runners: list[KernelRunner], shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Each runner's call for inputs of ``shape`` + (its K,) bound by one call on zeros, unless it is
+    already: how many were bound."""
+    n = 0
     with torch.no_grad():
-        for run in runners.values():
+        for run in runners:
             if (torch.Size((*shape, run.k)), dtype) not in run.calls:
                 run(torch.zeros(*shape, run.k, dtype=dtype, device=run.device))
                 n += 1
