@@ -83,12 +83,50 @@ def peak_breakdown(snapshot: dict, base_bytes: int, top: int = 12) -> dict:
             "before_trace_mib": round(base_bytes / 2**20), "live_at_peak": by_site(at_peak.values(), top)}
 
 
-def profile_row(out: int, inp: int, device: str, trace: bool = False) -> dict:
+def kernel_time(out: int, inp: int, device: str, top: int = 15) -> dict:
+    """One more (warm) cost-table row under torch.profiler: wall seconds against the summed time of
+    the device's kernels (how much of the row the GPU is busy), the kernels and the host-side
+    operators that took the most time, and the Python functions by own time (cProfile)."""
+    import cProfile
+    import pstats
+    from torch.profiler import ProfilerActivity, profile
+
+    w, stats = _row_inputs(out, inp, device)
+    _sync(device)
+    t0 = time.time()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        costs.matrix_costs(w, stats)
+        _sync(device)
+    wall = time.time() - t0
+    ka = prof.key_averages()
+    kernels = [e for e in ka if e.device_type.name == "CUDA" or getattr(e, "is_kernel", False)]
+    busy = sum(e.self_device_time_total for e in ka) / 1e6
+    cp = cProfile.Profile()
+    t0 = time.time()
+    cp.runcall(costs.matrix_costs, w, stats)
+    _sync(device)
+    wall_plain = time.time() - t0
+    st = pstats.Stats(cp)
+    funcs = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {"shape": [out, inp], "wall_profiled_s": round(wall, 3), "wall_s": round(wall_plain, 3),
+            "device_busy_s": round(busy, 3), "kernels": len(kernels),
+            "top_device": [{"name": e.key[:70], "ms": round(e.self_device_time_total / 1e3, 1), "calls": e.count}
+                           for e in sorted(ka, key=lambda e: -e.self_device_time_total)[:top]],
+            "top_host_ops": [{"name": e.key[:70], "ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count}
+                             for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:top]],
+            "top_python": [{"name": f"{k[0].split('/')[-1]}:{k[1]}({k[2]})", "own_s": round(v[2], 3),
+                            "cum_s": round(v[3], 3), "calls": v[1]} for k, v in funcs]}
+
+
+def _row_inputs(out: int, inp: int, device: str):
     torch.manual_seed(0)
     w = (torch.randn(out, inp, device=device) * 0.02).to(torch.bfloat16)
     x = torch.randn(4096, inp, device=device) * (torch.rand(inp, device=device) * 2)
-    stats = MatrixStats(h=x.T @ x / 4096, fisher=torch.rand(out, inp, device=device) ** 4 * 1e-6)
-    del x
+    return w, MatrixStats(h=x.T @ x / 4096, fisher=torch.rand(out, inp, device=device) ** 4 * 1e-6)
+
+
+def profile_row(out: int, inp: int, device: str, trace: bool = False) -> dict:
+    w, stats = _row_inputs(out, inp, device)
     stats_bytes = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     t: dict = defaultdict(float)
     patches = [(quant, "reconstruct_many"), (gptq, "gptq_many"), (nuq, "kmeans_1d"),
@@ -186,6 +224,10 @@ def main() -> None:
     ap.add_argument("--memory-trace", action="store_true",
                     help="(CUDA) record the allocator's trace and report what is alive at the peak, "
                          "by where it was allocated")
+    ap.add_argument("--repeat", type=int, default=1, help="run each row this many times (the first warms up)")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="then one more run of each row under torch.profiler and cProfile: device busy time "
+                         "against wall time, top kernels, host operators and Python functions")
     a = ap.parse_args()
     sweeps = []
     for s in filter(None, a.sweeps.split(",")):
@@ -196,8 +238,12 @@ def main() -> None:
     rows = []
     for s in filter(None, a.shapes.split(",")):
         o, i = (int(v) for v in s.split("x"))
-        rows.append(profile_row(o, i, a.device, a.memory_trace))
-        print(json.dumps(rows[-1]), flush=True)
+        for r in range(a.repeat):
+            rows.append(profile_row(o, i, a.device, a.memory_trace) | {"run": r})
+            print(json.dumps(rows[-1]), flush=True)
+        if a.kernel_time:
+            rows.append(kernel_time(o, i, a.device) | {"run": "kernel_time"})
+            print(json.dumps(rows[-1]), flush=True)
     eig = {n: eig_times(n, a.device) for n in (4096,)} if rows else {}
     print(json.dumps(eig), flush=True)
     if a.out:

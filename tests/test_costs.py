@@ -97,6 +97,20 @@ def spiky(seed=0, spikes=12):
 ROTATING = CandidateSet(**{**SMALL.to_dict(), "rotations": (False, True)})
 
 
+def test_orthonormal_basis_by_cholesky_qr_and_its_fallback():
+    from lqkit.core.costs import orthonormal
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(500, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -5, 40, dtype=torch.float64)
+    q = orthonormal(y)
+    assert torch.allclose(q.T @ q, torch.eye(40, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(q @ (q.T @ y), y, atol=1e-10)  # the same span
+    deficient = torch.cat([y[:, :20], y[:, :20]], dim=1)  # YᵀY singular: Householder QR instead
+    q = orthonormal(deficient)
+    assert q.shape == (500, 40)
+    assert torch.allclose(q.T @ q, torch.eye(40, dtype=torch.float64), atol=1e-12)
+
+
 @pytest.mark.parametrize("metric", ["kfac", "hessian"])
 def test_rotated_candidates_share_the_front_with_comparable_errors(metric):
     """Rotated and unrotated candidates are scored in the same coordinates (exactly, for kfac and hessian):

@@ -50,3 +50,20 @@ def test_nuq_group_dim_out():
     q = quantize(w, QuantSpec("nuq", 4, group_dim="out"))
     assert q.aux["codebook"].shape == (24, 16)
     assert float((w - dequantize(q)).norm() / w.norm()) < 0.15
+
+
+def test_codebooks_of_chunks_clustered_together_equal_each_chunk_alone(monkeypatch):
+    """Rows in chunks that stop on their own, several chunks at once: the same codebooks as each
+    chunk through kmeans_1d alone, also when the chunks stop at different iterations."""
+    from lqkit.core import nuq
+
+    g = torch.Generator().manual_seed(5)
+    rows, n, k = 45, 64, 8
+    z = torch.randn(rows, n, generator=g)
+    x = z.sign() * z.abs() ** torch.linspace(1, 5, rows).unsqueeze(1)  # ever heavier tails
+    wt = torch.rand(rows, n, generator=g) ** 3
+    monkeypatch.setattr(nuq, "ROWS_CHUNK", 10 * n)  # chunks of 10 rows, the last one of 5
+    monkeypatch.setattr(nuq, "ROWS_BATCH", 30 * n)  # three chunks at once, then the rest
+    alone = [kmeans_1d(x[i:i + 10], wt[i:i + 10], k) for i in range(0, rows, 10)]
+    assert len({len(h) for _, _, h in alone}) > 1  # the chunks stop at different iterations
+    assert torch.equal(nuq.codebooks(x, wt, k), torch.cat([c for c, _, _ in alone]))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import SpecError
-from . import quant as qmod
+from . import fp32mm, quant as qmod
 from .allocate import pareto_front
 from .decompose import MatrixSpec, storage_bits
 from .quant import QUANTIZERS, QuantSpec
@@ -188,7 +188,7 @@ class _Metric:
         if self.c.ndim == 1:
             return e * self.c
         k, o, n = e.shape
-        return (e.reshape(k * o, n) @ self.c).reshape(k, o, n)
+        return fp32mm.mm(e.reshape(k * o, n), self.c).reshape(k, o, n)
 
     def errors(self, e: torch.Tensor) -> torch.Tensor:
         """err of each matrix of the stack e (k, out, in), float64 (k,)."""
@@ -219,7 +219,7 @@ class _Metric:
         low-rank step, and on a 70B-sized matrix a Gram matrix is 256 MiB."""
         if self.fisher is not None:
             return b
-        g = b @ b.T if b.shape[0] <= b.shape[1] else b.T @ b
+        g = fp32mm.gram(b)
         return top_eigenvalues(g, self.top) if self.top and g.numel() > GRAM_KEEP_MAX else g
 
     def rank_errors(self, b: torch.Tensor, total: float, ranks: list[int]) -> list[float]:
@@ -259,9 +259,22 @@ def top_eigenvalues(gram: torch.Tensor, k: int) -> torch.Tensor:
     gen = torch.Generator(device=g.device).manual_seed(0)
     y = g @ torch.randn(n, k + EIG_OVERSAMPLE, generator=gen, device=g.device, dtype=g.dtype)
     for _ in range(EIG_POWER):
-        y = g @ torch.linalg.qr(y).Q
-    q = torch.linalg.qr(y).Q
+        y = g @ orthonormal(y)
+    q = orthonormal(y)
     return torch.linalg.eigvalsh(q.T @ g @ q).flip(0).clamp_min(0)[:k]
+
+
+def orthonormal(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (n, m) of the span of the columns of a tall y (n, m), by Cholesky QR
+    twice (Q = Y·R⁻¹ with RᵀR = YᵀY, then once more to restore orthogonality lost to rounding):
+    a few matrix products, where a Householder QR on a GPU runs column by column. Falls back to
+    Householder QR when YᵀY is too ill-conditioned to factorise."""
+    for _ in range(2):
+        r, info = torch.linalg.cholesky_ex(y.T @ y, upper=True)
+        if int(info) != 0:
+            return torch.linalg.qr(y).Q
+        y = torch.linalg.solve_triangular(r, y, upper=True, left=False)
+    return y
 
 
 def near_front(bits: np.ndarray, err: np.ndarray, slack: float) -> np.ndarray:

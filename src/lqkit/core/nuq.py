@@ -16,7 +16,9 @@ from .stats import require
 ITERS = 100  # Lloyd iterations at most (each is O(rows·k) after one sort)
 TOL = 1e-5  # ... stopping early once an iteration improves the error by less than this fraction
 WEIGHT_FLOOR = 1e-3  # weights below this fraction of a row's mean weight are raised to it
-ROWS_CHUNK = 1 << 23  # elements of the rows clustered at once (k-means holds ~60 bytes an element)
+ROWS_CHUNK = 1 << 23  # elements of the rows whose k-means stops as one (its error summed over them)
+ROWS_BATCH = 1 << 25  # elements of rows clustered at once, several chunks together (~60 bytes an element)
+CHECK_EVERY = 8  # iterations between looks (a host sync) at whether every chunk has stopped
 
 
 def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -30,44 +32,82 @@ def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int = ITERS
-              ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Weighted Lloyd k-means of every row of x (rows, n) into k levels.
-
-    Returns (codebook (rows, k) sorted, codes (rows, n) int64, history) where history[t] is the
-    weighted squared error Σ w·(x − c[code])² of iteration t's assignment with its levels (at most
-    ``iters`` iterations, fewer once an iteration improves the error by less than TOL); it never
-    increases (each assignment and each centroid update is optimal given the other). Initialised at
-    the weighted quantiles (t + ½)/k; an empty cluster keeps its level.
+def _lloyd(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int, chunk: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted Lloyd k-means of every row of x (rows, n) into k levels, the rows in chunks of
+    ``chunk`` rows that each stop on their own: a chunk stops once an iteration improves its error
+    (summed over its rows) by less than TOL. Returns (codebooks (rows, k) fp64 sorted, history
+    (iterations, chunks) fp64: each chunk's error of each iteration's assignment with its levels,
+    repeated once the chunk has stopped). Every chunk goes through exactly the iterations it would
+    alone; the loop looks at the host only every CHECK_EVERY iterations.
 
     In one dimension a cluster is a run of the sorted values, so after one sort every iteration is
     O(rows·k): the cluster boundaries are the midpoints' positions in the sorted row and each
     cluster's sums of w, w·x and w·x² are differences of prefix sums (fp64)."""
     x, weight = x.float(), weight.float()
     rows, n = x.shape
+    n_chunks = -(-rows // chunk)
     order = torch.argsort(x, dim=1)
     xs, ws = torch.gather(x, 1, order), torch.gather(weight, 1, order)
+    del order
     zero = torch.zeros(rows, 1, dtype=torch.float64, device=x.device)
     wd, xd = ws.double(), xs.double()
+    del xs, ws
     p0, p1, p2 = (torch.cat([zero, t.cumsum(1)], dim=1) for t in (wd, wd * xd, wd * xd * xd))  # (rows, n+1)
+    del wd
     cw = p0[:, 1:] / p0[:, -1:].clamp_min(1e-300)
     targets = (torch.arange(k, device=x.device, dtype=torch.float64) + 0.5) / k  # (k,)
     idx = torch.searchsorted(cw.contiguous(), targets.expand(rows, k).contiguous()).clamp_(max=n - 1)
+    del cw
     c = torch.gather(xd, 1, idx)  # (rows, k), sorted
     ends = torch.full((rows, 1), n, dtype=torch.long, device=x.device)
-    history: list[float] = []
-    for _ in range(iters):
+    pad = n_chunks * chunk - rows
+    stopped = torch.zeros(n_chunks, dtype=torch.bool, device=x.device)
+    history: list[torch.Tensor] = []
+    for t in range(iters):
         mids = (c[:, 1:] + c[:, :-1]) / 2  # an element goes to the cluster of the midpoints below it
         b = torch.cat([torch.zeros_like(ends), torch.searchsorted(xd, mids, right=True), ends], dim=1)  # (rows, k+1)
         s0, s1, s2 = (torch.gather(p, 1, b[:, 1:]) - torch.gather(p, 1, b[:, :-1]) for p in (p0, p1, p2))
-        history.append(float((s2 - 2 * c * s1 + c * c * s0).sum()))
-        if len(history) > 1 and history[-2] - history[-1] <= TOL * history[-2]:
-            break  # converged
-        c = torch.where(s0 > 0, s1 / s0.clamp_min(1e-300), c)
+        per_row = (s2 - 2 * c * s1 + c * c * s0).sum(dim=1)
+        err = torch.nn.functional.pad(per_row, (0, pad)).view(n_chunks, chunk).sum(dim=1)  # (chunks,)
+        if history:
+            stopped |= history[-1] - err <= TOL * history[-1]
+        history.append(err)
+        go = (s0 > 0) & ~stopped.repeat_interleave(chunk)[:rows, None]
+        c = torch.where(go, s1 / s0.clamp_min(1e-300), c)
+        if (t + 1) % CHECK_EVERY == 0 and bool(stopped.all()):
+            break
+    return c, torch.stack(history)
+
+
+def kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int = ITERS
+              ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Weighted Lloyd k-means of every row of x (rows, n) into k levels.
+
+    Returns (codebook (rows, k) sorted, codes (rows, n) int64, history) where history[t] is the
+    weighted squared error Σ w·(x − c[code])² of iteration t's assignment with its levels (at most
+    ``iters`` iterations, fewer once an iteration improves the error by less than TOL), and a last
+    entry for the final levels; it never increases (each assignment and each centroid update is
+    optimal given the other). Initialised at the weighted quantiles (t + ½)/k; an empty cluster
+    keeps its level."""
+    c, hist = _lloyd(x, weight, k, iters, x.shape[0])
+    h = hist[:, 0].tolist()
+    stop = next((t for t in range(1, len(h)) if h[t - 1] - h[t] <= TOL * h[t - 1]), len(h) - 1)
+    history = h[:stop + 1]
     c = c.float()
-    codes = _assign(x, c)
-    history.append(float((weight * (x - torch.gather(c, 1, codes)) ** 2).sum()))
+    codes = _assign(x.float(), c)
+    history.append(float((weight.float() * (x.float() - torch.gather(c, 1, codes)) ** 2).sum()))
     return c, codes, history
+
+
+def codebooks(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-level codebook (rows, k), fp32 sorted, of every row of x (rows, n): rows in chunks of
+    ROWS_CHUNK elements that stop on their own (bounded memory, a result that does not depend on
+    the device), several chunks clustered at once (few launches on a GPU)."""
+    chunk = max(1, ROWS_CHUNK // x.shape[1])
+    batch = chunk * max(1, ROWS_BATCH // (chunk * x.shape[1]))
+    return torch.cat([_lloyd(x[i:i + batch], weight[i:i + batch], k, ITERS, chunk)[0].float()
+                      for i in range(0, x.shape[0], batch)])
 
 
 def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
@@ -81,8 +121,7 @@ def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
     if ctx.keep is not None:  # kept outliers: no weight, and no pull on the levels
         keep = to_layout(ctx.keep, spec)
         wt, x = wt.masked_fill(keep, 0.0), m.masked_fill(keep, 0.0)
-    per = max(1, ROWS_CHUNK // x.shape[1])  # rows are independent: bounded memory on large matrices
-    c = torch.cat([kmeans_1d(x[i:i + per], wt[i:i + per], k)[0] for i in range(0, x.shape[0], per)])
+    c = codebooks(x, wt, k)
     book = c.to(torch.float16)  # stored codebook; codes assigned against the rounded levels
     codes = _assign(x, book.float())
     return codes.to(torch.uint8), {"codebook": book}
