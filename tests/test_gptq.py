@@ -143,7 +143,9 @@ def test_gptq_many_sweeps_in_chunks(monkeypatch):
 def test_reconstruct_many_equals_dequantize_of_quantize():
     w, st = problem(7, out=40, n=160)
     specs = [QuantSpec("gptq", 3, 32, outliers=0.02), QuantSpec("rtn", 2, 32, "out", outlier_features=0.05),
-             QuantSpec("nf", 3, 32), QuantSpec("nuq", 2, outliers=0.01), QuantSpec("rtn_sym", 4, 16)]
+             QuantSpec("nf", 3, 32), QuantSpec("nuq", 2, outliers=0.01), QuantSpec("rtn_sym", 4, 16),
+             QuantSpec("rtn", 3, 48, clip=True), QuantSpec("nf", 2, 24, "out", double_quant=True),
+             QuantSpec("nuq", 3, group_dim="out")]  # groups that do not tile the matrix, double quant, "out"
     st2 = type(st)(h=st.h, fisher=torch.rand_like(w))
     for s, dense in zip(specs, Q.reconstruct_many(w, specs, st2)):
         assert torch.equal(dense, dequantize(quantize(w, s, st2))), s.label()

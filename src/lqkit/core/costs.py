@@ -208,8 +208,10 @@ class _Metric:
         if self.fisher is not None or self.c is None or self.c.ndim == 1:
             return self.errors(e)
         col = self.c.square().sum(dim=1)  # diag(S·Sᵀ) = diag of the damped H
-        e2 = e * e if self.d is None else e * e * self.d.square().unsqueeze(1)
-        return _sum(e2 * col)
+        e2 = e * e
+        if self.d is not None:
+            e2.mul_(self.d.square().unsqueeze(1))
+        return _sum(e2.mul_(col))
 
     def spectral_summary(self, b: torch.Tensor) -> torch.Tensor:
         """What :meth:`rank_errors` needs of a matrix ``b`` that :meth:`errors_and_spectral` gave: its
@@ -333,7 +335,12 @@ def _errors(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None, 
                 if (len(cache) + 1) * w.numel() <= KEEP:
                     cache[sp] = r
         for i in range(0, len(group), per):
-            res = fn(torch.stack([w - r for r in recon[i:i + per]]))
+            part = recon[i:i + per]
+            diff = torch.empty((len(part), *w.shape), dtype=w.dtype, device=w.device)
+            for j, r in enumerate(part):
+                torch.sub(w, r, out=diff[j])
+            res = fn(diff)
+            del diff
             if summary is not None:
                 res, mats = res
                 kept.update((sp, summary(mt)) for sp, mt in zip(group[i:i + per], mats))

@@ -110,7 +110,8 @@ def codebooks(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
                       for i in range(0, x.shape[0], batch)])
 
 
-def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
+def _nuq_codes(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
+    """(codes (rows, cols) int64, aux)."""
     k = 1 << spec.bits
     f = ctx.stats.fisher if ctx.stats is not None else None
     if f is None and ctx.stats is not None and ctx.stats.fisher_sums is not None:
@@ -124,11 +125,21 @@ def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
     c = codebooks(x, wt, k)
     book = c.to(torch.float16)  # stored codebook; codes assigned against the rounded levels
     codes = _assign(x, book.float())
-    return codes.to(torch.uint8), {"codebook": book}
+    return codes, {"codebook": book}
+
+
+def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
+    codes, aux = _nuq_codes(m, spec, ctx)
+    return codes.to(torch.uint8), aux
 
 
 def _nuq_dequantize(codes, aux, spec):
     return torch.gather(aux["codebook"].float(), 1, codes.long())
+
+
+def _nuq_reconstruct(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
+    codes, aux = _nuq_codes(m, spec, ctx)
+    return torch.gather(aux["codebook"].float(), 1, codes), aux
 
 
 register(Quantizer(
@@ -139,4 +150,5 @@ register(Quantizer(
     aux_layout=lambda spec, rows, cols: {"codebook": AuxSlot((rows, 1 << spec.bits), torch.float16)},
     data_aware=True,
     kernel_format="nuq",  # a table per layout row: per output row ("in") or per input column ("out")
+    reconstruct=_nuq_reconstruct,
 ))

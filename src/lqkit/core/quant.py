@@ -156,6 +156,8 @@ class Quantizer:
     any.
     ``quantize_many`` (optional, data-aware only): ``(w (out, in), specs, ctxs) -> [(codes, aux)]``,
     several configurations of one matrix at once, each result as ``quantize`` would return it.
+    ``reconstruct`` (optional): called as ``quantize`` is, returns (``dequantize`` of the codes, aux)
+    without forming the integer codes: the cost table's reconstructions, bit for bit the same.
     """
 
     name: str
@@ -167,6 +169,7 @@ class Quantizer:
     data_aware: bool = False
     kernel_format: str | None = None
     quantize_many: Callable[..., list[tuple[torch.Tensor, dict[str, torch.Tensor]]]] | None = None
+    reconstruct: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
 
 
 QUANTIZERS: dict[str, Quantizer] = {}
@@ -312,19 +315,32 @@ def _range_params(lo, hi, qmax, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, (-zero * scale.float()).to(dtype)
 
 
-def _rtn_quantize(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _rtn_codes(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(codes as floats in groups (rows, ng, gs), aux)."""
     g = to_groups(m, spec.group_size)  # (rows, ng, gs)
     qmax = (1 << spec.bits) - 1
     scale, offset = minmax_params(g, qmax, DTYPES[spec.scale_dtype], spec.clip)  # (rows, ng) each
     s = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    codes = torch.round((g - offset.float().unsqueeze(-1)) / s).clamp_(0, qmax)
-    return from_groups(codes, m.shape[1]).to(torch.uint8), {"scale": scale, "offset": offset}
+    return torch.round((g - offset.float().unsqueeze(-1)) / s).clamp_(0, qmax), {"scale": scale, "offset": offset}
+
+
+def _rtn_quantize(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    codes, aux = _rtn_codes(m, spec)
+    return from_groups(codes, m.shape[1]).to(torch.uint8), aux
+
+
+def _rtn_values(g: torch.Tensor, aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Codes in groups (rows, ng, gs), as floats, to values."""
+    return g * aux["scale"].float().unsqueeze(-1) + aux["offset"].float().unsqueeze(-1)
 
 
 def _rtn_dequantize(codes: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: QuantSpec) -> torch.Tensor:
-    g = to_groups(codes.float(), spec.group_size)  # (rows, ng, gs)
-    w = g * aux["scale"].float().unsqueeze(-1) + aux["offset"].float().unsqueeze(-1)
-    return from_groups(w, codes.shape[1])
+    return from_groups(_rtn_values(to_groups(codes.float(), spec.group_size), aux), codes.shape[1])
+
+
+def _rtn_reconstruct(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    codes, aux = _rtn_codes(m, spec)
+    return from_groups(_rtn_values(codes, aux), m.shape[1]), aux
 
 
 register(Quantizer(
@@ -334,6 +350,7 @@ register(Quantizer(
     dequantize=_rtn_dequantize,
     aux_layout=lambda spec, rows, cols: {"scale": _group_slot(spec, rows, cols), "offset": _group_slot(spec, rows, cols)},
     kernel_format="rtn",
+    reconstruct=_rtn_reconstruct,
 ))
 
 
@@ -421,12 +438,17 @@ def _nf_absmax(aux: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return _dq_dequantize(aux) if "absmax_codes" in aux else aux["absmax"].float()
 
 
-def _nf_quantize(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _nf_codes(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(codes in groups (rows, ng, gs) int64, aux)."""
     g = to_groups(m, spec.group_size)
     absmax = g.abs().amax(dim=-1)  # (rows, ng)
     aux = _dq_quantize(absmax) if spec.double_quant else {"absmax": _store(absmax, spec)}
     a = _nf_absmax(aux).clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    codes = nearest_level(g / a, nf_table(spec.bits).to(m.device))
+    return nearest_level(g / a, nf_table(spec.bits).to(m.device)), aux
+
+
+def _nf_quantize(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    codes, aux = _nf_codes(m, spec)
     return from_groups(codes, m.shape[1]).to(torch.uint8), aux
 
 
@@ -434,6 +456,12 @@ def _nf_dequantize(codes: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: Q
     table = nf_table(spec.bits).to(codes.device)
     g = to_groups(table[codes.long()], spec.group_size)
     return from_groups(g * _nf_absmax(aux).unsqueeze(-1), codes.shape[1])
+
+
+def _nf_reconstruct(m: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    codes, aux = _nf_codes(m, spec)
+    table = nf_table(spec.bits).to(m.device)
+    return from_groups(table[codes] * _nf_absmax(aux).unsqueeze(-1), m.shape[1]), aux
 
 
 def _nf_aux_layout(spec: QuantSpec, rows: int, cols: int) -> dict[str, AuxSlot]:
@@ -455,6 +483,7 @@ register(Quantizer(
     aux_layout=_nf_aux_layout,
     supports_double_quant=True,
     kernel_format="nf",
+    reconstruct=_nf_reconstruct,
 ))
 
 
@@ -565,17 +594,20 @@ def _quantize(w, spec, stats, feat, flat, keep) -> QTensor:
     return _qtensor(w, spec, *_quantize_codes(w, spec, stats, keep), feat, flat)
 
 
-def _quantize_codes(w, spec, stats, keep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(codes in the layout, aux) of one spec; outliers (``keep``) handled as the quantizer wants."""
+def _quantize_codes(w, spec, stats, keep, values: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(codes in the layout, aux) of one spec; outliers (``keep``) handled as the quantizer wants.
+    ``values``: (the codes' values, aux) instead, from the quantizer's ``reconstruct`` (it must have one)."""
     q = QUANTIZERS[spec.method]
+    fn = q.reconstruct if values else q.quantize
     if q.data_aware:
-        return q.quantize(to_layout(w, spec), spec, QuantContext(stats, keep))
+        return fn(to_layout(w, spec), spec, QuantContext(stats, keep))
     dense = w if keep is None else w.masked_fill(keep, 0.0)
-    return q.quantize(to_layout(dense, spec), spec)
+    return fn(to_layout(dense, spec), spec)
 
 
-def _quantize_many_raw(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None):
-    """[(codes, aux, feat, flat)] of each spec, batched where the quantizer allows it."""
+def _quantize_many_raw(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None, values: bool = False):
+    """[(codes, aux, feat, flat)] of each spec, batched where the quantizer allows it. ``values``: where
+    the quantizer has a ``reconstruct``, the codes' values (fp32) instead of the codes."""
     w = _check_matrix(w)
     out: dict[int, tuple] = {}
     batches: dict[tuple, list[int]] = {}
@@ -589,7 +621,8 @@ def _quantize_many_raw(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixSta
             batches.setdefault((s.method, s.act_order, s.damp), []).append(i)
         else:
             feat, flat, keep = kept[k]
-            out[i] = (*_quantize_codes(w, s, stats, keep), feat, flat)
+            out[i] = (*_quantize_codes(w, s, stats, keep, values and QUANTIZERS[s.method].reconstruct is not None),
+                      feat, flat)
     for (method, _, _), idx in batches.items():
         keeps = [kept[(specs[i].outliers, specs[i].outlier_features)] for i in idx]
         results = QUANTIZERS[method].quantize_many(w, [specs[i] for i in idx], [QuantContext(stats, k[2]) for k in keeps])
@@ -608,14 +641,17 @@ def quantize_many(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | 
 def reconstruct_many(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None = None) -> list[torch.Tensor]:
     """``[dequantize(quantize(w, s, stats)) for s in specs]`` without packing and unpacking codes
     (what a cost table needs); exactly equal to it, fp16 rounding of kept outliers included."""
-    w, raw = _quantize_many_raw(w, specs, stats)
+    w, raw = _quantize_many_raw(w, specs, stats, values=True)
     return [_dense(w, s, *r) for s, r in zip(specs, raw)]
 
 
 def _dense(w, spec, codes, aux, feat, flat) -> torch.Tensor:
+    """W's reconstruction from one spec's codes (or, as floats, already their values) and aux."""
     aux = dict(aux)
     kept = aux.pop("kept", w)
-    out = from_layout(QUANTIZERS[spec.method].dequantize(codes, aux, spec), spec).contiguous()
+    q = QUANTIZERS[spec.method]
+    vals = codes if codes.is_floating_point() else q.dequantize(codes, aux, spec)
+    out = from_layout(vals, spec).contiguous()
     if feat is not None and feat.numel():
         out[:, feat] = kept[:, feat].to(torch.float16).float()
     if flat is not None and flat.numel():
