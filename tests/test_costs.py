@@ -153,3 +153,16 @@ def test_large_gram_matrices_kept_as_eigenvalues_give_the_same_table(monkeypatch
     assert any(s.rank > 0 for s in whole.specs)
     assert [s.to_dict() for s in whole.specs] == [s.to_dict() for s in reduced.specs]
     assert np.array_equal(whole.errors, reduced.errors) and np.array_equal(whole.bits, reduced.bits)
+
+
+def test_scored_matrices_kept_whole_give_the_same_table(monkeypatch):
+    """Error matrices kept whole until the low-rank step (RAW_KEEP) give the table that summarising
+    each at once gives."""
+    from lqkit.core import costs
+
+    w, st = problem(4)
+    kept = matrix_costs(w, st, SMALL)
+    monkeypatch.setattr(costs, "RAW_KEEP", 0)  # every matrix summarised as it is scored
+    at_once = matrix_costs(w, st, SMALL)
+    assert kept.specs == at_once.specs
+    assert np.array_equal(kept.errors, at_once.errors) and np.array_equal(kept.bits, at_once.bits)

@@ -173,3 +173,29 @@ def test_out_groups_as_views_equal_the_gathered_groups(monkeypatch, ao):
     monkeypatch.setattr(G, "_out_groups", gathered)
     for a, b in zip(fast, Q.quantize_many(w, specs, st)):
         assert torch.equal(a.packed, b.packed) and all(torch.equal(a.aux[k], b.aux[k]) for k in a.aux)
+
+
+@pytest.mark.parametrize("ao", [False, True])
+def test_stack_built_for_the_fused_sweep_equals_the_transposed_one(monkeypatch, ao):
+    """The fused (GPU) branch gets the stack row-major in the sweep's order and the torch branch
+    transposed: with the torch sweep standing in for the fused one, both give the same results, with
+    outliers and dead inputs."""
+    from lqkit.core import gptq as G
+
+    w, st = problem(11, out=48, n=96)
+    h = st.h.clone()
+    h[5], h[:, 5] = 0.0, 0.0  # a dead input
+    specs = [QuantSpec("gptq", b, 16, d, act_order=ao, clip=True) for b in (2, 3) for d in ("in", "out")]
+    keeps = [(torch.rand(48, 96, generator=torch.Generator().manual_seed(i)) < 0.03) if i % 2 else None
+             for i in range(len(specs))]
+    plain = G.gptq_many(w, h, specs, keeps)
+
+    def fused(W, keep, qmax, fams, u, perm, out):
+        c, q = G._sweep(W.T.contiguous(), keep.T.contiguous() if bool(keep.any()) else None, qmax, fams, u, perm, out)
+        return c.T, q.T
+
+    monkeypatch.setattr(G, "_fused_sweep_ok", lambda *a: True)
+    monkeypatch.setattr(G, "_fused_sweep", fused)
+    for a, b in zip(plain, G.gptq_many(w, h, specs, keeps)):
+        for x, y in zip((a.codes, a.scale, a.offset, a.q), (b.codes, b.scale, b.offset, b.q)):
+            assert torch.equal(x, y)

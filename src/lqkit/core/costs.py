@@ -54,6 +54,7 @@ NUQ_MAX_BITS = 4  # a per-row codebook of 2^b fp16 levels: beyond 4 bits it cost
 CHUNK = 1 << 24  # elements of stacked error matrices scored at once
 RECON = 1 << 27  # elements of reconstructions held at once (GPTQ's: what one sweep stacks)
 KEEP = 1 << 28  # elements of data-free reconstructions kept from the screening for the exact errors
+RAW_KEEP = 1 << 27  # elements of scored error matrices kept whole until the low-rank step needs their summary
 
 
 @dataclass(frozen=True)
@@ -315,12 +316,22 @@ def _chunks(w: torch.Tensor, specs: list[QuantSpec]) -> list[list[QuantSpec]]:
     return out + [c for c in (cur, cur_gptq) if c]
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """A scored matrix kept as it is: its summary is formed only if the low-rank step asks for it."""
+
+    b: torch.Tensor
+
+
 def _errors(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None, fn, summary=None,
-            cache: dict | None = None) -> tuple[np.ndarray, dict[QuantSpec, torch.Tensor]]:
+            cache: dict | None = None, raw: list[int] | None = None
+            ) -> tuple[np.ndarray, dict[QuantSpec, torch.Tensor | _Raw]]:
     """(``fn`` of each W − quantized W, a stack of differences -> errors, in chunks; with ``summary``,
-    ``fn`` returns (errors, matrices) and {spec: summary(its matrix)} is returned too). Only a chunk of
-    reconstructions is in memory at a time, plus what ``cache`` keeps (up to KEEP elements) for a
-    later call: a reconstruction found there is not computed again."""
+    ``fn`` returns (errors, matrices) and {spec: summary(its matrix)} is returned too, or, while
+    ``raw[0]`` elements are left, the matrix itself as :class:`_Raw` (a chunk at a time, ``raw[0]``
+    counted down): most are never summarised. Only a chunk of reconstructions is in memory at a time,
+    plus what ``cache`` keeps (up to KEEP elements) for a later call: a reconstruction found there is
+    not computed again."""
     errs: dict[QuantSpec, float] = {}
     kept: dict[QuantSpec, torch.Tensor] = {}
     per = max(1, CHUNK // w.numel())
@@ -343,7 +354,11 @@ def _errors(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixStats | None, 
             del diff
             if summary is not None:
                 res, mats = res
-                kept.update((sp, summary(mt)) for sp, mt in zip(group[i:i + per], mats))
+                if raw is not None and raw[0] >= mats.numel():
+                    raw[0] -= mats.numel()
+                    kept.update((sp, _Raw(mt)) for sp, mt in zip(group[i:i + per], mats))
+                else:
+                    kept.update((sp, summary(mt)) for sp, mt in zip(group[i:i + per], mats))
             errs.update(zip(group[i:i + per], res.tolist()))
         del recon
     return np.array([errs[s] for s in specs], dtype=np.float64), kept
@@ -420,7 +435,8 @@ def _candidates(w: torch.Tensor, stats: MatrixStats | None, specs: list[QuantSpe
     near_proxies = set(_near(proxies, np.array([screen[s] for s in proxies]), shape, cands.slack))
     run = [s for s in aware if _proxy(s, cands) in near_proxies]
     # each Q config's D·E·C is kept only as what the low rank needs (its smaller Gram matrix)
-    aerr, spectral = _errors(w, run, stats, m.errors_and_spectral, m.spectral_summary)
+    raw = [RAW_KEEP]  # scored matrices kept whole (until this budget is spent) rather than summarised now
+    aerr, spectral = _errors(w, run, stats, m.errors_and_spectral, m.spectral_summary, raw=raw)
     step(len(aware))
     # 3. exact errors for the data-free configs near the front of (their screened errors, the
     #    data-aware configs' exact errors): most are dominated by the data-aware ones
@@ -428,7 +444,7 @@ def _candidates(w: torch.Tensor, stats: MatrixStats | None, specs: list[QuantSpe
     jerr = np.concatenate([np.array([screen[s] for s in free]), aerr])
     free_set = set(free)
     free_near = [s for s in _near(joint, jerr, shape, cands.slack) if s in free_set]
-    ferr, fspec = _errors(w, free_near, stats, m.errors_and_spectral, m.spectral_summary, cache=recon)
+    ferr, fspec = _errors(w, free_near, stats, m.errors_and_spectral, m.spectral_summary, cache=recon, raw=raw)
     del recon
     spectral.update(fspec)
     qspecs = free_near + run
@@ -449,7 +465,9 @@ def _candidates(w: torch.Tensor, stats: MatrixStats | None, specs: list[QuantSpe
             if not ok:
                 continue
             evaluated += len(ranks)
-            for r, er in zip(ranks, m.rank_errors(spectral[s], float(e), ranks)):
+            sm = spectral[s]
+            sm = m.spectral_summary(sm.b) if isinstance(sm, _Raw) else sm
+            for r, er in zip(ranks, m.rank_errors(sm, float(e), ranks)):
                 spec = MatrixSpec("lorc", s, r, factor_dtype=cands.factor_dtype, weighting=wt, rotation=rot)
                 out_specs.append(spec)
                 out_bits.append(storage_bits(spec, shape))

@@ -217,26 +217,22 @@ def _fused_sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: 
     return codes, q_all
 
 
-def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
+def _sweep(wT: torch.Tensor, keepT: torch.Tensor | None, qmax: torch.Tensor, fams: list[_Family], u: torch.Tensor,
            perm: torch.Tensor | None, out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ sweep over the stacked (rows, n) matrix ``w`` (the fused sweep modifies it). Fills the families'
-    group parameters; returns (codes uint8, q) of the stack in the sweep's column order.
+    """GPTQ sweep over the stack given transposed, Wᵀ (n, rows) in the sweep's column order (modified
+    in place), with its kept positions ``keepT`` (bool, or None for none). Fills the families' group
+    parameters; returns (codesᵀ uint8, qᵀ), (n, rows), in the sweep's order.
 
-    The sweep works on Wᵀ (n, rows), so that every per-column operation reads and writes one
-    contiguous vector and a block of columns is a slice of rows, with no copies. Lazy updates in two
-    levels: after each block of BLOCK columns, the rest of its super-block of SUPER columns; after each
-    super-block, everything past it. With static groups (act-order) the scales and offsets of a whole
-    block are gathered once, not column by column."""
-    if _fused_sweep_ok(w, fams, perm is not None, out):
-        return _fused_sweep(w, keep, qmax, fams, u, perm, out)
-    rows, n = w.shape
+    Working on Wᵀ, every per-column operation reads and writes one contiguous vector and a block of
+    columns is a slice of rows, with no copies. Lazy updates in two levels: after each block of BLOCK
+    columns, the rest of its super-block of SUPER columns; after each super-block, everything past it.
+    With static groups (act-order) the scales and offsets of a whole block are gathered once, not
+    column by column."""
+    n, rows = wT.shape
     dinv = (1.0 / torch.diagonal(u)).tolist()
     cols = perm.tolist() if perm is not None else list(range(n))  # original column of sweep step j
-    has_keep = bool(keep.any())
+    has_keep = keepT is not None
     tiny = torch.finfo(torch.float32).tiny
-    wT = w.T.contiguous()  # (n, rows): sweep step j is the row wT[j]
-    del w
-    keepT = keep.T.contiguous() if has_keep else None
     codesT = torch.empty(n, rows, dtype=torch.uint8, device=wT.device)
     qT = torch.empty_like(wT)
     static = perm is not None  # act-order: "in" groups fixed before the sweep
@@ -312,7 +308,7 @@ def _sweep(w: torch.Tensor, keep: torch.Tensor, qmax: torch.Tensor, fams: list[_
         f, k = og.fam, len(og.fam.members)
         f.scale = og.scale.reshape(n, k, -1).permute(1, 0, 2).contiguous()
         f.offset = og.offset.reshape(n, k, -1).permute(1, 0, 2).contiguous()
-    return codesT.T, qT.T
+    return codesT, qT
 
 
 def gptq_many(w: torch.Tensor, h: torch.Tensor, specs: Sequence[QuantSpec],
@@ -350,33 +346,67 @@ def _factor(h: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _gptq_stack(w, h, specs, keeps, u_perm) -> list[GPTQResult]:
+    """GPTQ of ``w`` under ``specs`` stacked in one sweep. The stack is built in the sweep's column
+    order (permuting the one matrix, not the stack), transposed for the torch sweep, and the results
+    are put back in order by rows of the transposed stack: the same values as permuting the stack."""
     out, n = w.shape
     u, perm = u_perm
     fams = _families(specs, out, w.device)
     stack_order = [k for f in fams for k in f.members]  # stacked block b holds specs[stack_order[b]]
-    W = w.float().repeat(len(specs), 1)  # (K·out, n)
-    keep = torch.zeros_like(W, dtype=torch.bool)
-    for b, k in enumerate(stack_order):
-        if keeps[k] is not None:
-            keep[b * out:(b + 1) * out] = keeps[k]
+    w32 = w.float()
     dead = torch.diagonal(h) <= 0  # inputs that are always zero: any value works, 0 is cheapest
-    W[:, dead] = torch.where(keep[:, dead], W[:, dead], 0.0)
-    qmax = torch.cat([f.row_qmax(out)[:, 0] for f in fams])
-    for f in fams:
+    any_dead = bool(dead.any())
+    w_dead = w32.masked_fill(dead, 0.0) if any_dead else w32
+    for f in fams:  # static groups (act-order) from the original W, outliers and dead inputs excluded
         if f.group_dim == "in":
-            sl = slice(f.start, f.start + f.rows)
-            if perm is not None:  # static groups from the original W, outliers excluded
-                g = to_groups(torch.where(keep[sl], 0.0, W[sl]), f.group_size)
-                f.scale, f.offset = minmax_params(g, f.row_qmax(out), f.dtype, f.clip)
+            if perm is not None:
+                part = torch.cat([w_dead if keeps[k] is None else w_dead.masked_fill(keeps[k], 0.0) for k in f.members])
+                f.scale, f.offset = minmax_params(to_groups(part, f.group_size), f.row_qmax(out), f.dtype, f.clip)
             else:
                 f.scale = torch.zeros(f.rows, n_groups(n, f.group_size), dtype=f.dtype, device=w.device)
                 f.offset = torch.zeros_like(f.scale)
-    if perm is not None:
-        W, keep = W[:, perm], keep[:, perm]
-    codes, q = _sweep(W, keep, qmax, fams, u, perm, out)
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes, q = codes[:, inv], q[:, inv]
+    qmax = torch.cat([f.row_qmax(out)[:, 0] for f in fams])
+    order = perm if perm is not None else None
+    wp = w32[:, order] if order is not None else w32  # (out, n) in the sweep's column order
+    kp = [None if keeps[k] is None else (keeps[k][:, order] if order is not None else keeps[k]) for k in stack_order]
+    deadp = dead[order] if order is not None else dead
+
+    def member_rows(wq: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """A member's (out, n) rows of the stack: dead inputs zeroed unless kept."""
+        if not any_dead:
+            return wq
+        return torch.where(deadp & ~keep, 0.0, wq) if keep is not None else wq.masked_fill(deadp, 0.0)
+
+    K = len(specs)
+    if _fused_sweep_ok(w, fams, perm is not None, out):
+        W = wp.repeat(K, 1)
+        keep = torch.zeros_like(W, dtype=torch.bool)
+        for b, k in enumerate(kp):
+            if k is not None:
+                keep[b * out:(b + 1) * out] = k
+            if any_dead:
+                W[b * out:(b + 1) * out] = member_rows(wp, k)
+        codes, q = _fused_sweep(W, keep, qmax, fams, u, perm, out)
+        if perm is not None:
+            inv = torch.argsort(perm)
+            codes, q = codes[:, inv], q[:, inv]
+    else:
+        wT = wp.T.contiguous().repeat(1, K)  # (n, K·out)
+        keepT = None
+        if any(k is not None for k in kp):
+            keepT = torch.zeros_like(wT, dtype=torch.bool)
+            for b, k in enumerate(kp):
+                if k is not None:
+                    keepT[:, b * out:(b + 1) * out] = k.T
+        if any_dead:
+            for b, k in enumerate(kp):
+                wT[:, b * out:(b + 1) * out] = member_rows(wp, k).T
+        codesT, qT = _sweep(wT, keepT, qmax, fams, u, perm, out)
+        del wT, keepT
+        if perm is not None:
+            inv = torch.argsort(perm)
+            codesT, qT = codesT[inv], qT[inv]
+        codes, q = codesT.T, qT.T
     results = {}
     for f in fams:
         for m, k in enumerate(f.members):
