@@ -145,7 +145,8 @@ def test_reconstruct_many_equals_dequantize_of_quantize():
     specs = [QuantSpec("gptq", 3, 32, outliers=0.02), QuantSpec("rtn", 2, 32, "out", outlier_features=0.05),
              QuantSpec("nf", 3, 32), QuantSpec("nuq", 2, outliers=0.01), QuantSpec("rtn_sym", 4, 16),
              QuantSpec("rtn", 3, 48, clip=True), QuantSpec("nf", 2, 24, "out", double_quant=True),
-             QuantSpec("nuq", 3, group_dim="out")]  # groups that do not tile the matrix, double quant, "out"
+             QuantSpec("nuq", 3, group_dim="out"),  # groups that do not tile the matrix, double quant, "out"
+             QuantSpec("nuq", 4, outliers=0.01), QuantSpec("nuq", 2, group_dim="out")]  # nuq: rows sorted once
     st2 = type(st)(h=st.h, fisher=torch.rand_like(w))
     for s, dense in zip(specs, Q.reconstruct_many(w, specs, st2)):
         assert torch.equal(dense, dequantize(quantize(w, s, st2))), s.label()

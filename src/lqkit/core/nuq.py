@@ -8,6 +8,8 @@ fp16, (rows, 2^b), and counted in the size. ``group_size`` is not used (one code
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .quant import QuantContext, QuantSpec, Quantizer, AuxSlot, register, to_layout
@@ -32,7 +34,31 @@ def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return codes
 
 
-def _lloyd(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int, chunk: int
+@dataclass(frozen=True)
+class _Sorted:
+    """Rows sorted once for any number of levels: the sorted values (fp64) and the prefix sums of
+    w, w·x and w·x² along them (rows, n+1)."""
+
+    xd: torch.Tensor
+    p0: torch.Tensor
+    p1: torch.Tensor
+    p2: torch.Tensor
+
+
+def _sort_rows(x: torch.Tensor, weight: torch.Tensor) -> _Sorted:
+    x, weight = x.float(), weight.float()
+    rows = x.shape[0]
+    order = torch.argsort(x, dim=1)
+    xs, ws = torch.gather(x, 1, order), torch.gather(weight, 1, order)
+    del order
+    zero = torch.zeros(rows, 1, dtype=torch.float64, device=x.device)
+    wd, xd = ws.double(), xs.double()
+    del xs, ws
+    p0, p1, p2 = (torch.cat([zero, t.cumsum(1)], dim=1) for t in (wd, wd * xd, wd * xd * xd))  # (rows, n+1)
+    return _Sorted(xd, p0, p1, p2)
+
+
+def _lloyd(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int, chunk: int, srt: _Sorted | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted Lloyd k-means of every row of x (rows, n) into k levels, the rows in chunks of
     ``chunk`` rows that each stop on their own: a chunk stops once an iteration improves its error
@@ -43,18 +69,12 @@ def _lloyd(x: torch.Tensor, weight: torch.Tensor, k: int, iters: int, chunk: int
 
     In one dimension a cluster is a run of the sorted values, so after one sort every iteration is
     O(rows·k): the cluster boundaries are the midpoints' positions in the sorted row and each
-    cluster's sums of w, w·x and w·x² are differences of prefix sums (fp64)."""
-    x, weight = x.float(), weight.float()
+    cluster's sums of w, w·x and w·x² are differences of prefix sums (fp64). ``srt``: those of x and
+    weight, already made (:func:`_sort_rows`), shared by the runs of several k."""
     rows, n = x.shape
     n_chunks = -(-rows // chunk)
-    order = torch.argsort(x, dim=1)
-    xs, ws = torch.gather(x, 1, order), torch.gather(weight, 1, order)
-    del order
-    zero = torch.zeros(rows, 1, dtype=torch.float64, device=x.device)
-    wd, xd = ws.double(), xs.double()
-    del xs, ws
-    p0, p1, p2 = (torch.cat([zero, t.cumsum(1)], dim=1) for t in (wd, wd * xd, wd * xd * xd))  # (rows, n+1)
-    del wd
+    srt = srt or _sort_rows(x, weight)
+    xd, p0, p1, p2 = srt.xd, srt.p0, srt.p1, srt.p2
     cw = p0[:, 1:] / p0[:, -1:].clamp_min(1e-300)
     targets = (torch.arange(k, device=x.device, dtype=torch.float64) + 0.5) / k  # (k,)
     idx = torch.searchsorted(cw.contiguous(), targets.expand(rows, k).contiguous()).clamp_(max=n - 1)
@@ -104,15 +124,25 @@ def codebooks(x: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
     """The k-level codebook (rows, k), fp32 sorted, of every row of x (rows, n): rows in chunks of
     ROWS_CHUNK elements that stop on their own (bounded memory, a result that does not depend on
     the device), several chunks clustered at once (few launches on a GPU)."""
+    return codebooks_many(x, weight, [k])[0]
+
+
+def codebooks_many(x: torch.Tensor, weight: torch.Tensor, ks: list[int]) -> list[torch.Tensor]:
+    """:func:`codebooks` of x for each number of levels in ``ks``, the rows sorted once for all."""
     chunk = max(1, ROWS_CHUNK // x.shape[1])
     batch = chunk * max(1, ROWS_BATCH // (chunk * x.shape[1]))
-    return torch.cat([_lloyd(x[i:i + batch], weight[i:i + batch], k, ITERS, chunk)[0].float()
-                      for i in range(0, x.shape[0], batch)])
+    parts: list[list[torch.Tensor]] = [[] for _ in ks]
+    for i in range(0, x.shape[0], batch):
+        xb, wb = x[i:i + batch], weight[i:i + batch]
+        srt = _sort_rows(xb, wb)
+        for j, k in enumerate(ks):
+            parts[j].append(_lloyd(xb, wb, k, ITERS, chunk, srt)[0].float())
+        del srt
+    return [torch.cat(p) for p in parts]
 
 
-def _nuq_codes(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
-    """(codes (rows, cols) int64, aux)."""
-    k = 1 << spec.bits
+def _inputs(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the layout matrix to cluster, its weights): outliers zeroed, with no weight."""
     f = ctx.stats.fisher if ctx.stats is not None else None
     if f is None and ctx.stats is not None and ctx.stats.fisher_sums is not None:
         require(ctx.stats, "fisher", "nuq's Fisher-weighted codebooks")  # only sums kept: say so, never guess
@@ -122,10 +152,34 @@ def _nuq_codes(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
     if ctx.keep is not None:  # kept outliers: no weight, and no pull on the levels
         keep = to_layout(ctx.keep, spec)
         wt, x = wt.masked_fill(keep, 0.0), m.masked_fill(keep, 0.0)
-    c = codebooks(x, wt, k)
+    return x, wt
+
+
+def _encode(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     book = c.to(torch.float16)  # stored codebook; codes assigned against the rounded levels
-    codes = _assign(x, book.float())
-    return codes, {"codebook": book}
+    return _assign(x, book.float()), {"codebook": book}
+
+
+def _nuq_codes(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
+    """(codes (rows, cols) int64, aux)."""
+    x, wt = _inputs(m, spec, ctx)
+    return _encode(x, codebooks(x, wt, 1 << spec.bits))
+
+
+def _nuq_quantize_many(w: torch.Tensor, specs, ctxs) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """Batched entry (w in (out, in) orientation): the configurations that cluster the same matrix
+    (group dim and outliers alike, any bits) sort its rows once."""
+    out: dict[int, tuple] = {}
+    same: dict[tuple, list[int]] = {}
+    for i, (s, c) in enumerate(zip(specs, ctxs)):
+        same.setdefault((s.group_dim, id(c.keep)), []).append(i)
+    for idx in same.values():
+        s0 = specs[idx[0]]
+        x, wt = _inputs(to_layout(w, s0), s0, ctxs[idx[0]])
+        for i, c in zip(idx, codebooks_many(x, wt, [1 << specs[i].bits for i in idx])):
+            codes, aux = _encode(x, c)
+            out[i] = (codes.to(torch.uint8), aux)
+    return [out[i] for i in range(len(specs))]
 
 
 def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
@@ -137,11 +191,6 @@ def _nuq_dequantize(codes, aux, spec):
     return torch.gather(aux["codebook"].float(), 1, codes.long())
 
 
-def _nuq_reconstruct(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
-    codes, aux = _nuq_codes(m, spec, ctx)
-    return torch.gather(aux["codebook"].float(), 1, codes), aux
-
-
 register(Quantizer(
     name="nuq",
     bits_allowed=frozenset(range(2, 9)),
@@ -150,5 +199,5 @@ register(Quantizer(
     aux_layout=lambda spec, rows, cols: {"codebook": AuxSlot((rows, 1 << spec.bits), torch.float16)},
     data_aware=True,
     kernel_format="nuq",  # a table per layout row: per output row ("in") or per input column ("out")
-    reconstruct=_nuq_reconstruct,
+    quantize_many=_nuq_quantize_many,
 ))
