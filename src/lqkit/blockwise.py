@@ -467,63 +467,6 @@ class CostPool:
         self.pool.shutdown(cancel_futures=True)
 
 
-@dataclass
-class PendingCosts:
-    """A block's cost-table rows handed to a :class:`CostPool` and not yet collected: the main process
-    goes on (the next block's backward) while the workers compute them. Holds copies of the weights,
-    so that the block can be released and a failed pool can still be replaced in-process."""
-
-    names: list[str]
-    weights: dict[str, torch.Tensor]
-    stats: Mapping[str, MatrixStats]
-    futures: dict  # future -> name
-    cands: CandidateSet
-    metric: str
-
-    def done(self) -> bool:
-        return all(f.done() for f in self.futures)
-
-
-def submit_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixStats], cands: CandidateSet,
-                 metric: str, pool: CostPool) -> PendingCosts:
-    """Hand the cost-table rows of the named matrices (of a loaded block) to ``pool``, largest first
-    (so that the workers end a block together); :func:`collect_costs` gathers them."""
-    model = src.model
-    weights = {n: model.get_submodule(n).weight.detach().to("cpu", copy=True) for n in names}
-    size = {n: w.shape[0] * w.shape[1] ** 2 for n, w in weights.items()}
-    futures = {}
-    if not pool.broken:
-        for n in sorted(names, key=lambda n: -size[n]):
-            futures[pool.pool.submit(_costs_row, n, weights[n], stats.get(n), cands, metric)] = n
-    return PendingCosts(list(names), weights, stats, futures, cands, metric)
-
-
-def collect_costs(p: PendingCosts, pool: CostPool, bar) -> dict[str, MatrixCosts]:
-    """The rows of a :class:`PendingCosts` (waiting for them); rows a broken pool lost are computed here."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    per = len(p.cands.quant_specs()) * len(p.cands.rotations)
-    rows = {}
-    try:
-        for f, n in p.futures.items():
-            rows[n] = f.result()
-            bar.update(per)
-    except BrokenProcessPool as e:
-        _pool_broke(pool, e)
-    for n in p.names:
-        if n not in rows:
-            w = p.weights[n]
-            rows[n] = matrix_costs(w, p.stats.get(n), p.cands, p.metric, on_progress=bar.update,
-                                   rotation=for_matrix(n, w.shape[1])).to_dict()
-    return {n: MatrixCosts.from_dict(rows[n]) for n in p.names}
-
-
-def _pool_broke(pool: CostPool, e: BaseException) -> None:
-    pool.broken = True
-    log.warning("cost-table workers failed (%s); computing in this process. Scripts that call lqkit should "
-                "guard their entry point with `if __name__ == \"__main__\":`", e or "a worker died")
-
-
 def block_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixStats], cands: CandidateSet,
                 metric: str, group: Group, bar, pool: CostPool | None = None) -> dict[str, MatrixCosts]:
     """Cost-table rows of the named matrices (of a loaded block), split over the group's ranks (and,
@@ -548,7 +491,9 @@ def block_costs(src: BlockSource, names: list[str], stats: Mapping[str, MatrixSt
                 rows[futures[f]] = f.result()
                 bar.update(per)
         except BrokenProcessPool as e:  # e.g. a script without `if __name__ == "__main__":` under spawn
-            _pool_broke(pool, e)
+            pool.broken = True
+            log.warning("cost-table workers failed (%s); computing in this process. Scripts that call lqkit should "
+                        "guard their entry point with `if __name__ == \"__main__\":`", e or "a worker died")
     left = [n for n in mine if n not in rows]
     for i, n in enumerate(left):
         w = model.get_submodule(n).weight.detach()

@@ -34,8 +34,6 @@ from .stream import open_model
 
 log = logging.getLogger(__name__)
 
-PENDING_BLOCKS = 2  # blocks whose cost-table rows may be in the CPU workers' hands at once
-
 
 @dataclass(frozen=True)
 class CompressResult:
@@ -310,55 +308,26 @@ def _statistics_and_costs(src, spec, plan: Plan, need: set[str], calib_ids: torc
         workers = spec.workers or default_workers(sum(m.get_submodule(n).weight.numel() for n in plan), None)
         pool = blockwise.CostPool(workers) if workers > 1 else None
 
-    # On a CPU with workers (one process), a block's rows are handed to the pool and collected later, at
-    # most PENDING_BLOCKS blocks in flight: the workers compute while this process runs the next block's
-    # backward, and a block that ends early leaves no worker idle.
-    pending: dict[int, blockwise.PendingCosts] = {}
-    in_background = pool is not None and group.world == 1
-
-    def finish(k: int, stats: dict, c: dict | None) -> None:
-        if c is not None:
-            full = lambda n: spec.metric == "fisher" or any(full_fisher(s) for s in c[n].specs)  # noqa: E731
-            costs.update(c)
-        else:
-            full = lambda n: full_fisher(plan[n])  # noqa: E731
-        store.save(k, blockwise.stored_stats(stats, full, keep_h, fdtype), c, shared=groups_by_identity(stats))
-
-    def collect(wait: int) -> None:
-        """Save the pending blocks whose rows are in, waiting for the oldest until ``wait`` are left."""
-        t0 = time.time()
-        for k in list(pending):
-            p = pending[k]
-            if len(pending) > wait or p.done():
-                c = blockwise.collect_costs(pending.pop(k), pool, cbar)
-                log.info("cost table of block %d (%d matrices) collected", k, len(c))
-                finish(k, p.stats, c)
-        t_costs[0] += time.time() - t0
-
     def on_block(k: int, stats: dict) -> None:
         if k in done:  # swept again for the tables only
             return
-        if not budgeted:
-            finish(k, stats, None)
-            return
-        t0 = time.time()
-        # the costs see what is stored: the Fisher rounded where it is (no second copy of it beside the sweep's)
-        stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype, inplace=True)
-        if in_background:
-            pending[k] = blockwise.submit_costs(src, by_block[k], stats, spec.candidates, spec.metric, pool)
+        if budgeted:
+            t0 = time.time()
+            # the costs see what is stored: the Fisher rounded where it is (no second copy of it beside the sweep's)
+            stats = blockwise.stored_stats(stats, lambda n: True, True, fdtype, inplace=True)
+            c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar, pool)
             t_costs[0] += time.time() - t0
-            collect(wait=PENDING_BLOCKS - 1)
-            return
-        c = blockwise.block_costs(src, by_block[k], stats, spec.candidates, spec.metric, group, cbar, pool)
-        t_costs[0] += time.time() - t0
-        log.info("cost table of block %d (%d matrices): %.1f s", k, len(c), time.time() - t0)
-        finish(k, stats, c)
+            log.info("cost table of block %d (%d matrices): %.1f s", k, len(c), time.time() - t0)
+            full = lambda n: spec.metric == "fisher" or any(full_fisher(s) for s in c[n].specs)  # noqa: E731
+            costs.update(c)
+        else:
+            c, full = None, lambda n: full_fisher(plan[n])  # noqa: E731
+        store.save(k, blockwise.stored_stats(stats, full, keep_h, fdtype), c, shared=groups_by_identity(stats))
 
     t0 = time.time()
     try:
         info = blockwise.statistics(src, calib_ids, by_block, fisher, todo, on_block, sweep, store.root,
                                     autocast=autocast, tables=tabs)
-        collect(wait=0)
     finally:
         cbar.close()
         if pool is not None:
