@@ -185,6 +185,21 @@ def test_killed_budget_run_resumes_from_finished_blocks(tiny_model_dir, tmp_path
     assert set(st) == {n for n in res.plan if n.startswith("model.layers.0.")}
 
 
+def test_rows_in_two_worker_processes_give_the_in_process_plan(tiny_model_dir, tmp_path, cache, monkeypatch):
+    """Cost-table rows computed in two worker processes (the CPU path) give the plan and checkpoint
+    of rows computed in-process, and every block's rows are saved for a resumed run."""
+    a = pipeline.compress(str(tiny_model_dir), AllocationConfig(Budget(3.0), CANDS, workers=2), str(tmp_path / "a"),
+                          calib=CALIB, progress=False)
+    runs = list((cache / "runs").iterdir())
+    assert len(runs) == 1 and len(list(runs[0].glob("*.costs.json"))) == 2
+    monkeypatch.setenv("LQKIT_CACHE", str(tmp_path / "other"))
+    b = pipeline.compress(str(tiny_model_dir), AllocationConfig(Budget(3.0), CANDS, workers=1), str(tmp_path / "b"),
+                          calib=CALIB, progress=False)
+    assert a.plan == b.plan
+    ma, mb = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    assert all(torch.equal(t, mb.state_dict()[k]) for k, t in ma.state_dict().items())
+
+
 def test_torchrun_two_processes_give_the_single_process_checkpoint(tiny_model_dir, tmp_path):
     """``torchrun --nproc-per-node 2 -m lqkit compress`` (gloo on the CPU) splits the cost table and
     the decompositions over the ranks and writes the same plan and tensors as one process."""
