@@ -366,10 +366,9 @@ def _gptq_stack(w, h, specs, keeps, u_perm) -> list[GPTQResult]:
                 f.scale = torch.zeros(f.rows, n_groups(n, f.group_size), dtype=f.dtype, device=w.device)
                 f.offset = torch.zeros_like(f.scale)
     qmax = torch.cat([f.row_qmax(out)[:, 0] for f in fams])
-    order = perm if perm is not None else None
-    wp = w32[:, order] if order is not None else w32  # (out, n) in the sweep's column order
-    kp = [None if keeps[k] is None else (keeps[k][:, order] if order is not None else keeps[k]) for k in stack_order]
-    deadp = dead[order] if order is not None else dead
+    wp = w32[:, perm] if perm is not None else w32  # (out, n) in the sweep's column order
+    kp = [None if keeps[k] is None else (keeps[k][:, perm] if perm is not None else keeps[k]) for k in stack_order]
+    deadp = dead[perm] if perm is not None else dead
 
     def member_rows(wq: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
         """A member's (out, n) rows of the stack: dead inputs zeroed unless kept."""
