@@ -911,7 +911,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2, its line already printed)
         return e.code if isinstance(e.code, int) else 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:  # lqkit's own debug lines, not every library's (matplotlib's font search, triton's...)
         logging.getLogger("lqkit").setLevel(logging.DEBUG)
     for noisy in ("transformers", "accelerate", "urllib3", "filelock", "huggingface_hub"):
