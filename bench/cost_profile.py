@@ -129,7 +129,7 @@ def profile_row(out: int, inp: int, device: str, trace: bool = False) -> dict:
     w, stats = _row_inputs(out, inp, device)
     stats_bytes = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     t: dict = defaultdict(float)
-    patches = [(quant, "reconstruct_many"), (gptq, "gptq_many"), (nuq, "kmeans_1d"),
+    patches = [(quant, "reconstruct_many"), (gptq, "gptq_many"), (nuq, "codebooks_many"),
                (costs._Metric, "rank_errors"), (costs._Metric, "spectral_summary"),
                (costs._Metric, "errors_and_spectral"), (costs._Metric, "screen"), (costs, "weight_scales"),
                (gptq, "inverse_cholesky"), (gptq, "_gptq_stack"), (quant, "quantize_many")]

@@ -596,9 +596,9 @@ def _quantize(w, spec, stats, feat, flat, keep) -> QTensor:
 
 def _quantize_codes(w, spec, stats, keep, values: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(codes in the layout, aux) of one spec; outliers (``keep``) handled as the quantizer wants.
-    ``values``: (the codes' values, aux) instead, from the quantizer's ``reconstruct`` (it must have one)."""
+    ``values``: (the codes' values, aux) instead where the quantizer has a ``reconstruct``."""
     q = QUANTIZERS[spec.method]
-    fn = q.reconstruct if values else q.quantize
+    fn = q.reconstruct if values and q.reconstruct is not None else q.quantize
     if q.data_aware:
         return fn(to_layout(w, spec), spec, QuantContext(stats, keep))
     dense = w if keep is None else w.masked_fill(keep, 0.0)
@@ -621,8 +621,7 @@ def _quantize_many_raw(w: torch.Tensor, specs: list[QuantSpec], stats: MatrixSta
             batches.setdefault((s.method, s.act_order, s.damp), []).append(i)
         else:
             feat, flat, keep = kept[k]
-            out[i] = (*_quantize_codes(w, s, stats, keep, values and QUANTIZERS[s.method].reconstruct is not None),
-                      feat, flat)
+            out[i] = (*_quantize_codes(w, s, stats, keep, values), feat, flat)
     for (method, _, _), idx in batches.items():
         keeps = [kept[(specs[i].outliers, specs[i].outlier_features)] for i in idx]
         results = QUANTIZERS[method].quantize_many(w, [specs[i] for i in idx], [QuantContext(stats, k[2]) for k in keeps])
