@@ -88,9 +88,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shape's)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                    help="stored dtype (default: bf16 on a GPU, fp32 on a CPU)")
     a = ap.parse_args()
     t = time.time()
-    build(a.shape, a.layers, Path(a.out), a.device)
+    build(a.shape, a.layers, Path(a.out), a.device, dtype=getattr(torch, a.dtype) if a.dtype else None)
     print(f"{a.out}: {a.shape}, {a.layers or SHAPES[a.shape]['num_hidden_layers']} layers, {time.time() - t:.0f} s")
 
 

@@ -238,3 +238,42 @@ def test_size_summary_counts_tied_weights_once(tmp_path, tiny_tokenizer, cache):
     model = checkpoint.load(tmp_path / "ck", prepare=False)
     assert res.summary == size_summary(model)
     assert checkpoint.read_meta(tmp_path / "ck")["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_gpu_memory_limit_sizes_gptq_stacks_to_the_share(monkeypatch):
+    """--max-gpu-memory: the fraction PyTorch enforces, and the free memory lqkit sizes its stacks by
+    (the share less what is reserved), on a mocked 100 GiB GPU with 90 GiB free."""
+    from lqkit.core import gptq
+
+    gib = 2**30
+    state = {"frac": 1.0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 100 * gib}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: state.update(frac=f))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: state["frac"], raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (90 * gib, 100 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 30 * gib)
+    dev = torch.device("cuda:0")
+    assert gptq.free_memory(dev) == 90 * gib  # no limit: the device's free memory
+    pipeline.limit_gpu_memory("cuda:0", 40 * gib)
+    assert state["frac"] == pytest.approx(0.4)
+    assert gptq.free_memory(dev) == 10 * gib  # 40 GiB share, 30 reserved
+    assert gptq.max_stack(dev) == max(gptq.MAX_STACK, min(gptq.MAX_STACK_CUDA, 10 * gib // 40))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 45 * gib)
+    assert gptq.free_memory(dev) == 0  # over the share already: nothing more
+    state["frac"] = 1.0
+    pipeline.limit_gpu_memory("cuda:0", 200 * gib)  # more than the GPU has: no limit set
+    assert state["frac"] == 1.0
+
+
+def test_gpu_memory_limit_on_a_cpu_run_is_refused(tiny_model_dir, tmp_path):
+    from test_cli import run
+
+    out = tmp_path / "ck"
+    r = run("compress", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "4", "--device", "cpu",
+            "--max-gpu-memory", "40GB", "--out", str(out), "-q")
+    assert r.returncode != 0 and "--max-gpu-memory" in r.stderr and "--device cuda" in r.stderr, r.stderr
+    assert not out.exists()
+    r = run("compress", "--model", str(tiny_model_dir), "--method", "rtn", "--out", str(out),
+            "--max-gpu-memory", "lots")
+    assert r.returncode == 2 and "e.g. 40GB" in r.stderr, r.stderr

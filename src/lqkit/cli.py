@@ -365,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the decoder blocks run in during calibration and compression (default auto: the "
                         "model's stored 16-bit type on a GPU, float32 on a CPU); the checkpoint keeps the stored "
                         "dtype for uncompressed tensors")
+    c.add_argument("--max-gpu-memory", type=_size("40GB"), default=None, metavar="SIZE",
+                   help="hold the run to this much GPU memory (e.g. 40GB on a larger or shared GPU): lqkit sizes "
+                        "its GPU work to it, and PyTorch stops with out-of-memory rather than take more "
+                        "(default: the GPU's free memory)")
     c.add_argument("--max-shard-size", type=_size(), default="2GiB", metavar="SIZE",
                    help="checkpoint tensors are written in files of about this size (default 2GiB)")
     _add_calib(c)
@@ -626,6 +630,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     dtype = _dtype(a.dtype)
     distill = _distill_config(a, a.distill, a.distill_kl, "distill_") if a.distill or a.distill_kl else None
     group, device = from_env(a.device)  # torchrun: this rank's process group and GPU
+    if a.max_gpu_memory is not None:
+        pipeline.limit_gpu_memory(device, parse_bytes(a.max_gpu_memory))
     res = pipeline.compress(a.model, spec, a.out, overwrite=a.overwrite, include=a.include, exclude=a.exclude,
                             device=device, eval_protocol=proto, eval_text=a.text, progress=not a.quiet,
                             calib=calib, calib_text=a.calib, stats_path=a.stats, sequential=not a.no_sequential,

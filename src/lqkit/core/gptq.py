@@ -43,8 +43,18 @@ def max_stack(device: torch.device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return MAX_STACK
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(MAX_STACK, min(MAX_STACK_CUDA, free // 40))
+    return max(MAX_STACK, min(MAX_STACK_CUDA, free_memory(device) // 40))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process may still take on a GPU: the device's free memory, or less where the process
+    is held to a fraction of the GPU (``torch.cuda.set_per_process_memory_fraction``, e.g. ``lqkit
+    compress --max-gpu-memory``): that share less what the process has reserved."""
+    free, total = torch.cuda.mem_get_info(device)
+    frac = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    if frac < 1.0:
+        free = min(free, max(0, int(frac * total) - torch.cuda.memory_reserved(device)))
+    return free
 
 
 @dataclass(frozen=True)
