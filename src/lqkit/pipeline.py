@@ -83,13 +83,13 @@ def limit_gpu_memory(device: str | None, nbytes: int) -> None:
     """Hold this process to ``nbytes`` of its GPU (``device``, default the current CUDA device): PyTorch
     raises out-of-memory rather than take more, and lqkit sizes its GPU work (GPTQ stacks) to what is
     left under the limit, as on a GPU of that size."""
+    if nbytes <= 0:
+        raise SpecError(f"--max-gpu-memory must be positive, e.g. 40GB; got {nbytes} bytes")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise SpecError(f"--max-gpu-memory limits a CUDA GPU's memory, but this run is on {dev.type} "
                         f"(CUDA available: {torch.cuda.is_available()}); drop it or give --device cuda")
     total = torch.cuda.get_device_properties(dev).total_memory
-    if nbytes <= 0:
-        raise SpecError(f"--max-gpu-memory must be positive, e.g. 40GB; got {nbytes} bytes")
     if nbytes < total:
         torch.cuda.set_per_process_memory_fraction(nbytes / total, dev)
     log.info("GPU memory held to %.1f GiB of %s's %.1f GiB", min(nbytes, total) / 2**30, dev, total / 2**30)

@@ -156,14 +156,9 @@ def _inputs(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext) -> tuple[torch.
 
 
 def _encode(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(codes (rows, cols) uint8, aux) of x against the codebook c."""
     book = c.to(torch.float16)  # stored codebook; codes assigned against the rounded levels
-    return _assign(x, book.float()), {"codebook": book}
-
-
-def _nuq_codes(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
-    """(codes (rows, cols) int64, aux)."""
-    x, wt = _inputs(m, spec, ctx)
-    return _encode(x, codebooks(x, wt, 1 << spec.bits))
+    return _assign(x, book.float()).to(torch.uint8), {"codebook": book}
 
 
 def _nuq_quantize_many(w: torch.Tensor, specs, ctxs) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -177,14 +172,13 @@ def _nuq_quantize_many(w: torch.Tensor, specs, ctxs) -> list[tuple[torch.Tensor,
         s0 = specs[idx[0]]
         x, wt = _inputs(to_layout(w, s0), s0, ctxs[idx[0]])
         for i, c in zip(idx, codebooks_many(x, wt, [1 << specs[i].bits for i in idx])):
-            codes, aux = _encode(x, c)
-            out[i] = (codes.to(torch.uint8), aux)
+            out[i] = _encode(x, c)
     return [out[i] for i in range(len(specs))]
 
 
 def _nuq_quantize(m: torch.Tensor, spec: QuantSpec, ctx: QuantContext):
-    codes, aux = _nuq_codes(m, spec, ctx)
-    return codes.to(torch.uint8), aux
+    x, wt = _inputs(m, spec, ctx)
+    return _encode(x, codebooks(x, wt, 1 << spec.bits))
 
 
 def _nuq_dequantize(codes, aux, spec):
