@@ -125,10 +125,17 @@ def main() -> None:
     ap.add_argument("--distill-samples", type=int, default=32, help="distill variants: training windows")
     ap.add_argument("--distill-seqlen", type=int, default=256, help="distill variants: tokens per window")
     ap.add_argument("--distill-kl", type=int, default=0, help="distill variants: end-to-end KL steps after")
+    ap.add_argument("--distill-kl-lr", type=float, default=DistillConfig.kl_lr,
+                    help="distill variants: KL learning rate")
+    ap.add_argument("--distill-kl-batch", type=int, default=DistillConfig.kl_batch_size,
+                    help="distill variants: windows per KL step")
+    ap.add_argument("--distill-heldout", type=int, default=4,
+                    help="distill variants: held-out windows (never trained on)")
     ap.add_argument("--work", default="/tmp/lqkit-quality-low-bits", help="distill variants: checkpoints go here")
     a = ap.parse_args()
-    dcfg = DistillConfig(steps=a.distill_steps, samples=a.distill_samples, seqlen=a.distill_seqlen, heldout=4,
-                         kl_steps=a.distill_kl)
+    dcfg = DistillConfig(steps=a.distill_steps, samples=a.distill_samples, seqlen=a.distill_seqlen,
+                         heldout=a.distill_heldout, kl_steps=a.distill_kl, kl_lr=a.distill_kl_lr,
+                         kl_batch_size=a.distill_kl_batch)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(a.out)
     proto = EvalProtocol(windows=a.windows, batch_size=4)

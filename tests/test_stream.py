@@ -277,3 +277,12 @@ def test_gpu_memory_limit_on_a_cpu_run_is_refused(tiny_model_dir, tmp_path):
     r = run("compress", "--model", str(tiny_model_dir), "--method", "rtn", "--out", str(out),
             "--max-gpu-memory", "lots")
     assert r.returncode == 2 and "e.g. 40GB" in r.stderr, r.stderr
+
+
+def test_default_device_is_the_gpu_when_present_else_the_cpu(monkeypatch):
+    from lqkit.dist import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device(None) == "cpu" and default_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device(None) == "cuda" and default_device("cpu") == "cpu"

@@ -70,6 +70,11 @@ class Group:
 SINGLE = Group()
 
 
+def default_device(device: str | None) -> str:
+    """``device`` when given, else the GPU when one is present, else the CPU: every verb's default."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def from_env(device: str | None) -> tuple[Group, str | None]:
     """(the process group torchrun set up, this rank's device), or (SINGLE, device) when not under
     torchrun. Initialises torch.distributed once: NCCL when the device is CUDA, else gloo."""
@@ -79,7 +84,7 @@ def from_env(device: str | None) -> tuple[Group, str | None]:
     import torch.distributed as td
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cuda = default_device(device).startswith("cuda")
     if cuda:
         device = f"cuda:{local}"
         torch.cuda.set_device(local)

@@ -50,6 +50,7 @@ from .calibrate import (CalibConfig, _first_output, _hidden_of, _with_hidden, bl
 from .core.decompose import storage_bits
 from .core.quant import DTYPES
 from .data import DEFAULT_CALIB_TEXT, read_text
+from .dist import default_device
 from .errors import CheckpointError, LqkitError, ModelLoadError, SpecError
 from .models import load_tokenizer
 from .nn.linear import AUX_PREFIX, CompressedLinear
@@ -547,7 +548,7 @@ def distill(path: str | Path, out: str | Path, config: DistillConfig = DistillCo
     body, label = read_text(calib_text, DEFAULT_CALIB_TEXT)
     tok = load_tokenizer(str(path))
     ids = calibration_ids(tok, body, CalibConfig(config.samples + config.heldout, config.seqlen, fisher=False))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(default_device(device))
     teacher = _open_teacher(str(source), path, dev)
     student = checkpoint.load(path, dtype=teacher.dtype, device=dev, prepare=False)
     for p in student.parameters():

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .dist import default_device
 from .errors import DataError, LqkitError, SpecError
 
 
@@ -50,7 +51,7 @@ def generate(path: str | None, prompt: str, *, max_new_tokens: int = 64, device:
         raise DataError("the prompt is empty; pass some text, e.g. --prompt \"The tower is\"")
     if max_new_tokens < 1:
         raise SpecError(f"--max-new-tokens must be at least 1, e.g. --max-new-tokens 64; got {max_new_tokens}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LqkitError("CUDA is not available here; pass --device cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -22,7 +22,7 @@ from .core.decompose import MatrixSpec
 from .core.embed import RowSpec
 from .core.quant import QuantSpec
 from .data import DEFAULT_CALIB_TEXT, read_text
-from .dist import SINGLE, Group
+from .dist import SINGLE, Group, default_device
 from .errors import CheckpointError, SpecError
 from .evaluate import EvalProtocol, EvalResult, perplexity, tokenize, window_starts
 from .models import load_model, load_tokenizer
@@ -85,7 +85,7 @@ def limit_gpu_memory(device: str | None, nbytes: int) -> None:
     left under the limit, as on a GPU of that size."""
     if nbytes <= 0:
         raise SpecError(f"--max-gpu-memory must be positive, e.g. 40GB; got {nbytes} bytes")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(default_device(device))
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise SpecError(f"--max-gpu-memory limits a CUDA GPU's memory, but this run is on {dev.type} "
                         f"(CUDA available: {torch.cuda.is_available()}); drop it or give --device cuda")
@@ -136,7 +136,7 @@ def compress(model: str | None, spec: MatrixSpec | Plan | AllocationConfig, out:
                                eval_protocol=eval_protocol, eval_text=eval_text, progress=progress, calib=calib,
                                calib_text=calib_text, stats_path=stats_path, sequential=sequential)
     group = group or SINGLE
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(default_device(device))
     text = read_text(eval_text)[0] if eval_protocol else None
     t_start = time.time()
     src = open_model(model, dev, dtype)
