@@ -23,6 +23,9 @@ run within an hour on 2 cores; ``--candidates default`` is ``lqkit compress --bu
 Compression uses the fixed statistics unless ``--sequential``.
 
     python bench/quality_low_bits.py [--budgets 2.5,3.0,3.5,2.25,4.25] [--only REGEX] [--fresh]
+
+``--keep`` leaves each distilled row's checkpoints (before and after) in ``--work`` for further probes
+(e.g. ``bench/kl_probe.py``).
 """
 
 from __future__ import annotations
@@ -80,9 +83,10 @@ def variants(base: CandidateSet) -> dict[str, CandidateSet]:
     return {"plan": plain, "plan+rot": rot, "plan+distill": plain, "plan+rot+distill": rot}
 
 
-def distilled(model, tok, plan, cfg: DistillConfig, work: Path) -> tuple[torch.nn.Module, dict]:
+def distilled(model, tok, plan, cfg: DistillConfig, work: Path, keep: bool = False) -> tuple[torch.nn.Module, dict]:
     """``model`` (compressed by ``plan``) saved, distilled by ``lqkit.distill.distill`` against the default
-    model, and loaded again: (the distilled model, what the distillation reported)."""
+    model, and loaded again: (the distilled model, what the distillation reported). ``keep``: both
+    checkpoints stay in ``work`` (else it is removed)."""
     from lqkit import checkpoint
     from lqkit.distill import distill
     from lqkit.models import DEFAULT_MODEL
@@ -95,7 +99,8 @@ def distilled(model, tok, plan, cfg: DistillConfig, work: Path) -> tuple[torch.n
     blocks = rep.get("blocks") or []
     summary = {"config": cfg.to_dict(), "seconds": rep.get("seconds"), "heldout_nll": rep.get("heldout_nll"),
                "kl": rep.get("kl"), "blocks_kept": sum(1 for b in blocks if b.get("kept")), "blocks": len(blocks)}
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
     return out, summary
 
 
@@ -132,6 +137,8 @@ def main() -> None:
     ap.add_argument("--distill-heldout", type=int, default=4,
                     help="distill variants: held-out windows (never trained on)")
     ap.add_argument("--work", default="/tmp/lqkit-quality-low-bits", help="distill variants: checkpoints go here")
+    ap.add_argument("--keep", action="store_true",
+                    help="distill variants: keep each row's checkpoints (WORK/VARIANT-BUDGET/ck and .../distilled)")
     a = ap.parse_args()
     dcfg = DistillConfig(steps=a.distill_steps, samples=a.distill_samples, seqlen=a.distill_seqlen,
                          heldout=a.distill_heldout, kl_steps=a.distill_kl, kl_lr=a.distill_kl_lr,
@@ -189,7 +196,8 @@ def main() -> None:
             model = loaded.model
             if vname.endswith("+distill"):
                 t2 = time.time()
-                model, row["distill"] = distilled(model, loaded.tokenizer, alloc.plan, dcfg, Path(a.work))
+                model, row["distill"] = distilled(model, loaded.tokenizer, alloc.plan, dcfg,
+                                                   Path(a.work) / f"{vname}-{b:g}" if a.keep else Path(a.work), a.keep)
                 row["distill_seconds"] = round(time.time() - t2, 1)
                 row["effective_bits_after_distill"] = size_summary(model).effective_bits
             ev = evaluate_all(model, loaded.tokenizer, txts, proto)
