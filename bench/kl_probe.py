@@ -74,7 +74,7 @@ def main() -> None:
         h = heldout_kl(student, teacher.model, teacher.blocks, xt[held], ids[held])
         t = heldout_kl(student, teacher.model, teacher.blocks, xt[some_train], ids[some_train])
         res["evals"].append({"step": step, "heldout_kl": h, "train16_kl": t})
-        log(f"step {step}: KL held-out {h:.5f}, 16 training windows {t:.5f}")
+        log(f"step {step}: KL held-out {h:.5f}, {len(some_train)} training windows {t:.5f}")
         res["machine"] = machine_info()
         write_json(Path(a.out), res)
 
