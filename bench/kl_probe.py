@@ -29,9 +29,8 @@ from lqkit import checkpoint
 from lqkit.calibrate import (CalibConfig, block_calls, calibration_ids, first_inputs, forward_block,
                              windows_per_call)
 from lqkit.data import DEFAULT_CALIB_TEXT, read_text
-from lqkit.distill import (DistillConfig, _batches, _copies, _kl, _open_teacher, _optimizer, _split, _tail_logits,
-                           heldout_kl)
-from lqkit.distill import _cosine
+from lqkit.distill import (DistillConfig, _batches, _copies, _cosine, _kl, _open_teacher, _optimizer, _split,
+                           _tail_logits, heldout_kl)
 from lqkit.models import load_tokenizer
 
 
@@ -62,20 +61,21 @@ def main() -> None:
     xt = first_inputs(teacher.model, teacher.blocks, ids, dev, chunk)  # -> the teacher's final hidden states
     for k in range(len(teacher.blocks)):
         forward_block(teacher.load_block(k), xt, tcalls[k], chunk)
+        teacher.release_block(k)  # as lqkit.distill.distill_model: one teacher block resident at a time
     copies = _copies(student, DistillConfig(steps=0, kl_steps=a.steps), integer_zero=False)
     opt = _optimizer(copies, a.lr, a.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(a.steps))
     some_train = train[torch.linspace(0, len(train) - 1, min(16, len(train))).round().long().unique()]
     res = {"checkpoint": str(a.ckpt), "plan_bits": (meta.get("summary") or {}).get("effective_bits"),
            "text": label, "config": {k: v for k, v in vars(a).items() if k not in ("ckpt", "out")},
-           "trained_elements": sum(p.numel() for g in opt.param_groups for p in g["params"]), "evals": []}
+           "trained_elements": sum(p.numel() for g in opt.param_groups for p in g["params"]), "evals": [],
+           "machine": machine_info()}
 
     def evaluate(step: int) -> None:
         h = heldout_kl(student, teacher.model, teacher.blocks, xt[held], ids[held])
         t = heldout_kl(student, teacher.model, teacher.blocks, xt[some_train], ids[some_train])
         res["evals"].append({"step": step, "heldout_kl": h, "train16_kl": t})
         log(f"step {step}: KL held-out {h:.5f}, {len(some_train)} training windows {t:.5f}")
-        res["machine"] = machine_info()
         write_json(Path(a.out), res)
 
     evaluate(0)
