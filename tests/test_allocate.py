@@ -58,6 +58,46 @@ def test_budget_never_exceeded(data):
     assert a.objective <= cheapest * (1 + 1e-6) + 1e-9
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_bit_counts_of_70b_size_give_the_same_plan(seed):
+    """Bit counts ~1e10 (70B-sized matrices, in multiples of 16): the budget row is solved in units of
+    their common divisor, so the plan equals the small instance's (HiGHS once failed on such a row)."""
+    rng = np.random.default_rng(seed)
+    bits, err = random_instance(rng, matrices=int(rng.integers(2, 6)), candidates=5)
+    budget = int(rng.integers(min_bits(bits), sum(int(b.max()) for b in bits) + 1))
+    k = 16 * 2**26 + 16 * int(rng.integers(1, 1000))  # a multiple of 16 near 1e9
+    best, _ = brute_force(bits, err, budget)
+    a = solve([b * k for b in bits], err, budget * k + 15)  # +15: below one unit of 16
+    assert a.optimal and a.objective == pytest.approx(best, rel=1e-6, abs=1e-12)
+    assert a.bits == k * sum(int(b[c]) for b, c in zip(bits, a.choice)) <= budget * k + 15
+
+
+def test_solver_error_is_retried_without_presolve(monkeypatch):
+    """HiGHS's "Solve error" (status 4) on a feasible program: solved again without presolve, not
+    reported to the user as an infeasible budget."""
+    import scipy.optimize
+
+    real, calls = scipy.optimize.milp, []
+
+    def flaky(*args, options, **kw):
+        calls.append(options["presolve"])
+        if options["presolve"]:
+            return scipy.optimize.OptimizeResult(x=None, status=4, message="(HiGHS Status 4: Solve error)")
+        return real(*args, options=options, **kw)
+
+    monkeypatch.setattr(scipy.optimize, "milp", flaky)
+    rng = np.random.default_rng(3)
+    bits, err = random_instance(rng, matrices=4, candidates=5)
+    budget = (min_bits(bits) + sum(int(b.max()) for b in bits)) // 2
+    a = solve(bits, err, budget)
+    assert calls == [True, False]
+    assert a.objective == pytest.approx(brute_force(bits, err, budget)[0], rel=1e-6, abs=1e-12)
+    monkeypatch.setattr(scipy.optimize, "milp", lambda *a, **k: scipy.optimize.OptimizeResult(
+        x=None, status=2, message="infeasible"))
+    with pytest.raises(BudgetError, match="no feasible allocation"):  # a real infeasibility: no retry, an error
+        solve(bits, err, budget)
+
+
 def test_budget_below_minimum_names_it():
     bits = [np.array([10, 20]), np.array([5, 7])]
     err = [np.array([1.0, 0.5]), np.array([2.0, 1.0])]

@@ -265,6 +265,15 @@ def test_gpu_memory_limit_sizes_gptq_stacks_to_the_share(monkeypatch):
     pipeline.limit_gpu_memory("cuda:0", 200 * gib)  # more than the GPU has: no limit set
     assert state["frac"] == 1.0
 
+    def needs_index(f, d):  # as torch's own: a device without an index is refused
+        assert isinstance(d, int) or d.index is not None, d
+        state.update(frac=f)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", needs_index)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pipeline.limit_gpu_memory("cuda", 37 * gib)  # --device cuda, the usual spelling
+    assert state["frac"] == pytest.approx(0.37)
+
 
 def test_gpu_memory_limit_on_a_cpu_run_is_refused(tiny_model_dir, tmp_path):
     from test_cli import run

@@ -89,6 +89,8 @@ def limit_gpu_memory(device: str | None, nbytes: int) -> None:
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise SpecError(f"--max-gpu-memory limits a CUDA GPU's memory, but this run is on {dev.type} "
                         f"(CUDA available: {torch.cuda.is_available()}); drop it or give --device cuda")
+    if dev.index is None:  # "cuda": set_per_process_memory_fraction wants an index
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     if nbytes < total:
         torch.cuda.set_per_process_memory_fraction(nbytes / total, dev)

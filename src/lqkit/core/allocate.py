@@ -162,7 +162,10 @@ def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: in
     n, nm = len(fb), len(fronts)
     scale = max(float(np.abs(fe).max()), 1e-300)  # errors to O(1) for the solver's tolerances
     one = csr_array((np.ones(n), (owner, np.arange(n))), shape=(nm, n))
-    budget = LinearConstraint(fb[None, :].astype(np.float64), -np.inf, float(budget_bits))
+    # the budget row in units of the bit counts' common divisor: the same feasible set, smaller numbers (at
+    # 70B sizes, counts of ~1e10 bits made HiGHS fail with "Solve error" on a feasible program)
+    unit = max(int(np.gcd.reduce(fb)), 1)
+    budget = LinearConstraint((fb // unit)[None, :].astype(np.float64), -np.inf, float(budget_bits // unit))
     constraints = [LinearConstraint(one, 1, 1), budget]
     rows = _tie_rows(fronts, labels, ties, np.concatenate([[0], np.cumsum([len(f) for f in fronts])]))
     if rows:
@@ -170,8 +173,11 @@ def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: in
         c = np.concatenate([np.asarray(c, dtype=np.int64) for c, _ in rows])
         v = np.concatenate([np.asarray(v) for _, v in rows])
         constraints.append(LinearConstraint(csr_array((v, (r, c)), shape=(len(rows), n)), 0, 0))
-    res = milp(fe / scale, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
-               options={"time_limit": time_limit, "mip_rel_gap": gap, "presolve": True})
+    for presolve in (True, False):  # HiGHS's presolve has failed on feasible programs: then once without
+        res = milp(fe / scale, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=constraints,
+                   options={"time_limit": time_limit, "mip_rel_gap": gap, "presolve": presolve})
+        if res.x is not None or res.status != 4:  # 4: the solver's own error, not infeasibility
+            break
     if res.x is None:
         raise BudgetError(f"the solver found no feasible allocation ({res.message}); raise the budget")
     x = np.rint(res.x).astype(bool)
