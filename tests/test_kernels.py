@@ -731,6 +731,42 @@ def test_gptq_fused_sweep_equals_torch_sweep(act_order, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("n, tokens", [(64, 3), (640, 17), (768, 2), (1536, 1), (3072, 5), (2048, 1), (14336, 1),
+                                       (4096, 2), (8 * 8192, 1), (24, 1)])
+def test_rotation_in_one_launch_equals_the_core_transform(n, tokens):
+    """kernels.rotation: R·x in one Triton launch (one product for blocks ≤ 128, two for 256..4096;
+    the core transform for others: here 8192 blocks of 8192·8 and blocks of 8) against the core
+    transform in float32, to 16-bit rounding, for bf16 and fp16 inputs (fp16 only under triton's
+    interpreter, which misreads bf16); fp32 inputs and the inverse go to the core transform."""
+    from lqkit import kernels
+    from lqkit.core.rotation import Rotation, transform
+    from lqkit.kernels import _rotate
+
+    device = _device()
+    rot = Rotation.for_size(n, seed=5)
+    r = kernels.rotation(rot, n, device)
+    one_launch = _rotate.stages(rot.block) is not None
+    assert isinstance(r, _rotate.TritonRotation) == one_launch, (n, rot.block)
+    ref = transform(rot, n, device)
+    for dtype in (torch.bfloat16, torch.float16) if device != "cpu" else (torch.float16,):  # interpreter: no bf16
+        x = (torch.randn(tokens, n, device=device) * 3).to(dtype)
+        want = ref(x.float())
+        got = r(x)
+        assert got.dtype == dtype and got.shape == x.shape
+        err = float((got.float() - want).abs().max() / want.abs().max())
+        assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), (dtype, err)
+        x3 = x.view(1, tokens, n)[..., :].expand(2, tokens, n)  # leading dims, a non-contiguous view
+        torch.testing.assert_close(r(x3), torch.stack([got, got]), rtol=0, atol=0)
+        xu = torch.cat([x, x[:, :1]], 1)[:, 1:]  # rows of stride n + 1, 2 bytes off alignment: launched unplanned
+        torch.testing.assert_close(r(xu).float(), ref(xu.float()), rtol=0, atol=float(want.abs().max()) * 8e-3)
+    if device == "cuda" and one_launch:  # later calls go straight to the compiled kernel
+        assert any(p.get("kernel") is not None for p in r.plans.values())
+    x32 = torch.randn(tokens, n, device=device)
+    torch.testing.assert_close(r(x32), ref(x32))
+    torch.testing.assert_close(r(r(x32), inverse=True), x32, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
 def test_rotated_layer_runs_its_rotation_before_the_kernel():
     """A rotated layer's prepared call: x rotated (on the device, in float32, back to x's dtype), then the
     kernel: the outputs of x·Ŵᵀ with Ŵ the layer's reconstruction in the original coordinates."""

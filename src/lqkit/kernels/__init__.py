@@ -29,7 +29,7 @@ from ..core.quant import QuantSpec
 from .layout import KernelWeight, auto_layout, prepare_weight, stack_factors, stack_weights, stackable
 
 __all__ = ["available", "prepare", "linear", "bind", "tune", "tuned_config", "use_config", "auto_layout",
-           "path_for", "KernelWeight", "stack",
+           "path_for", "KernelWeight", "stack", "rotation",
            "stackable", "stack_factors"]
 
 
@@ -80,6 +80,22 @@ def stack(prepared: "list[KernelWeight]") -> tuple[KernelWeight, tuple[int, ...]
     and the row where each member's output begins (``stackable`` says why a set cannot be stacked;
     ``stack_factors`` stacks their L, R and bias to match). Pure torch."""
     return stack_weights(prepared)
+
+
+def rotation(rot, n: int, device: torch.device | str):
+    """The input rotation ``rot`` (a ``core.rotation.Rotation``) of inputs of size ``n`` on ``device``,
+    as a callable x -> R·x: one Triton launch for bf16/fp16 inputs on a CUDA device (or under triton's
+    interpreter) and blocks of 16..4096 (:mod:`._rotate`), else the core transform."""
+    from ..core.rotation import transform
+
+    dev = torch.device(device)
+    if not ((dev.type == "cuda" and available()) or (interpreting() and _triton_importable())):
+        return transform(rot, n, dev)
+    from . import _rotate
+
+    if _rotate.stages(rot.block) is None:
+        return transform(rot, n, dev)
+    return _rotate.TritonRotation(rot, n, dev)
 
 
 def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,

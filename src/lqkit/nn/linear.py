@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core import quant as qmod
 from ..core.decompose import Decomposition, MatrixSpec
-from ..core.rotation import transform, unrotate_weight
+from ..core.rotation import unrotate_weight
 from ..errors import SpecError
 from . import ops
 
@@ -249,7 +249,12 @@ class KernelRunner:
         self.L, self.R, self.bias = (t.detach() if t is not None else None for t in (L, R, bias))
         self.n, self.k = kw.shape
         self.device = kw.device
-        self.rotate = transform(rotation, self.k, self.device) if rotation is not None else None
+        if rotation is not None:  # one launch where the kernels run (kernels.rotation)
+            from .. import kernels
+
+            self.rotate = kernels.rotation(rotation, self.k, self.device)
+        else:
+            self.rotate = None
         self.calls: dict[tuple[torch.Size, torch.dtype], tuple] = {}  # (x's shape, dtype) -> (bound call, y's shape)
         self.handle = ops.register(self)
 

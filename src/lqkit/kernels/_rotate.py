@@ -1,0 +1,120 @@
+"""The input rotation of a rotated layer (:mod:`lqkit.core.rotation`) as one Triton launch.
+
+x' = R·x with R = blockdiag((1/√b)·H_b·diag(s)). A program rotates one block of b elements: for
+b = r1·r2 ≥ 256 the block is an (r1, r2) tile X and X' = H_r1·(S⊙X)·H_r2 / √b (H_b = H_r1 ⊗ H_r2,
+the core transform's two stages), both products on the tensor cores: the first exact (±1 times 16-bit
+values, fp32 sums), the second on the fp32 result as three TF32 products ("tf32x3": about fp32's
+accuracy; the output is rounded to 16 bits after). For 16 ≤ b ≤ 128 a program rotates one block of 16
+tokens with one product by H_b. The core transform takes everything else (fp32 inputs, b < 16 or
+b > 4096): it is the reference, and the path of the CPU. Replaces that transform's four or five
+launches (signs, one matmul per stage, the cast) in a prepared layer's call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..core.rotation import Rotation, hadamard, signs, transform
+from . import _triton
+
+TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's rows)
+
+
+@triton.jit
+def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, NB, stride_x, stride_y, scale,
+                R1: tl.constexpr, R2: tl.constexpr, SPLIT: tl.constexpr):
+    """Program = (token, block, part): rows [part·R1/SPLIT, +R1/SPLIT) of X' = H1·(S⊙X)·H2·scale for X
+    the block's (R1, R2) tile (each part forms all of S⊙X·H2: cheap, and more programs at one token)."""
+    pid = tl.program_id(0)
+    part = pid % SPLIT
+    blk = (pid // SPLIT) % NB
+    m = pid // (SPLIT * NB)
+    i = tl.arange(0, R1)
+    j = tl.arange(0, R2)
+    base = blk * (R1 * R2)
+    off = base + i[:, None] * R2 + j[None, :]
+    x = tl.load(x_ptr + m * stride_x + off)
+    xs = x * tl.load(s_ptr + off)  # ±1: exact in x's dtype
+    h2 = tl.load(h2_ptr + j[:, None] * R2 + j[None, :])  # x's dtype, ±1
+    y = tl.dot(xs, h2)  # (R1, R2) fp32, exact products
+    p = part * (R1 // SPLIT) + tl.arange(0, R1 // SPLIT)
+    h1 = tl.load(h1_ptr + p[:, None] * R1 + i[None, :])  # fp32, ±1: this part's rows of H1
+    z = tl.dot(h1, y, input_precision="tf32x3")  # fp32 accuracy from three TF32 products
+    out = base + p[:, None] * R2 + j[None, :]
+    tl.store(y_ptr + m * stride_y + out, (z * scale).to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _rotate_one(x_ptr, s_ptr, h_ptr, y_ptr, M, NB, stride_x, stride_y, scale, B: tl.constexpr, BM: tl.constexpr):
+    """Program = (tile of BM tokens, block): x' = (s⊙x)·H_B·scale."""
+    pid = tl.program_id(0)
+    rows = (pid // NB) * BM + tl.arange(0, BM)
+    c = tl.arange(0, B)
+    off = (pid % NB) * B + c
+    mask = rows[:, None] < M
+    x = tl.load(x_ptr + rows[:, None] * stride_x + off[None, :], mask=mask, other=0.0)
+    xs = x * tl.load(s_ptr + off)[None, :]
+    z = tl.dot(xs, tl.load(h_ptr + c[:, None] * B + c[None, :]))
+    tl.store(y_ptr + rows[:, None] * stride_y + off[None, :], (z * scale).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def stages(block: int) -> tuple[int, int] | None:
+    """(r1, r2) of the launch for blocks of ``block``: (1, b) for one product, or None where the core
+    transform runs (b < 16 or b > 4096)."""
+    if block < 16 or block > 4096:
+        return None
+    if block <= 128:
+        return 1, block
+    r2 = min(64, block // 16)
+    return block // r2, r2
+
+
+class TritonRotation:
+    """R·x for x (..., n) in bf16 or fp16 on a CUDA device (or triton's interpreter) in one launch;
+    other inputs through the core transform. Tensors built once: the signs in both 16-bit dtypes and
+    the Hadamard factors."""
+
+    DTYPES = (torch.bfloat16, torch.float16)
+
+    def __init__(self, rot: Rotation, n: int, device: torch.device | str):
+        rot.check(n)
+        self.n, self.block, self.device = n, rot.block, torch.device(device)
+        self.fallback = transform(rot, n, self.device)
+        self.r1, self.r2 = stages(rot.block) or (0, 0)
+        self.scale = 1.0 / math.sqrt(rot.block)
+        s = signs(rot, n)
+        self.s = {dt: s.to(self.device, dt) for dt in self.DTYPES}
+        self.h2 = {dt: hadamard(self.r2).to(self.device, dt) for dt in self.DTYPES} if self.r2 else {}
+        self.h1 = hadamard(self.r1).to(self.device, torch.float32) if self.r1 > 1 else None
+        self.split = max(1, self.r1 // 16)  # programs per block (16 rows of H1 each)
+        self.plans: dict[tuple, dict] = {}  # (tokens, dtype, x's row stride) -> its compiled kernel
+
+    def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        s = self.s.get(x.dtype)
+        if inverse or not self.r2 or s is None or x.shape[-1] != self.n or x.device != s.device:
+            return self.fallback(x, inverse)
+        x2 = x.reshape(-1, self.n)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        y = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
+        if m == 0:
+            return y.view(x.shape)
+        nb = self.n // self.block
+        if self.r1 == 1:
+            fn, grid = _rotate_one, triton.cdiv(m, TOKENS) * nb
+            args = (x2, self.s[x.dtype], self.h2[x.dtype], y, m, nb, x2.stride(0), y.stride(0), self.scale,
+                    self.r2, TOKENS)
+        else:
+            fn, grid = _rotate_two, m * nb * self.split
+            args = (x2, self.s[x.dtype], self.h1, self.h2[x.dtype], y, nb, x2.stride(0), y.stride(0), self.scale,
+                    self.r1, self.r2, self.split)
+        # the compiled kernel, launched directly, for calls like an earlier one (its specialisation: the
+        # sizes, and x's address 16-byte aligned as every torch allocation's is)
+        key = (m, x.dtype, x2.stride(0)) if x2.data_ptr() % 16 == 0 else None
+        _triton._launch(fn, self.plans.setdefault(key, {}) if key is not None else None, (grid,), args, 4, 1)
+        return y.view(x.shape)
