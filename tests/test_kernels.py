@@ -757,10 +757,8 @@ def test_rotation_in_one_launch_equals_the_core_transform(n, tokens):
         assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), (dtype, err)
         x3 = x.view(1, tokens, n)[..., :].expand(2, tokens, n)  # leading dims, a non-contiguous view
         torch.testing.assert_close(r(x3), torch.stack([got, got]), rtol=0, atol=0)
-        xu = torch.cat([x, x[:, :1]], 1)[:, 1:]  # rows of stride n + 1, 2 bytes off alignment: launched unplanned
+        xu = torch.cat([x, x[:, :1]], 1)[:, 1:]  # rows of stride n + 1, 2 bytes off 16-byte alignment
         torch.testing.assert_close(r(xu).float(), ref(xu.float()), rtol=0, atol=float(want.abs().max()) * 8e-3)
-    if device == "cuda" and one_launch:  # later calls go straight to the compiled kernel
-        assert any(p.get("kernel") is not None for p in r.plans.values())
     x32 = torch.randn(tokens, n, device=device)
     torch.testing.assert_close(r(x32), ref(x32))
     torch.testing.assert_close(r(r(x32), inverse=True), x32, rtol=1e-4, atol=1e-4)

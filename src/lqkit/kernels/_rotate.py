@@ -19,42 +19,33 @@ import triton
 import triton.language as tl
 
 from ..core.rotation import Rotation, hadamard, signs, transform
-from . import _triton
 
 TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's rows)
 
 
 @triton.jit
-def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, NB, stride_x, stride_y, scale,
-                R1: tl.constexpr, R2: tl.constexpr, SPLIT: tl.constexpr):
-    """Program = (token, block, part): rows [part·R1/SPLIT, +R1/SPLIT) of X' = H1·(S⊙X)·H2·scale for X
-    the block's (R1, R2) tile (each part forms all of S⊙X·H2: cheap, and more programs at one token)."""
-    pid = tl.program_id(0)
-    part = pid % SPLIT
-    blk = (pid // SPLIT) % NB
-    m = pid // (SPLIT * NB)
+def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
+                R1: tl.constexpr, R2: tl.constexpr):
+    """Token program_id(0), block program_id(1): X' = H1·(S⊙X)·H2·scale for X the (R1, R2) tile."""
+    m = tl.program_id(0)
     i = tl.arange(0, R1)
     j = tl.arange(0, R2)
-    base = blk * (R1 * R2)
-    off = base + i[:, None] * R2 + j[None, :]
+    off = tl.program_id(1) * (R1 * R2) + i[:, None] * R2 + j[None, :]
     x = tl.load(x_ptr + m * stride_x + off)
     xs = x * tl.load(s_ptr + off)  # ±1: exact in x's dtype
     h2 = tl.load(h2_ptr + j[:, None] * R2 + j[None, :])  # x's dtype, ±1
     y = tl.dot(xs, h2)  # (R1, R2) fp32, exact products
-    p = part * (R1 // SPLIT) + tl.arange(0, R1 // SPLIT)
-    h1 = tl.load(h1_ptr + p[:, None] * R1 + i[None, :])  # fp32, ±1: this part's rows of H1
+    h1 = tl.load(h1_ptr + i[:, None] * R1 + i[None, :])  # fp32, ±1
     z = tl.dot(h1, y, input_precision="tf32x3")  # fp32 accuracy from three TF32 products
-    out = base + p[:, None] * R2 + j[None, :]
-    tl.store(y_ptr + m * stride_y + out, (z * scale).to(y_ptr.dtype.element_ty))
+    tl.store(y_ptr + m * stride_y + off, (z * scale).to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _rotate_one(x_ptr, s_ptr, h_ptr, y_ptr, M, NB, stride_x, stride_y, scale, B: tl.constexpr, BM: tl.constexpr):
-    """Program = (tile of BM tokens, block): x' = (s⊙x)·H_B·scale."""
-    pid = tl.program_id(0)
-    rows = (pid // NB) * BM + tl.arange(0, BM)
+def _rotate_one(x_ptr, s_ptr, h_ptr, y_ptr, M, stride_x, stride_y, scale, B: tl.constexpr, BM: tl.constexpr):
+    """Tokens [program_id(0)·BM, +BM), block program_id(1): x' = (s⊙x)·H_B·scale."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
     c = tl.arange(0, B)
-    off = (pid % NB) * B + c
+    off = tl.program_id(1) * B + c
     mask = rows[:, None] < M
     x = tl.load(x_ptr + rows[:, None] * stride_x + off[None, :], mask=mask, other=0.0)
     xs = x * tl.load(s_ptr + off)[None, :]
@@ -90,8 +81,6 @@ class TritonRotation:
         self.s = {dt: s.to(self.device, dt) for dt in self.DTYPES}
         self.h2 = {dt: hadamard(self.r2).to(self.device, dt) for dt in self.DTYPES} if self.r2 else {}
         self.h1 = hadamard(self.r1).to(self.device, torch.float32) if self.r1 > 1 else None
-        self.split = max(1, self.r1 // 16)  # programs per block (16 rows of H1 each)
-        self.plans: dict[tuple, dict] = {}  # (tokens, dtype, x's row stride) -> its compiled kernel
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         s = self.s.get(x.dtype)
@@ -106,15 +95,9 @@ class TritonRotation:
             return y.view(x.shape)
         nb = self.n // self.block
         if self.r1 == 1:
-            fn, grid = _rotate_one, triton.cdiv(m, TOKENS) * nb
-            args = (x2, self.s[x.dtype], self.h2[x.dtype], y, m, nb, x2.stride(0), y.stride(0), self.scale,
-                    self.r2, TOKENS)
+            _rotate_one[(triton.cdiv(m, TOKENS), nb)](x2, self.s[x.dtype], self.h2[x.dtype], y, m, x2.stride(0),
+                                                       y.stride(0), self.scale, B=self.r2, BM=TOKENS, num_warps=4)
         else:
-            fn, grid = _rotate_two, m * nb * self.split
-            args = (x2, self.s[x.dtype], self.h1, self.h2[x.dtype], y, nb, x2.stride(0), y.stride(0), self.scale,
-                    self.r1, self.r2, self.split)
-        # the compiled kernel, launched directly, for calls like an earlier one (its specialisation: the
-        # sizes, and x's address 16-byte aligned as every torch allocation's is)
-        key = (m, x.dtype, x2.stride(0)) if x2.data_ptr() % 16 == 0 else None
-        _triton._launch(fn, self.plans.setdefault(key, {}) if key is not None else None, (grid,), args, 4, 1)
+            _rotate_two[(m, nb)](x2, self.s[x.dtype], self.h1, self.h2[x.dtype], y, x2.stride(0), y.stride(0),
+                                 self.scale, R1=self.r1, R2=self.r2, num_warps=4)
         return y.view(x.shape)
