@@ -178,8 +178,9 @@ def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: in
                    options={"time_limit": time_limit, "mip_rel_gap": gap, "presolve": presolve})
         if res.x is not None or res.status != 4:  # 4: the solver's own error, not infeasibility
             break
+    message = str(res.message) + ("" if presolve else " (solved again without presolve)")
     if res.x is None:
-        raise BudgetError(f"the solver found no feasible allocation ({res.message}); raise the budget")
+        raise BudgetError(_no_solution(res.status, message, time_limit))
     x = np.rint(res.x).astype(bool)
     choice = []
     for m, f in enumerate(fronts):
@@ -194,5 +195,16 @@ def solve(bits: Sequence[np.ndarray], err: Sequence[np.ndarray], budget_bits: in
         if len({labels[m][c] for m, c in ((m, choice[m]) for m in t)}) != 1:
             raise BudgetError(f"the solver's rounded solution gives tied matrices {list(t)} different labels ({res.message})")
     objective = float(sum(float(e[c]) for e, c in zip(err, choice)))
-    return Allocation(tuple(choice), total, int(budget_bits), objective, str(res.message),
+    return Allocation(tuple(choice), total, int(budget_bits), objective, message,
                       bool(res.status == 0), time.time() - t0, n)
+
+
+def _no_solution(status: int, message: str, time_limit: float) -> str:
+    """What to tell a user when the solver returned no allocation, by scipy.optimize.milp's status."""
+    if status == 1:
+        return (f"the solver found no allocation within its time limit of {time_limit:g} s ({message}); "
+                "narrow the candidates (e.g. fewer --cand-bits or --cand-ranks) or pass fewer matrices")
+    if status == 2:
+        return f"the solver found no feasible allocation ({message}); raise the budget"
+    return (f"the solver failed on this allocation program, also without presolve ({message}); try a slightly "
+            "different budget, and please report it with the cached cost table")

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
 from ..core.quant import QuantSpec
 from .layout import KernelWeight, auto_layout, prepare_weight, stack_factors, stack_weights, stackable
+
+if TYPE_CHECKING:
+    from ..core.rotation import Rotation
 
 __all__ = ["available", "prepare", "linear", "bind", "tune", "tuned_config", "use_config", "auto_layout",
            "path_for", "KernelWeight", "stack", "rotation",
@@ -82,7 +85,7 @@ def stack(prepared: "list[KernelWeight]") -> tuple[KernelWeight, tuple[int, ...]
     return stack_weights(prepared)
 
 
-def rotation(rot, n: int, device: torch.device | str):
+def rotation(rot: Rotation, n: int, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The input rotation ``rot`` (a ``core.rotation.Rotation``) of inputs of size ``n`` on ``device``,
     as a callable x -> R·x: one Triton launch for bf16/fp16 inputs on a CUDA device (or under triton's
     interpreter) and blocks of 16..4096 (:mod:`._rotate`), else the core transform."""

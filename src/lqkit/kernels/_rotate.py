@@ -6,7 +6,7 @@ the core transform's two stages), both products on the tensor cores: the first e
 values, fp32 sums), the second on the fp32 result as three TF32 products ("tf32x3": about fp32's
 accuracy; the output is rounded to 16 bits after). For 16 ≤ b ≤ 128 a program rotates one block of 16
 tokens with one product by H_b. The core transform takes everything else (fp32 inputs, b < 16 or
-b > 4096): it is the reference, and the path of the CPU. Replaces that transform's four or five
+b > 4096, 2³¹ elements or more): it is the reference, and the path of the CPU. Replaces that transform's four or five
 launches (signs, one matmul per stage, the cast) in a prepared layer's call.
 """
 
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..core.rotation import Rotation, hadamard, signs, transform
+from ..errors import SpecError
 
 TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's rows)
 
@@ -73,9 +74,12 @@ class TritonRotation:
 
     def __init__(self, rot: Rotation, n: int, device: torch.device | str):
         rot.check(n)
+        if stages(rot.block) is None:
+            raise SpecError(f"the one-launch rotation takes blocks of 16 to 4096, not {rot.block}; use "
+                            "lqkit.kernels.rotation, which falls back to the core transform")
         self.n, self.block, self.device = n, rot.block, torch.device(device)
         self.fallback = transform(rot, n, self.device)
-        self.r1, self.r2 = stages(rot.block) or (0, 0)
+        self.r1, self.r2 = stages(rot.block)
         self.scale = 1.0 / math.sqrt(rot.block)
         s = signs(rot, n)
         self.s = {dt: s.to(self.device, dt) for dt in self.DTYPES}
@@ -84,8 +88,8 @@ class TritonRotation:
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         s = self.s.get(x.dtype)
-        if inverse or not self.r2 or s is None or x.shape[-1] != self.n or x.device != s.device:
-            return self.fallback(x, inverse)
+        if inverse or s is None or x.shape[-1] != self.n or x.device != s.device or x.numel() >= 2**31:
+            return self.fallback(x, inverse)  # (offsets in the kernel are 32-bit)
         x2 = x.reshape(-1, self.n)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
