@@ -74,17 +74,19 @@ class TritonRotation:
 
     def __init__(self, rot: Rotation, n: int, device: torch.device | str):
         rot.check(n)
-        if stages(rot.block) is None:
+        rs = stages(rot.block)
+        if rs is None:
             raise SpecError(f"the one-launch rotation takes blocks of 16 to 4096, not {rot.block}; use "
                             "lqkit.kernels.rotation, which falls back to the core transform")
-        self.n, self.block, self.device = n, rot.block, torch.device(device)
-        self.fallback = transform(rot, n, self.device)
-        self.r1, self.r2 = stages(rot.block)
+        dev = torch.device(device)
+        self.n, self.block = n, rot.block
+        self.fallback = transform(rot, n, dev)
+        self.r1, self.r2 = rs
         self.scale = 1.0 / math.sqrt(rot.block)
         s = signs(rot, n)
-        self.s = {dt: s.to(self.device, dt) for dt in self.DTYPES}
-        self.h2 = {dt: hadamard(self.r2).to(self.device, dt) for dt in self.DTYPES} if self.r2 else {}
-        self.h1 = hadamard(self.r1).to(self.device, torch.float32) if self.r1 > 1 else None
+        self.s = {dt: s.to(dev, dt) for dt in self.DTYPES}
+        self.h2 = {dt: hadamard(self.r2).to(dev, dt) for dt in self.DTYPES}
+        self.h1 = hadamard(self.r1).to(dev, torch.float32) if self.r1 > 1 else None
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         s = self.s.get(x.dtype)
@@ -99,9 +101,9 @@ class TritonRotation:
             return y.view(x.shape)
         nb = self.n // self.block
         if self.r1 == 1:
-            _rotate_one[(triton.cdiv(m, TOKENS), nb)](x2, self.s[x.dtype], self.h2[x.dtype], y, m, x2.stride(0),
-                                                       y.stride(0), self.scale, B=self.r2, BM=TOKENS, num_warps=4)
+            _rotate_one[(triton.cdiv(m, TOKENS), nb)](x2, s, self.h2[x.dtype], y, m, x2.stride(0), y.stride(0),
+                                                       self.scale, B=self.r2, BM=TOKENS, num_warps=4)
         else:
-            _rotate_two[(m, nb)](x2, self.s[x.dtype], self.h1, self.h2[x.dtype], y, x2.stride(0), y.stride(0),
+            _rotate_two[(m, nb)](x2, s, self.h1, self.h2[x.dtype], y, x2.stride(0), y.stride(0),
                                  self.scale, R1=self.r1, R2=self.r2, num_warps=4)
         return y.view(x.shape)
