@@ -785,8 +785,16 @@ def test_rotated_layer_runs_its_rotation_before_the_kernel():
     run = m.prepare_runner()
     assert run.rotate is not None
     merged = m.merged_weight().to(device)
+    from lqkit import kernels
+    from lqkit.kernels import _rotate
+
+    seen = kernels.cached_rotation.cache_info()
     for t in (1, 3):
         x = torch.randn(t, shape[1], device=device).to(dtype)
         with torch.no_grad():
             _check(run(x), x.float() @ merged.t())
+            _check(m._kernel_forward(x), x.float() @ merged.t())  # unprepared: the same one-launch rotation
     assert len(run.calls) == 2  # the kernels ran (bound once per token count)
+    info = kernels.cached_rotation.cache_info()
+    assert info.misses - seen.misses <= 1 and info.hits - seen.hits >= 1  # built once, then reused
+    assert isinstance(kernels.cached_rotation(spec.rotation, shape[1], x.device), _rotate.TritonRotation)

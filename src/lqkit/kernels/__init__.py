@@ -101,6 +101,14 @@ def rotation(rot: Rotation, n: int, device: torch.device | str) -> Callable[[tor
     return _rotate.TritonRotation(rot, n, dev)
 
 
+@functools.lru_cache(maxsize=64)
+def cached_rotation(rot: Rotation, n: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`rotation`, built once per (rotation, size, device) and kept: the unprepared kernel path
+    (a layer called without ``prepare_for_inference``) rotates with the same one launch as a prepared
+    layer, without rebuilding its signs and Hadamard factors on every call."""
+    return rotation(rot, n, device)
+
+
 def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,
            R: torch.Tensor | None = None, bias: torch.Tensor | None = None, config=None,
            out: torch.Tensor | None = None) -> torch.Tensor:

@@ -79,7 +79,7 @@ class SharedInputGroup:
             from .. import kernels
 
             weight, (L, R, bias) = self._stacked()
-            xr = ops.rotate(x, self.rotation) if self.rotation is not None else x
+            xr = x if self.rotation is None else kernels.cached_rotation(self.rotation, x.shape[-1], x.device)(x)
             y = kernels.linear(xr, weight, L, R, bias)
             self.launches += 1
         parts = y.split_with_sizes(self._sizes, -1)  # views: one call for all members

@@ -227,8 +227,8 @@ class CompressedLinear(nn.Module):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels
 
-        if self.spec.rotation is not None:
-            x = ops.rotate(x, self.spec.rotation)
+        if self.spec.rotation is not None:  # the prepared layer's one launch (kernels.rotation)
+            x = kernels.cached_rotation(self.spec.rotation, self.in_features, x.device)(x)
         return kernels.linear(x, self.kernel_weight(), self.L, self.R, self.bias)
 
     def extra_repr(self) -> str:
