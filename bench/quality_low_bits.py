@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--variants", default="plan,plan+rot")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--sequential", action="store_true", help="each block's H from the compressed blocks before it")
+    ap.add_argument("--int-zero", action="store_true",
+                    help="rtn/gptq candidates with integer zero points (QuantSpec.int_zero: same values, fewer bits)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--distill-steps", type=int, default=40, help="distill variants: block-wise steps per block")
     ap.add_argument("--distill-samples", type=int, default=32, help="distill variants: training windows")
@@ -148,7 +150,7 @@ def main() -> None:
     proto = EvalProtocol(windows=a.windows, batch_size=4)
     txts = texts()
     data = json.loads(out.read_text()) if out.exists() and not a.fresh else {"rows": [], "tables": {}}
-    data.update(model="google/gemma-3-270m", candidates=a.candidates, sequential=a.sequential,
+    data.update(model="google/gemma-3-270m", candidates=a.candidates, sequential=a.sequential, int_zero=a.int_zero,
                 protocol={"windows": a.windows, "window_tokens": 512, "dtype": "float32",
                           "texts": {"wikitext2": "WikiText-2 raw test (bundled)",
                                     "kjv": "KJV narrative prose (bundled, public domain)"},
@@ -166,7 +168,7 @@ def main() -> None:
                                                             evaluate_all(loaded.model, loaded.tokenizer, txts, proto).items()}})
         save()
     stats = get_stats(progress=True)
-    for vname, cands in variants(CANDIDATES[a.candidates]).items():
+    for vname, cands in variants(replace(CANDIDATES[a.candidates], int_zero=a.int_zero)).items():
         if vname not in a.variants.split(","):
             continue
         budgets = [float(b) for b in a.budgets.split(",")

@@ -152,6 +152,21 @@ def test_usage_errors_name_a_value_that_works(args, expect, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and expect in err, err
 
 
+def test_int_zero_flag(tiny_model_dir, tmp_path):
+    """--int-zero: rtn with integer zero points, 4 + 20/32 bits at 4-bit g32 (the float offsets' 4 + 32/32
+    less 12/32); refused in one line for a quantizer without zero points."""
+    out = tmp_path / "ck"
+    r = run("compress", "--model", str(tiny_model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",
+            "--int-zero", "--out", str(out), "-q")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "lqkit.json").read_text())
+    assert all(s["quant"]["int_zero"] for s in meta["plan"].values())
+    assert meta["summary"]["effective_bits"] == pytest.approx(4 + 20 / 32)
+    r = run("compress", "--model", str(tiny_model_dir), "--method", "nf", "--bits", "4", "--int-zero",
+            "--out", str(tmp_path / "nf"), "-q")
+    assert r.returncode == 2 and "integer zero points" in r.stderr and not (tmp_path / "nf").exists()
+
+
 def test_compress_eval_inspect_smoke(tiny_model_dir, tmp_path):
     out = tmp_path / "ck"
     r = run("compress", "--model", str(tiny_model_dir), "--method", "lq", "--bits", "3", "--group-size", "32",

@@ -143,6 +143,33 @@ def test_integer_zero_points_stay_exportable(ckpt, folder, tiny_tokenizer):
             assert not torch.equal(m.q_scale, before[f"{name}.q_scale"])
 
 
+def test_stored_integer_zero_points_train_their_scales_only(folder, tiny_tokenizer, tmp_path):
+    """A plan whose rtn matrices store integer zero points (QuantSpec.int_zero): distillation trains
+    their scales (the offsets −z·scale follow), the packed zero points and codes stay bit for bit, and
+    the checkpoint keeps its tensors' names, shapes and dtypes."""
+    from dataclasses import replace
+
+    plan = {n: replace(s, quant=replace(s.quant, int_zero=True)) if s.quant.method == "rtn" else s
+            for n, s in _plan(tiny_model("llama")).items()}
+    ck = tmp_path / "ck"
+    pipeline.compress(str(folder), plan, str(ck), progress=False)
+    student = _student(ck)
+    before = _state(student)
+    rep = distill_model(student, open_model(str(folder), "cpu"), _ids(tiny_tokenizer), CFG, integer_zero=False,
+                        progress=False)
+    assert any(b.kept for b in rep.blocks)
+    after = _state(student)
+    rtn = {n: m for n, m in compressed_modules(student).items() if m.spec.quant.method == "rtn"}
+    assert rtn and all(m.aux_names == ("scale", "zero") for m in rtn.values())
+    for name in rtn:
+        assert torch.equal(after[f"{name}.q_zero"], before[f"{name}.q_zero"])
+        assert torch.equal(after[f"{name}.qcodes"], before[f"{name}.qcodes"])
+    assert any(not torch.equal(after[f"{n}.q_scale"], before[f"{n}.q_scale"]) for n in rtn)
+    res = distill(ck, tmp_path / "d", CFG, progress=False)
+    assert _tensors(tmp_path / "d") == _tensors(ck)
+    assert res.effective_bits == checkpoint.read_meta(ck)["summary"]["effective_bits"]
+
+
 def test_kl_stage(ckpt, folder, tiny_tokenizer):
     student = _student(ckpt)
     cfg = DistillConfig(**{**CFG.to_dict(), "steps": 0, "kl_steps": 8, "kl_lr": 1e-4})

@@ -148,6 +148,26 @@ def test_compressed_tensors_loads_with_lqkit_logits(arch, tiny_tokenizer, tmp_pa
     _close(_logits(_load_ct(tmp_path / "ct")), _logits(lq))
 
 
+def test_integer_zero_points_export_as_the_same_zero_points(tiny_tokenizer, tmp_path):
+    """Matrices storing integer zero points (QuantSpec.int_zero) export to the same compressed-tensors
+    schemes and logits as the float-offset plan."""
+    _ct()
+    from dataclasses import replace
+
+    from lqkit.export import export
+
+    def iz_plan(model, arch):
+        return {n: replace(s, quant=replace(s.quant, int_zero=True)) if s.quant.method == "rtn" else s
+                for n, s in _plan(model, arch).items()}
+
+    ck = _checkpoint("llama", tiny_tokenizer, tmp_path / "ck", iz_plan)
+    r = export(ck, tmp_path / "ct")
+    assert r.schemes == {"int3-g32-asym": 3, "int4-g32-asym": 3, "int4-g16-sym": 4, "int2-channel-asym": 2,
+                         "int2-g32-asym": 2}
+    lq = checkpoint.load(ck)
+    _close(_logits(_load_ct(tmp_path / "ct", adapter=True)), _logits(lq))
+
+
 @pytest.mark.parametrize("method, native", [("rtn_sym", "compressed"), ("rtn_sym", "dequantize"), ("rtn", "dequantize")])
 def test_one_scheme_folder_loads_through_from_pretrained(method, native, tiny_tokenizer, tmp_path):
     _ct()

@@ -103,6 +103,24 @@ def test_layout_frag_decodes_to_stored_weight(f):
     torch.testing.assert_close(layout.reference_weight(kw), qmod.dequantize(q), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_integer_zero_points_reach_the_kernels_as_offsets(bits):
+    """A layer storing integer zero points (QuantSpec.int_zero) prepares the kernels' weight in the
+    float-offset format: the same kernel spec, and a layout that decodes to the same weight."""
+    from lqkit.core import MatrixSpec, decompose
+    from lqkit.nn import CompressedLinear
+
+    w = torch.randn(64, 256) * 0.02
+    got = []
+    for iz in (False, True):
+        spec = MatrixSpec("quant", QuantSpec("rtn", bits, 64, int_zero=iz))
+        m = CompressedLinear.from_decomposition(decompose(w, spec), dtype=torch.float16)
+        kw = m.prepare_kernel_weight()
+        assert qmod.kernel_spec(spec.quant) == QuantSpec("rtn", bits, 64)
+        got.append(layout.reference_weight(kw))
+    assert torch.equal(got[0], got[1])
+
+
 def test_layout_auto_picks_frag_where_it_holds_the_format():
     spec = QuantSpec(method="rtn", bits=4, group_size=64)
     q = qmod.quantize(torch.randn(16, 64), spec)

@@ -143,7 +143,41 @@ def test_zero_is_on_the_rtn_grid():
     assert got[:, ::4].abs().max() < 1e-3 * w.abs().max()
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("rtn", b, g, d, clip=c) for b in (2, 3, 4, 8)
+                                  for g, d in ((16, "in"), (24, "out")) for c in (False, True)]
+                         + [QuantSpec("rtn", 4, 16, outliers=0.05)],
+                         ids=lambda s: s.label())
+def test_integer_zero_points_same_values_fewer_bits(spec):
+    """int_zero stores the zero points as packed integers of the codes' width instead of 16-bit
+    offsets: the dequantized matrix is bit for bit the float-offset one's, and the stored bits are
+    (16 − bits) per group fewer."""
+    w = _rand((40, 56))
+    w[3, :24] = 0.0  # a group of zeros (scale 0, zero point 0)
+    iz = QuantSpec(**{**spec.to_dict(), "int_zero": True})
+    a, b = quantize(w, spec), quantize(w, iz)
+    assert "offset" not in b.aux and b.aux["zero"].dtype == torch.uint8
+    assert torch.equal(dequantize(a), dequantize(b))
+    torch.testing.assert_close(Q.quant_params(b.aux, iz)["offset"], a.aux["offset"], rtol=0, atol=0)
+    groups = a.aux["scale"].numel()
+    assert Q.storage_bits(iz, tuple(w.shape)) == Q.storage_bits(spec, tuple(w.shape)) - groups * (16 - spec.bits) + \
+        (Q.packing.packed_nbytes(groups, spec.bits) * 8 - groups * spec.bits)  # packing pads to whole bytes
+    assert b.nbits == Q.storage_bits(iz, tuple(w.shape))
+    for name, slot in Q.aux_layout(iz, tuple(w.shape)).items():
+        assert tuple(b.aux[name].shape) == slot.shape and b.aux[name].dtype == slot.dtype
+    assert Q.kernel_spec(iz) == Q.kernel_spec(spec)  # the kernels read the rebuilt offsets
+    assert iz.label() != spec.label() and QuantSpec.from_dict(iz.to_dict()) == iz
+    assert "int_zero" not in spec.to_dict()  # plans and tables from before keep their JSON
+
+
+def test_integer_zero_points_bits_convention():
+    # 4-bit, groups of 128, a 16-bit scale and a 4-bit zero point: 4 + 20/128 = 4.15625 bits per parameter
+    assert Q.storage_bits(QuantSpec("rtn", 4, 128, int_zero=True), (1024, 1024)) / 1024**2 == 4.15625
+    assert Q.storage_bits(QuantSpec("gptq", 3, 64, int_zero=True), (1024, 1024)) / 1024**2 == 3 + 19 / 64
+
+
 @pytest.mark.parametrize("kw, msg", [
+    (dict(method="nf", bits=4, int_zero=True), "integer zero points"),
+    (dict(method="rtn_sym", int_zero=True), "integer zero points"),
     (dict(method="nf", bits=5), "supports bits"),
     (dict(method="rtn", bits=1), "supports bits"),
     (dict(method="bogus"), "unknown quantizer"),

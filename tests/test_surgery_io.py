@@ -228,3 +228,33 @@ def test_rotated_plan_forward_save_load(arch_, tmp_path, tiny_tokenizer):
 def test_unrotated_checkpoints_keep_format_3(tmp_path):
     out, _, _ = _saved(tmp_path)
     assert checkpoint.read_meta(out)["format_version"] == 3
+
+
+@pytest.mark.parametrize("spec", [MatrixSpec("quant", QuantSpec("rtn", 3, 32, clip=True)),
+                                  MatrixSpec("lorc", QuantSpec("rtn", 4, 16, "out"), rank=3)], ids=lambda s: s.label())
+def test_integer_zero_points_same_model_smaller_checkpoint(spec, tmp_path, tiny_tokenizer):
+    """A plan whose matrices store integer zero points gives the float-offset plan's logits bit for bit,
+    saves fewer bytes (format 6), and loads back to the same logits and plan."""
+    from dataclasses import replace
+
+    iz = replace(spec, quant=replace(spec.quant, int_zero=True))
+    models, ys, outs = [], [], []
+    for s in (spec, iz):
+        m = tiny_model("llama")
+        plan = uniform_plan(m, s)
+        compress_model(m, plan, progress=False)
+        with torch.no_grad():
+            ys.append(m(_x()).logits)
+        outs.append(checkpoint.save(m, tiny_tokenizer, tmp_path / s.label().replace("/", "_"), plan=plan))
+        models.append(m)
+    assert torch.equal(ys[0], ys[1])
+    a, b = (size_summary(m) for m in models)
+    assert b.compressed_bits < a.compressed_bits and b.effective_bits < a.effective_bits
+    assert all("q_zero" in dict(mod.named_buffers()) and "q_offset" not in dict(mod.named_buffers())
+               for mod in compressed_modules(models[1]).values())
+    meta = checkpoint.read_meta(outs[1])
+    assert meta["format_version"] == 6 and checkpoint.read_meta(outs[0])["format_version"] == 3
+    m2 = checkpoint.load(outs[1])
+    with torch.no_grad():
+        assert torch.equal(m2(_x()).logits, ys[1])
+    assert all(mod.spec == iz for mod in compressed_modules(m2).values())

@@ -43,9 +43,10 @@ from .plan import plan_from_json, plan_to_json
 log = logging.getLogger(__name__)
 
 FORMAT = "lqkit"
-FORMAT_VERSION = 5  # 5: tables (embedding, head) stored as quantized rows, listed under "tables" (written only
-# then); 4: a matrix may carry an input rotation (written only then: an older lqkit reads every
-# other checkpoint and says "upgrade lqkit" for these); 3: config.json (and generation_config.json) checksummed
+FORMAT_VERSION = 6  # 6: a matrix may store integer zero points (QuantSpec.int_zero; written only then);
+# 5: tables (embedding, head) stored as quantized rows, listed under "tables" (written only then);
+# 4: a matrix may carry an input rotation (written only then: an older lqkit reads every other
+# checkpoint and says "upgrade lqkit" for these); 3: config.json (and generation_config.json) checksummed
 # too; 2: tensors in one or more shards, each listed under "files"; 1: one model.safetensors
 META_FILE = "lqkit.json"
 TENSOR_FILE = "model.safetensors"
@@ -234,6 +235,8 @@ class CheckpointWriter:
 
 def _version(plan: Mapping[str, MatrixSpec], tables=None) -> int:
     """The oldest format that holds ``plan`` (and ``tables``)."""
+    if any(s.quant is not None and s.quant.int_zero for s in plan.values()):
+        return 6
     if tables:
         return 5
     return 4 if any(s.rotation is not None for s in plan.values()) else 3

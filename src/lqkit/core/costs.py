@@ -74,6 +74,7 @@ class CandidateSet:
     lowrank_slack: float = 0.05  # try low rank on Q configs within (1 + lowrank_slack) of the rank-0 front
     target: str | None = None  # a serving target (lqkit.core.serving.TARGETS): only what it serves
     rotations: tuple[bool, ...] = (False,)  # each candidate without / with the matrix's input rotation
+    int_zero: bool = False  # rtn / gptq: integer zero points (QuantSpec.int_zero): same errors, fewer bits
 
     def __post_init__(self) -> None:
         for name in ("quantizers", "bits", "group_sizes", "group_dims", "ranks", "outliers", "rotations"):
@@ -113,7 +114,7 @@ class CandidateSet:
             allowed = QUANTIZERS[name].bits_allowed
             bits = [b for b in self.bits if b in allowed and (name != "nuq" or b <= NUQ_MAX_BITS)]
             sizes = (max(self.group_sizes),) if name == "nuq" else self.group_sizes  # nuq: one codebook per row
-            extra = {"clip": self.clip} if name in ("rtn", "gptq") else {}
+            extra = {"clip": self.clip, "int_zero": self.int_zero} if name in ("rtn", "gptq") else {}
             if name == "gptq":
                 extra["act_order"] = self.act_order
             for b, g, d, o in itertools.product(bits, sizes, self.group_dims, self.outliers):
@@ -136,6 +137,8 @@ class CandidateSet:
             del d["target"]
         if d["rotations"] == (False,):  # likewise before rotations
             del d["rotations"]
+        if not d["int_zero"]:  # and before integer zero points
+            del d["int_zero"]
         return d
 
     @classmethod

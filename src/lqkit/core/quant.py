@@ -51,6 +51,8 @@ class QuantSpec:
     outliers: float = 0.0  # fraction of weights kept exactly as sparse fp16 (dense-and-sparse)
     outlier_features: float = 0.0  # fraction of input features kept as 16-bit columns (LLM.int8())
     clip: bool = False  # rtn / gptq: shrink each group's range to the one of least squared error (MSE search)
+    int_zero: bool = False  # rtn / gptq: store each group's zero point as a ``bits``-bit integer instead of
+    # its float offset (GPTQ's checkpoint format): the same values, 16 − bits fewer bits per group
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZERS:
@@ -73,6 +75,9 @@ class QuantSpec:
         if self.clip and self.method not in ("rtn", "gptq"):
             raise SpecError(f"range clipping is an rtn / gptq option, not {self.method!r}; drop --clip or "
                             "quantize with rtn or gptq (e.g. --method gptq)")
+        if self.int_zero and self.method not in ("rtn", "gptq"):
+            raise SpecError(f"integer zero points are an rtn / gptq option, not {self.method!r}; drop --int-zero "
+                            "or quantize with rtn or gptq")
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 10):
             raise SpecError(f"damp must be a positive fraction such as 0.01, got {self.damp!r}")
         if not (isinstance(self.outliers, (int, float)) and 0 <= self.outliers < 0.5):
@@ -82,7 +87,10 @@ class QuantSpec:
                             f"{self.outlier_features!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["int_zero"]:  # left out: plans, checkpoints and cost tables from before keep their JSON
+            del d["int_zero"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "QuantSpec":
@@ -90,7 +98,7 @@ class QuantSpec:
 
     def label(self) -> str:
         dq = "+dq" if self.double_quant else ""
-        ao = ("+ao" if self.act_order else "") + ("+mse" if self.clip else "")
+        ao = ("+ao" if self.act_order else "") + ("+mse" if self.clip else "") + ("+iz" if self.int_zero else "")
         sp = f"+sp{self.outliers:g}" if self.outliers else ""
         of = f"+of{self.outlier_features:g}" if self.outlier_features else ""
         return f"{self.method}{self.bits}{dq}{ao}/g{self.group_size}{self.group_dim}{sp}{of}"
@@ -564,10 +572,34 @@ def _keep(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None):
     return feat, flat, keep
 
 
+def zero_codes(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integer zero points z (uint8, scale's shape) of offsets stored as −z·scale (a group of
+    scale 0 has zero point 0); exact for offsets an rtn / gptq quantizer made, whose rounding to
+    16 bits moves −offset/scale by far less than ½ for z < 256."""
+    s, off = scale.float(), offset.float()
+    z = torch.where(s > 0, torch.round(-off / s.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    return z.clamp_(0, (1 << bits) - 1).to(torch.uint8)
+
+
+def quant_params(aux: Mapping[str, torch.Tensor], spec: QuantSpec) -> Mapping[str, torch.Tensor]:
+    """The stored aux of a matrix as its quantizer reads it: for an integer-zero-point spec the offset
+    rebuilt, −z·scale rounded to the scale's dtype as the quantizer rounded it (so the values are
+    bit for bit those of the float-offset format); any other aux as it is."""
+    if "zero" not in aux:
+        return aux
+    scale = aux["scale"]
+    z = packing.unpack(aux["zero"], spec.bits, scale.numel()).view(scale.shape)
+    out = {k: v for k, v in aux.items() if k != "zero"}
+    out["offset"] = (-z.float() * scale.float()).to(scale.dtype)
+    return out
+
+
 def _qtensor(w: torch.Tensor, spec: QuantSpec, codes: torch.Tensor, aux: Mapping[str, torch.Tensor],
              feat: torch.Tensor | None, flat: torch.Tensor | None) -> QTensor:
     aux = dict(aux)
     kept = aux.pop("kept", w)
+    if spec.int_zero:  # stored as packed integer zero points, in place of the offsets
+        aux["zero"] = packing.pack(zero_codes(aux["scale"], aux.pop("offset"), spec.bits), spec.bits)
     if feat is not None and feat.numel():
         aux["feat_idx"] = feat.to(INDEX_DTYPE)
         aux["feat_val"] = kept[:, feat].to(torch.float16)
@@ -668,7 +700,7 @@ def dequantize_packed(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spe
     """Reconstruct an (out, in) fp32 matrix from its stored parts (used by modules)."""
     rows, cols = layout_shape(shape, spec)
     codes = packing.unpack(packed, spec.bits, rows * cols).view(rows, cols)
-    w = from_layout(QUANTIZERS[spec.method].dequantize(codes, aux, spec), spec)
+    w = from_layout(QUANTIZERS[spec.method].dequantize(codes, quant_params(aux, spec), spec), spec)
     if spec.outliers or spec.outlier_features:
         w = _restore_outliers(w.contiguous(), aux)
     return w
@@ -676,7 +708,11 @@ def dequantize_packed(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spe
 
 def aux_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, AuxSlot]:
     rows, cols = layout_shape(shape, spec)
-    return {**QUANTIZERS[spec.method].aux_layout(spec, rows, cols), **_outlier_slots(spec, shape)}
+    layout = QUANTIZERS[spec.method].aux_layout(spec, rows, cols)
+    if spec.int_zero:  # the offsets' place: their integer zero points, packed at the codes' width
+        n = math.prod(layout.pop("offset").shape)
+        layout["zero"] = AuxSlot((packing.packed_nbytes(n, spec.bits),), torch.uint8)
+    return {**layout, **_outlier_slots(spec, shape)}
 
 
 def kernel_spec(spec: QuantSpec) -> QuantSpec | None:
@@ -686,7 +722,10 @@ def kernel_spec(spec: QuantSpec) -> QuantSpec | None:
     q = QUANTIZERS[spec.method]
     if q.kernel_format is None:
         return None
-    return spec if q.kernel_format == spec.method else replace(spec, method=q.kernel_format, act_order=False)
+    if q.kernel_format == spec.method and not spec.int_zero:
+        return spec
+    # integer zero points reach the kernels as offsets (quant_params): the float-offset format
+    return replace(spec, method=q.kernel_format, act_order=False, int_zero=False)
 
 
 def packed_layout(spec: QuantSpec, shape: tuple[int, int]) -> AuxSlot:
