@@ -43,6 +43,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200, help="training windows")
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--factor-lr", type=float, default=None,
+                    help="learning rate of L and R (default: --lr, as lqkit distill's KL stage)")
+    ap.add_argument("--norm-lr", type=float, default=0.0,
+                    help="also train the model's normalisation gains at this learning rate (0: frozen)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     meta = checkpoint.read_meta(a.ckpt)
@@ -63,7 +67,13 @@ def main() -> None:
         forward_block(teacher.load_block(k), xt, tcalls[k], chunk)
         teacher.release_block(k)  # as lqkit.distill.distill_model: one teacher block resident at a time
     copies = _copies(student, DistillConfig(steps=0, kl_steps=a.steps), integer_zero=False)
-    opt = _optimizer(copies, a.lr, a.lr)
+    opt = _optimizer(copies, a.factor_lr or a.lr, a.lr)
+    if a.norm_lr:
+        gains = [p for n, p in student.named_parameters() if "norm" in n.lower() and p.ndim == 1]
+        for p in gains:
+            p.requires_grad_(True)
+        opt.add_param_group({"params": gains, "lr": a.norm_lr})
+        gains0 = [p.detach().clone() for p in gains]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(a.steps))
     some_train = train[torch.linspace(0, len(train) - 1, min(16, len(train))).round().long().unique()]
     res = {"checkpoint": str(a.ckpt), "plan_bits": (meta.get("summary") or {}).get("effective_bits"),
@@ -75,6 +85,8 @@ def main() -> None:
         h = heldout_kl(student, teacher.model, teacher.blocks, xt[held], ids[held])
         t = heldout_kl(student, teacher.model, teacher.blocks, xt[some_train], ids[some_train])
         res["evals"].append({"step": step, "heldout_kl": h, "train16_kl": t})
+        if a.norm_lr:
+            res["evals"][-1]["norm_max_change"] = max(float((p - q).abs().max()) for p, q in zip(gains, gains0))
         log(f"step {step}: KL held-out {h:.5f}, {len(some_train)} training windows {t:.5f}")
         write_json(Path(a.out), res)
 
