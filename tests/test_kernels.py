@@ -118,7 +118,16 @@ def test_integer_zero_points_reach_the_kernels_as_offsets(bits):
         kw = m.prepare_kernel_weight()
         assert qmod.kernel_spec(spec.quant) == QuantSpec("rtn", bits, 64)
         got.append(layout.reference_weight(kw))
+        if iz:  # the stored aux straight to prepare_weight (its zero points, no offsets): the same weight
+            q = qmod.quantize(w, spec.quant)
+            raw = layout.prepare_weight(q.packed, q.aux, qmod.kernel_spec(spec.quant), tuple(w.shape))
+            torch.testing.assert_close(layout.reference_weight(raw), qmod.dequantize(q), rtol=0, atol=1e-6)
     assert torch.equal(got[0], got[1])
+    grad = CompressedLinear.from_decomposition(decompose(w, spec), dtype=torch.float32)
+    x = torch.randn(2, 256)
+    assert not grad._grad_needed(x)
+    grad._buffers["q_scale"] = torch.nn.Parameter(grad.q_scale.clone())  # as lqkit.distill trains it
+    assert grad._grad_needed(x)  # so the kernels (no backward) are not chosen
 
 
 def test_layout_auto_picks_frag_where_it_holds_the_format():

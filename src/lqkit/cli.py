@@ -337,10 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip", action="store_true",
                    help="rtn/gptq: shrink each group's range to the one of least squared error (MSE grid search)")
     c.add_argument("--int-zero", action="store_true",
-                   help="rtn/gptq (with --method, and the budget's rtn/gptq candidates): store each group's zero "
-                        "point as an integer of the codes' width, as GPTQ checkpoints do, instead of a 16-bit offset: "
-                        "the same weights in 16 − bits fewer bits per group (4.16 instead of 4.25 bits at 4-bit g128); "
-                        "distillation then trains the scales only")
+                   help="rtn/gptq (with --method, and the budget's rtn/gptq candidates; other quantizers are "
+                        "unchanged): store each group's zero point as an integer of the codes' width, as GPTQ "
+                        "checkpoints do, instead of a 16-bit offset: the same weights in 16 - bits fewer bits per "
+                        "group (4.16 instead of 4.25 bits at 4-bit g128); distillation then trains the scales only")
     c.add_argument("--outliers", type=_number(float, 0, 0.5, example=f"--outliers {SPARSE_DEFAULT}"), default=None,
                    metavar="FRAC",
                    help="fraction of weights kept exactly as sparse fp16 (dense-and-sparse), by |w|·sensitivity")
@@ -668,7 +668,8 @@ def _add_distill_train(p, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}zero-points", choices=("auto", "free", "integer"), default=d.zero_points,
                    help="rtn/gptq offsets: free, or integer (offset = -zero*scale with the zero point frozen, so the "
                         "matrix still exports with integer zero points, e.g. to compressed-tensors); auto: integer when "
-                        "the plan was made for a --target (default auto)")
+                        "the plan was made for a --target (default auto); layers that store integer zero points "
+                        "(compress --int-zero) keep theirs in every mode")
     p.add_argument(f"--{prefix}no-scales", action="store_true", help="train only L and R (quantization parameters frozen)")
     p.add_argument(f"--{prefix}seed", type=int, default=d.seed, help=f"minibatch order (default {d.seed})")
 

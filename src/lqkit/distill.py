@@ -405,6 +405,17 @@ def _integer_zero(cfg: DistillConfig, meta: Mapping) -> bool:
     return bool(alloc.get("target"))
 
 
+def _zero_mode(student: nn.Module, integer_zero: bool) -> str:
+    """How the rtn/gptq zero points were trained: "integer", "free", or free except in the layers that
+    store integer zero points (QuantSpec.int_zero: their format holds no other offset)."""
+    affine = [m.spec.quant for m in compressed_modules(student).values()
+              if m.spec.quant is not None and m.spec.quant.method in ("rtn", "gptq")]
+    stored = sum(q.int_zero for q in affine)
+    if integer_zero or (affine and stored == len(affine)):
+        return "integer"
+    return f"free (integer in the {stored} layers that store integer zero points)" if stored else "free"
+
+
 def _split(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(training rows, held-out rows) of n windows: the held-out ones spread over the text."""
     held = torch.linspace(0, n - 1, heldout).round().long().unique() if heldout else torch.empty(0, dtype=torch.long)
@@ -481,7 +492,7 @@ def distill_model(student: nn.Module, teacher, ids: torch.Tensor, cfg: DistillCo
     if held.numel():
         nll["teacher"] = tail_nll(teacher.model, teacher.blocks, xt[held], ids[held])
         nll["after"] = model_nll(student, ids[held])
-    return DistillReport(cfg.to_dict(), "integer" if integer_zero else "free", tuple(reports), kl, nll, errors,
+    return DistillReport(cfg.to_dict(), _zero_mode(student, integer_zero), tuple(reports), kl, nll, errors,
                          trained, round(time.time() - t_start, 1))
 
 

@@ -52,7 +52,7 @@ class QuantSpec:
     outlier_features: float = 0.0  # fraction of input features kept as 16-bit columns (LLM.int8())
     clip: bool = False  # rtn / gptq: shrink each group's range to the one of least squared error (MSE search)
     int_zero: bool = False  # rtn / gptq: store each group's zero point as a ``bits``-bit integer instead of
-    # its float offset (GPTQ's checkpoint format): the same values, 16 − bits fewer bits per group
+    # its float offset (as GPTQ checkpoints do): the same values, 16 − bits fewer bits per group (fp16 scales)
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZERS:
@@ -75,6 +75,8 @@ class QuantSpec:
         if self.clip and self.method not in ("rtn", "gptq"):
             raise SpecError(f"range clipping is an rtn / gptq option, not {self.method!r}; drop --clip or "
                             "quantize with rtn or gptq (e.g. --method gptq)")
+        if not isinstance(self.int_zero, bool):
+            raise SpecError(f"int_zero must be true or false, got {self.int_zero!r}")
         if self.int_zero and self.method not in ("rtn", "gptq"):
             raise SpecError(f"integer zero points are an rtn / gptq option, not {self.method!r}; drop --int-zero "
                             "or quantize with rtn or gptq")
@@ -574,8 +576,9 @@ def _keep(w: torch.Tensor, spec: QuantSpec, stats: MatrixStats | None):
 
 def zero_codes(scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
     """The integer zero points z (uint8, scale's shape) of offsets stored as −z·scale (a group of
-    scale 0 has zero point 0); exact for offsets an rtn / gptq quantizer made, whose rounding to
-    16 bits moves −offset/scale by far less than ½ for z < 256."""
+    scale 0 has zero point 0). For offsets an rtn / gptq quantizer made, −z·scale rounded to the scale's
+    dtype: z itself for float16 / float32 scales; with bfloat16 scales at 8 bits possibly z ± 1, but
+    then one whose −z'·scale rounds to the same stored offset, so the rebuilt values are the same."""
     s, off = scale.float(), offset.float()
     z = torch.where(s > 0, torch.round(-off / s.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
     return z.clamp_(0, (1 << bits) - 1).to(torch.uint8)

@@ -155,6 +155,7 @@ def int_parts(codes: torch.Tensor, aux: Mapping[str, torch.Tensor], q: QuantSpec
     to); any other offset (a zero point off the integers) raises SpecError."""
     half = 1 << (q.bits - 1)
     signed = (codes.to(torch.int16) - half).to(torch.int8)
+    aux = qmod.quant_params(aux, q)  # stored integer zero points: their offsets
     scale = aux["scale"]
     if SYMMETRIC[qmod.kernel_spec(q).method]:
         return IntParts(signed, scale, None)

@@ -259,6 +259,7 @@ def prepare_weight(packed: torch.Tensor, aux: Mapping[str, torch.Tensor], spec: 
     "interleaved"), "frag" (the tensor-core GEMV of :mod:`._frag`) or "interleaved" (every format)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    aux = qmod.quant_params(aux, spec)  # stored integer zero points (QuantSpec.int_zero) as offsets
     if layout == "frag" and not frag_ok(spec):
         raise ValueError(f"the fragment layout does not hold {spec.label()} (rtn/rtn_sym, 2-7 bits, "
                          "groups of a multiple of 16 along 'in'); use layout='interleaved'")

@@ -121,7 +121,10 @@ class CompressedLinear(nn.Module):
         return self._forward(x)
 
     def _grad_needed(self, x: torch.Tensor) -> bool:
-        return x.requires_grad or any(p.requires_grad for p in (self.L, self.R, self.bias) if p is not None)
+        """Whether a call on x needs a backward: x, L, R, bias or a quantization parameter put in as a
+        trainable tensor (lqkit.distill's scales) requires grad; the kernels have none."""
+        return x.requires_grad or any(p.requires_grad for p in (self.L, self.R, self.bias) if p is not None) or any(
+            getattr(self, AUX_PREFIX + n).requires_grad for n in self.aux_names)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unprepared path: the kernels through :meth:`resolve_backend` (checked every call), or torch."""
@@ -155,8 +158,7 @@ class CompressedLinear(nn.Module):
 
             # formats the kernels do not read (a quantizer without a kernel format) take the torch path
             usable = x.is_cuda and kernels.available() and qmod.kernel_spec(self.spec.quant) is not None
-            grad = torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in (self.L, self.R, self.bias) if p is not None))
+            grad = torch.is_grad_enabled() and self._grad_needed(x)
             if self.backend == "triton" and not usable:
                 raise RuntimeError("backend 'triton' needs a CUDA input and triton installed")
             if self.backend == "triton" and grad:
