@@ -116,6 +116,21 @@ def test_gptq_matches_textbook_reference(seed):
     assert abs(float(e_ours / e_ref) - 1) < 0.02
 
 
+@pytest.mark.parametrize("ao", [False, True])
+def test_gptq_integer_zero_points_same_weights_as_offsets(ao):
+    """gptq (act-order, MSE ranges, one spec alone and in a batch) with integer zero points: the
+    dequantized matrix bit for bit that of the 16-bit offsets, its cost table values too, in fewer bits."""
+    w, st = problem(2, out=40, n=160)
+    specs = [QuantSpec("gptq", b, gs, dim, act_order=ao, clip=True)
+             for b in (2, 3, 4) for gs, dim in ((32, "in"), (16, "out"))]
+    izs = [QuantSpec(**{**s.to_dict(), "int_zero": True}) for s in specs]
+    for s, iz, a, b in zip(specs, izs, Q.quantize_many(w, specs, st), Q.quantize_many(w, izs, st)):
+        assert "zero" in b.aux and "offset" not in b.aux and b.nbits < a.nbits
+        assert torch.equal(dequantize(a), dequantize(b)) and torch.equal(dequantize(b), dequantize(quantize(w, iz, st)))
+    for a, b in zip(Q.reconstruct_many(w, specs, st), Q.reconstruct_many(w, izs, st)):
+        assert torch.equal(a, b)
+
+
 def test_quantize_many_equals_one_at_a_time():
     w, st = problem(5, out=40, n=160)
     specs = [QuantSpec("gptq", b, gs, dim, outliers=o) for b in (2, 4) for gs, dim in ((32, "in"), (16, "out"), (64, "in"))
