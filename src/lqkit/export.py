@@ -334,7 +334,7 @@ def _ct_tensors(helpers, name: str, m: CompressedLinear, s: serving.IntScheme) -
     rows, cols = m.out_features, m.in_features
     codes = packing.unpack(m.qcodes, m.spec.quant.bits, rows * cols).view(rows, cols)  # uint8 (out, in)
     try:
-        p = serving.int_parts(codes, m.quant_aux(), m.spec.quant)
+        p = serving.int_parts(codes, m.aux(), m.spec.quant)
     except SpecError as e:
         raise SpecError(f"{name}: {e}") from None
     out = {"weight_packed": helpers.pack_to_int32(p.q, s.bits),  # int32 (out, ceil(in·b/32))

@@ -79,19 +79,16 @@ class CompressedLinear(nn.Module):
         return m
 
     def aux(self) -> dict[str, torch.Tensor]:
-        """The stored auxiliary tensors of Q, by name (what the checkpoint holds)."""
+        """The stored auxiliary tensors of Q, by name (what the checkpoint holds; their readers rebuild
+        offsets from stored integer zero points themselves: lqkit.core.quant.quant_params)."""
         return {name: getattr(self, AUX_PREFIX + name) for name in self.aux_names}
-
-    def quant_aux(self):
-        """The auxiliary tensors as the dequantizer reads them (integer zero points as offsets)."""
-        return qmod.quant_params(self.aux(), self.spec.quant)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """deq(Q) as an (out, in) matrix, built on the fly (None when there is no Q); of the rotated
         matrix when the layer has a rotation (it multiplies the rotated input)."""
         if self.spec.quant is None:
             return None
-        return qmod.dequantize_packed(self.qcodes, self.quant_aux(), self.spec.quant, self.shape).to(dtype)
+        return qmod.dequantize_packed(self.qcodes, self.aux(), self.spec.quant, self.shape).to(dtype)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense (out, in) matrix the layer applies to x: Q + L·R, rotated back ((Q + L·R)·Rot) for a
@@ -221,7 +218,7 @@ class CompressedLinear(nn.Module):
         """Q converted into the kernels' layout now, on the buffers' device (not cached)."""
         from .. import kernels
 
-        return kernels.prepare(self.qcodes, self.quant_aux(), qmod.kernel_spec(self.spec.quant), self.shape,
+        return kernels.prepare(self.qcodes, self.aux(), qmod.kernel_spec(self.spec.quant), self.shape,
                                self.qcodes.device)
 
     def prepare_runner(self) -> "KernelRunner":
