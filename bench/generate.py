@@ -48,12 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log, machine_info, write_json  # noqa: E402
 from lqkit.core import MatrixSpec, QuantSpec  # noqa: E402
+from lqkit.core.rotation import Rotation  # noqa: E402
 
 ROWS = {  # name -> spec of every decoder linear (None: the bf16 model itself)
     "bf16": None,
     "rtn4": MatrixSpec("quant", QuantSpec("rtn", 4, 128)),
     "rtn3": MatrixSpec("quant", QuantSpec("rtn", 3, 128)),
     "rtn3-r16": MatrixSpec("lorc", QuantSpec("rtn", 3, 128), rank=16),
+    # every matrix's input rotated (blocks of 256: they divide 4096 and 11008); at one token the GEMV
+    # rotates inside its own launch
+    "rtn4-rot256": MatrixSpec("quant", QuantSpec("rtn", 4, 128), rotation=Rotation(1, 256)),
 }
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)

@@ -1,20 +1,25 @@
 """What an input rotation (lqkit.core.rotation) adds to a compressed layer's call at one token (CUDA GPU).
 
-For each layer shape (out×in) of gemma-3-270m, Llama-2-7B, Llama-2-13B and Llama-3-8B: the prepared
-kernel call (rtn 4-bit, groups of 128 along in, ``kernels.bind``), the rotation alone, and the two back
-to back, as one CUDA graph replayed (what a captured decoder pays) and eagerly (launches and host work
-included); bf16, mean of 500 calls after warm-up. The rotation two ways: ``kernels.rotation`` (what a
-prepared layer runs: one Triton launch) and the core transform (``*_torch``: signs, one matmul per
-stage, the cast). The weights stay in L2 across replays: the layer's own time is
-a lower bound, the rotation's (launch- and latency-bound) is not affected.
+For each layer shape (out×in) of gemma-3-270m, Llama-2-7B, Llama-2-13B and Llama-3-8B, rtn 4-bit with
+groups of 128 along in (the fragment GEMV), bf16, one token, the prepared call (``kernels.bind``):
+- ``layer``: unrotated;
+- ``fused``: rotated, the rotation inside the GEMV's own launch (``kernels.bind(..., rotation=rot)``,
+  what a prepared rotated layer runs at one token);
+- ``separate``: the rotation's own launch (``kernels.rotation``) and then the layer (what it ran before,
+  and still runs at more tokens);
+- ``torch`` (``--torch``): the core transform (signs, one matmul per stage, the cast), then the layer.
+Each timed two ways: one CUDA graph replayed over ``copies`` copies of the weight that together exceed
+the L2 several times (as a decoder runs its layers: cold weights; µs per layer), and eagerly (launches
+and host work included; mean per call over the same copies). Mean of ``--rounds`` rounds.
 
-Usage: PYTHONPATH=src python bench/rotation_overhead.py --out bench/results/rotation-h200.json
+Usage: PYTHONPATH=src python bench/rotation_overhead.py --out bench/results/rotation-fused-h200.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,73 +31,100 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lqkit import kernels  # noqa: E402
 from lqkit.core import quant as qmod  # noqa: E402
 from lqkit.core.quant import QuantSpec  # noqa: E402
-from lqkit.core.rotation import Rotation, radices, transform  # noqa: E402
+from lqkit.core.rotation import Rotation, transform  # noqa: E402
 
 SHAPES = [(2048, 640), (640, 2048), (4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 13824),
           (14336, 4096), (4096, 14336)]
 
 
-def timed(fn, x: torch.Tensor, graph: bool, n: int = 500) -> float:
-    """Mean µs per call of fn(x): replays of one captured CUDA graph, or eager calls."""
+def timed(fns, x: torch.Tensor, graph: bool, rounds: int) -> float:
+    """Mean µs per call of the calls ``fns`` (each f(x)), run in turn: replays of one captured CUDA graph
+    of all of them, or eager calls."""
+    def run_all():
+        for f in fns:
+            f(x)
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(x)
+        for _ in range(2):
+            run_all()
     torch.cuda.current_stream().wait_stream(side)
-    call = lambda: fn(x)  # noqa: E731
+    call = run_all
     if graph:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            fn(x)
+            run_all()
         call = g.replay
-    for _ in range(20):
+    for _ in range(3):
         call()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
-    for _ in range(n):
+    for _ in range(rounds):
         call()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / n * 1e3
+    return start.elapsed_time(end) / (rounds * len(fns)) * 1e3
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--shapes", default=None, help="OUTxIN,... (default: all)")
+    p.add_argument("--cold-mb", type=float, default=240.0,
+                   help="MiB of weight copies per shape (the H200's L2: 50 MB)")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--torch", action="store_true", help="also the core transform before the layer")
     a = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
     rows = []
     spec = QuantSpec("rtn", 4, 128)
-    for out, inp in SHAPES:
+    for out, inp in shapes:
         q = qmod.quantize(torch.randn(out, inp) * 0.02, spec)
-        kw = kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), (out, inp), "cuda")
+        kw0 = kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), (out, inp), "cuda")
+        nbytes = kw0.qweight.numel() * kw0.qweight.element_size() + kw0.scale.numel() * kw0.scale.element_size()
+        copies = max(2, math.ceil(a.cold_mb * 2**20 / nbytes))
+        kws = [kw0] + [kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), (out, inp), "cuda")
+                       for _ in range(copies - 1)]
         x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
-        bound, _ = kernels.bind(x, kw)
         r = Rotation.for_size(inp, seed=1)
-        rot_torch = transform(r, inp, "cuda")
         rot = kernels.rotation(r, inp, "cuda")
-        layer = lambda x: bound(x, (1, out))  # noqa: E731
-        both = lambda x: layer(rot(x))  # noqa: E731
-        both_torch = lambda x: layer(rot_torch(x))  # noqa: E731
-        row = {"out": out, "in": inp, "block": r.block, "stages_torch": list(radices(r.block)),
-               "rotation": type(rot).__name__}
+        fused_ok = kernels.fuses_rotation(kw0, 1, x.dtype, rot)
+        plain = [kernels.bind(x, kw)[0] for kw in kws]
+        fused = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if fused_ok else []
+        variants = {"layer": [lambda x, b=b: b(x, (1, out)) for b in plain],
+                    "separate": [lambda x, b=b: b(rot(x), (1, out)) for b in plain]}
+        if fused:
+            variants["fused"] = [lambda x, b=b: b(x, (1, out)) for b in fused]
+        if a.torch:
+            rot_torch = transform(r, inp, "cuda")
+            variants["torch"] = [lambda x, b=b: b(rot_torch(x), (1, out)) for b in plain]
+        y0 = variants["separate"][0](x).float()
+        row = {"out": out, "in": inp, "block": r.block, "copies": copies, "weight_mb": round(nbytes / 2**20, 2),
+               "rotation": type(rot).__name__, "fused": bool(fused)}
+        if fused:
+            y1 = variants["fused"][0](x).float()
+            row["fused_vs_separate_max_rel"] = float((y1 - y0).abs().max() / y0.abs().max())
         for mode, graph in (("graph", True), ("eager", False)):
-            t = {"layer_us": timed(layer, x, graph), "rotation_us": timed(rot, x, graph),
-                 "layer_rotated_us": timed(both, x, graph), "rotation_torch_us": timed(rot_torch, x, graph),
-                 "layer_rotated_torch_us": timed(both_torch, x, graph)}
-            t["added_us"] = t["layer_rotated_us"] - t["layer_us"]
-            t["added_pct"] = 100 * t["added_us"] / t["layer_us"]
-            t["added_torch_us"] = t["layer_rotated_torch_us"] - t["layer_us"]
+            n = a.rounds if graph else max(2, a.rounds // 4)
+            t = {f"{k}_us": timed(v, x, graph, n) for k, v in variants.items()}
+            for k in variants:
+                if k != "layer":
+                    t[f"{k}_added_us"] = t[f"{k}_us"] - t["layer_us"]
+                    t[f"{k}_added_pct"] = 100 * t[f"{k}_added_us"] / t["layer_us"]
             row[mode] = {k: round(v, 2) for k, v in t.items()}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        del kws, plain, fused, variants
+        torch.cuda.empty_cache()
     if a.out:
         import triton
 
         Path(a.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                            "triton": triton.__version__,
                                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                           "how": "bench/rotation_overhead.py: " + " ".join(sys.argv[1:]),
                                            "rows": rows}, indent=1))
 
 

@@ -92,8 +92,10 @@ def _reference_kernels(monkeypatch):
     """The kernel path on the CPU: kernels.linear as torch over the (stacked) layout; counts calls."""
     calls = []
 
-    def linear(x, kw, L=None, R=None, bias=None, config=None, out=None):
+    def linear(x, kw, L=None, R=None, bias=None, config=None, out=None, rotation=None):
         calls.append(kw.shape)
+        if rotation is not None:
+            x = rotation(x)
         y = x @ layout.reference_weight(kw).to(x.dtype).t()
         if L is not None:
             y = y + (x @ R.to(x.dtype).t()) @ L.to(x.dtype).t()

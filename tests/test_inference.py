@@ -38,11 +38,13 @@ def reference_kernels(monkeypatch):
     the list of (N, tokens) of every prepared call made."""
     calls = []
 
-    def bind(x, kw, L=None, R=None, bias=None, config=None):
+    def bind(x, kw, L=None, R=None, bias=None, config=None, rotation=None):
         w = layout.reference_weight(kw)  # (N, K) fp32, decoded once per bound call
 
         def f(x2, shape=None):  # as kernels.BoundLinear: x's rows, y allocated as ``shape``
             calls.append((kw.shape[0], x2.numel() // x2.shape[-1]))
+            if rotation is not None:  # the input rotation inside the call (one token)
+                x2 = rotation(x2.reshape(-1, x2.shape[-1]))
             y = x2 @ w.to(x2.dtype).t()
             if L is not None:
                 y = y + (x2 @ R.to(x2.dtype).t()) @ L.to(x2.dtype).t()

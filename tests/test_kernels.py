@@ -825,3 +825,48 @@ def test_rotated_layer_runs_its_rotation_before_the_kernel():
     info = kernels.cached_rotation.cache_info()
     assert info.misses - seen.misses <= 1 and info.hits - seen.hits >= 1  # built once, then reused
     assert isinstance(kernels.cached_rotation(spec.rotation, shape[1], x.device), _rotate.TritonRotation)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape, bits, rank, block, split", [((48, 640), 4, 0, 128, 3), ((40, 1024), 3, 16, 1024, 4)])
+def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, split):
+    """At one token the fragment GEMV applies a rotated layer's input rotation itself (no launch of its
+    own): blocks of one product (≤ 128) and of two (256..4096), K-splits whose ranges start inside a
+    rotation tile (3 bits: 80 k's per block), with and without a low-rank term (its R·x prologue
+    rotates its own chunk). Equal to the rotation launched first, then the same kernel; the prepared
+    call binds it so (and rotates first at 3 tokens)."""
+    from lqkit import kernels
+    from lqkit.core import MatrixSpec, decompose
+    from lqkit.core.rotation import Rotation
+    from lqkit.nn import CompressedLinear
+
+    device = _device()
+    from lqkit.kernels import _triton  # imports triton: after the skip where there is none
+
+    dtype = torch.bfloat16 if device != "cpu" else torch.float16
+    w = torch.randn(shape) * 0.02
+    rot = Rotation(7, block)
+    method = "lorc" if rank else "quant"
+    spec = MatrixSpec(method, QuantSpec("rtn", bits, 64, "in"), rank=rank, rotation=rot)
+    m = CompressedLinear.from_decomposition(decompose(w, spec), dtype=dtype).to(device)
+    kw = m.prepare_kernel_weight()
+    assert kw.layout == "frag"
+    r = kernels.rotation(rot, shape[1], device)
+    L, R = (m.L, m.R) if rank else (None, None)
+    cfg = _triton.Config(kind="frag", bn=64, warps=4, pf=2, split=split)
+    merged = m.merged_weight().to(device).detach()
+    x = (torch.randn(1, shape[1], device=device) * 2).to(dtype)
+    assert kernels.fuses_rotation(kw, 1, dtype, r, has_lr=bool(rank))
+    assert not kernels.fuses_rotation(kw, 3, dtype, r)
+    with torch.no_grad():
+        got = kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r)
+        want = kernels.linear(r(x), kw, L, R, m.bias, config=cfg)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.abs().max()) * 4e-3)
+        _check(got, x.float() @ merged.t())
+        run = m.prepare_runner()
+        for t in (1, 3):  # the first call binds; the second one (t = 1) reuses the plan and its scratch
+            for _ in range(2 if t == 1 else 1):
+                x = torch.randn(t, shape[1], device=device).to(dtype)
+                _check(run(x), x.float() @ merged.t())
+    rotates_first = {k[0][0]: v[2] is not None for k, v in run.calls.items()}
+    assert rotates_first == {1: False, 3: True}

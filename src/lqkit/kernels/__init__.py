@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..core.rotation import Rotation
 
 __all__ = ["available", "prepare", "linear", "bind", "tune", "tuned_config", "use_config", "auto_layout",
-           "path_for", "KernelWeight", "stack", "rotation",
+           "path_for", "KernelWeight", "stack", "rotation", "fuses_rotation",
            "stackable", "stack_factors"]
 
 
@@ -111,23 +111,38 @@ def cached_rotation(rot: Rotation, n: int, device: torch.device) -> Callable[[to
 
 def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,
            R: torch.Tensor | None = None, bias: torch.Tensor | None = None, config=None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
     """y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + bias, computed by the fused kernels; same dtype as x.
-    ``config``: a ``_triton.Config`` to force a launch configuration (else tuned or default)."""
+    ``config``: a ``_triton.Config`` to force a launch configuration (else tuned or default).
+    ``rotation``: the layer's input rotation (a callable from :func:`rotation`), x ← R·x first:
+    inside the GEMV's own launch where :func:`fuses_rotation` (one token), else one launch more."""
     from . import _triton
 
-    return _triton.linear(x, prepared, L, R, bias, config, out)
+    return _triton.linear(x, prepared, L, R, bias, config, out, rotation)
+
+
+def fuses_rotation(prepared: KernelWeight, m: int, dtype: torch.dtype, rotation, has_lr: bool = False) -> bool:
+    """True when a call of ``m`` tokens of ``dtype`` on ``prepared`` applies ``rotation`` (from
+    :func:`rotation`) inside its one launch: the fragment GEMV at one token, bf16/fp16, blocks of
+    16–4096, no exactly kept outliers."""
+    if not _triton_importable():
+        return False
+    from . import _triton
+
+    return _triton.fuses_rotation(prepared, m, dtype, rotation, has_lr=has_lr)
 
 
 def bind(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
-         bias: torch.Tensor | None = None, config=None):
+         bias: torch.Tensor | None = None, config=None, rotation=None):
     """``linear`` for x (m, K) — contiguous rows, 16-byte aligned — returned as ``(bound, y)``:
     ``bound(x2)`` computes the same for later inputs of this token count and dtype with the launch
     plan, compiled kernel and fixed arguments kept (per call: y allocated, one launch). For the
-    layers' hot path (``lqkit.nn.prepare_for_inference``); :func:`tune` first if at all."""
+    layers' hot path (``lqkit.nn.prepare_for_inference``); :func:`tune` first if at all.
+    ``rotation``: as in :func:`linear`; bind it only where :func:`fuses_rotation` (else the bound
+    call is the general one: rotate x first and bind the rest)."""
     from . import _triton
 
-    return _triton.bind(x, prepared, L, R, bias, config)
+    return _triton.bind(x, prepared, L, R, bias, config, rotation)
 
 
 def tune(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=None, **kw):

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ._jit import _rx_partial
+from ._rotate import rot_range
 from .layout import KernelWeight, frag_kblock
 
 # R·x partials done; then a split-K counter per block of rows; then (with a low-rank term) a t-ready flag per block
@@ -550,13 +551,16 @@ def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, lf, t32_ptr, N, M
 
 @triton.jit(do_not_specialize=["M", "N", "SROW", "NKB", "BPS", "SPLIT", "NTC", "RANK", "sy"])
 def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_ptr, tp_ptr, t_ptr,
-                 t32_ptr, cnt_ptr, M, N, K, K2, SROW, NKB, BPS, SPLIT, NTC, RANK,
-                 stride_xm, sx32, sy,
+                 t32_ptr, cnt_ptr, xr_ptr, xr32_ptr, rs_ptr, rh1_ptr, rh2_ptr, rscale, M, N, K, K2, SROW, NKB, BPS,
+                 SPLIT, NTC, RANK, stride_xm, sx32, sy,
                  BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                  SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
-                 SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr):
+                 SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr, RR1: tl.constexpr, RR2: tl.constexpr):
+    # RR2 > 0 (one token): the layer's input rotation too. x is the input before it; each program first
+    # stores the tiles of x' = R·x that its k range reads into xr (_rotate.rot_range: programs whose
+    # ranges share a tile store the same values), waits for its own threads, then reads x' from there
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -569,7 +573,13 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     n_pre = NTC * M
     NB = tl.cdiv(N, 16 * NW)
     if pid < n_pre:  # t = R·x
-        _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
+        if RR2 > 0:  # (M == 1) R·x' over this program's chunk of x'
+            rot_range(x_ptr, rs_ptr, rh1_ptr, rh2_ptr, xr_ptr, pid * KC_, tl.minimum(pid * KC_ + KC_, K), K,
+                      rscale, RR1, RR2)
+            tl.debug_barrier()
+            _rx_work(pid, xr_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
+        else:
+            _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
     else:
         wid = pid - n_pre
         nb = wid % NB
@@ -586,10 +596,16 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         qp = q_ptr + rb * (NKB * WB) + 4 * lane
         kb0 = ks * BPS
         kb1 = tl.minimum(kb0 + BPS, NKB)
+        xw_ptr = x32_ptr
+        if RR2 > 0:  # (M == 1) x' over this program's k range, then read from xr
+            rot_range(x_ptr, rs_ptr, rh1_ptr, rh2_ptr, xr_ptr, kb0 * KB, tl.minimum(kb1 * KB, K), K, rscale,
+                      RR1, RR2)
+            tl.debug_barrier()
+            xw_ptr = xr32_ptr
         # B-fragment rows: token g (and g + 8); lanes past the last token read its row again (their
         # products land in output columns that are never stored)
-        xrow0 = x32_ptr + tl.minimum(g, M - 1) * sx32
-        xrow1 = x32_ptr + tl.minimum(g + 8, M - 1) * sx32
+        xrow0 = xw_ptr + tl.minimum(g, M - 1) * sx32
+        xrow1 = xw_ptr + tl.minimum(g + 8, M - 1) * sx32
         R = (p_ptr, rb * (SROW * 8) + g)
         # fp32 results (row0, tokA), (row0, tokB), (row1, tokA), (row1, tokB), then the same + 8 tokens;
         # C: the current group's mma accumulators in the same order, then its sums of x (_chunk)
@@ -763,18 +779,30 @@ def _even(x: torch.Tensor) -> torch.Tensor:
     return xp
 
 
-def launch(x, y, kw, L, R, bias, has_lr, cfg) -> None:
-    """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens."""
+def fuses(kw: KernelWeight, m: int, dtype: torch.dtype | None, rot) -> bool:
+    """The fragment kernel applies the input rotation ``rot`` (a ``_rotate.TritonRotation``) itself
+    in this call: one token, no exactly kept outliers (their pass reads x')."""
+    from ._rotate import TritonRotation
+
+    return (isinstance(rot, TritonRotation) and m == 1 and ok(kw, m, dtype) and kw.fix is None
+            and dtype in rot.s and rot.n == kw.shape[1])
+
+
+def launch(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
+    """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens. ``rot``:
+    the input rotation, applied inside the launch (only where :func:`fuses`)."""
     if cfg.unroll not in (1, 2):
         raise ValueError(f"Config(unroll={cfg.unroll}): the fragment kernel runs 1 or 2 steps per loop iteration")
     if cfg.xs not in (0, 1):
         raise ValueError(f"Config(xs={cfg.xs}): expected 0 (B fragments loaded per chunk) or 1 (one token: x's words "
                          "loaded once per step and shuffled)")
+    if rot is not None and not fuses(kw, x.shape[0], x.dtype, rot):
+        raise ValueError("the fragment kernel rotates one token without outliers; rotate x first")
     for i in range(0, x.shape[0], MAX_M):
-        _launch16(x[i:i + MAX_M], y[i:i + MAX_M], kw, L, R, bias, has_lr, cfg)
+        _launch16(x[i:i + MAX_M], y[i:i + MAX_M], kw, L, R, bias, has_lr, cfg, rot)
 
 
-def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
+def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     from . import _triton as T
 
     n, k = kw.shape
@@ -790,7 +818,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
             rank += 1
     rp = T._rank_pad(rank)
     key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
-           has_lr and (Lc.dtype, Rc.dtype))
+           has_lr and (Lc.dtype, Rc.dtype), rot is not None and id(rot))
 
     def make():
         nw = cfg.warps
@@ -799,7 +827,9 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
         split, bps = T._split(kw, nb, cfg, x.device, multiple=cfg.pf)
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
-        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc,
+        xr = torch.empty((m, k) if rot is not None else (2,), dtype=x.dtype, device=x.device)  # x' (scratch)
+        rops = rot.fused_operands(x.dtype) if rot is not None else (kw.scale,) * 3 + (1.0, 1, 0)
+        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc, xr=xr, rot=rot, rops=rops,
                     cnt=T._counters(kw, _NC + 2 * nb, x.device),
                     ws=T.split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
@@ -807,14 +837,15 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg) -> None:
                     const=(kw.bits, kw.mode, kw.spec.group_size, float(2 ** kw.bits), float(2 ** (kw.bits - 1)),
                            nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
                            cfg.pf, _PDT[kw.scale.dtype], PSUM_UNROLL if split > 1 else 1, cfg.unroll,
-                           cfg.xs == 1 and m == 1))
+                           cfg.xs == 1 and m == 1, rops[4], rops[5]))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
     dummy = kw.scale
     args = (xe, x32, y, kw.qweight, kw.scale, bias if bias is not None else dummy,
             Lc.view(torch.int32) if has_lr else dummy, Rc if has_lr else dummy,
-            p["ws"], p["tp"], p["t"], p["t32"], p["cnt"], m, n, k, x32.shape[1], kw.scale.shape[1],
+            p["ws"], p["tp"], p["t"], p["t32"], p["cnt"], p["xr"], p["xr"].view(torch.int32), *p["rops"][:4],
+            m, n, k, x32.shape[1], kw.scale.shape[1],
             kw.n_tiles, p["bps"], p["split"], p["ntc"], rank, xe.stride(0), x32.stride(0), y.stride(0), *p["const"])
     T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg)
 

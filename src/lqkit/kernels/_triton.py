@@ -768,11 +768,21 @@ def _tune_key(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> tup
     return (kw.shape, kw.spec, mb, has_lr, dtype)
 
 
+def fuses_rotation(kw: KernelWeight, m: int, dtype: torch.dtype, rotation, config: Config | None = None,
+                   has_lr: bool = False) -> bool:
+    """Whether a call of m tokens applies the input rotation ``rotation`` (from ``kernels.rotation``)
+    inside its one launch: the fragment kernel at one token (else x is rotated first, one launch more)."""
+    cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, dtype)) or default_config(kw, m, dtype)
+    return cfg.kind == "frag" and _frag.fuses(kw, m, dtype, rotation)
+
+
 def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, config: Config | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
     """y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + bias with the fused kernels; x (..., K) fp16/bf16/fp32.
-    ``out``: optional contiguous (M, N) result buffer of x's dtype."""
+    ``out``: optional contiguous (M, N) result buffer of x's dtype. ``rotation`` (a callable from
+    ``kernels.rotation``): the layer's input rotation, x ← R·x first: inside the launch where
+    :func:`fuses_rotation`, else as a launch of its own."""
     n, k = kw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -787,6 +797,11 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     if cfg.kind not in _KINDS[kw.layout]:
         raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout "
                          f"(kinds for it: {', '.join(_KINDS[kw.layout])})")
+    if rotation is not None and fuses_rotation(kw, m, x.dtype, rotation, cfg):
+        _launch_frag(x2, y, kw, L, R, bias, has_lr, cfg, rotation)
+        return y.view(*lead, n)
+    if rotation is not None:
+        x2 = rotation(x2)
     if cfg.kind != "dequant":
         _LAUNCH[cfg.kind](x2, y, kw, L, R, bias, has_lr, cfg)
         if kw.fix is not None:  # exactly kept outliers: one more pass, y += x·Cᵀ
@@ -918,7 +933,8 @@ class BoundLinear:
 
 
 def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
-         bias: torch.Tensor | None = None, config: Config | None = None) -> tuple[BoundLinear, torch.Tensor]:
+         bias: torch.Tensor | None = None, config: Config | None = None,
+         rotation=None) -> tuple[BoundLinear, torch.Tensor]:
     """Compute y = linear(x, kw, L, R, bias) for x (m, K) — contiguous rows, 16-byte aligned — and
     return it with a :class:`BoundLinear` for later calls of the same token count and dtype. The
     configuration (tuned, else default) is fixed now: call :func:`tune` before binding. Where the
@@ -933,13 +949,13 @@ def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: to
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _RECORD = rec = []
     try:
-        linear(x, kw, L, R, bias, config=cfg, out=y)
+        linear(x, kw, L, R, bias, config=cfg, out=y, rotation=rotation)
     finally:
         _RECORD = None
     single = (cfg.kind in _HEAD and len(rec) == 1 and rec[0][1] is not None
               and rec[0][3][0].data_ptr() == x.data_ptr() and rec[0][3][_HEAD[cfg.kind] - 1].data_ptr() == y.data_ptr())
     if not single:  # not one planned launch on x itself (e.g. unaligned factors, several launches)
-        general = lambda x2: linear(x2, kw, L, R, bias, config=cfg)  # noqa: E731
+        general = lambda x2: linear(x2, kw, L, R, bias, config=cfg, rotation=rotation)  # noqa: E731
         return BoundLinear(m, n, x.dtype, x.device, None, None, general), y
     return BoundLinear(m, n, x.dtype, x.device, rec[0], kw.fix), y
 
@@ -1065,10 +1081,10 @@ def _launch_gemm(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
     _launch(_gemm_kernel, plan, p["grid"], args, cfg.warps, 1 if kw.mode == 2 else cfg.stages)
 
 
-def _launch_frag(x, y, kw, L, R, bias, has_lr, cfg: Config) -> None:
+def _launch_frag(x, y, kw, L, R, bias, has_lr, cfg: Config, rot=None) -> None:
     if not _frag.ok(kw, x.shape[0], x.dtype):
         raise ValueError(f"the fragment kernel takes fp16/bf16 tokens, got {x.dtype}")
-    _frag.launch(x, y, kw, L, R, bias, has_lr, cfg)
+    _frag.launch(x, y, kw, L, R, bias, has_lr, cfg, rot)
 
 
 _LAUNCH = {"frag": _launch_frag, "mma": _launch_mma, "gemv": _launch_gemv, "gemm": _launch_gemm}

@@ -79,8 +79,8 @@ class SharedInputGroup:
             from .. import kernels
 
             weight, (L, R, bias) = self._stacked()
-            xr = x if self.rotation is None else kernels.cached_rotation(self.rotation, x.shape[-1], x.device)(x)
-            y = kernels.linear(xr, weight, L, R, bias)
+            rot = None if self.rotation is None else kernels.cached_rotation(self.rotation, x.shape[-1], x.device)
+            y = kernels.linear(x, weight, L, R, bias, rotation=rot)
             self.launches += 1
         parts = y.split_with_sizes(self._sizes, -1)  # views: one call for all members
         return parts if self._pick is None else tuple(parts[j] for j in self._pick)

@@ -231,9 +231,10 @@ class CompressedLinear(nn.Module):
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .. import kernels
 
-        if self.spec.rotation is not None:  # the prepared layer's one launch (kernels.rotation)
-            x = kernels.cached_rotation(self.spec.rotation, self.in_features, x.device)(x)
-        return kernels.linear(x, self.kernel_weight(), self.L, self.R, self.bias)
+        rot = None
+        if self.spec.rotation is not None:  # as a prepared layer: inside the GEMV at one token, else one launch
+            rot = kernels.cached_rotation(self.spec.rotation, self.in_features, x.device)
+        return kernels.linear(x, self.kernel_weight(), self.L, self.R, self.bias, rotation=rot)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.label()}"
@@ -259,36 +260,55 @@ class KernelRunner:
             self.rotate = kernels.rotation(rotation, self.k, self.device)
         else:
             self.rotate = None
-        self.calls: dict[tuple[torch.Size, torch.dtype], tuple] = {}  # (x's shape, dtype) -> (bound call, y's shape)
+        self.calls: dict[tuple[torch.Size, torch.dtype], tuple] = {}  # (x's shape, dtype) -> (bound call, y's shape,
+        # the rotation launched before it, None where the launch rotates or there is none)
         self.handle = ops.register(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotate is not None:
-            x = self.rotate(x)  # a new contiguous tensor
-        if not x.is_contiguous() or x.data_ptr() % 16:  # the bound launch reads rows back to back, aligned
-            x = x.clone(memory_format=torch.contiguous_format)
         call = self.calls.get((x.shape, x.dtype))
         if call is not None:
-            return call[0](x, call[1])
+            bound, shape, rotate = call
+            if rotate is not None:
+                x = rotate(x)  # a new contiguous tensor
+            elif not x.is_contiguous() or x.data_ptr() % 16:  # the bound launch reads rows back to back, aligned
+                x = x.clone(memory_format=torch.contiguous_format)
+            return bound(x, shape)
+        return self._first(x)
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        """The first call for x's shape and dtype: bound, with the rotation inside the launch where the
+        kernel takes it (one token) and else as a launch of its own before the bound call."""
+        from .. import kernels
+
+        key = (x.shape, x.dtype)
+        m = x.numel() // self.k if self.k else 0
+        fused = self.rotate is not None and kernels.fuses_rotation(self.kw, m, x.dtype, self.rotate,
+                                                                   has_lr=self.L is not None and self.L.shape[1] > 0)
+        rotate = self.rotate if self.rotate is not None and not fused else None
+        if rotate is not None:
+            x = rotate(x)
+        if not x.is_contiguous() or x.data_ptr() % 16:
+            x = x.clone(memory_format=torch.contiguous_format)
         shape = (*x.shape[:-1], self.n)
-        bound, y = self._bind(x.view(-1, self.k))
-        self.calls[(x.shape, x.dtype)] = (bound, shape)
+        bound, y = self._bind(x.view(-1, self.k), self.rotate if fused else None)
+        self.calls[key] = (bound, shape, rotate)
         return y.view(shape)
 
-    def _bind(self, x2: torch.Tensor):
+    def _bind(self, x2: torch.Tensor, rotation=None):
         """The first call for this token count: bound by kernels.bind. On a GPU that runs on a side stream
         unless a CUDA graph is being captured, so that the plan's lasting scratch is never allocated from a
         memory pool routed to the current stream (CUDA-graph trees warm up their graphs in such a pool,
         and may hand its blocks out again)."""
         from .. import kernels
 
+        extra = {"rotation": rotation} if rotation is not None else {}
         if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return kernels.bind(x2, self.kw, self.L, self.R, self.bias)
+            return kernels.bind(x2, self.kw, self.L, self.R, self.bias, **extra)
         cur = torch.cuda.current_stream(x2.device)
         side = _side_stream(x2.device)
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            f, y = kernels.bind(x2, self.kw, self.L, self.R, self.bias)
+            f, y = kernels.bind(x2, self.kw, self.L, self.R, self.bias, **extra)
         cur.wait_stream(side)
         x2.record_stream(side)
         y.record_stream(cur)
