@@ -828,20 +828,23 @@ def test_rotated_layer_runs_its_rotation_before_the_kernel():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape, bits, rank, block, split", [((48, 640), 4, 0, 128, 3), ((40, 1024), 3, 16, 1024, 4)])
-def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, split):
+@pytest.mark.parametrize("shape, bits, rank, block, split, extra", [((32, 2048), 4, 0, 2048, 3, {"xs": 1}),
+                                                                   ((40, 1280), 3, 16, 64, 4, {"unroll": 2})])
+def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, split, extra, monkeypatch):
     """At one token the fragment GEMV applies a rotated layer's input rotation itself (no launch of its
-    own): blocks of one product (≤ 128) and of two (256..4096), K-splits whose ranges start inside a
-    rotation tile (3 bits: 80 k's per block), with and without a low-rank term (its R·x prologue
-    rotates its own chunk). Equal to the rotation launched first, then the same kernel; the prepared
-    call binds it so (and rotates first at 3 tokens)."""
+    own): blocks of two products (2048: tiles of 1024 = rows 0-15 and 16-31 of the block) and of one
+    (64: tiles of 16 blocks, the last one past the end of K), K-splits whose ranges cross tiles and
+    start inside them (3 bits: 80 k's per block), x's words loaded once per step (xs=1) or two register
+    sets (unroll=2), with and without a low-rank term (its R·x prologue rotates its own chunk). Equal to
+    the rotation launched first, then the same kernel; the prepared call binds it so (one launch, no
+    rotation of its own) and rotates first at 3 tokens."""
     from lqkit import kernels
     from lqkit.core import MatrixSpec, decompose
     from lqkit.core.rotation import Rotation
     from lqkit.nn import CompressedLinear
 
     device = _device()
-    from lqkit.kernels import _triton  # imports triton: after the skip where there is none
+    from lqkit.kernels import _rotate, _triton  # imports triton: after the skip where there is none
 
     dtype = torch.bfloat16 if device != "cpu" else torch.float16
     w = torch.randn(shape) * 0.02
@@ -853,13 +856,17 @@ def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, spli
     assert kw.layout == "frag"
     r = kernels.rotation(rot, shape[1], device)
     L, R = (m.L, m.R) if rank else (None, None)
-    cfg = _triton.Config(kind="frag", bn=64, warps=4, pf=2, split=split)
+    cfg = _triton.Config(kind="frag", bn=64, warps=4, pf=2, split=split, **extra)
     merged = m.merged_weight().to(device).detach()
     x = (torch.randn(1, shape[1], device=device) * 2).to(dtype)
     assert kernels.fuses_rotation(kw, 1, dtype, r, has_lr=bool(rank))
     assert not kernels.fuses_rotation(kw, 3, dtype, r)
+    own_launch = _rotate.TritonRotation.__call__
     with torch.no_grad():
-        got = kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r)
+        with monkeypatch.context() as mp:  # the fused call never runs the rotation's own launch
+            mp.setattr(_rotate.TritonRotation, "__call__", lambda *a, **k: pytest.fail("rotated in a launch of its own"))
+            got = kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r)
+        assert _rotate.TritonRotation.__call__ is own_launch
         want = kernels.linear(r(x), kw, L, R, m.bias, config=cfg)
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.abs().max()) * 4e-3)
         _check(got, x.float() @ merged.t())
@@ -870,3 +877,5 @@ def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, spli
                 _check(run(x), x.float() @ merged.t())
     rotates_first = {k[0][0]: v[2] is not None for k, v in run.calls.items()}
     assert rotates_first == {1: False, 3: True}
+    one = next(v[0] for k, v in run.calls.items() if k[0][0] == 1)
+    assert one.general is None  # one planned launch on x itself

@@ -665,6 +665,8 @@ def _add_distill_train(p, prefix: str = "") -> None:
                    help=f"further calibration windows never trained on, for the reported losses (default {d.heldout})")
     p.add_argument(f"--{prefix}kl-lr", type=_RATE, default=d.kl_lr,
                    help=f"learning rate of the KL stage (default {d.kl_lr:g})")
+    p.add_argument(f"--{prefix}kl-batch-size", type=_COUNT, default=d.kl_batch_size,
+                   help=f"calibration windows per KL step (default {d.kl_batch_size})")
     p.add_argument(f"--{prefix}zero-points", choices=("auto", "free", "integer"), default=d.zero_points,
                    help="rtn/gptq offsets: free, or integer (offset = -zero*scale with the zero point frozen, so the "
                         "matrix still exports with integer zero points, e.g. to compressed-tensors); auto: integer when "
@@ -680,7 +682,8 @@ def _distill_config(a, steps: int, kl_steps: int, prefix: str = ""):
     g = lambda name: getattr(a, prefix + name)  # noqa: E731
     return DistillConfig(steps=steps, kl_steps=kl_steps, lr=g("lr"), scale_lr=g("scale_lr"), batch_size=g("batch_size"),
                          samples=a.calib_samples, seqlen=a.calib_seqlen, heldout=g("heldout"), kl_lr=g("kl_lr"),
-                         zero_points=g("zero_points"), scales=not g("no_scales"), seed=g("seed"))
+                         kl_batch_size=g("kl_batch_size"), zero_points=g("zero_points"), scales=not g("no_scales"),
+                         seed=g("seed"))
 
 
 def _add_distill_command(sub, common: argparse.ArgumentParser) -> None:

@@ -101,11 +101,12 @@ def rotation(rot: Rotation, n: int, device: torch.device | str) -> Callable[[tor
     return _rotate.TritonRotation(rot, n, dev)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)
 def cached_rotation(rot: Rotation, n: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """:func:`rotation`, built once per (rotation, size, device) and kept: the unprepared kernel path
-    (a layer called without ``prepare_for_inference``) rotates with the same one launch as a prepared
-    layer, without rebuilding its signs and Hadamard factors on every call."""
+    """:func:`rotation`, built once per (rotation, size, device) and kept (a model has a few per decoder
+    layer, and a forward visits them in turn, so a bounded cache would miss on every call): the
+    unprepared kernel path (a layer called without ``prepare_for_inference``) rotates with the same
+    one launch as a prepared layer, without rebuilding its signs and Hadamard factors on every call."""
     return rotation(rot, n, device)
 
 

@@ -818,7 +818,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
             rank += 1
     rp = T._rank_pad(rank)
     key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
-           has_lr and (Lc.dtype, Rc.dtype), rot is not None and id(rot))
+           has_lr and (Lc.dtype, Rc.dtype), rot is not None and rot.key)
 
     def make():
         nw = cfg.warps

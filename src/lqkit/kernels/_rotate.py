@@ -134,6 +134,7 @@ class TritonRotation:
                             "lqkit.kernels.rotation, which falls back to the core transform")
         dev = torch.device(device)
         self.n, self.block = n, rot.block
+        self.key = (rot, n, dev)  # equal for every instance of the same rotation (kernels' plans key on it)
         self.fallback = transform(rot, n, dev)
         self.r1, self.r2 = rs
         self.scale = 1.0 / math.sqrt(rot.block)
