@@ -865,7 +865,8 @@ def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, spli
     own_launch = _rotate.TritonRotation.__call__
     with torch.no_grad():
         with monkeypatch.context() as mp:  # the fused call never runs the rotation's own launch
-            mp.setattr(_rotate.TritonRotation, "__call__", lambda *a, **k: pytest.fail("rotated in a launch of its own"))
+            mp.setattr(_rotate.TritonRotation, "__call__",
+                       lambda *a, **k: pytest.fail("rotated in a launch of its own"))
             got = kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r)
         assert _rotate.TritonRotation.__call__ is own_launch
         xr = r(x).float()  # the rotation launched first: x' rounded to x's dtype, as the fused kernel stores it
