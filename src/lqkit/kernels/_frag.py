@@ -790,14 +790,12 @@ def fuses(kw: KernelWeight, m: int, dtype: torch.dtype | None, rot) -> bool:
 
 def launch(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens. ``rot``:
-    the input rotation, applied inside the launch (only where :func:`fuses`)."""
+    the input rotation, applied inside the launch (callers check :func:`fuses` first)."""
     if cfg.unroll not in (1, 2):
         raise ValueError(f"Config(unroll={cfg.unroll}): the fragment kernel runs 1 or 2 steps per loop iteration")
     if cfg.xs not in (0, 1):
         raise ValueError(f"Config(xs={cfg.xs}): expected 0 (B fragments loaded per chunk) or 1 (one token: x's words "
                          "loaded once per step and shuffled)")
-    if rot is not None and not fuses(kw, x.shape[0], x.dtype, rot):
-        raise ValueError("the fragment kernel rotates one token without outliers; rotate x first")
     for i in range(0, x.shape[0], MAX_M):
         _launch16(x[i:i + MAX_M], y[i:i + MAX_M], kw, L, R, bias, has_lr, cfg, rot)
 
@@ -829,7 +827,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
         xr = torch.empty((m, k) if rot is not None else (2,), dtype=x.dtype, device=x.device)  # x' (scratch)
         rops = rot.fused_operands(x.dtype) if rot is not None else (kw.scale,) * 3 + (1.0, 1, 0)
-        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc, xr=xr, rot=rot, rops=rops,
+        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc, xr=xr, rops=rops,
                     cnt=T._counters(kw, _NC + 2 * nb, x.device),
                     ws=T.split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),

@@ -301,14 +301,13 @@ class KernelRunner:
         and may hand its blocks out again)."""
         from .. import kernels
 
-        extra = {"rotation": rotation} if rotation is not None else {}
         if x2.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            return kernels.bind(x2, self.kw, self.L, self.R, self.bias, **extra)
+            return kernels.bind(x2, self.kw, self.L, self.R, self.bias, rotation=rotation)
         cur = torch.cuda.current_stream(x2.device)
         side = _side_stream(x2.device)
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            f, y = kernels.bind(x2, self.kw, self.L, self.R, self.bias, **extra)
+            f, y = kernels.bind(x2, self.kw, self.L, self.R, self.bias, rotation=rotation)
         cur.wait_stream(side)
         x2.record_stream(side)
         y.record_stream(cur)
