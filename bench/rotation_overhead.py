@@ -3,8 +3,11 @@
 For each layer shape (out×in) of gemma-3-270m, Llama-2-7B, Llama-2-13B and Llama-3-8B, rtn 4-bit with
 groups of 128 along in (the fragment GEMV), bf16, one token, the prepared call (``kernels.bind``):
 - ``layer``: unrotated;
-- ``fused``: rotated, the rotation inside the GEMV's own launch (``kernels.bind(..., rotation=rot)``,
-  what a prepared rotated layer runs at one token);
+- ``fused``: rotated, the call a prepared rotated layer binds at one token (``kernels.bind(...,
+  rotation=rot)``): the rotation's launch planned with the GEMV's (two launches, no allocation; with
+  ``LQKIT_PDL=1`` on a Hopper GPU the GEMV as a programmatic dependent launch: ``rotation_mode`` in the
+  JSON says which). Results until 2026-12-05 13:30 (``rotation-inside-h100.json``) timed an earlier
+  design: the rotation inside the GEMV's own launch;
 - ``separate``: the rotation's own launch (``kernels.rotation``) and then the layer (what it ran before,
   and still runs at more tokens);
 - ``torch`` (``--torch``): the core transform (signs, one matmul per stage, the cast), then the layer.
@@ -121,7 +124,11 @@ def main() -> None:
     if a.out:
         import triton
 
+        from lqkit.kernels import _frag
+
+        mode = "chain+pdl" if _frag.pdl_ok(torch.device("cuda")) else "chain"
         Path(a.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                           "rotation_mode": mode,
                                            "triton": triton.__version__,
                                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                            "how": "bench/rotation_overhead.py: " + " ".join(sys.argv[1:]),

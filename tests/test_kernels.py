@@ -830,15 +830,14 @@ def test_rotated_layer_runs_its_rotation_before_the_kernel():
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape, bits, rank, block, split, extra, runner", [
     ((32, 2048), 2, 0, 2048, 3, {"xs": 1}, False), ((40, 640), 3, 16, 32, 4, {"unroll": 2}, True)])
-def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, split, extra, runner, monkeypatch):
-    """At one token the fragment GEMV applies a rotated layer's input rotation itself (no launch of its
-    own): blocks of two products (2048: tiles of 1024 = rows 0-15 and 16-31 of the block) and of one
-    (32: tiles of 16 blocks, the second one past the end of K), K-splits whose ranges cross tiles and
-    start inside them (3 bits: 80 k's per block), x's words loaded once per step (xs=1) or two register
-    sets (unroll=2), with and without a low-rank term (its R·x prologue rotates its own chunk). Equal to
-    the rotation launched first, then the layer in fp32; the prepared call binds it so (one launch, no
-    rotation of its own) and rotates first at 3 tokens. (Kept small: each launch of the fragment
-    kernel takes seconds in triton's interpreter.)"""
+def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extra, runner, monkeypatch):
+    """At one token a rotated layer's call takes its input rotation into the fragment GEMV's plan: the
+    rotation's launch into the plan's scratch x', then the GEMV's on it (no allocation, no general
+    call; on a Hopper GPU with LQKIT_PDL=1 a programmatic dependent launch), blocks of two products
+    (2048) and of one (32), K-splits, xs=1 / unroll=2, with and without a low-rank term. Equal to the
+    rotation launched first, then the layer in fp32; the prepared call binds both launches (a chained
+    bound call) and rotates first (the general call) at 3 tokens. (Kept small: each launch of the
+    fragment kernel takes seconds in triton's interpreter.)"""
     from lqkit import kernels
     from lqkit.core import MatrixSpec, decompose
     from lqkit.core.rotation import Rotation
@@ -864,12 +863,12 @@ def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, spli
     assert not kernels.fuses_rotation(kw, 3, dtype, r)
     own_launch = _rotate.TritonRotation.__call__
     with torch.no_grad():
-        with monkeypatch.context() as mp:  # the fused call never runs the rotation's own launch
+        with monkeypatch.context() as mp:  # never the rotation's general call (x' allocated, launched alone)
             mp.setattr(_rotate.TritonRotation, "__call__",
-                       lambda *a, **k: pytest.fail("rotated in a launch of its own"))
+                       lambda *a, **k: pytest.fail("rotated by the rotation's general call"))
             got = kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r)
         assert _rotate.TritonRotation.__call__ is own_launch
-        xr = r(x).float()  # the rotation launched first: x' rounded to x's dtype, as the fused kernel stores it
+        xr = r(x).float()  # the rotation launched first: x' rounded to x's dtype, as the planned launch stores it
         want = xr @ layout.reference_weight(kw).t() + ((xr @ R.float().t()) @ L.float().t() if rank else 0)
         torch.testing.assert_close(got.float(), want, rtol=0, atol=float(want.abs().max()) * 4e-3)
         _check(got, x.float() @ merged.t(), 3e-2 if bits == 2 else 1e-2)
@@ -883,4 +882,5 @@ def test_one_token_gemv_rotates_inside_its_launch(shape, bits, rank, block, spli
     rotates_first = {k[0][0]: v[2] is not None for k, v in run.calls.items()}
     assert rotates_first == {1: False, 3: True}
     one = next(v[0] for k, v in run.calls.items() if k[0][0] == 1)
-    assert one.general is None  # one planned launch on x itself
+    assert one.general is None  # planned launches on x itself
+    assert one.pre is not None  # chained: the rotation's launch, then the GEMV's

@@ -115,17 +115,18 @@ def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = Non
            out: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
     """y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + bias, computed by the fused kernels; same dtype as x.
     ``config``: a ``_triton.Config`` to force a launch configuration (else tuned or default).
-    ``rotation``: the layer's input rotation (a callable from :func:`rotation`), x ← R·x first:
-    inside the GEMV's own launch where :func:`fuses_rotation` (one token), else one launch more."""
+    ``rotation``: the layer's input rotation (a callable from :func:`rotation`), x ← R·x first, one
+    launch more: where :func:`fuses_rotation` (one token) planned with the GEMV's, into its scratch."""
     from . import _triton
 
     return _triton.linear(x, prepared, L, R, bias, config, out, rotation)
 
 
 def fuses_rotation(prepared: KernelWeight, m: int, dtype: torch.dtype, rotation, has_lr: bool = False) -> bool:
-    """True when a call of ``m`` tokens of ``dtype`` on ``prepared`` applies ``rotation`` (from
-    :func:`rotation`) inside its one launch: the fragment GEMV at one token, bf16/fp16, blocks of
-    16–4096, no exactly kept outliers."""
+    """True when a call of ``m`` tokens of ``dtype`` on ``prepared`` takes ``rotation`` (from
+    :func:`rotation`) into its plan: the rotation's launch into the plan's scratch, then the GEMV's
+    (:func:`bind` keeps both; with LQKIT_PDL=1 on a Hopper GPU the GEMV as a programmatic dependent
+    launch): the fragment GEMV at one token, bf16/fp16, blocks of 16–4096, no exactly kept outliers."""
     if not _triton_importable():
         return False
     from . import _triton

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._jit import _rx_partial
-from ._rotate import rot_range
+from ._rotate import gdc_wait
 from .layout import KernelWeight, frag_kblock
 
 # R·x partials done; then a split-K counter per block of rows; then (with a low-rank term) a t-ready flag per block
@@ -445,6 +445,13 @@ def _rx_work(tid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, str
 
 
 @triton.jit
+def _prefetch_l2(p):
+    """Bring the line of each lane's address p into the L2 (no registers loaded)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [p], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _t_ready(flag_ptr, rdy):
     """Wait for this block's t-ready flag (``rdy``: a relaxed read issued earlier, so its round trip
     overlapped other loads), acquire, then lower the flag for the next call (only this program reads it)."""
@@ -551,16 +558,15 @@ def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, lf, t32_ptr, N, M
 
 @triton.jit(do_not_specialize=["M", "N", "SROW", "NKB", "BPS", "SPLIT", "NTC", "RANK", "sy"])
 def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_ptr, tp_ptr, t_ptr,
-                 t32_ptr, cnt_ptr, xr_ptr, xr32_ptr, rs_ptr, rh1_ptr, rh2_ptr, rscale, M, N, K, K2, SROW, NKB, BPS,
+                 t32_ptr, cnt_ptr, M, N, K, K2, SROW, NKB, BPS,
                  SPLIT, NTC, RANK, stride_xm, sx32, sy,
                  BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                  SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
-                 SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr, RR1: tl.constexpr, RR2: tl.constexpr):
-    # RR2 > 0 (one token): the layer's input rotation too. x is the input before it; each program first
-    # stores the tiles of x' = R·x that its k range reads into xr (_rotate.rot_range: programs whose
-    # ranges share a tile store the same values), waits for its own threads, then reads x' from there
+                 SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr, WAIT: tl.constexpr):
+    # WAIT (a programmatic dependent launch after the input rotation's, which wrote x): wait for that
+    # launch before x is read; the main programs first prefetch their first 2U blocks of words into the L2
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -573,13 +579,9 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     n_pre = NTC * M
     NB = tl.cdiv(N, 16 * NW)
     if pid < n_pre:  # t = R·x
-        if RR2 > 0:  # (M == 1) R·x' over this program's chunk of x'
-            rot_range(x_ptr, rs_ptr, rh1_ptr, rh2_ptr, xr_ptr, pid * KC_, tl.minimum(pid * KC_ + KC_, K), K,
-                      rscale, RR1, RR2)
-            tl.debug_barrier()
-            _rx_work(pid, xr_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
-        else:
-            _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
+        if WAIT:
+            gdc_wait()
+        _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
     else:
         wid = pid - n_pre
         nb = wid % NB
@@ -596,16 +598,14 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         qp = q_ptr + rb * (NKB * WB) + 4 * lane
         kb0 = ks * BPS
         kb1 = tl.minimum(kb0 + BPS, NKB)
-        xw_ptr = x32_ptr
-        if RR2 > 0:  # (M == 1) x' over this program's k range, then read from xr
-            rot_range(x_ptr, rs_ptr, rh1_ptr, rh2_ptr, xr_ptr, kb0 * KB, tl.minimum(kb1 * KB, K), K, rscale,
-                      RR1, RR2)
-            tl.debug_barrier()
-            xw_ptr = xr32_ptr
+        if WAIT:
+            for u in tl.static_range(2 * U):
+                _prefetch_l2(qp + tl.maximum(tl.minimum(kb0 + u, kb1 - 1), 0) * 128)
+            gdc_wait()
         # B-fragment rows: token g (and g + 8); lanes past the last token read its row again (their
         # products land in output columns that are never stored)
-        xrow0 = xw_ptr + tl.minimum(g, M - 1) * sx32
-        xrow1 = xw_ptr + tl.minimum(g + 8, M - 1) * sx32
+        xrow0 = x32_ptr + tl.minimum(g, M - 1) * sx32
+        xrow1 = x32_ptr + tl.minimum(g + 8, M - 1) * sx32
         R = (p_ptr, rb * (SROW * 8) + g)
         # fp32 results (row0, tokA), (row0, tokB), (row1, tokA), (row1, tokB), then the same + 8 tokens;
         # C: the current group's mma accumulators in the same order, then its sums of x (_chunk)
@@ -780,17 +780,28 @@ def _even(x: torch.Tensor) -> torch.Tensor:
 
 
 def fuses(kw: KernelWeight, m: int, dtype: torch.dtype | None, rot) -> bool:
-    """The fragment kernel applies the input rotation ``rot`` (a ``_rotate.TritonRotation``) itself
-    in this call: one token, no exactly kept outliers (their pass reads x')."""
+    """This kernel's call takes the input rotation ``rot`` (a ``_rotate.TritonRotation``) as one
+    planned unit (:func:`launch` with ``rot``): one token, no exactly kept outliers (their pass reads
+    x')."""
     from ._rotate import TritonRotation
 
     return (isinstance(rot, TritonRotation) and m == 1 and ok(kw, m, dtype) and kw.fix is None
             and dtype in rot.s and rot.n == kw.shape[1])
 
 
+def pdl_ok(device: torch.device) -> bool:
+    """Whether a rotated call's GEMV is launched as a programmatic dependent launch: asked for
+    (LQKIT_PDL=1; not yet timed on a GPU, so off by default), a Hopper or later GPU, triton with
+    griddepcontrol, not its interpreter."""
+    return (os.environ.get("LQKIT_PDL") == "1" and bool(ASM) and gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def launch(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens. ``rot``:
-    the input rotation, applied inside the launch (callers check :func:`fuses` first)."""
+    the layer's input rotation (callers check :func:`fuses` first): its launch into the plan's scratch
+    x' = R·x, then this kernel's on x' (with :func:`pdl_ok`, as a programmatic dependent launch: its
+    programs start during the rotation, prefetch their first words into the L2 and wait for x')."""
     if cfg.unroll not in (1, 2):
         raise ValueError(f"Config(unroll={cfg.unroll}): the fragment kernel runs 1 or 2 steps per loop iteration")
     if cfg.xs not in (0, 1):
@@ -806,7 +817,6 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     n, k = kw.shape
     m = x.shape[0]
     xe = _even(x)
-    x32 = xe.view(torch.int32)  # 32-bit pairs of x's row (the B fragment)
     rank, Lc, Rc = T._lowrank_operands(L, R, has_lr)
     if has_lr:
         Lc = Lc.to(x.dtype)  # L is read as 32-bit pairs of x's dtype (the A fragment)
@@ -815,8 +825,9 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
             Rc = torch.nn.functional.pad(Rc, (0, 0, 0, 1))
             rank += 1
     rp = T._rank_pad(rank)
+    pdl = rot is not None and pdl_ok(x.device)
     key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
-           has_lr and (Lc.dtype, Rc.dtype), rot is not None and rot.key)
+           has_lr and (Lc.dtype, Rc.dtype), rot is not None and rot.key, pdl)
 
     def make():
         nw = cfg.warps
@@ -825,9 +836,9 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
         split, bps = T._split(kw, nb, cfg, x.device, multiple=cfg.pf)
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
-        xr = torch.empty((m, k) if rot is not None else (2,), dtype=x.dtype, device=x.device)  # x' (scratch)
-        rops = rot.fused_operands(x.dtype) if rot is not None else (kw.scale,) * 3 + (1.0, 1, 0)
-        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc, xr=xr, rops=rops,
+        # x' = R·x, written by the rotation's launch (k: a multiple of its block, 16 or more: even)
+        xr = torch.empty(m, k, dtype=x.dtype, device=x.device) if rot is not None else None
+        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc, xr=xr, rot={},
                     cnt=T._counters(kw, _NC + 2 * nb, x.device),
                     ws=T.split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
@@ -835,17 +846,20 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
                     const=(kw.bits, kw.mode, kw.spec.group_size, float(2 ** kw.bits), float(2 ** (kw.bits - 1)),
                            nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
                            cfg.pf, _PDT[kw.scale.dtype], PSUM_UNROLL if split > 1 else 1, cfg.unroll,
-                           cfg.xs == 1 and m == 1, rops[4], rops[5]))
+                           cfg.xs == 1 and m == 1, pdl))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
+    if rot is not None:  # the rotation's launch into xr (with pdl: letting this one start at once)
+        rot.launch(x, p["xr"], p["rot"] if plan is not None else None, trigger=pdl)
+        xe = p["xr"]
+    x32 = xe.view(torch.int32)  # 32-bit pairs of x's row (the B fragment)
     dummy = kw.scale
     args = (xe, x32, y, kw.qweight, kw.scale, bias if bias is not None else dummy,
             Lc.view(torch.int32) if has_lr else dummy, Rc if has_lr else dummy,
-            p["ws"], p["tp"], p["t"], p["t32"], p["cnt"], p["xr"], p["xr"].view(torch.int32), *p["rops"][:4],
-            m, n, k, x32.shape[1], kw.scale.shape[1],
+            p["ws"], p["tp"], p["t"], p["t32"], p["cnt"], m, n, k, x32.shape[1], kw.scale.shape[1],
             kw.n_tiles, p["bps"], p["split"], p["ntc"], rank, xe.stride(0), x32.stride(0), y.stride(0), *p["const"])
-    T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg)
+    T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg, pdl)
 
 
 def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:

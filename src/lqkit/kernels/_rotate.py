@@ -9,15 +9,14 @@ tokens with one product by H_b. The core transform takes everything else (fp32 i
 b > 4096, 2³¹ elements or more): it is the reference, and the path of the CPU. Replaces that transform's four or five
 launches (signs, one matmul per stage, the cast) in a prepared layer's call.
 
-At one token the fragment GEMV (:mod:`._frag`) rotates inside its own launch instead
-(:func:`rot_range`): each program computes the tiles of x' that its k range reads and stores them
-into a scratch row, which every program that covers those k's writes with the same values.
+A prepared one-token call of the fragment GEMV (:mod:`._frag`) plans this launch with its own
+(:meth:`TritonRotation.launch` into its scratch x'); with ``trigger`` the GEMV may start as a
+programmatic dependent launch while this one runs.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -26,16 +25,22 @@ import triton.language as tl
 from ..core.rotation import Rotation, hadamard, signs, transform
 from ..errors import SpecError
 
+try:  # griddepcontrol (programmatic dependent launch, Hopper on): triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton: the chained launch is not taken (pdl_ok)
+    gdc_launch_dependents = gdc_wait = None
+
 TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's rows)
-# experiment (GPU only: triton's interpreter misreads bf16): the GEMV's second rotation product in two
-# bf16 products instead of tf32x3
-SECOND_BF16X2 = tl.constexpr(os.environ.get("LQKIT_ROT_SECOND") == "bf16x2")
 
 
 @triton.jit
 def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
-                R1: tl.constexpr, R2: tl.constexpr):
-    """Token program_id(0), block program_id(1): X' = H1·(S⊙X)·H2·scale for X the (R1, R2) tile."""
+                R1: tl.constexpr, R2: tl.constexpr, TRIGGER: tl.constexpr = False):
+    """Token program_id(0), block program_id(1): X' = H1·(S⊙X)·H2·scale for X the (R1, R2) tile.
+    TRIGGER: let the next launch (a programmatic dependent launch) start now; it waits for this
+    one's results itself (griddepcontrol.wait)."""
+    if TRIGGER:
+        gdc_launch_dependents()
     m = tl.program_id(0)
     i = tl.arange(0, R1)
     j = tl.arange(0, R2)
@@ -50,8 +55,12 @@ def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
 
 
 @triton.jit
-def _rotate_one(x_ptr, s_ptr, h_ptr, y_ptr, M, stride_x, stride_y, scale, B: tl.constexpr, BM: tl.constexpr):
-    """Tokens [program_id(0)·BM, +BM), block program_id(1): x' = (s⊙x)·H_B·scale."""
+def _rotate_one(x_ptr, s_ptr, h_ptr, y_ptr, M, stride_x, stride_y, scale, B: tl.constexpr, BM: tl.constexpr,
+                TRIGGER: tl.constexpr = False):
+    """Tokens [program_id(0)·BM, +BM), block program_id(1): x' = (s⊙x)·H_B·scale (TRIGGER: as
+    :func:`_rotate_two`)."""
+    if TRIGGER:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     c = tl.arange(0, B)
     off = tl.program_id(1) * B + c
@@ -60,52 +69,6 @@ def _rotate_one(x_ptr, s_ptr, h_ptr, y_ptr, M, stride_x, stride_y, scale, B: tl.
     xs = x * tl.load(s_ptr + off)[None, :]
     z = tl.dot(xs, tl.load(h_ptr + c[:, None] * B + c[None, :]))
     tl.store(y_ptr + rows[:, None] * stride_y + off[None, :], (z * scale).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _rot_tile(x_ptr, s_ptr, h1_ptr, h2_ptr, xr_ptr, t, K, scale, R1: tl.constexpr, R2: tl.constexpr):
-    """Tile t of x' = R·x for one token: the 16·R2 elements from k = 16·R2·t as 16 rows of R2, stored
-    into xr. R1 == 1 (blocks b = R2 ≤ 128): the rows are 16 blocks, x' = (s⊙x)·H_b, one product
-    (h2_ptr: H_b in x's dtype). R1 > 1 (b = R1·R2): the rows are rows i0 … i0 + 15 of one block's
-    (R1, R2) tile X, X'[rows] = (H_R1[rows, :]·(S⊙X))·H_R2, the first product exact on the tensor cores
-    (h1_ptr: H_R1 in x's dtype), the second in tf32x3 (h2_ptr: H_R2 in fp32), as :func:`_rotate_two`."""
-    TS: tl.constexpr = 16 * R2
-    r = tl.arange(0, 16)
-    j = tl.arange(0, R2)
-    k = t * TS + r[:, None] * R2 + j[None, :]
-    if R1 == 1:
-        ok = k < K
-        xs = tl.load(x_ptr + k, mask=ok, other=0.0) * tl.load(s_ptr + k, mask=ok, other=0.0)
-        z = tl.dot(xs, tl.load(h2_ptr + j[:, None] * R2 + j[None, :]))
-        tl.store(xr_ptr + k, (z * scale).to(xr_ptr.dtype.element_ty), mask=ok)
-    else:
-        B: tl.constexpr = R1 * R2
-        base = ((t * TS) // B) * B
-        i0 = ((t * TS) % B) // R2
-        a = tl.arange(0, R1)
-        kx = base + a[:, None] * R2 + j[None, :]
-        xs = tl.load(x_ptr + kx) * tl.load(s_ptr + kx)  # (R1, R2), ±1: exact
-        h1 = tl.load(h1_ptr + (i0 + r)[:, None] * R1 + a[None, :])  # (16, R1) of H_R1, x's dtype
-        u = tl.dot(h1, xs)  # (16, R2) fp32, exact products
-        h2 = tl.load(h2_ptr + j[:, None] * R2 + j[None, :])
-        if SECOND_BF16X2:  # u as bf16 high + low parts (16 bits of mantissa), two exact bf16 products
-            hi = u.to(tl.bfloat16)
-            lo = (u - hi.to(tl.float32)).to(tl.bfloat16)
-            h2b = h2.to(tl.bfloat16)
-            z = tl.dot(hi, h2b) + tl.dot(lo, h2b)
-        else:
-            z = tl.dot(u, h2, input_precision="tf32x3")
-        tl.store(xr_ptr + k, (z * scale).to(xr_ptr.dtype.element_ty))
-
-
-@triton.jit
-def rot_range(x_ptr, s_ptr, h1_ptr, h2_ptr, xr_ptr, k_lo, k_hi, K, scale, R1: tl.constexpr, R2: tl.constexpr):
-    """x'[k] = (R·x)[k] for one token, for every k in the tiles (of :func:`_rot_tile`) that meet
-    [k_lo, k_hi), stored into xr; nothing for an empty range. The tiles are the same whoever computes
-    them, so programs whose ranges share a tile store the same values."""
-    TS: tl.constexpr = 16 * R2
-    for t in range(k_lo // TS, (k_hi + TS - 1) // TS):
-        _rot_tile(x_ptr, s_ptr, h1_ptr, h2_ptr, xr_ptr, t, K, scale, R1, R2)
 
 
 def stages(block: int) -> tuple[int, int] | None:
@@ -142,16 +105,6 @@ class TritonRotation:
         self.s = {dt: s.to(dev, dt) for dt in self.DTYPES}
         self.h2 = {dt: hadamard(self.r2).to(dev, dt) for dt in self.DTYPES}
         self.h1 = hadamard(self.r1).to(dev, torch.float32) if self.r1 > 1 else None
-        # for the GEMV's own rotation (rot_range): H_r1 in x's dtype, H_r2 in fp32 (r1 > 1)
-        self.h1_16 = {dt: hadamard(self.r1).to(dev, dt) for dt in self.DTYPES} if self.r1 > 1 else None
-        self.h2_32 = hadamard(self.r2).to(dev, torch.float32) if self.r1 > 1 else None
-
-    def fused_operands(self, dtype: torch.dtype) -> tuple:
-        """(signs, first factor, second factor, scale, r1, r2) for :func:`rot_range` on inputs of
-        ``dtype`` (bf16 / fp16)."""
-        if self.r1 == 1:
-            return self.s[dtype], self.s[dtype], self.h2[dtype], self.scale, 1, self.r2
-        return self.s[dtype], self.h1_16[dtype], self.h2_32, self.scale, self.r1, self.r2
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         s = self.s.get(x.dtype)
@@ -164,11 +117,27 @@ class TritonRotation:
         y = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
         if m == 0:
             return y.view(x.shape)
+        self.launch(x2, y)
+        return y.view(x.shape)
+
+    def launch(self, x: torch.Tensor, y: torch.Tensor, plan: dict | None = None, trigger: bool = False) -> None:
+        """y (m, n) = R·x for x (m, n) of a dtype in :attr:`DTYPES` on the rotation's device, rows
+        contiguous: the one launch, through the kernels' launcher (with ``plan``, a dict kept by the
+        caller, the compiled kernel is kept and later calls skip triton's argument binding).
+        ``trigger``: the next launch, made a programmatic dependent one, may start at once."""
+        from ._triton import _launch
+
+        m = x.shape[0]
         nb = self.n // self.block
         if self.r1 == 1:
-            _rotate_one[(triton.cdiv(m, TOKENS), nb)](x2, s, self.h2[x.dtype], y, m, x2.stride(0), y.stride(0),
-                                                       self.scale, B=self.r2, BM=TOKENS, num_warps=4)
+            grid = (triton.cdiv(m, TOKENS), nb)
+            args = (x, self.s[x.dtype], self.h2[x.dtype], y, m, x.stride(0), y.stride(0), self.scale,
+                    self.r2, TOKENS, trigger)
+            _launch(_rotate_one, plan, grid, args, 4, 1)
         else:
-            _rotate_two[(m, nb)](x2, s, self.h1, self.h2[x.dtype], y, x2.stride(0), y.stride(0),
-                                 self.scale, R1=self.r1, R2=self.r2, num_warps=4)
-        return y.view(x.shape)
+            args = (x, self.s[x.dtype], self.h1, self.h2[x.dtype], y, x.stride(0), y.stride(0), self.scale,
+                    self.r1, self.r2, trigger)
+            _launch(_rotate_two, plan, (m, nb), args, 4, 1)
+
+
+KERNELS = (_rotate_one, _rotate_two)  # a bound chained call starts with one of these (x its first argument)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _frag
+from . import _frag, _rotate
 from ._jit import _rx_partial, _wait
 from .layout import LANES, KernelWeight, SparseFix, half_codes, k_tile
 
@@ -771,7 +771,8 @@ def _tune_key(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> tup
 def fuses_rotation(kw: KernelWeight, m: int, dtype: torch.dtype, rotation, config: Config | None = None,
                    has_lr: bool = False) -> bool:
     """Whether a call of m tokens applies the input rotation ``rotation`` (from ``kernels.rotation``)
-    inside its one launch: the fragment kernel at one token (else x is rotated first, one launch more)."""
+    as part of its plan: the fragment kernel at one token (else x is rotated first by the rotation's
+    general call)."""
     cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, dtype)) or default_config(kw, m, dtype)
     return cfg.kind == "frag" and _frag.fuses(kw, m, dtype, rotation)
 
@@ -781,8 +782,8 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
            out: torch.Tensor | None = None, rotation=None) -> torch.Tensor:
     """y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + bias with the fused kernels; x (..., K) fp16/bf16/fp32.
     ``out``: optional contiguous (M, N) result buffer of x's dtype. ``rotation`` (a callable from
-    ``kernels.rotation``): the layer's input rotation, x ← R·x first: inside the launch where
-    :func:`fuses_rotation`, else as a launch of its own."""
+    ``kernels.rotation``): the layer's input rotation, x ← R·x first: planned with the kernel's
+    launch where :func:`fuses_rotation`, else by the rotation's general call."""
     n, k = kw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -843,29 +844,35 @@ def _aligned(*ts) -> bool:
 _RECORD: list | None = None  # set by bind(): the launches of one call are recorded here as well as run
 
 
-def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages: int, maxnreg: int = 0) -> None:
+def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages: int, maxnreg: int = 0,
+            pdl: bool = False) -> None:
     """Launch ``fn``; with a plan, the compiled kernel is kept and later calls go straight to its
-    launcher (skipping triton's argument binding, most of the host-side cost of a launch)."""
+    launcher (skipping triton's argument binding, most of the host-side cost of a launch). ``pdl``: as
+    a programmatic dependent launch (it may start before the previous launch ends; the kernel waits
+    for its results itself)."""
     if _RECORD is not None:
-        _RECORD.append((fn, plan, grid, args, warps, stages, maxnreg))
+        _RECORD.append((fn, plan, grid, args, warps, stages, maxnreg, pdl))
     k = plan.get("kernel") if plan is not None else None
     if k is None:
         opts = {"maxnreg": maxnreg} if maxnreg and _asm() else {}
+        if pdl:
+            opts["launch_pdl"] = True
         k = fn[grid](*args, num_warps=warps, num_stages=stages, **opts)
         if plan is not None and hasattr(k, "run") and hasattr(k, "function"):
             plan["kernel"] = k
         return
-    _run_compiled(k, grid[0], args)
+    _run_compiled(k, grid, args)
 
 
-def _run_compiled(k, grid0: int, args: tuple, stream: int | None = None) -> None:
-    """One launch of the compiled kernel ``k`` on ``stream`` (default: the current one), straight to
-    its launcher."""
+def _run_compiled(k, grid: tuple, args: tuple, stream: int | None = None) -> None:
+    """One launch of the compiled kernel ``k`` over ``grid`` (1 or 2 dimensions) on ``stream`` (default:
+    the current one), straight to its launcher."""
     enter, leave = _hooks()
     if stream is None:
         stream = _stream_getter(args[0].device)()
-    meta = k.launch_metadata((grid0,), stream, *args) if enter is not None or leave is not None else None
-    k.run(grid0, 1, 1, stream, k.function, k.packed_metadata, meta, enter, leave, *args)
+    g1 = grid[1] if len(grid) > 1 else 1
+    meta = k.launch_metadata((grid[0], g1, 1), stream, *args) if enter is not None or leave is not None else None
+    k.run(grid[0], g1, 1, stream, k.function, k.packed_metadata, meta, enter, leave, *args)
 
 
 def _hooks() -> tuple:
@@ -905,26 +912,41 @@ class BoundLinear:
     aligned); y is allocated as ``shape`` (default (m, N)), e.g. x's leading shape and N: no reshapes."""
 
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, launch: tuple | None,
-                 fix: SparseFix | None, general=None):
+                 fix: SparseFix | None, general=None, pre: tuple | None = None):
         self.m, self.n, self.dtype, self.device, self.fix = m, n, dtype, device, fix
         self.general = general  # x -> y (x's leading shape) for calls that are not one launch
+        self.pre = None  # chained: the input rotation's launch on x, then the GEMV on its fixed output
         if launch is not None:
-            fn, plan, grid, args, warps, stages, maxnreg = launch
+            fn, plan, grid, args, warps, stages, maxnreg, pdl = launch
             self.frag = fn is _frag._frag_kernel
-            self.tail = args[_HEAD["frag" if self.frag else "gemv"]:]
-            self.fn, self.grid, self.opts = fn, grid, (warps, stages, maxnreg)
+            h = _HEAD["frag" if self.frag else "gemv"]
+            self.tail = args[h:]
+            self.fn, self.grid, self.opts = fn, grid, (warps, stages, maxnreg, pdl)
             self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
-            self.grid0 = grid[0]
             self.stream = _stream_getter(device) if self.kernel is not None else None
+            if pre is not None:
+                pfn, pplan, pgrid, pargs, pw, ps, pm, ppdl = pre
+                self.xin = args[:h - 1]  # the rotation's output (plan scratch) as the GEMV's x
+                self.pre = (pfn, pplan.get("kernel"), pgrid, pargs[1:], (pw, ps, pm, ppdl))
 
     def __call__(self, x: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
         if self.general is not None:
             y = self.general(x)
             return y.view(shape) if shape is not None else y
         y = torch.empty(shape or (self.m, self.n), dtype=self.dtype, device=self.device)
-        args = ((x, x.view(torch.int32), y) if self.frag else (x, y)) + self.tail
+        stream = self.stream() if self.stream is not None else None
+        if self.pre is not None:
+            pfn, pk, pgrid, ptail, popts = self.pre
+            if pk is not None:
+                _run_compiled(pk, pgrid, (x,) + ptail, stream)
+            else:
+                _launch(pfn, None, pgrid, (x,) + ptail, *popts)
+            head = self.xin + (y,)
+        else:
+            head = (x, x.view(torch.int32), y) if self.frag else (x, y)
+        args = head + self.tail
         if self.kernel is not None:
-            _run_compiled(self.kernel, self.grid0, args, self.stream())
+            _run_compiled(self.kernel, self.grid, args, stream)
         else:
             _launch(self.fn, None, self.grid, args, *self.opts)
         if self.fix is not None:  # exactly kept outliers: y += x·Cᵀ
@@ -954,10 +976,17 @@ def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: to
         _RECORD = None
     single = (cfg.kind in _HEAD and len(rec) == 1 and rec[0][1] is not None
               and rec[0][3][0].data_ptr() == x.data_ptr() and rec[0][3][_HEAD[cfg.kind] - 1].data_ptr() == y.data_ptr())
-    if not single:  # not one planned launch on x itself (e.g. unaligned factors, several launches)
-        general = lambda x2: linear(x2, kw, L, R, bias, config=cfg, rotation=rotation)  # noqa: E731
-        return BoundLinear(m, n, x.dtype, x.device, None, None, general), y
-    return BoundLinear(m, n, x.dtype, x.device, rec[0], kw.fix), y
+    if single:
+        return BoundLinear(m, n, x.dtype, x.device, rec[0], kw.fix), y
+    # the rotation's planned launch on x, then the fragment kernel's on its output (_frag.CHAINED)
+    chained = (len(rec) == 2 and rec[0][0] in _rotate.KERNELS and rec[0][1] is not None
+               and rec[0][3][0].data_ptr() == x.data_ptr() and rec[1][0] is _frag._frag_kernel
+               and rec[1][1] is not None and rec[1][3][2].data_ptr() == y.data_ptr())
+    if chained:
+        return BoundLinear(m, n, x.dtype, x.device, rec[1], kw.fix, pre=rec[0]), y
+    # not planned launches on x itself (e.g. unaligned factors, several launches)
+    general = lambda x2: linear(x2, kw, L, R, bias, config=cfg, rotation=rotation)  # noqa: E731
+    return BoundLinear(m, n, x.dtype, x.device, None, None, general), y
 
 
 def _plan(kw: KernelWeight, key: tuple, make) -> dict:

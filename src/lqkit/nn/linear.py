@@ -232,7 +232,7 @@ class CompressedLinear(nn.Module):
         from .. import kernels
 
         rot = None
-        if self.spec.rotation is not None:  # as a prepared layer: inside the GEMV at one token, else one launch
+        if self.spec.rotation is not None:  # as a prepared layer: one launch of its own before the GEMV's
             rot = kernels.cached_rotation(self.spec.rotation, self.in_features, x.device)
         return kernels.linear(x, self.kernel_weight(), self.L, self.R, self.bias, rotation=rot)
 
@@ -276,8 +276,9 @@ class KernelRunner:
         return self._first(x)
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
-        """The first call for x's shape and dtype: bound, with the rotation inside the launch where the
-        kernel takes it (one token) and else as a launch of its own before the bound call."""
+        """The first call for x's shape and dtype: bound, with the rotation's launch planned with the
+        kernel's where it takes it (one token: ``kernels.fuses_rotation``), else the rotation run
+        before the bound call."""
         from .. import kernels
 
         key = (x.shape, x.dtype)
