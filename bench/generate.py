@@ -56,7 +56,8 @@ ROWS = {  # name -> spec of every decoder linear (None: the bf16 model itself)
     "rtn3": MatrixSpec("quant", QuantSpec("rtn", 3, 128)),
     "rtn3-r16": MatrixSpec("lorc", QuantSpec("rtn", 3, 128), rank=16),
     # every matrix's input rotated (blocks of 256: they divide 4096 and 11008): a launch of its own
-    # before each rotated call (one per stack)
+    # before each rotated call (one per stack). generate-h100-32layers-eager-rot.json (2026-12-05
+    # 12:31) predates this: the GEMV rotated inside its own launch then
     "rtn4-rot256": MatrixSpec("quant", QuantSpec("rtn", 4, 128), rotation=Rotation(1, 256)),
 }
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

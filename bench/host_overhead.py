@@ -53,11 +53,11 @@ class _NoKernel:
 NO_KERNEL = _NoKernel()
 
 
-def _launch(fn, plan, grid, args, warps, stages, maxnreg=0):
+def _launch(fn, plan, grid, args, warps, stages, maxnreg=0, pdl=False):
     """kernels._triton._launch with the launch replaced: the same work around it, no CUDA."""
     rec = getattr(kt, "_RECORD", None)
     if rec is not None:
-        rec.append((fn, plan, grid, args, warps, stages, maxnreg))
+        rec.append((fn, plan, grid, args, warps, stages, maxnreg, pdl))
     k = plan.get("kernel") if plan is not None else None
     if k is None:
         if plan is not None:
@@ -66,7 +66,7 @@ def _launch(fn, plan, grid, args, warps, stages, maxnreg=0):
     hooks = kt.triton.knobs.runtime
     stream = _stream(args[0].device)
     meta = k.launch_metadata(grid, stream, *args) if hooks.launch_enter_hook is not None else None
-    k.run(grid[0], 1, 1, stream, k.function, k.packed_metadata, meta, hooks.launch_enter_hook,
+    k.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, k.function, k.packed_metadata, meta, hooks.launch_enter_hook,
           hooks.launch_exit_hook, *args)
 
 

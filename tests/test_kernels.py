@@ -884,3 +884,38 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
     one = next(v[0] for k, v in run.calls.items() if k[0][0] == 1)
     assert one.general is None  # planned launches on x itself
     assert one.pre is not None  # chained: the rotation's launch, then the GEMV's
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rank", [0, 16])
+def test_programmatic_dependent_launch_matches_plain_launches(rank, monkeypatch):
+    """LQKIT_PDL=1 on a Hopper GPU: the rotation lets the GEMV start at once, the GEMV prefetches its
+    first words and waits for x' (griddepcontrol). Equal to the same call with plain launches, through
+    ``linear`` and through the bound chained call, over several calls (a read of x' before the wait would
+    show as a wrong or varying result); and the GEMV's compiled kernel is a programmatic dependent launch."""
+    from lqkit import kernels
+
+    if _device() == "cpu" or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launches need a Hopper or later GPU")
+    from lqkit.core.rotation import Rotation
+    from lqkit.kernels import _frag
+
+    shape = (4096, 4096)
+    q = qmod.quantize(torch.randn(shape) * 0.02, QuantSpec("rtn", 4, 128))
+    kw = kernels.prepare(q.packed, q.aux, qmod.kernel_spec(QuantSpec("rtn", 4, 128)), shape, "cuda")
+    L = torch.randn(shape[0], rank, device="cuda", dtype=torch.bfloat16) * 0.02 if rank else None
+    R = torch.randn(rank, shape[1], device="cuda", dtype=torch.bfloat16) * 0.02 if rank else None
+    r = kernels.rotation(Rotation(3, 4096), shape[1], "cuda")
+    xs = [torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    monkeypatch.setenv("LQKIT_PDL", "0")
+    want = [kernels.linear(x, kw, L, R, rotation=r).float() for x in xs]
+    monkeypatch.setenv("LQKIT_PDL", "1")
+    assert _frag.pdl_ok(torch.device("cuda"))
+    bound, y0 = kernels.bind(xs[0], kw, L, R, rotation=r)
+    assert bound.pre is not None and bound.opts[3]  # the GEMV's launch is a programmatic dependent one
+    for x, w in zip(xs, want):  # the same kernels: equal up to summation order at most
+        tol = float(w.abs().max()) * 1e-3
+        torch.testing.assert_close(kernels.linear(x, kw, L, R, rotation=r).float(), w, rtol=0, atol=tol)
+        for _ in range(3):
+            torch.testing.assert_close(bound(x).float(), w, rtol=0, atol=tol)
+    torch.testing.assert_close(y0.float(), want[0], rtol=0, atol=float(want[0].abs().max()) * 1e-3)

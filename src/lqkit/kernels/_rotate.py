@@ -27,7 +27,7 @@ from ..errors import SpecError
 
 try:  # griddepcontrol (programmatic dependent launch, Hopper on): triton >= 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older triton: the chained launch is not taken (pdl_ok)
+except ImportError:  # pragma: no cover - older triton: no programmatic dependent launch (_frag.pdl_ok false)
     gdc_launch_dependents = gdc_wait = None
 
 TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's rows)

@@ -906,7 +906,8 @@ class BoundLinear:
     """One weight's kernel call for a fixed token count and dtype, prepared by :func:`bind`: the
     launch configuration chosen, the plan's scratch allocated, the kernel compiled and its fixed
     arguments assembled once. A call allocates y and launches (plus the outliers' sparse pass where
-    the weight has one); nothing is looked up, tuned or compiled.
+    the weight has one; a rotated one-token call, ``pre``: the rotation's launch on x into the plan's
+    x', then the GEMV's on x'); nothing is looked up, tuned or compiled.
 
     ``bound(x, shape)``: x holds the m tokens' rows back to back (any leading shape, contiguous, 16-byte
     aligned); y is allocated as ``shape`` (default (m, N)), e.g. x's leading shape and N: no reshapes."""
@@ -914,7 +915,7 @@ class BoundLinear:
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, launch: tuple | None,
                  fix: SparseFix | None, general=None, pre: tuple | None = None):
         self.m, self.n, self.dtype, self.device, self.fix = m, n, dtype, device, fix
-        self.general = general  # x -> y (x's leading shape) for calls that are not one launch
+        self.general = general  # x -> y (x's leading shape) for calls that are not planned launches
         self.pre = None  # chained: the input rotation's launch on x, then the GEMV on its fixed output
         if launch is not None:
             fn, plan, grid, args, warps, stages, maxnreg, pdl = launch
@@ -925,6 +926,7 @@ class BoundLinear:
             self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
             self.stream = _stream_getter(device) if self.kernel is not None else None
             if pre is not None:
+                assert fix is None, "the outliers' pass reads x, not x'"  # (_frag.fuses excludes them)
                 pfn, pplan, pgrid, pargs, pw, ps, pm, ppdl = pre
                 self.xin = args[:h - 1]  # the rotation's output (plan scratch) as the GEMV's x
                 self.pre = (pfn, pplan.get("kernel"), pgrid, pargs[1:], (pw, ps, pm, ppdl))
@@ -960,8 +962,9 @@ def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: to
     """Compute y = linear(x, kw, L, R, bias) for x (m, K) — contiguous rows, 16-byte aligned — and
     return it with a :class:`BoundLinear` for later calls of the same token count and dtype. The
     configuration (tuned, else default) is fixed now: call :func:`tune` before binding. Where the
-    call is one planned launch (frag up to 16 tokens, gemv, mma) the bound call goes straight to the
-    compiled kernel's launcher; otherwise (dequantize + cuBLAS, gemm, more than 16 tokens) it calls
+    call is one planned launch (frag up to 16 tokens, gemv, mma), or a rotated one-token call's two
+    (the rotation's, then the fragment kernel's on its output), the bound call goes straight to the
+    compiled kernels' launchers; otherwise (dequantize + cuBLAS, gemm, more than 16 tokens) it calls
     :func:`linear` with the same configuration."""
     global _RECORD
     m, k = x.shape
@@ -978,7 +981,8 @@ def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: to
               and rec[0][3][0].data_ptr() == x.data_ptr() and rec[0][3][_HEAD[cfg.kind] - 1].data_ptr() == y.data_ptr())
     if single:
         return BoundLinear(m, n, x.dtype, x.device, rec[0], kw.fix), y
-    # the rotation's planned launch on x, then the fragment kernel's on its output (_frag.CHAINED)
+    # a rotated one-token call (_frag.fuses): the rotation's planned launch on x, then the fragment
+    # kernel's on its output
     chained = (len(rec) == 2 and rec[0][0] in _rotate.KERNELS and rec[0][1] is not None
                and rec[0][3][0].data_ptr() == x.data_ptr() and rec[1][0] is _frag._frag_kernel
                and rec[1][1] is not None and rec[1][3][2].data_ptr() == y.data_ptr())

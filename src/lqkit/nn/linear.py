@@ -244,9 +244,9 @@ class KernelRunner:
     """A matrix (one layer's, or the stack of layers sharing an input) prepared for the kernels: its
     weight in their layout, L, R and bias, its input rotation if any, and per (tokens, dtype) one call
     bound on first use (``kernels.bind``: configuration, plan and compiled kernel fixed). Registered for
-    the compiled graph's op under ``handle`` (lqkit.nn.ops). A call: the rotation of x (rotated layers:
-    its signs and factors kept on the device), one dictionary lookup, y allocated in its final shape,
-    one launch."""
+    the compiled graph's op under ``handle`` (lqkit.nn.ops). A call: one dictionary lookup, y allocated
+    in its final shape, one launch; a rotated layer's rotation of x (its signs and factors kept on the
+    device) is one launch more, planned with the GEMV's at one token."""
 
     def __init__(self, kw, L: torch.Tensor | None, R: torch.Tensor | None, bias: torch.Tensor | None,
                  rotation=None):
