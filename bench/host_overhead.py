@@ -66,8 +66,8 @@ def _launch(fn, plan, grid, args, warps, stages, maxnreg=0, pdl=False):
     hooks = kt.triton.knobs.runtime
     stream = _stream(args[0].device)
     meta = k.launch_metadata(grid, stream, *args) if hooks.launch_enter_hook is not None else None
-    k.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, k.function, k.packed_metadata, meta, hooks.launch_enter_hook,
-          hooks.launch_exit_hook, *args)
+    k.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, k.function, k.packed_metadata, meta,
+          hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
 
 
 def _stream(device) -> int:

@@ -929,7 +929,7 @@ class BoundLinear:
                 assert fix is None, "the outliers' pass reads x, not x'"  # (_frag.fuses excludes them)
                 pfn, pplan, pgrid, pargs, pw, ps, pm, ppdl = pre
                 self.xin = args[:h - 1]  # the rotation's output (plan scratch) as the GEMV's x
-                self.pre = (pfn, pplan.get("kernel"), pgrid, pargs[1:], (pw, ps, pm, ppdl))
+                self.pre = (pplan.get("kernel"), pfn, pgrid, pargs[1:], (pw, ps, pm, ppdl))
 
     def __call__(self, x: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
         if self.general is not None:
@@ -938,22 +938,24 @@ class BoundLinear:
         y = torch.empty(shape or (self.m, self.n), dtype=self.dtype, device=self.device)
         stream = self.stream() if self.stream is not None else None
         if self.pre is not None:
-            pfn, pk, pgrid, ptail, popts = self.pre
-            if pk is not None:
-                _run_compiled(pk, pgrid, (x,) + ptail, stream)
-            else:
-                _launch(pfn, None, pgrid, (x,) + ptail, *popts)
+            k, fn, grid, tail, opts = self.pre
+            _fire(k, fn, grid, (x,) + tail, opts, stream)
             head = self.xin + (y,)
         else:
             head = (x, x.view(torch.int32), y) if self.frag else (x, y)
-        args = head + self.tail
-        if self.kernel is not None:
-            _run_compiled(self.kernel, self.grid, args, stream)
-        else:
-            _launch(self.fn, None, self.grid, args, *self.opts)
+        _fire(self.kernel, self.fn, self.grid, head + self.tail, self.opts, stream)
         if self.fix is not None:  # exactly kept outliers: y += x·Cᵀ
             sparse_add(x.view(self.m, -1), y.view(self.m, self.n), self.fix)
         return y
+
+
+def _fire(k, fn, grid: tuple, args: tuple, opts: tuple, stream) -> None:
+    """A bound launch: straight to the compiled kernel ``k``'s launcher, or (None: triton's interpreter)
+    ``fn``'s own dispatch with the launch options ``opts``."""
+    if k is not None:
+        _run_compiled(k, grid, args, stream)
+    else:
+        _launch(fn, None, grid, args, *opts)
 
 
 def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
