@@ -4,8 +4,8 @@ For each layer shape (out×in) of gemma-3-270m, Llama-2-7B, Llama-2-13B and Llam
 groups of 128 along in (the fragment GEMV), bf16, one token, the prepared call (``kernels.bind``):
 - ``layer``: unrotated;
 - ``fused``: rotated, the call a prepared rotated layer binds at one token (``kernels.bind(...,
-  rotation=rot)``): the rotation's launch planned with the GEMV's (two launches, no allocation; with
-  ``LQKIT_PDL=1`` on a Hopper GPU the GEMV as a programmatic dependent launch: ``rotation_mode`` in the
+  rotation=rot)``): the rotation's launch planned with the GEMV's (two launches, no allocation; on
+  a Hopper GPU the GEMV as a programmatic dependent launch unless ``LQKIT_PDL=0``: ``rotation_mode`` in the
   JSON says which). Results until 2026-12-05 13:30 (``rotation-inside-h100.json``) timed an earlier
   design: the rotation inside the GEMV's own launch;
 - ``separate``: the rotation's own launch (``kernels.rotation``) and then the layer (what it ran before,
@@ -93,7 +93,7 @@ def main() -> None:
         x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
         r = Rotation.for_size(inp, seed=1)
         rot = kernels.rotation(r, inp, "cuda")
-        fused_ok = kernels.fuses_rotation(kw0, 1, x.dtype, rot)
+        fused_ok = kernels.plans_rotation(kw0, 1, x.dtype, rot)
         plain = [kernels.bind(x, kw)[0] for kw in kws]
         fused = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if fused_ok else []
         variants = {"layer": [lambda x, b=b: b(x, (1, out)) for b in plain],

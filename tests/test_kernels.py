@@ -833,7 +833,7 @@ def test_rotated_layer_runs_its_rotation_before_the_kernel():
 def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extra, runner, monkeypatch):
     """At one token a rotated layer's call takes its input rotation into the fragment GEMV's plan: the
     rotation's launch into the plan's scratch x', then the GEMV's on it (no allocation, no general
-    call; on a Hopper GPU with LQKIT_PDL=1 a programmatic dependent launch), blocks of two products
+    call; on a Hopper GPU a programmatic dependent launch unless LQKIT_PDL=0), blocks of two products
     (2048) and of one (32), K-splits, xs=1 / unroll=2, with and without a low-rank term. Equal to the
     rotation launched first, then the layer in fp32; the prepared call binds both launches (a chained
     bound call) and rotates first (the general call) at 3 tokens. (Kept small: each launch of the
@@ -859,8 +859,8 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
     cfg = _triton.Config(kind="frag", bn=64, warps=4, pf=2, split=split, **extra)
     merged = m.merged_weight().to(device).detach()
     x = (torch.randn(1, shape[1], device=device) * 2).to(dtype)
-    assert kernels.fuses_rotation(kw, 1, dtype, r, has_lr=bool(rank))
-    assert not kernels.fuses_rotation(kw, 3, dtype, r)
+    assert kernels.plans_rotation(kw, 1, dtype, r, has_lr=bool(rank))
+    assert not kernels.plans_rotation(kw, 3, dtype, r)
     own_launch = _rotate.TritonRotation.__call__
     with torch.no_grad():
         with monkeypatch.context() as mp:  # never the rotation's general call (x' allocated, launched alone)
@@ -889,8 +889,8 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
 @pytest.mark.cuda
 @pytest.mark.parametrize("rank", [0, 16])
 def test_programmatic_dependent_launch_matches_plain_launches(rank, monkeypatch):
-    """LQKIT_PDL=1 on a Hopper GPU: the rotation lets the GEMV start at once, the GEMV prefetches its
-    first words and waits for x' (griddepcontrol). Equal to the same call with plain launches, through
+    """On a Hopper GPU (the default; LQKIT_PDL=0 turns it off): the rotation lets the GEMV start at
+    once, the GEMV prefetches its first words and waits for x' (griddepcontrol). Equal to the same call with plain launches, through
     ``linear`` and through the bound chained call, over several calls (a read of x' before the wait would
     show as a wrong or varying result); and the GEMV's compiled kernel is a programmatic dependent launch."""
     from lqkit import kernels
@@ -909,8 +909,8 @@ def test_programmatic_dependent_launch_matches_plain_launches(rank, monkeypatch)
     xs = [torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     monkeypatch.setenv("LQKIT_PDL", "0")
     want = [kernels.linear(x, kw, L, R, rotation=r).float() for x in xs]
-    monkeypatch.setenv("LQKIT_PDL", "1")
-    assert _frag.pdl_ok(torch.device("cuda"))
+    monkeypatch.delenv("LQKIT_PDL")
+    assert _frag.pdl_ok(torch.device("cuda"))  # the default
     bound, y0 = kernels.bind(xs[0], kw, L, R, rotation=r)
     assert bound.pre is not None and bound.opts[3]  # the GEMV's launch is a programmatic dependent one
     for x, w in zip(xs, want):  # the same kernels: equal up to summation order at most

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..core.rotation import Rotation
 
 __all__ = ["available", "prepare", "linear", "bind", "tune", "tuned_config", "use_config", "auto_layout",
-           "path_for", "KernelWeight", "stack", "rotation", "fuses_rotation",
+           "path_for", "KernelWeight", "stack", "rotation", "plans_rotation",
            "stackable", "stack_factors"]
 
 
@@ -116,22 +116,22 @@ def linear(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = Non
     """y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + bias, computed by the fused kernels; same dtype as x.
     ``config``: a ``_triton.Config`` to force a launch configuration (else tuned or default).
     ``rotation``: the layer's input rotation (a callable from :func:`rotation`), x ← R·x first, one
-    launch more: where :func:`fuses_rotation` (one token) planned with the GEMV's, into its scratch."""
+    launch more: where :func:`plans_rotation` (one token) planned with the GEMV's, into its scratch."""
     from . import _triton
 
     return _triton.linear(x, prepared, L, R, bias, config, out, rotation)
 
 
-def fuses_rotation(prepared: KernelWeight, m: int, dtype: torch.dtype, rotation, has_lr: bool = False) -> bool:
+def plans_rotation(prepared: KernelWeight, m: int, dtype: torch.dtype, rotation, has_lr: bool = False) -> bool:
     """True when a call of ``m`` tokens of ``dtype`` on ``prepared`` takes ``rotation`` (from
     :func:`rotation`) into its plan: the rotation's launch into the plan's scratch, then the GEMV's
-    (:func:`bind` keeps both; with LQKIT_PDL=1 on a Hopper GPU the GEMV as a programmatic dependent
-    launch): the fragment GEMV at one token, bf16/fp16, blocks of 16–4096, no exactly kept outliers."""
+    (:func:`bind` keeps both; on a Hopper GPU the GEMV as a programmatic dependent launch, unless
+    LQKIT_PDL=0): the fragment GEMV at one token, bf16/fp16, blocks of 16–4096, no exactly kept outliers."""
     if not _triton_importable():
         return False
     from . import _triton
 
-    return _triton.fuses_rotation(prepared, m, dtype, rotation, has_lr=has_lr)
+    return _triton.plans_rotation(prepared, m, dtype, rotation, has_lr=has_lr)
 
 
 def bind(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
@@ -140,7 +140,7 @@ def bind(x: torch.Tensor, prepared: KernelWeight, L: torch.Tensor | None = None,
     ``bound(x2)`` computes the same for later inputs of this token count and dtype with the launch
     plan, compiled kernel and fixed arguments kept (per call: y allocated, one launch). For the
     layers' hot path (``lqkit.nn.prepare_for_inference``); :func:`tune` first if at all.
-    ``rotation``: as in :func:`linear`; bind it only where :func:`fuses_rotation` (else the bound
+    ``rotation``: as in :func:`linear`; bind it only where :func:`plans_rotation` (else the bound
     call is the general one: rotate x first and bind the rest)."""
     from . import _triton
 

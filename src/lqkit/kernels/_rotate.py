@@ -1,8 +1,8 @@
 """The input rotation of a rotated layer (:mod:`lqkit.core.rotation`) as one Triton launch.
 
-x' = R·x with R = blockdiag((1/√b)·H_b·diag(s)). A program rotates one block of b elements: for
-b = r1·r2 ≥ 256 the block is an (r1, r2) tile X and X' = H_r1·(S⊙X)·H_r2 / √b (H_b = H_r1 ⊗ H_r2,
-the core transform's two stages), both products on the tensor cores: the first exact (±1 times 16-bit
+x' = R·x with R = blockdiag((1/√b)·H_b·diag(s)). For b = r1·r2 ≥ 256 the block is an (r1, r2) tile X
+and X' = H_r1·(S⊙X)·H_r2 / √b (H_b = H_r1 ⊗ H_r2, the core transform's two stages), a program per 16
+columns of X' (it reads all of X), both products on the tensor cores: the first exact (±1 times 16-bit
 values, fp32 sums), the second on the fp32 result as three TF32 products ("tf32x3": about fp32's
 accuracy; the output is rounded to 16 bits after). For 16 ≤ b ≤ 128 a program rotates one block of 16
 tokens with one product by H_b. The core transform takes everything else (fp32 inputs, b < 16 or
@@ -31,27 +31,34 @@ except ImportError:  # pragma: no cover - older triton: no programmatic dependen
     gdc_launch_dependents = gdc_wait = None
 
 TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's rows)
+# columns of a block's (r1, r2) tile per program of the two-stage kernel (r2 >= 16): a block of 4096
+# is rotated by 4 programs, not 1 (on an H100 that took the added cost at one token before 14336×4096
+# from +3.6 to +2.2 µs with a programmatic dependent launch; rotation-pdl-h100.json)
+COLS = 16
 
 
 @triton.jit
 def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
-                R1: tl.constexpr, R2: tl.constexpr, TRIGGER: tl.constexpr = False):
-    """Token program_id(0), block program_id(1): X' = H1·(S⊙X)·H2·scale for X the (R1, R2) tile.
-    TRIGGER: let the next launch (a programmatic dependent launch) start now; it waits for this
-    one's results itself (griddepcontrol.wait)."""
+                R1: tl.constexpr, R2: tl.constexpr, BC: tl.constexpr, TRIGGER: tl.constexpr = False):
+    """Token program_id(0), block program_id(1), columns [program_id(2)·BC, +BC) of the (R1, R2)
+    tile X: X'[:, cols] = H1·(S⊙X)·H2[:, cols]·scale (each program reads the whole tile; the block's
+    work is spread over R2 / BC programs). TRIGGER: let the next launch (a programmatic dependent
+    launch) start now; it waits for this one's results itself (griddepcontrol.wait)."""
     if TRIGGER:
         gdc_launch_dependents()
     m = tl.program_id(0)
     i = tl.arange(0, R1)
     j = tl.arange(0, R2)
+    c = tl.program_id(2) * BC + tl.arange(0, BC)
     off = tl.program_id(1) * (R1 * R2) + i[:, None] * R2 + j[None, :]
     x = tl.load(x_ptr + m * stride_x + off)
     xs = x * tl.load(s_ptr + off)  # ±1: exact in x's dtype
-    h2 = tl.load(h2_ptr + j[:, None] * R2 + j[None, :])  # x's dtype, ±1
-    y = tl.dot(xs, h2)  # (R1, R2) fp32, exact products
+    h2 = tl.load(h2_ptr + j[:, None] * R2 + c[None, :])  # x's dtype, ±1
+    y = tl.dot(xs, h2)  # (R1, BC) fp32, exact products
     h1 = tl.load(h1_ptr + i[:, None] * R1 + i[None, :])  # fp32, ±1
     z = tl.dot(h1, y, input_precision="tf32x3")  # fp32 accuracy from three TF32 products
-    tl.store(y_ptr + m * stride_y + off, (z * scale).to(y_ptr.dtype.element_ty))
+    out = tl.program_id(1) * (R1 * R2) + i[:, None] * R2 + c[None, :]
+    tl.store(y_ptr + m * stride_y + out, (z * scale).to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -136,8 +143,8 @@ class TritonRotation:
             _launch(_rotate_one, plan, grid, args, 4, 1)
         else:
             args = (x, self.s[x.dtype], self.h1, self.h2[x.dtype], y, x.stride(0), y.stride(0), self.scale,
-                    self.r1, self.r2, trigger)
-            _launch(_rotate_two, plan, (m, nb), args, 4, 1)
+                    self.r1, self.r2, COLS, trigger)
+            _launch(_rotate_two, plan, (m, nb, self.r2 // COLS), args, 4, 1)
 
 
 KERNELS = (_rotate_one, _rotate_two)  # a bound chained call starts with one of these (x its first argument)

@@ -768,13 +768,13 @@ def _tune_key(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> tup
     return (kw.shape, kw.spec, mb, has_lr, dtype)
 
 
-def fuses_rotation(kw: KernelWeight, m: int, dtype: torch.dtype, rotation, config: Config | None = None,
+def plans_rotation(kw: KernelWeight, m: int, dtype: torch.dtype, rotation, config: Config | None = None,
                    has_lr: bool = False) -> bool:
     """Whether a call of m tokens applies the input rotation ``rotation`` (from ``kernels.rotation``)
     as part of its plan: the fragment kernel at one token (else x is rotated first by the rotation's
     general call)."""
     cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, dtype)) or default_config(kw, m, dtype)
-    return cfg.kind == "frag" and _frag.fuses(kw, m, dtype, rotation)
+    return cfg.kind == "frag" and _frag.plans_rotation(kw, m, dtype, rotation)
 
 
 def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
@@ -783,7 +783,7 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     """y = x·deq(Q)ᵀ + (x·Rᵀ)·Lᵀ + bias with the fused kernels; x (..., K) fp16/bf16/fp32.
     ``out``: optional contiguous (M, N) result buffer of x's dtype. ``rotation`` (a callable from
     ``kernels.rotation``): the layer's input rotation, x ← R·x first: planned with the kernel's
-    launch where :func:`fuses_rotation`, else by the rotation's general call."""
+    launch where :func:`plans_rotation`, else by the rotation's general call."""
     n, k = kw.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -798,7 +798,7 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     if cfg.kind not in _KINDS[kw.layout]:
         raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout "
                          f"(kinds for it: {', '.join(_KINDS[kw.layout])})")
-    if rotation is not None and fuses_rotation(kw, m, x.dtype, rotation, cfg):
+    if rotation is not None and plans_rotation(kw, m, x.dtype, rotation, cfg):
         _launch_frag(x2, y, kw, L, R, bias, has_lr, cfg, rotation)
         return y.view(*lead, n)
     if rotation is not None:
@@ -865,14 +865,15 @@ def _launch(fn, plan: dict | None, grid: tuple, args: tuple, warps: int, stages:
 
 
 def _run_compiled(k, grid: tuple, args: tuple, stream: int | None = None) -> None:
-    """One launch of the compiled kernel ``k`` over ``grid`` (1 or 2 dimensions) on ``stream`` (default:
+    """One launch of the compiled kernel ``k`` over ``grid`` (1 to 3 dimensions) on ``stream`` (default:
     the current one), straight to its launcher."""
     enter, leave = _hooks()
     if stream is None:
         stream = _stream_getter(args[0].device)()
     g1 = grid[1] if len(grid) > 1 else 1
-    meta = k.launch_metadata((grid[0], g1, 1), stream, *args) if enter is not None or leave is not None else None
-    k.run(grid[0], g1, 1, stream, k.function, k.packed_metadata, meta, enter, leave, *args)
+    g2 = grid[2] if len(grid) > 2 else 1
+    meta = k.launch_metadata((grid[0], g1, g2), stream, *args) if enter is not None or leave is not None else None
+    k.run(grid[0], g1, g2, stream, k.function, k.packed_metadata, meta, enter, leave, *args)
 
 
 def _hooks() -> tuple:
@@ -926,7 +927,7 @@ class BoundLinear:
             self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
             self.stream = _stream_getter(device) if self.kernel is not None else None
             if pre is not None:
-                assert fix is None, "the outliers' pass reads x, not x'"  # (_frag.fuses excludes them)
+                assert fix is None, "the outliers' pass reads x, not x'"  # (_frag.plans_rotation excludes them)
                 pfn, pplan, pgrid, pargs, pw, ps, pm, ppdl = pre
                 self.xin = args[:h - 1]  # the rotation's output (plan scratch) as the GEMV's x
                 self.pre = (pplan.get("kernel"), pfn, pgrid, pargs[1:], (pw, ps, pm, ppdl))
@@ -983,7 +984,7 @@ def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: to
               and rec[0][3][0].data_ptr() == x.data_ptr() and rec[0][3][_HEAD[cfg.kind] - 1].data_ptr() == y.data_ptr())
     if single:
         return BoundLinear(m, n, x.dtype, x.device, rec[0], kw.fix), y
-    # a rotated one-token call (_frag.fuses): the rotation's planned launch on x, then the fragment
+    # a rotated one-token call (_frag.plans_rotation): the rotation's planned launch on x, then the fragment
     # kernel's on its output
     chained = (len(rec) == 2 and rec[0][0] in _rotate.KERNELS and rec[0][1] is not None
                and rec[0][3][0].data_ptr() == x.data_ptr() and rec[1][0] is _frag._frag_kernel

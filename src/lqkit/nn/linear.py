@@ -277,21 +277,21 @@ class KernelRunner:
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
         """The first call for x's shape and dtype: bound, with the rotation's launch planned with the
-        kernel's where it takes it (one token: ``kernels.fuses_rotation``), else the rotation run
+        kernel's where it takes it (one token: ``kernels.plans_rotation``), else the rotation run
         before the bound call."""
         from .. import kernels
 
         key = (x.shape, x.dtype)
         m = x.numel() // self.k if self.k else 0
-        fused = self.rotate is not None and kernels.fuses_rotation(self.kw, m, x.dtype, self.rotate,
-                                                                   has_lr=self.L is not None and self.L.shape[1] > 0)
-        rotate = self.rotate if self.rotate is not None and not fused else None
+        planned = self.rotate is not None and kernels.plans_rotation(self.kw, m, x.dtype, self.rotate,
+                                                                     has_lr=self.L is not None and self.L.shape[1] > 0)
+        rotate = self.rotate if self.rotate is not None and not planned else None
         if rotate is not None:
             x = rotate(x)
         if not x.is_contiguous() or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.contiguous_format)
         shape = (*x.shape[:-1], self.n)
-        bound, y = self._bind(x.view(-1, self.k), self.rotate if fused else None)
+        bound, y = self._bind(x.view(-1, self.k), self.rotate if planned else None)
         self.calls[key] = (bound, shape, rotate)
         return y.view(shape)
 
