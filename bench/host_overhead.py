@@ -5,7 +5,8 @@ No GPU is needed: the tensors stay on the CPU and the kernel launch itself is re
 timed is everything lqkit does around the launch: dispatch, checks, lookups, plan and argument
 assembly, allocation of y (a CPU allocation here, cheaper than a CUDA one). Per call: Python function
 calls (cProfile) and microseconds (median of 7 rounds of --calls calls), for one layer alone and for
-a q/k/v stack (three member calls, one launch), unprepared (the per-call dispatch path) and prepared
+a q/k/v stack (three member calls, one launch), for a layer whose input is rotated (blocks of 256: the
+rotation's one-launch kernel object built on the CPU, so a call takes the GPU's route), unprepared (the per-call dispatch path) and prepared
 (``lqkit.nn.prepare_for_inference``'s runners, when this lqkit has them). For scale: ``F.linear`` on
 the meta device (the dispatcher without any compute) and an ``nn.Linear`` module call on it.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import json
 import pstats
 import statistics
@@ -80,11 +82,18 @@ def patch_cpu_kernels() -> None:
     if hasattr(kt, "_stream_getter"):
         kt._stream_getter = lambda device: (lambda: 0)
     kernels.available = lambda: True
+    try:  # the rotation's one-launch kernel (not the core transform) for CPU tensors too
+        from lqkit.kernels import _rotate
+
+        kernels.rotation = lambda rot, n, device: _rotate.TritonRotation(rot, n, device)
+        kernels.cached_rotation = functools.lru_cache(maxsize=None)(kernels.rotation)
+    except ImportError:  # an lqkit without it
+        pass
     torch.Tensor.is_cuda = property(lambda self: True)  # the unprepared path dispatches on x.is_cuda
 
 
-def layer(n: int, k: int, rank: int) -> CompressedLinear:
-    spec = MatrixSpec("lorc", QuantSpec("rtn", 4, 128), rank=rank)
+def layer(n: int, k: int, rank: int, rotation=None) -> CompressedLinear:
+    spec = MatrixSpec("lorc", QuantSpec("rtn", 4, 128), rank=rank, rotation=rotation)
     d = decompose(torch.randn(n, k) * 0.02, spec)
     return CompressedLinear.from_decomposition(d, dtype=torch.bfloat16).eval()
 
@@ -129,12 +138,20 @@ def main() -> None:
                          "F.linear 1x64 @ 64x64 fp32 CPU": measure(lambda: torch.nn.functional.linear(xs, ws), args.calls)}}
     x = torch.randn(1, 1, 4096, dtype=torch.bfloat16)
     solo = layer(4096, 4096, 16)
+    try:
+        from lqkit.core.rotation import Rotation
+
+        rotated = layer(4096, 4096, 16, Rotation(1, 256))
+    except (ImportError, TypeError):  # an lqkit without rotations
+        rotated = None
     qkv = [layer(4096, 4096, 16), layer(1024, 4096, 16), layer(1024, 4096, 16)]
     patch_cpu_kernels()
     from lqkit.nn import SharedInputGroup
 
     with torch.no_grad():
         res["unprepared"] = {"layer": measure(lambda: solo(x), args.calls)}
+        if rotated is not None:
+            res["unprepared"]["rotated layer"] = measure(lambda: rotated(x), args.calls)
         g = SharedInputGroup(("q", "k", "v"), qkv)
         for m in qkv:
             m.__dict__["_shared_input"] = g
@@ -148,6 +165,9 @@ def main() -> None:
             g.prepare()
             res["prepared"] = {"layer": measure(lambda: solo(x), args.calls),
                                "q/k/v stack (3 calls)": measure(lambda: [m(x) for m in qkv], args.calls)}
+            if rotated is not None:
+                rotated.prepare_runner()
+                res["prepared"]["rotated layer"] = measure(lambda: rotated(x), args.calls)
     for part in ("reference", "unprepared", "prepared"):
         for name, r in res.get(part, {}).items():
             print(f"{part:<11} {name:<24} {r['us']:8.2f} us  {r['python_calls']:7.1f} Python calls "
