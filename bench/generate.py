@@ -35,6 +35,7 @@ import argparse
 import gc
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -349,6 +350,7 @@ def main() -> None:
         import triton
 
         info["triton"] = triton.__version__
+    info["lqkit_env"] = {k: v for k, v in os.environ.items() if k.startswith("LQKIT_")}  # e.g. LQKIT_PDL
     log(f"machine: {info}")
     shape_info = {**(TINY if args.tiny else LLAMA2_7B), "layers": TINY["num_hidden_layers"] if args.tiny else args.layers}
     result = {"env": info, "args": vars(args), "shape": shape_info,

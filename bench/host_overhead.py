@@ -4,10 +4,11 @@ No GPU is needed: the tensors stay on the CPU and the kernel launch itself is re
 (triton's launcher is not called; the stream lookup is a Python function returning 0), so what is
 timed is everything lqkit does around the launch: dispatch, checks, lookups, plan and argument
 assembly, allocation of y (a CPU allocation here, cheaper than a CUDA one). Per call: Python function
-calls (cProfile) and microseconds (median of 7 rounds of --calls calls), for one layer alone and for
-a q/k/v stack (three member calls, one launch), for a layer whose input is rotated (blocks of 256: the
-rotation's one-launch kernel object built on the CPU, so a call takes the GPU's route), unprepared (the per-call dispatch path) and prepared
-(``lqkit.nn.prepare_for_inference``'s runners, when this lqkit has them). For scale: ``F.linear`` on
+calls (cProfile) and microseconds (median of 7 rounds of --calls calls), for one layer alone, for a
+q/k/v stack (three member calls, one launch) and for a layer whose input is rotated (blocks of 256;
+the rotation's one-launch kernel object built on the CPU, so a call takes the GPU's route),
+unprepared (the per-call dispatch path) and prepared (``lqkit.nn.prepare_for_inference``'s runners,
+when this lqkit has them). For scale: ``F.linear`` on
 the meta device (the dispatcher without any compute) and an ``nn.Linear`` module call on it.
 
 Run against another lqkit (e.g. an older checkout) with PYTHONPATH pointing at its src.

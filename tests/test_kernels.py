@@ -775,6 +775,10 @@ def test_rotation_in_one_launch_equals_the_core_transform(n, tokens):
     r = kernels.rotation(rot, n, device)
     one_launch = _rotate.stages(rot.block) is not None
     assert isinstance(r, _rotate.TritonRotation) == one_launch, (n, rot.block)
+    if one_launch and r.r1 > 1:  # two products: a token's blocks over >= 4 programs where the tiles allow
+        nb = n // rot.block
+        assert r.cols >= 16 and r.r2 % r.cols == 0
+        assert nb * (r.r2 // r.cols) >= min(_rotate.PROGRAMS, nb * (r.r2 // 16)), (n, r.cols)
     ref = transform(rot, n, device)
     for dtype in (torch.bfloat16, torch.float16) if device != "cpu" else (torch.float16,):  # interpreter: no bf16
         x = (torch.randn(tokens, n, device=device) * 3).to(dtype)
@@ -890,7 +894,8 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
 @pytest.mark.parametrize("rank", [0, 16])
 def test_programmatic_dependent_launch_matches_plain_launches(rank, monkeypatch):
     """On a Hopper GPU (the default; LQKIT_PDL=0 turns it off): the rotation lets the GEMV start at
-    once, the GEMV prefetches its first words and waits for x' (griddepcontrol). Equal to the same call with plain launches, through
+    once, the GEMV prefetches its first words and waits for x' (griddepcontrol). Equal to the same
+    call with plain launches, through
     ``linear`` and through the bound chained call, over several calls (a read of x' before the wait would
     show as a wrong or varying result); and the GEMV's compiled kernel is a programmatic dependent launch."""
     from lqkit import kernels

@@ -791,18 +791,22 @@ def plans_rotation(kw: KernelWeight, m: int, dtype: torch.dtype | None, rot) -> 
 
 def pdl_ok(device: torch.device) -> bool:
     """Whether a rotated call's GEMV is launched as a programmatic dependent launch: a Hopper or later
-    GPU, triton with griddepcontrol, not its interpreter, not turned off (LQKIT_PDL=0). On an H100 it
-    took the rotation's added cost at one token from +3.5 to +2.3 µs (14336×4096) and from +2.8 to
-    +1.6 µs (4096×14336) in a CUDA graph (rotation-pdl-h100.json, rotation-chain-h100.json)."""
-    return (os.environ.get("LQKIT_PDL", "1") != "0" and bool(ASM) and gdc_wait is not None and device.type == "cuda"
+    GPU, triton with griddepcontrol, not its interpreter, not turned off (LQKIT_PDL=0, off, false or
+    no). On an H100, in a CUDA graph, the rotation's added cost at one token went from +3.5 to +2.2 µs
+    on 14336×4096 (one block of 4096 in 4 programs; mean of 7 runs) and from +2.2 to +1.1 µs on
+    4096×14336 (7 blocks of 2048, a program each; mean of 3): rotation-chain-h100.json and
+    rotation-chain-onestage-h100.json against rotation-pdl-variants-h100.json."""
+    off = os.environ.get("LQKIT_PDL", "1").strip().lower() in ("0", "off", "false", "no")
+    return (not off and bool(ASM) and gdc_wait is not None and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def launch(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     """y (M, N) = the fragment kernel on x (M, K), fp16/bf16: one launch per MAX_M tokens. ``rot``:
-    the layer's input rotation (callers check :func:`plans_rotation` first): its launch into the
-    plan's scratch x' = R·x, then this kernel's on x' (with :func:`pdl_ok`, as a programmatic dependent launch: its
-    programs start during the rotation, prefetch their first words into the L2 and wait for x')."""
+    the layer's input rotation (callers check :func:`plans_rotation` first): its launch into the plan's
+    scratch x' = R·x, then this kernel's on x' (with :func:`pdl_ok`, as a programmatic dependent
+    launch: its programs start during the rotation, prefetch their first words into the L2 and wait
+    for x')."""
     if cfg.unroll not in (1, 2):
         raise ValueError(f"Config(unroll={cfg.unroll}): the fragment kernel runs 1 or 2 steps per loop iteration")
     if cfg.xs not in (0, 1):

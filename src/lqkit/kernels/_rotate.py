@@ -1,13 +1,14 @@
 """The input rotation of a rotated layer (:mod:`lqkit.core.rotation`) as one Triton launch.
 
 x' = R·x with R = blockdiag((1/√b)·H_b·diag(s)). For b = r1·r2 ≥ 256 the block is an (r1, r2) tile X
-and X' = H_r1·(S⊙X)·H_r2 / √b (H_b = H_r1 ⊗ H_r2, the core transform's two stages), a program per 16
-columns of X' (it reads all of X), both products on the tensor cores: the first exact (±1 times 16-bit
-values, fp32 sums), the second on the fp32 result as three TF32 products ("tf32x3": about fp32's
-accuracy; the output is rounded to 16 bits after). For 16 ≤ b ≤ 128 a program rotates one block of 16
-tokens with one product by H_b. The core transform takes everything else (fp32 inputs, b < 16 or
-b > 4096, 2³¹ elements or more): it is the reference, and the path of the CPU. Replaces that transform's four or five
-launches (signs, one matmul per stage, the cast) in a prepared layer's call.
+and X' = H_r1·(S⊙X)·H_r2 / √b (H_b = H_r1 ⊗ H_r2, the core transform's two stages): a program per
+block, or per 16 or 32 columns of X' where a token has fewer than 4 blocks (each reads all of X); both
+products on the tensor cores, the first exact (±1 times 16-bit values, fp32 sums), the second on the
+fp32 result as three TF32 products ("tf32x3": about fp32's accuracy; the output is rounded to 16 bits
+after). For 16 ≤ b ≤ 128 a program rotates one block of 16 tokens with one product by H_b. The core
+transform takes everything else (fp32 inputs, b < 16 or b > 4096, 2³¹ elements or more): it is the
+reference, and the path of the CPU. Replaces that transform's four or five launches (signs, one
+matmul per stage, the cast) in a prepared layer's call.
 
 A prepared one-token call of the fragment GEMV (:mod:`._frag`) plans this launch with its own
 (:meth:`TritonRotation.launch` into its scratch x'); with ``trigger`` the GEMV may start as a
@@ -31,10 +32,12 @@ except ImportError:  # pragma: no cover - older triton: no programmatic dependen
     gdc_launch_dependents = gdc_wait = None
 
 TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's rows)
-# columns of a block's (r1, r2) tile per program of the two-stage kernel (r2 >= 16): a block of 4096
-# is rotated by 4 programs, not 1 (on an H100 that took the added cost at one token before 14336×4096
-# from +3.6 to +2.2 µs with a programmatic dependent launch; rotation-pdl-h100.json)
-COLS = 16
+# a token's blocks of the two-stage kernel spread over at least this many programs where they are
+# fewer, each block's (r1, r2) tile split by columns (at least 16 a program). On an H100 at one token
+# with a programmatic dependent launch: 14336×4096 (one block of 4096) +2.9 µs with one program, +2.2 µs
+# with 4 (means of 3 and 7 runs); 4096×14336 (7 blocks of 2048) +1.1 µs with a program per block, +1.6
+# µs with 4 per block (means of 3 and 7): rotation-pdl-variants-h100.json
+PROGRAMS = 4
 
 
 @triton.jit
@@ -112,6 +115,9 @@ class TritonRotation:
         self.s = {dt: s.to(dev, dt) for dt in self.DTYPES}
         self.h2 = {dt: hadamard(self.r2).to(dev, dt) for dt in self.DTYPES}
         self.h1 = hadamard(self.r1).to(dev, torch.float32) if self.r1 > 1 else None
+        nb = n // rot.block
+        parts = min(self.r2 // 16, 1 << max(0, math.ceil(math.log2(PROGRAMS / nb)))) if self.r1 > 1 else 1
+        self.cols = self.r2 // parts  # columns of a tile per program (two-stage kernel)
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         s = self.s.get(x.dtype)
@@ -143,8 +149,8 @@ class TritonRotation:
             _launch(_rotate_one, plan, grid, args, 4, 1)
         else:
             args = (x, self.s[x.dtype], self.h1, self.h2[x.dtype], y, x.stride(0), y.stride(0), self.scale,
-                    self.r1, self.r2, COLS, trigger)
-            _launch(_rotate_two, plan, (m, nb, self.r2 // COLS), args, 4, 1)
+                    self.r1, self.r2, self.cols, trigger)
+            _launch(_rotate_two, plan, (m, nb, self.r2 // self.cols), args, 4, 1)
 
 
 KERNELS = (_rotate_one, _rotate_two)  # a bound chained call starts with one of these (x its first argument)
