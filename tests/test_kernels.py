@@ -895,9 +895,9 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
 def test_programmatic_dependent_launch_matches_plain_launches(rank, monkeypatch):
     """On a Hopper GPU (the default; LQKIT_PDL=0 turns it off): the rotation lets the GEMV start at
     once, the GEMV prefetches its first words and waits for x' (griddepcontrol). Equal to the same
-    call with plain launches, through
-    ``linear`` and through the bound chained call, over several calls (a read of x' before the wait would
-    show as a wrong or varying result); and the GEMV's compiled kernel is a programmatic dependent launch."""
+    call with plain launches, through ``linear`` and through the bound chained call, over several calls
+    (a read of x' before the wait would show as a wrong or varying result); and the GEMV's compiled
+    kernel is a programmatic dependent launch."""
     from lqkit import kernels
 
     if _device() == "cpu" or torch.cuda.get_device_capability()[0] < 9:
