@@ -6,8 +6,12 @@ groups of 128 along in (the fragment GEMV), bf16, one token, the prepared call (
 - ``fused``: rotated, the call a prepared rotated layer binds at one token (``kernels.bind(...,
   rotation=rot)``): the rotation's launch planned with the GEMV's (two launches, no allocation; on
   a Hopper GPU the GEMV as a programmatic dependent launch unless ``LQKIT_PDL=0``: ``rotation_mode`` in the
-  JSON says which). Results until 2026-12-05 13:30 (``rotation-inside-h100.json``) timed an earlier
-  design: the rotation inside the GEMV's own launch;
+  JSON says which). Results until 2026-12-05 13:30 (``rotation-inside-h100.json``) timed an older
+  design: each GEMV program rotating its own part of x;
+- ``inside`` (blocks of 256 to 4096; ``inside`` true in a row): the opt-in design
+  (``LQKIT_ROT_LAUNCH=one``): the GEMV's own launch, whose first programs rotate x while the rest
+  prefetch their first weights and wait for a count. In ``rotation-inside-launch-h100-*.json`` (2026-12-05
+  16:00) that design was the default, so there ``fused`` is it and ``chained`` the two launches;
 - ``separate``: the rotation's own launch (``kernels.rotation``) and then the layer (what it ran before,
   and still runs at more tokens);
 - ``torch`` (``--torch``): the core transform (signs, one matmul per stage, the cast), then the layer.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lqkit import kernels  # noqa: E402
+from lqkit.kernels import _frag  # noqa: E402
 from lqkit.core import quant as qmod  # noqa: E402
 from lqkit.core.quant import QuantSpec  # noqa: E402
 from lqkit.core.rotation import Rotation, transform  # noqa: E402
@@ -96,16 +102,22 @@ def main() -> None:
         fused_ok = kernels.plans_rotation(kw0, 1, x.dtype, rot)
         plain = [kernels.bind(x, kw)[0] for kw in kws]
         fused = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if fused_ok else []
+        os.environ["LQKIT_ROT_LAUNCH"] = "one"  # the opt-in design too (bound now: later calls ignore the switch)
+        inside = fused_ok and _frag.rotates_inside(rot, False)
+        one = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if inside else []
+        del os.environ["LQKIT_ROT_LAUNCH"]
         variants = {"layer": [lambda x, b=b: b(x, (1, out)) for b in plain],
                     "separate": [lambda x, b=b: b(rot(x), (1, out)) for b in plain]}
         if fused:
             variants["fused"] = [lambda x, b=b: b(x, (1, out)) for b in fused]
+        if inside:
+            variants["inside"] = [lambda x, b=b: b(x, (1, out)) for b in one]
         if a.torch:
             rot_torch = transform(r, inp, "cuda")
             variants["torch"] = [lambda x, b=b: b(rot_torch(x), (1, out)) for b in plain]
         y0 = variants["separate"][0](x).float()
         row = {"out": out, "in": inp, "block": r.block, "copies": copies, "weight_mb": round(nbytes / 2**20, 2),
-               "rotation": type(rot).__name__, "fused": bool(fused)}
+               "rotation": type(rot).__name__, "fused": bool(fused), "inside": inside}
         if fused:
             y1 = variants["fused"][0](x).float()
             row["fused_vs_separate_max_rel"] = float((y1 - y0).abs().max() / y0.abs().max())
@@ -119,12 +131,10 @@ def main() -> None:
             row[mode] = {k: round(v, 2) for k, v in t.items()}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        del kws, plain, fused, variants
+        del kws, plain, fused, one, variants
         torch.cuda.empty_cache()
     if a.out:
         import triton
-
-        from lqkit.kernels import _frag
 
         mode = "chain+pdl" if _frag.pdl_ok(torch.device("cuda")) else "chain"
         Path(a.out).write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -891,6 +891,47 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("k, block, split", [(1024, 1024, 3), (512, 256, 1)])
+def test_rotation_inside_the_gemv_launch_matches_the_chained_launches(k, block, split, monkeypatch):
+    """LQKIT_ROT_LAUNCH=one: at one token, without a low-rank term, a rotated call of two-product blocks
+    rotates x in the GEMV's own launch (its first programs write x' and count themselves in; the GEMV's
+    programs wait for that count): one launch, recorded and bound as one; equal to the chained launches
+    (the default) up to summation order, a 1024-block over 4 programs and two 256-blocks
+    over one each, with and without K-splits; the counters back at 0 after every call (a count left
+    over would let the next call's GEMV read x' before it is written)."""
+    from lqkit import kernels
+
+    device = _device()
+    from lqkit.core.rotation import Rotation
+    from lqkit.kernels import _frag, _triton  # imports triton: after the skip where there is none
+
+    dtype = torch.bfloat16 if device != "cpu" else torch.float16
+    shape, spec = (48, k), QuantSpec("rtn", 4, 128)
+    q = qmod.quantize(torch.randn(shape) * 0.02, spec)
+    kw = kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), shape, device)
+    r = kernels.rotation(Rotation(3, block), k, device)
+    cfg = _triton.Config(kind="frag", bn=64, warps=4, pf=2, split=split)
+    # inputs in turn on a GPU (a read of x' before it is written would show); one in the interpreter (programs
+    # run one after another there: 3 launches of the fragment kernel take ~25 s)
+    xs = [(torch.randn(1, k, device=device) * 2).to(dtype) for _ in range(1 if device == "cpu" else 2)]
+    monkeypatch.delenv("LQKIT_ROT_LAUNCH", raising=False)
+    assert not _frag.rotates_inside(r, False)
+    wants = [kernels.linear(x, kw, rotation=r, config=cfg).float() for x in xs]
+    monkeypatch.setenv("LQKIT_ROT_LAUNCH", "one")
+    assert _frag.rotates_inside(r, False) and not _frag.rotates_inside(r, True)
+    tol = float(wants[0].abs().max()) * 2e-3
+    counters = kw.cache["counters"]
+    bound, y0 = kernels.bind(xs[0], kw, rotation=r, config=cfg)
+    assert bound.general is None and bound.pre is None and bound.x32 is not None  # one launch, reading x'
+    assert bound.grid[0] == (k // block) * (r.r2 // r.cols) + split  # the rotation's programs, then the GEMV's
+    assert int(counters.abs().sum()) == 0
+    torch.testing.assert_close(y0.float(), wants[0], rtol=0, atol=tol)
+    for i in range(1 if device == "cpu" else 200):
+        torch.testing.assert_close(bound(xs[i % len(xs)]).float(), wants[i % len(xs)], rtol=0, atol=tol)
+        assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("rank", [0, 16])
 def test_programmatic_dependent_launch_matches_plain_launches(rank, monkeypatch):
     """On a Hopper GPU (the default; LQKIT_PDL=0 turns it off): the rotation lets the GEMV start at

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ._jit import _rx_partial
-from ._rotate import gdc_wait
+from ._rotate import _tile_two, gdc_wait
 from .layout import KernelWeight, frag_kblock
 
 # R·x partials done; then a split-K counter per block of rows; then (with a low-rank term) a t-ready flag per block
@@ -47,6 +47,24 @@ _NC = 1
 ASM = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 N_COUNTERS = tl.constexpr(_NC)
 KC = 256  # k's per program of the R·x prologue
+# one thread (the first) reads a count at $1 until it reaches $2, pausing between reads, then acquires
+_SPIN = tl.constexpr("""{
+    .reg .pred p;
+    .reg .b32 t;
+    mov.u32 t, %tid.x;
+    setp.ne.u32 p, t, 0;
+    @p bra DONE;
+    WAIT:
+    ld.relaxed.gpu.global.b32 t, [$1];
+    setp.lt.s32 p, t, $2;
+    @!p bra READY;
+    nanosleep.u32 32;
+    bra WAIT;
+    READY:
+    fence.acq_rel.gpu;
+    DONE:
+    mov.b32 $0, 0;
+}""")
 PSUM_UNROLL = 8  # split-K partials per round trip of a block's final program (masked beyond SPLIT: one
 # compiled kernel for every split > 1, so that precompiling on a small matrix covers every shape)
 
@@ -556,17 +574,37 @@ def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, lf, t32_ptr, N, M
     _finish(v3, row1, tok0 + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
 
 
-@triton.jit(do_not_specialize=["M", "N", "SROW", "NKB", "BPS", "SPLIT", "NTC", "RANK", "sy"])
+@triton.jit
+def _rot_ready(rc, n):
+    """Wait until the rotation's ``n`` programs have counted themselves in at ``rc`` (x' written), then
+    acquire: this program's loads of x' see what they stored. On a GPU one thread polls (relaxed reads,
+    a short sleep between them: hundreds of programs polling with every thread slowed the rotation's
+    own programs), then the program's barrier releases the rest."""
+    if ASM:
+        tl.inline_asm_elementwise(_SPIN, "=r,l,r", [rc, n], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        rdy = _flag_read(rc)
+        while rdy < n:
+            rdy = _flag_read(rc)
+    tl.debug_barrier()  # every thread waits for the polling one
+
+
+@triton.jit(do_not_specialize=["M", "N", "SROW", "NKB", "BPS", "SPLIT", "NTC", "RANK", "sy", "NROT"])
 def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_ptr, tp_ptr, t_ptr,
-                 t32_ptr, cnt_ptr, M, N, K, K2, SROW, NKB, BPS,
-                 SPLIT, NTC, RANK, stride_xm, sx32, sy,
+                 t32_ptr, cnt_ptr, xr_ptr, s_ptr, h1_ptr, h2_ptr, M, N, K, K2, SROW, NKB, BPS,
+                 SPLIT, NTC, RANK, stride_xm, sx32, sy, NROT, rscale,
                  BITS: tl.constexpr, MODE: tl.constexpr, G: tl.constexpr, VS: tl.constexpr,
                  HALF: tl.constexpr, NW: tl.constexpr, MT: tl.constexpr, DT: tl.constexpr, RP: tl.constexpr,
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                  SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
-                 SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr, WAIT: tl.constexpr):
+                 SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr, WAIT: tl.constexpr,
+                 ROT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BC: tl.constexpr):
     # WAIT (a programmatic dependent launch after the input rotation's, which wrote x): wait for that
-    # launch before x is read; the main programs first prefetch their first 2U blocks of words into the L2
+    # launch before x is read; the main programs first prefetch their first 2U blocks of words into the L2.
+    # ROT (one token, the input rotation in this launch): the first NROT programs rotate x (x_ptr) into
+    # x' (xr_ptr, read by the main programs as x32_ptr), block by block (:func:`._rotate._tile_two`, R2 //
+    # BC programs a block), and count themselves in; the main programs prefetch as with WAIT, wait for
+    # that count, and count themselves as readers: the last reader sets both counters back to 0
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -576,9 +614,18 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     # of 2 per 16-k chunk) and handed to the B fragments by warp shuffles
     NGI: tl.constexpr = (U * KB) // G + 1  # the most groups that can end within one step
     pid = tl.program_id(0)
+    if ROT:
+        pid -= NROT
     n_pre = NTC * M
     NB = tl.cdiv(N, 16 * NW)
-    if pid < n_pre:  # t = R·x
+    rc = cnt_ptr + N_COUNTERS + 2 * NB  # ROT: counters of the rotation's programs done and of x' readers
+    if pid < 0:  # x' = R·x (ROT)
+        if ROT:
+            tid = pid + NROT
+            _tile_two(x_ptr, s_ptr, h1_ptr, h2_ptr, xr_ptr, tid // (R2 // BC), tid % (R2 // BC), rscale, R1, R2, BC)
+            tl.debug_barrier()  # every lane's stores issued before the count (release)
+            tl.atomic_add(rc, 1, sem="release")
+    elif pid < n_pre:  # t = R·x
         if WAIT:
             gdc_wait()
         _rx_work(pid, x_ptr, r_ptr, tp_ptr, t_ptr, cnt_ptr, M, K, NTC, RANK, NB, stride_xm, RP, KC_, NW)
@@ -602,6 +649,12 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             for u in tl.static_range(2 * U):
                 _prefetch_l2(qp + tl.maximum(tl.minimum(kb0 + u, kb1 - 1), 0) * 128)
             gdc_wait()
+        seen = 0
+        if ROT:
+            for u in tl.static_range(2 * U if ASM else 0):
+                _prefetch_l2(qp + tl.maximum(tl.minimum(kb0 + u, kb1 - 1), 0) * 128)
+            _rot_ready(rc, NROT)
+            seen = tl.atomic_add(rc + 1, 1, sem="relaxed")  # its result is first needed at the end
         # B-fragment rows: token g (and g + 8); lanes past the last token read its row again (their
         # products land in output columns that are never stored)
         xrow0 = x32_ptr + tl.minimum(g, M - 1) * sx32
@@ -684,6 +737,10 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             if MT == 2:
                 _final(A[4], A[5], A[6], A[7], row0, row1, 8, tokA + 8, y_ptr, b_ptr, lf, t32_ptr, N, M, sy, RP,
                        DT, HAS_BIAS, HAS_LR)
+        if ROT:
+            if seen == NB * SPLIT - 1:  # the last reader: every main program is past its wait
+                tl.store(rc, 0)
+                tl.store(rc + 1, 0)
 
 
 @triton.jit(do_not_specialize=["N", "SROW", "NKB"])  # K specialized (16 | K: rows start aligned, 16-byte stores)
@@ -789,6 +846,18 @@ def plans_rotation(kw: KernelWeight, m: int, dtype: torch.dtype | None, rot) -> 
             and dtype in rot.s and rot.n == kw.shape[1])
 
 
+def rotates_inside(rot, has_lr: bool) -> bool:
+    """Whether a planned rotated call (:func:`plans_rotation`) rotates x in the GEMV's own launch (its
+    first programs, the rest waiting on a counter; :func:`_frag_kernel`'s ROT) rather than in a launch
+    before it: only when asked for (LQKIT_ROT_LAUNCH=one), for blocks of two products (256 to 4096)
+    and without a low-rank term (its R·x programs would read x before x' exists). Not the default: on
+    an H100 in a CUDA graph it added 3.5–4.1 µs to a call against 1.5–2.1 µs for the chained launches
+    (rotation-inside-launch-h100-*.json); with the wait removed (wrong results, timing only) 0.4 µs,
+    so the cost is the rotation's programs finishing late, not the extra programs."""
+    one = os.environ.get("LQKIT_ROT_LAUNCH", "chain").strip().lower() == "one"
+    return one and rot.r1 > 1 and not has_lr
+
+
 def pdl_ok(device: torch.device) -> bool:
     """Whether a rotated call's GEMV is launched as a programmatic dependent launch: a Hopper or later
     GPU, triton with griddepcontrol, not its interpreter, not turned off (LQKIT_PDL=0, off, false or
@@ -830,9 +899,10 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
             Rc = torch.nn.functional.pad(Rc, (0, 0, 0, 1))
             rank += 1
     rp = T._rank_pad(rank)
-    pdl = rot is not None and pdl_ok(x.device)
+    inside = rot is not None and rotates_inside(rot, has_lr)
+    pdl = rot is not None and not inside and pdl_ok(x.device)
     key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
-           has_lr and (Lc.dtype, Rc.dtype), rot is not None and rot.key, pdl)
+           has_lr and (Lc.dtype, Rc.dtype), rot is not None and rot.key, pdl, inside)
 
     def make():
         nw = cfg.warps
@@ -843,27 +913,35 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
         # x' = R·x, written by the rotation's launch (k: a multiple of its block, 16 or more: even)
         xr = torch.empty(m, k, dtype=x.dtype, device=x.device) if rot is not None else None
-        return dict(grid=(ntc * m + nb * split,), split=split, bps=bps, ntc=ntc, xr=xr, rot={},
-                    cnt=T._counters(kw, _NC + 2 * nb, x.device),
+        nrot = (k // rot.block) * (rot.r2 // rot.cols) if inside else 0  # the rotation's programs (m = 1)
+        return dict(grid=(nrot + ntc * m + nb * split,), split=split, bps=bps, ntc=ntc, xr=xr, rot={}, nrot=nrot,
+                    cnt=T._counters(kw, _NC + 2 * nb + 2, x.device),
                     ws=T.split_workspace(split, m, n, x.device),
                     tp=torch.empty(max(ntc * m * rp, 1), dtype=torch.float32, device=x.device),
                     t=t, t32=t.view(torch.int32),
                     const=(kw.bits, kw.mode, kw.spec.group_size, float(2 ** kw.bits), float(2 ** (kw.bits - 1)),
                            nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
                            cfg.pf, _PDT[kw.scale.dtype], PSUM_UNROLL if split > 1 else 1, cfg.unroll,
-                           cfg.xs == 1 and m == 1, pdl))
+                           cfg.xs == 1 and m == 1, pdl, inside,
+                           *((rot.r1, rot.r2, rot.cols) if inside else (1, 16, 16))))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
-    if rot is not None:  # the rotation's launch into xr (with pdl: letting this one start at once)
-        rot.launch(x, p["xr"], p["rot"] if plan is not None else None, trigger=pdl)
-        xe = p["xr"]
-    x32 = xe.view(torch.int32)  # 32-bit pairs of x's row (the B fragment)
     dummy = kw.scale
+    rops = (dummy, dummy, dummy, dummy)
+    if inside:  # this launch's first programs rotate x into xr, the GEMV reads xr
+        x32 = p["xr"].view(torch.int32)
+        rops = (p["xr"], rot.s[x.dtype], rot.h1, rot.h2[x.dtype])
+    else:
+        if rot is not None:  # the rotation's launch into xr (with pdl: letting this one start at once)
+            rot.launch(x, p["xr"], p["rot"] if plan is not None else None, trigger=pdl)
+            xe = p["xr"]
+        x32 = xe.view(torch.int32)  # 32-bit pairs of x's row (the B fragment)
     args = (xe, x32, y, kw.qweight, kw.scale, bias if bias is not None else dummy,
             Lc.view(torch.int32) if has_lr else dummy, Rc if has_lr else dummy,
-            p["ws"], p["tp"], p["t"], p["t32"], p["cnt"], m, n, k, x32.shape[1], kw.scale.shape[1],
-            kw.n_tiles, p["bps"], p["split"], p["ntc"], rank, xe.stride(0), x32.stride(0), y.stride(0), *p["const"])
+            p["ws"], p["tp"], p["t"], p["t32"], p["cnt"], *rops, m, n, k, x32.shape[1], kw.scale.shape[1],
+            kw.n_tiles, p["bps"], p["split"], p["ntc"], rank, xe.stride(0), x32.stride(0), y.stride(0), p["nrot"],
+            rot.scale if inside else 1.0, *p["const"])
     T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg, pdl)
 
 

@@ -12,7 +12,8 @@ matmul per stage, the cast) in a prepared layer's call.
 
 A prepared one-token call of the fragment GEMV (:mod:`._frag`) plans this launch with its own
 (:meth:`TritonRotation.launch` into its scratch x'); with ``trigger`` the GEMV may start as a
-programmatic dependent launch while this one runs.
+programmatic dependent launch while this one runs. Opted in (``LQKIT_ROT_LAUNCH=one``, measured slower
+on an H100), the GEMV's launch runs :func:`_tile_two` in its own first programs instead.
 """
 
 from __future__ import annotations
@@ -41,27 +42,36 @@ PROGRAMS = 4
 
 
 @triton.jit
-def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
-                R1: tl.constexpr, R2: tl.constexpr, BC: tl.constexpr, TRIGGER: tl.constexpr = False):
-    """Token program_id(0), block program_id(1), columns [program_id(2)·BC, +BC) of the (R1, R2)
-    tile X: X'[:, cols] = H1·(S⊙X)·H2[:, cols]·scale (each program reads the whole tile; the block's
-    work is spread over R2 / BC programs). TRIGGER: let the next launch (a programmatic dependent
-    launch) start now; it waits for this one's results itself (griddepcontrol.wait)."""
-    if TRIGGER:
-        gdc_launch_dependents()
-    m = tl.program_id(0)
+def _tile_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, blk, part, scale, R1: tl.constexpr, R2: tl.constexpr,
+              BC: tl.constexpr):
+    """One token's block ``blk``, columns [part·BC, +BC) of its (R1, R2) tile X (x_ptr, y_ptr: the
+    token's rows): X'[:, cols] = H1·(S⊙X)·H2[:, cols]·scale, reading the whole tile."""
     i = tl.arange(0, R1)
     j = tl.arange(0, R2)
-    c = tl.program_id(2) * BC + tl.arange(0, BC)
-    off = tl.program_id(1) * (R1 * R2) + i[:, None] * R2 + j[None, :]
-    x = tl.load(x_ptr + m * stride_x + off)
+    c = part * BC + tl.arange(0, BC)
+    off = blk * (R1 * R2) + i[:, None] * R2 + j[None, :]
+    x = tl.load(x_ptr + off)
     xs = x * tl.load(s_ptr + off)  # ±1: exact in x's dtype
     h2 = tl.load(h2_ptr + j[:, None] * R2 + c[None, :])  # x's dtype, ±1
     y = tl.dot(xs, h2)  # (R1, BC) fp32, exact products
     h1 = tl.load(h1_ptr + i[:, None] * R1 + i[None, :])  # fp32, ±1
     z = tl.dot(h1, y, input_precision="tf32x3")  # fp32 accuracy from three TF32 products
-    out = tl.program_id(1) * (R1 * R2) + i[:, None] * R2 + c[None, :]
-    tl.store(y_ptr + m * stride_y + out, (z * scale).to(y_ptr.dtype.element_ty))
+    out = blk * (R1 * R2) + i[:, None] * R2 + c[None, :]
+    tl.store(y_ptr + out, (z * scale).to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _rotate_two(x_ptr, s_ptr, h1_ptr, h2_ptr, y_ptr, stride_x, stride_y, scale,
+                R1: tl.constexpr, R2: tl.constexpr, BC: tl.constexpr, TRIGGER: tl.constexpr = False):
+    """Token program_id(0), block program_id(1), columns [program_id(2)·BC, +BC) of the (R1, R2)
+    tile X (:func:`_tile_two`: the block's work is spread over R2 / BC programs). TRIGGER: let the
+    next launch (a programmatic dependent launch) start now; it waits for this one's results itself
+    (griddepcontrol.wait)."""
+    if TRIGGER:
+        gdc_launch_dependents()
+    m = tl.program_id(0)
+    _tile_two(x_ptr + m * stride_x, s_ptr, h1_ptr, h2_ptr, y_ptr + m * stride_y, tl.program_id(1),
+              tl.program_id(2), scale, R1, R2, BC)
 
 
 @triton.jit

@@ -923,6 +923,8 @@ class BoundLinear:
             self.frag = fn is _frag._frag_kernel
             h = _HEAD["frag" if self.frag else "gemv"]
             self.tail = args[h:]
+            # the GEMV reads x' (plan scratch) where its own first programs rotate x into it
+            self.x32 = args[1] if self.frag and args[1].data_ptr() != args[0].data_ptr() else None
             self.fn, self.grid, self.opts = fn, grid, (warps, stages, maxnreg, pdl)
             self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
             self.stream = _stream_getter(device) if self.kernel is not None else None
@@ -943,7 +945,7 @@ class BoundLinear:
             _fire(k, fn, grid, (x,) + tail, opts, stream)
             head = self.xin + (y,)
         else:
-            head = (x, x.view(torch.int32), y) if self.frag else (x, y)
+            head = (x, self.x32 if self.x32 is not None else x.view(torch.int32), y) if self.frag else (x, y)
         _fire(self.kernel, self.fn, self.grid, head + self.tail, self.opts, stream)
         if self.fix is not None:  # exactly kept outliers: y += x·Cᵀ
             sparse_add(x.view(self.m, -1), y.view(self.m, self.n), self.fix)
