@@ -12,11 +12,15 @@ do_sample=False)`` from a P-token prompt (random token ids, the same for every r
 cache) and compiled (transformers' recipe: ``cache_implementation="static"`` and a ``compile_config``
 — torch.compile of the decoding step, fullgraph, mode "reduce-overhead", i.e. CUDA graphs), at each
 batch size; one untimed call warms up (compiles, records the graphs), then the median of ``--reps``
-timed calls. tokens/s = batch x N / seconds of a generate() call (prefill included). The bandwidth
-fraction of a decoding step = (bytes of every weight a step reads / measured copy bandwidth) /
-(seconds / N), the KV cache not counted. Rows, batches and modes are selectable, checkpoints and
-the built model are reused from ``--work`` when present, a failing row is recorded and the next one
-runs. ``--tiny``: a 2-layer tiny llama on the CPU (torch path), to check the script's logic.
+timed calls. ``--modes eager-interleaved``: every row loaded at once (the 7B-shaped bf16 model and four
+lqkit rows take about 27 GB) and their eager calls made in turn, ``--rounds`` rounds, so that a host whose
+speed drifts between calls (eager decoding is host-bound) slows every row alike; ``vs_bf16_paired`` is
+the median over rounds of bf16's seconds over the row's in the same round. tokens/s = batch x N /
+seconds of a generate() call (prefill included). The bandwidth fraction of a decoding step = (bytes
+of every weight a step reads / measured copy bandwidth) / (seconds / N), the KV cache not counted.
+Rows, batches and modes are selectable, checkpoints and the built model are reused from ``--work``
+when present, a failing row is recorded and the next one runs. ``--tiny``: a 2-layer tiny llama on
+the CPU (torch path), to check the script's logic.
 
 Every phase prints a line with the seconds since the start (a stack dump follows when nothing is
 printed for 180 s). Rows already in ``--out`` for the same model shape are kept unless re-run, so the
@@ -284,6 +288,46 @@ def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, devi
             "tokens": out[0, ids.shape[1]:ids.shape[1] + 8].tolist()}
 
 
+def eager_seconds(model, ids: torch.Tensor, new: int, device: str) -> float:
+    """Seconds of one eager ``generate()`` call of ``new`` tokens (greedy, dynamic cache)."""
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+    sync(device)
+    if out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens instead of {new}")
+    return time.perf_counter() - t
+
+
+def eager_interleaved(models: dict, ids: torch.Tensor, new: int, rounds: int, device: str) -> dict:
+    """Eager ``generate()`` of every loaded row in turn, ``rounds`` times (after one short warm-up call
+    each): a host that speeds up or slows down between calls does so for every row alike. Per row: the
+    calls' seconds, their median, and the median over rounds of its time against bf16's in the same
+    round (``vs_bf16_paired``)."""
+    for model in models.values():
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
+                           do_sample=False, pad_token_id=0)  # binds the prefill's and one step's kernel calls
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(rounds):
+        for name, model in models.items():
+            times[name].append(eager_seconds(model, ids, new, device))
+        rates = ", ".join(f"{n} {ids.shape[0] * new / t[-1]:.1f}" for n, t in times.items())
+        log(f"    round {i + 1}/{rounds}: {rates} tokens/s")
+    out = {}
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        r = {"mode": "eager-interleaved", "batch": ids.shape[0], "prompt_tokens": ids.shape[1], "new_tokens": new,
+             "rounds": rounds, "seconds": round(t, 4), "times": [round(x, 4) for x in ts],
+             "tokens_per_s": round(ids.shape[0] * new / t, 1), "ms_per_token": round(t / new * 1e3, 3)}
+        if "bf16" in times:
+            r["vs_bf16_paired"] = round(statistics.median(b / x for b, x in zip(times["bf16"], ts)), 3)
+        out[name] = r
+    return out
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy of 2 GiB: bytes read + written per second (GB/s), median of 20 copies."""
     n = 1 << 30
@@ -305,6 +349,42 @@ def copy_bandwidth() -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def run_interleaved(rows: list, model_dir: Path, work: Path, device: str, args, prompts, batches, result: dict,
+                    out: Path) -> None:
+    """The eager-interleaved mode: every row (untuned) loaded at once, then :func:`eager_interleaved` at
+    each batch size; rows appended to ``result`` and written to ``out``."""
+    log("== eager-interleaved: " + ", ".join(rows))
+    models = {}
+    for name in rows:
+        try:
+            path = model_dir if ROWS[name] is None else checkpoint_for(name, ROWS[name], model_dir, work, device,
+                                                                        args.fresh)
+            models[name], load_s = load_row(name, path, device)
+            log(f"  {name}: loaded in {load_s:.1f} s")
+        except Exception as e:  # recorded; the other rows run
+            traceback.print_exc()
+            result["rows"].append({"row": name, "mode": "eager-interleaved", "error": f"{type(e).__name__}: {e}"[:800]})
+    for b in batches:
+        try:
+            res = eager_interleaved(models, prompts[:b].to(device), args.new, args.rounds, device)
+        except Exception as e:
+            traceback.print_exc()
+            res = {name: {"mode": "eager-interleaved", "batch": b, "error": f"{type(e).__name__}: {e}"[:800]}
+                   for name in models}
+        for name, r in res.items():
+            result["rows"] = [x for x in result["rows"] if (x.get("row"), x.get("batch"), x.get("mode"))
+                              != (name, b, "eager-interleaved")]
+            result["rows"].append({"row": name, "spec": ROWS[name].label() if ROWS[name] else "bf16", **r})
+            if "tokens_per_s" in r:
+                log(f"  {name} batch {b} eager-interleaved: {r['tokens_per_s']} tokens/s"
+                    + (f", {r['vs_bf16_paired']}x bf16 (paired by round)" if "vs_bf16_paired" in r else ""))
+        write_json(out, result)
+    del models
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -315,13 +395,16 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--modes", default="eager,compiled,loop",
-                    help="of eager, compiled (generate() with a static cache and compile_config) and loop (lqkit's "
-                         "compiled greedy loop, lqkit.generate.greedy_loop); default all three")
+                    help="of eager, compiled (generate() with a static cache and compile_config), loop (lqkit's "
+                         "compiled greedy loop, lqkit.generate.greedy_loop) and eager-interleaved (every row loaded "
+                         "at once, eager calls of the rows in turn, --rounds times: for hosts whose speed drifts); "
+                         "default the first three")
     ap.add_argument("--tune", default="off", choices=("off", "on", "both"),
                     help="lqkit rows loaded with load(tune=True) (row name + '+tuned'), without, or both (default off)")
     ap.add_argument("--new", type=int, default=128, help="generated tokens per call (default 128)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     ap.add_argument("--reps", type=int, default=3, help="timed calls per measurement, median (default 3)")
+    ap.add_argument("--rounds", type=int, default=9, help="rounds of eager-interleaved (default 9)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny aot_eager)")
     ap.add_argument("--fresh", action="store_true", help="rebuild the model folder's checkpoints even if present")
     ap.add_argument("--fresh-results", action="store_true",
@@ -341,6 +424,11 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     batches = [int(b) for b in args.batches.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in modes if m not in ("eager", "compiled", "loop", "eager-interleaved")]
+    if unknown:
+        sys.exit(f"unknown modes {unknown}; choose from eager, compiled, loop, eager-interleaved")
+    interleave = "eager-interleaved" in modes
+    modes = [m for m in modes if m != "eager-interleaved"]
     work = Path(args.work) / ("tiny" if args.tiny else f"llama2-7b-L{args.layers}")
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -379,7 +467,7 @@ def main() -> None:
     prompts = torch.randint(4, vocab, (max(batches), args.prompt), generator=g)
 
     tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
-    for name, tune in [(n, t) for n in rows for t in ((False,) if ROWS[n] is None else tunes)]:
+    for name, tune in [(n, t) for n in rows for t in ((False,) if ROWS[n] is None else tunes)] if modes else []:
         label = name + ("+tuned" if tune else "")
         log(f"== {label}")
         try:
@@ -423,6 +511,9 @@ def main() -> None:
         torch._dynamo.reset()
         if device == "cuda":
             torch.cuda.empty_cache()
+
+    if interleave:
+        run_interleaved(rows, model_dir, work, device, args, prompts, batches, result, out)
 
     base = {(r["batch"], r["mode"]): r["tokens_per_s"] for r in result["rows"]
             if r["row"] == "bf16" and "tokens_per_s" in r}

@@ -1,6 +1,7 @@
 """What an input rotation (lqkit.core.rotation) adds to a compressed layer's call at one token (CUDA GPU).
 
-For each layer shape (out×in) of gemma-3-270m, Llama-2-7B, Llama-2-13B and Llama-3-8B, rtn 4-bit with
+For each layer shape (out×in) of gemma-3-270m, Llama-2-7B, Llama-2-13B and Llama-3-8B, and Llama-3-8B's
+stacks as a prepared model calls them with one rotation (q/k/v 6144×4096, gate/up 28672×4096), rtn 4-bit with
 groups of 128 along in (the fragment GEMV), bf16, one token, the prepared call (``kernels.bind``):
 - ``layer``: unrotated;
 - ``fused``: rotated, the call a prepared rotated layer binds at one token (``kernels.bind(...,
@@ -10,8 +11,8 @@ groups of 128 along in (the fragment GEMV), bf16, one token, the prepared call (
   design: each GEMV program rotating its own part of x;
 - ``inside`` (blocks of 256 to 4096; ``inside`` true in a row): the opt-in design
   (``LQKIT_ROT_LAUNCH=one``): the GEMV's own launch, whose first programs rotate x while the rest
-  prefetch their first weights and wait for a count. In ``rotation-inside-launch-h100-*.json`` (2026-12-05
-  16:00) that design was the default, so there ``fused`` is it and ``chained`` the two launches;
+  prefetch their first weights and wait for a count. In ``rotation-onelaunch-*-h100*.json`` (2026-12-05
+  15:45–16:00) that design was the default, so there ``fused`` is it and ``chained`` the two launches;
 - ``separate``: the rotation's own launch (``kernels.rotation``) and then the layer (what it ran before,
   and still runs at more tokens);
 - ``torch`` (``--torch``): the core transform (signs, one matmul per stage, the cast), then the layer.
@@ -43,7 +44,7 @@ from lqkit.core.quant import QuantSpec  # noqa: E402
 from lqkit.core.rotation import Rotation, transform  # noqa: E402
 
 SHAPES = [(2048, 640), (640, 2048), (4096, 4096), (11008, 4096), (4096, 11008), (13824, 5120), (5120, 13824),
-          (14336, 4096), (4096, 14336)]
+          (14336, 4096), (4096, 14336), (6144, 4096), (28672, 4096)]
 
 
 def timed(fns, x: torch.Tensor, graph: bool, rounds: int) -> float:
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--torch", action="store_true", help="also the core transform before the layer")
     a = p.parse_args()
+    os.environ.pop("LQKIT_ROT_LAUNCH", None)  # ``fused`` is always the default design
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
     rows = []
     spec = QuantSpec("rtn", 4, 128)
@@ -103,9 +105,11 @@ def main() -> None:
         plain = [kernels.bind(x, kw)[0] for kw in kws]
         fused = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if fused_ok else []
         os.environ["LQKIT_ROT_LAUNCH"] = "one"  # the opt-in design too (bound now: later calls ignore the switch)
-        inside = fused_ok and _frag.rotates_inside(rot, False)
-        one = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if inside else []
-        del os.environ["LQKIT_ROT_LAUNCH"]
+        try:
+            inside = fused_ok and _frag.rotates_inside(rot, False)
+            one = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if inside else []
+        finally:
+            os.environ.pop("LQKIT_ROT_LAUNCH")
         variants = {"layer": [lambda x, b=b: b(x, (1, out)) for b in plain],
                     "separate": [lambda x, b=b: b(rot(x), (1, out)) for b in plain]}
         if fused:

@@ -7,7 +7,8 @@ launches' (rotation, then GEMV) for the same input. Per shape: ``--inputs`` inpu
 rounds of bound calls eagerly, then 2 x ``--rounds`` replays of one CUDA graph with the inputs copied in
 in turn; the largest relative difference of each, and the counters after.
 
-Usage: PYTHONPATH=src python bench/rotation_race.py --out bench/results/rotation-onelaunch-race-h100.json
+Usage: PYTHONPATH=src python bench/rotation_race.py --out bench/results/rotation-race-h200.json
+(``rotation-onelaunch-race-h100.json`` came from this script's first form, which wrote another layout.)
 """
 
 from __future__ import annotations

@@ -891,26 +891,33 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("k, block, split", [(1024, 1024, 3), (512, 256, 1)])
-def test_rotation_inside_the_gemv_launch_matches_the_chained_launches(k, block, split, monkeypatch):
+@pytest.mark.parametrize("n, k, block, split, warps, gpu_only", [
+    (48, 1024, 1024, 3, 4, False), (48, 512, 256, 1, 4, False), (256, 1024, 1024, 3, 4, True),
+    (256, 2048, 256, 2, 8, True)])
+def test_rotation_inside_the_gemv_launch_matches_the_chained_launches(n, k, block, split, warps, gpu_only,
+                                                                      monkeypatch):
     """LQKIT_ROT_LAUNCH=one: at one token, without a low-rank term, a rotated call of two-product blocks
     rotates x in the GEMV's own launch (its first programs write x' and count themselves in; the GEMV's
     programs wait for that count): one launch, recorded and bound as one; equal to the chained launches
-    (the default) up to summation order, a 1024-block over 4 programs and two 256-blocks
-    over one each, with and without K-splits; the counters back at 0 after every call (a count left
-    over would let the next call's GEMV read x' before it is written)."""
+    (the default) to x' rounding (the same products; under another warp count the tile's fp32 sums may
+    run in another order), a 1024-block over 4 programs and 256-blocks over one each, with and without
+    K-splits; the counters back at 0 after every call (a count left over would let the next call's GEMV
+    read x' before it is written). On a GPU also several blocks of rows (the last reader among all of
+    them resets the counts), 8 warps, and replays of a CUDA graph."""
     from lqkit import kernels
 
     device = _device()
+    if gpu_only and device == "cpu":
+        pytest.skip("the interpreter's fragment kernel is slow: checked on a GPU")
     from lqkit.core.rotation import Rotation
     from lqkit.kernels import _frag, _triton  # imports triton: after the skip where there is none
 
     dtype = torch.bfloat16 if device != "cpu" else torch.float16
-    shape, spec = (48, k), QuantSpec("rtn", 4, 128)
-    q = qmod.quantize(torch.randn(shape) * 0.02, spec)
-    kw = kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), shape, device)
+    spec = QuantSpec("rtn", 4, 128)
+    q = qmod.quantize(torch.randn(n, k) * 0.02, spec)
+    kw = kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), (n, k), device)
     r = kernels.rotation(Rotation(3, block), k, device)
-    cfg = _triton.Config(kind="frag", bn=64, warps=4, pf=2, split=split)
+    cfg = _triton.Config(kind="frag", bn=16 * warps, warps=warps, pf=2, split=split)
     # inputs in turn on a GPU (a read of x' before it is written would show); one in the interpreter (programs
     # run one after another there: 3 launches of the fragment kernel take ~25 s)
     xs = [(torch.randn(1, k, device=device) * 2).to(dtype) for _ in range(1 if device == "cpu" else 2)]
@@ -923,12 +930,30 @@ def test_rotation_inside_the_gemv_launch_matches_the_chained_launches(k, block, 
     counters = kw.cache["counters"]
     bound, y0 = kernels.bind(xs[0], kw, rotation=r, config=cfg)
     assert bound.general is None and bound.pre is None and bound.x32 is not None  # one launch, reading x'
-    assert bound.grid[0] == (k // block) * (r.r2 // r.cols) + split  # the rotation's programs, then the GEMV's
+    nb = -(-n // (16 * warps))
+    splits = _triton._split(kw, nb, cfg, kw.qweight.device, multiple=cfg.pf)[0]
+    assert splits == split and bound.grid[0] == (k // block) * (r.r2 // r.cols) + nb * splits  # rotation's, GEMV's
     assert int(counters.abs().sum()) == 0
     torch.testing.assert_close(y0.float(), wants[0], rtol=0, atol=tol)
     for i in range(1 if device == "cpu" else 200):
         torch.testing.assert_close(bound(xs[i % len(xs)]).float(), wants[i % len(xs)], rtol=0, atol=tol)
         assert int(counters.abs().sum()) == 0
+    if device == "cpu":
+        return
+    xin = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        bound(xin)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg = bound(xin)
+    for i in range(100):
+        xin.copy_(xs[i % 2])
+        g.replay()
+        torch.testing.assert_close(yg.float(), wants[i % 2], rtol=0, atol=tol)
+    assert int(counters.abs().sum()) == 0
 
 
 @pytest.mark.cuda

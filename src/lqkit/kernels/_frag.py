@@ -604,7 +604,9 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     # ROT (one token, the input rotation in this launch): the first NROT programs rotate x (x_ptr) into
     # x' (xr_ptr, read by the main programs as x32_ptr), block by block (:func:`._rotate._tile_two`, R2 //
     # BC programs a block), and count themselves in; the main programs prefetch as with WAIT, wait for
-    # that count, and count themselves as readers: the last reader sets both counters back to 0
+    # that count, and count themselves as readers: the last reader sets both counters back to 0. (No
+    # deadlock only because GPUs start a grid's programs in order, so the NROT come first: what CUDA does
+    # in practice, not what it promises)
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -850,10 +852,12 @@ def rotates_inside(rot, has_lr: bool) -> bool:
     """Whether a planned rotated call (:func:`plans_rotation`) rotates x in the GEMV's own launch (its
     first programs, the rest waiting on a counter; :func:`_frag_kernel`'s ROT) rather than in a launch
     before it: only when asked for (LQKIT_ROT_LAUNCH=one), for blocks of two products (256 to 4096)
-    and without a low-rank term (its R·x programs would read x before x' exists). Not the default: on
-    an H100 in a CUDA graph it added 3.5–4.1 µs to a call against 1.5–2.1 µs for the chained launches
-    (rotation-inside-launch-h100-*.json); with the wait removed (wrong results, timing only) 0.4 µs,
-    so the cost is the rotation's programs finishing late, not the extra programs."""
+    and without a low-rank term (its R·x programs would read x before x' exists). It relies on the GPU
+    starting the grid's programs in order (the rotation's first), as GPUs do though CUDA does not
+    promise it. Not the default: on an H100 in a CUDA graph it added 2.7–4.1 µs to a call against
+    1.5–2.1 µs for the chained launches (rotation-onelaunch-h100-*.json); with the wait removed (wrong
+    results, timing only) −0.05 to +0.7 µs, so the time is the wait (whether the rotation runs slower
+    inside this launch or the hand-over is slow is not profiled)."""
     one = os.environ.get("LQKIT_ROT_LAUNCH", "chain").strip().lower() == "one"
     return one and rot.r1 > 1 and not has_lr
 
