@@ -470,6 +470,13 @@ def _prefetch_l2(p):
 
 
 @triton.jit
+def _prefetch_first(qp, kb0, kb1, N: tl.constexpr):
+    """Bring a program's first N blocks of words (of kb0 .. kb1 - 1) into the L2 before it waits for x."""
+    for u in tl.static_range(N):
+        _prefetch_l2(qp + tl.maximum(tl.minimum(kb0 + u, kb1 - 1), 0) * 128)
+
+
+@triton.jit
 def _t_ready(flag_ptr, rdy):
     """Wait for this block's t-ready flag (``rdy``: a relaxed read issued earlier, so its round trip
     overlapped other loads), acquire, then lower the flag for the next call (only this program reads it)."""
@@ -648,13 +655,11 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         kb0 = ks * BPS
         kb1 = tl.minimum(kb0 + BPS, NKB)
         if WAIT:
-            for u in tl.static_range(2 * U):
-                _prefetch_l2(qp + tl.maximum(tl.minimum(kb0 + u, kb1 - 1), 0) * 128)
+            _prefetch_first(qp, kb0, kb1, 2 * U)
             gdc_wait()
         seen = 0
         if ROT:
-            for u in tl.static_range(2 * U if ASM else 0):
-                _prefetch_l2(qp + tl.maximum(tl.minimum(kb0 + u, kb1 - 1), 0) * 128)
+            _prefetch_first(qp, kb0, kb1, 2 * U if ASM else 0)  # (no prefetch in triton's interpreter)
             _rot_ready(rc, NROT)
             seen = tl.atomic_add(rc + 1, 1, sem="relaxed")  # its result is first needed at the end
         # B-fragment rows: token g (and g + 8); lanes past the last token read its row again (their
