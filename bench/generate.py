@@ -240,7 +240,7 @@ def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, devi
                   profile: bool = False) -> dict:
     from transformers import CompileConfig
 
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    kw = greedy_kwargs(new)
     if mode == "compiled":
         cc = CompileConfig(fullgraph=True, dynamic=False, backend=backend,
                            mode="reduce-overhead" if device == "cuda" and backend == "inductor" else "default")
@@ -288,13 +288,17 @@ def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, devi
             "tokens": out[0, ids.shape[1]:ids.shape[1] + 8].tolist()}
 
 
+def greedy_kwargs(new: int) -> dict:
+    """``generate()``'s arguments for exactly ``new`` greedy tokens (every row and mode)."""
+    return dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+
 def eager_seconds(model, ids: torch.Tensor, new: int, device: str) -> float:
     """Seconds of one eager ``generate()`` call of ``new`` tokens (greedy, dynamic cache)."""
     sync(device)
     t = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **greedy_kwargs(new))
     sync(device)
     if out.shape[1] != ids.shape[1] + new:
         raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens instead of {new}")
@@ -307,9 +311,7 @@ def eager_interleaved(models: dict, ids: torch.Tensor, new: int, rounds: int, de
     calls' seconds, their median, and the median over rounds of its time against bf16's in the same
     round (``vs_bf16_paired``)."""
     for model in models.values():
-        with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, min_new_tokens=2,
-                           do_sample=False, pad_token_id=0)  # binds the prefill's and one step's kernel calls
+        eager_seconds(model, ids, 2, device)  # binds the prefill's and one step's kernel calls
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(rounds):
         for name, model in models.items():
