@@ -1,5 +1,6 @@
 """Host time of one eager layer call at one token on a GPU: F.linear, nn.Linear, and a CompressedLinear
-(rtn 4-bit g128, rank 0 and 16) unprepared and after ``prepare_for_inference``.
+(rtn 4-bit g128, rank 0 and 16) unprepared and after ``prepare_for_inference`` (called through the
+``nn.Sequential`` it was prepared in, and directly, as nn.Linear is).
 
 Each round enqueues 200 calls and times the enqueueing (host_us per call) and, after a synchronize,
 the whole (wall_us); median of 9 rounds after 30 warm-up calls. A cProfile of the prepared 4096x4096
@@ -82,6 +83,9 @@ def main() -> None:
                 prepare_for_inference(m, fuse=False)
                 res[f"prepare_s r{rank} {shape}"] = round(time.time() - t, 2)
                 res[f"lqkit prepared rtn4 r{rank} {shape}"] = enqueue_us(lambda: m(x))
+                # the layer itself, as a model's block calls its projections (the line above adds the
+                # Sequential's own module call, which nn.Linear's line does not have)
+                res[f"lqkit prepared rtn4 r{rank} {shape}, the layer called directly"] = enqueue_us(lambda: m[0](x))
                 if shape == (4096, 4096):
                     res[f"profile prepared r{rank}"] = top(lambda: m(x))
     print(json.dumps(res, indent=1))

@@ -78,20 +78,28 @@ def timed(fns, x: torch.Tensor, graph: bool, rounds: int) -> float:
     return start.elapsed_time(end) / (rounds * len(fns)) * 1e3
 
 
+def _shape(s: str) -> tuple[int, int, int | None]:
+    """OUTxIN or OUTxIN/BLOCK (the rotation's block; default: the default block of IN)."""
+    dims, _, block = s.partition("/")
+    out, inp = (int(v) for v in dims.split("x"))
+    return out, inp, int(block) if block else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="JSON file for the results")
-    p.add_argument("--shapes", default=None, help="OUTxIN,... (default: all)")
+    p.add_argument("--shapes", default=None,
+                   help="OUTxIN[/BLOCK],... (default: all, in the default block: lqkit.core.rotation.default_block)")
     p.add_argument("--cold-mb", type=float, default=240.0,
                    help="MiB of weight copies per shape (the H200's L2: 50 MB)")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--torch", action="store_true", help="also the core transform before the layer")
     a = p.parse_args()
     os.environ.pop("LQKIT_ROT_LAUNCH", None)  # ``fused`` is always the default design
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
+    shapes = [_shape(s) for s in a.shapes.split(",")] if a.shapes else [(o, i, None) for o, i in SHAPES]
     rows = []
     spec = QuantSpec("rtn", 4, 128)
-    for out, inp in shapes:
+    for out, inp, block in shapes:
         q = qmod.quantize(torch.randn(out, inp) * 0.02, spec)
         kw0 = kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), (out, inp), "cuda")
         nbytes = kw0.qweight.numel() * kw0.qweight.element_size() + kw0.scale.numel() * kw0.scale.element_size()
@@ -99,7 +107,7 @@ def main() -> None:
         kws = [kw0] + [kernels.prepare(q.packed, q.aux, qmod.kernel_spec(spec), (out, inp), "cuda")
                        for _ in range(copies - 1)]
         x = torch.randn(1, inp, device="cuda", dtype=torch.bfloat16)
-        r = Rotation.for_size(inp, seed=1)
+        r = Rotation(1, block) if block else Rotation.for_size(inp, seed=1)
         rot = kernels.rotation(r, inp, "cuda")
         fused_ok = kernels.plans_rotation(kw0, 1, x.dtype, rot)
         plain = [kernels.bind(x, kw)[0] for kw in kws]

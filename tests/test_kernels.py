@@ -758,20 +758,22 @@ def test_gptq_fused_sweep_equals_torch_sweep(act_order, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n, tokens", [(64, 3), (640, 17), (768, 2), (1536, 1), (3072, 5), (2048, 1), (14336, 1),
-                                       (4096, 2), (8 * 8192, 1), (24, 1)])
-def test_rotation_in_one_launch_equals_the_core_transform(n, tokens):
+@pytest.mark.parametrize("n, tokens, block", [(64, 3, None), (640, 17, None), (768, 2, None), (1536, 1, None),
+                                              (3072, 5, None), (2048, 1, None), (14336, 1, None), (4096, 2, None),
+                                              (4096, 2, 4096), (8 * 8192, 1, 8 * 8192), (24, 1, None)])
+def test_rotation_in_one_launch_equals_the_core_transform(n, tokens, block):
     """kernels.rotation: R·x in one Triton launch (one product for blocks ≤ 128, two for 256..4096;
     the core transform for others: here one block of 65536 and blocks of 8) against the core
     transform in float32, to 16-bit rounding, for bf16 and fp16 inputs (fp16 only under triton's
-    interpreter, which misreads bf16); fp32 inputs and the inverse go to the core transform."""
+    interpreter, which misreads bf16); fp32 inputs and the inverse go to the core transform. Blocks:
+    the default (at most 2048), or one block of 4096 or 65536."""
     from lqkit import kernels
     from lqkit.core.rotation import Rotation, transform
 
     device = _device()
     from lqkit.kernels import _rotate  # imports triton: after the skip where there is none
 
-    rot = Rotation.for_size(n, seed=5)
+    rot = Rotation(5, block) if block else Rotation.for_size(n, seed=5)
     r = kernels.rotation(rot, n, device)
     one_launch = _rotate.stages(rot.block) is not None
     assert isinstance(r, _rotate.TritonRotation) == one_launch, (n, rot.block)

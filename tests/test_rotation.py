@@ -50,6 +50,9 @@ def test_large_and_non_power_of_two_sizes(n, block):
 
 def test_block_sizes_and_stages():
     assert [rt.default_block(n) for n in (640, 1152, 2048, 5632, 11008, 7)] == [128, 128, 2048, 512, 256, 1]
+    assert rt.MAX_BLOCK == 2048  # larger powers of two are rotated in blocks of 2048 by default
+    assert [rt.default_block(n) for n in (4096, 14336, 1 << 16)] == [2048, 2048, 2048]
+    assert Rotation.for_size(4096).block == 2048 and Rotation(0, 4096).block == 4096  # still allowed
     assert rt.radices(2048) == (64, 32) and rt.radices(64) == (64,) and rt.radices(1) == ()
     assert rt.radices(1 << 13) == (32, 16, 16) and rt.radices(16, radix=2) == (2, 2, 2, 2)
     with pytest.raises(SpecError, match="does not divide"):
@@ -60,7 +63,7 @@ def test_block_sizes_and_stages():
 
 def test_butterfly_radix_and_more_stages_agree():
     """Radix 2 is the plain log2(b)-stage butterfly; three and more stages take the general axis path."""
-    rot = Rotation.for_size(1 << 12, seed=1)
+    rot = Rotation(1, 1 << 12)  # one block of 4096 (two stages of 64 at the default radix)
     x = torch.randn(5, 1 << 12)
     ref = rt.rotate_input(x, rot)
     for radix in (2, 4, 16):
