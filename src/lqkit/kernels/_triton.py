@@ -911,7 +911,8 @@ class BoundLinear:
     x', then the GEMV's on x'); nothing is looked up, tuned or compiled.
 
     ``bound(x, shape)``: x holds the m tokens' rows back to back (any leading shape, contiguous, 16-byte
-    aligned); y is allocated as ``shape`` (default (m, N)), e.g. x's leading shape and N: no reshapes."""
+    aligned) on the bound device (not checked: compiled launches take bare addresses); y is allocated as
+    ``shape`` (default (m, N)), e.g. x's leading shape and N: no reshapes."""
 
     def __init__(self, m: int, n: int, dtype: torch.dtype, device: torch.device, launch: tuple | None,
                  fix: SparseFix | None, general=None, pre: tuple | None = None):
@@ -922,34 +923,59 @@ class BoundLinear:
             fn, plan, grid, args, warps, stages, maxnreg, pdl = launch
             self.frag = fn is _frag._frag_kernel
             h = _HEAD["frag" if self.frag else "gemv"]
-            self.tail = args[h:]
+            self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
+            self.args = args[h:]  # the fixed arguments (their tensors live as long as this call)
+            # compiled: the fixed tensors as device addresses (_addresses); the interpreter takes tensors
+            self.tail = _addresses(self.args) if self.kernel is not None else self.args
             # the GEMV reads x' (plan scratch) where its own first programs rotate x into it
             self.x32 = args[1] if self.frag and args[1].data_ptr() != args[0].data_ptr() else None
+            self.x32p = self.x32.data_ptr() if self.x32 is not None else None
             self.fn, self.grid, self.opts = fn, grid, (warps, stages, maxnreg, pdl)
-            self.kernel = plan.get("kernel")  # None in triton's interpreter: its own dispatch each call
             self.stream = _stream_getter(device) if self.kernel is not None else None
             if pre is not None:
                 assert fix is None, "the outliers' pass reads x, not x'"  # (_frag.plans_rotation excludes them)
                 pfn, pplan, pgrid, pargs, pw, ps, pm, ppdl = pre
                 self.xin = args[:h - 1]  # the rotation's output (plan scratch) as the GEMV's x
-                self.pre = (pplan.get("kernel"), pfn, pgrid, pargs[1:], (pw, ps, pm, ppdl))
+                self.xinp = _addresses(self.xin)
+                pk = pplan.get("kernel")
+                self.pre = (pk, pfn, pgrid, _addresses(pargs[1:]) if pk is not None else pargs[1:],
+                            (pw, ps, pm, ppdl))
+                self.pre_args = pargs[1:]  # (kept: the tensors behind those addresses)
 
     def __call__(self, x: torch.Tensor, shape: tuple | None = None) -> torch.Tensor:
         if self.general is not None:
             y = self.general(x)
             return y.view(shape) if shape is not None else y
         y = torch.empty(shape or (self.m, self.n), dtype=self.dtype, device=self.device)
-        stream = self.stream() if self.stream is not None else None
-        if self.pre is not None:
-            k, fn, grid, tail, opts = self.pre
-            _fire(k, fn, grid, (x,) + tail, opts, stream)
-            head = self.xin + (y,)
+        if self.kernel is not None:  # compiled: every pointer as its address (_addresses)
+            stream = self.stream()
+            xp, yp = x.data_ptr(), y.data_ptr()
+            if self.pre is not None:
+                k, fn, grid, tail, opts = self.pre
+                _fire(k, fn, grid, ((xp if k is not None else x),) + tail, opts, stream)
+                head = self.xinp + (yp,)
+            else:
+                head = (xp, self.x32p or xp, yp) if self.frag else (xp, yp)
+            _run_compiled(self.kernel, self.grid, head + self.tail, stream)
         else:
-            head = (x, self.x32 if self.x32 is not None else x.view(torch.int32), y) if self.frag else (x, y)
-        _fire(self.kernel, self.fn, self.grid, head + self.tail, self.opts, stream)
+            if self.pre is not None:
+                k, fn, grid, tail, opts = self.pre
+                _fire(k, fn, grid, (x,) + tail, opts, None)
+                head = self.xin + (y,)
+            else:
+                head = (x, self.x32 if self.x32 is not None else x.view(torch.int32), y) if self.frag else (x, y)
+            _fire(None, self.fn, self.grid, head + self.tail, self.opts, None)
         if self.fix is not None:  # exactly kept outliers: y += x·Cᵀ
             sparse_add(x.view(self.m, -1), y.view(self.m, self.n), self.fix)
         return y
+
+
+def _addresses(args: tuple) -> tuple:
+    """A compiled launch's arguments with every tensor replaced by its device address. triton's
+    launcher takes an int as the pointer itself, where for a tensor it calls data_ptr() and asks the
+    driver to check the address (cuPointerGetAttribute): once per pointer argument and launch, a
+    dozen and more for the fragment kernel. For tensors that the caller keeps alive."""
+    return tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _fire(k, fn, grid: tuple, args: tuple, opts: tuple, stream) -> None:
