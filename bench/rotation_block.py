@@ -1,5 +1,5 @@
 """What the rotation's block size costs in quality: the default model's 2048-input matrices (the MLP's
-down projections, the only inputs whose default block exceeds 128) rotated in blocks of 256 to 2048.
+down projections, its largest inputs) rotated in blocks of 256 to 2048.
 
 Two measures, CPU, fp32 (google/gemma-3-270m; the calibration statistics of bench/sensitivity.py,
 64 × 512 tokens of WikiText-2 validation, cached under $LQKIT_CACHE/stats):
@@ -7,7 +7,8 @@ Two measures, CPU, fp32 (google/gemma-3-270m; the calibration statistics of benc
   b-bit g128 (along in) in the original coordinates, H the calibration second moment of the input;
   per bits and block (and unrotated);
 - ``perplexity`` (``--windows`` > 0): rtn 4-bit and 3-bit g128 on every decoder linear, every input rotated
-  (:func:`lqkit.plan.rotated_plan`; 640-input matrices in their default blocks of 128) with the down
+  (:func:`lqkit.plan.rotated_plan`; the other matrices in their default blocks: 128 for the 640-inputs,
+  1024 for o_proj's 1024-inputs) with the down
   projections' blocks as listed (or unrotated); WikiText-2 test, ``--windows`` evenly spaced windows of
   512 tokens with BOS (bench/quality.py's protocol, fewer windows).
 

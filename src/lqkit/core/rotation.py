@@ -38,9 +38,10 @@ from ..errors import SpecError
 RADIX = 64  # the largest Hadamard factor applied as one matmul
 # the largest default block. At one token a GPU rotates two blocks of 2048 for less than one of 4096
 # (H100, rtn 4-bit 14336×4096 layer in a CUDA graph, 5 runs: +1.47 µs = +8.3 % against +1.89 µs = +10.6 %;
-# bench/results/rotation-block-h100-*.json), and on gemma-3-270m's 2048-input matrices smaller blocks
-# lost nothing (rtn 3-bit g128 output error under the calibration second moments: 3.39 % in blocks of
-# 2048, 3.28 % of 1024, 3.42 % of 512; bench/results/rotation-block-proxy-gemma-3-270m.json)
+# bench/results/rotation-block-h100-*.json), and on gemma-3-270m's 2048-input matrices blocks of 256 to
+# 2048 differ by no consistent amount (rtn 3-bit g128 output error under the calibration second moments
+# 3.39 % in blocks of 2048, 3.28 % of 1024, 3.42 % of 512; 4-bit 0.70 / 0.72 / 0.72 %;
+# bench/results/rotation-block-proxy-gemma-3-270m.json). Inputs of 4096 and more: quality not measured
 MAX_BLOCK = 2048
 
 

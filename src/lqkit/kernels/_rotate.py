@@ -39,7 +39,8 @@ TOKENS = 16  # tokens per program of the one-stage kernel (a tensor-core tile's 
 # with 4 (means of 3 and 7 runs); 4096×14336 (7 blocks of 2048) +1.1 µs with a program per block, +1.6
 # µs with 4 per block (means of 3 and 7): rotation-pdl-variants-h100.json; 14336×4096 in two blocks of 2048
 # (the default block since core.rotation.MAX_BLOCK): +1.47 µs with 2 programs a block (mean of 5 runs,
-# rotation-block-h100-*.json), +1.56 µs with one (one run, rotation-block-programs2-h100.json)
+# rotation-block-h100-*.json, +1.18 to +1.69), +1.56 µs with one (one run, rotation-block-programs2-h100.json):
+# no evidence either way
 PROGRAMS = 4
 
 
