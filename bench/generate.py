@@ -375,9 +375,7 @@ def run_interleaved(rows: list, model_dir: Path, work: Path, device: str, args, 
             traceback.print_exc()
             res = {name: {"mode": "eager-interleaved", "batch": b, "error": f"{type(e).__name__}: {e}"[:800]}
                    for name in models}
-        for name, r in res.items():
-            result["rows"] = [x for x in result["rows"] if (x.get("row"), x.get("batch"), x.get("mode"))
-                              != (name, b, "eager-interleaved")]
+        for name, r in res.items():  # (earlier runs' rows of these rows, batches and mode: dropped in main)
             result["rows"].append({"row": name, "spec": ROWS[name].label() if ROWS[name] else "bf16", **r})
             if "tokens_per_s" in r:
                 log(f"  {name} batch {b} eager-interleaved: {r['tokens_per_s']} tokens/s"

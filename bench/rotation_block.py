@@ -46,7 +46,7 @@ def output_error(model, stats, names: list[str], bits: int, block: int | None) -
     for n in names:
         w = model.get_submodule(n).weight.detach().float()
         h = stats.get(n).h.float()
-        rot = Rotation(Rotation.for_size(w.shape[1]).seed, block) if block else None
+        rot = Rotation(0, block) if block else None
         e = decompose(w, MatrixSpec("quant", QuantSpec("rtn", bits, 128), rotation=rot)).reconstruct() - w
         num += float(torch.einsum("oi,ij,oj->", e, h, e))
         den += float(torch.einsum("oi,ij,oj->", w, h, w))
