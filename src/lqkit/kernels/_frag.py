@@ -974,7 +974,12 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
         if m == 1:  # x's words once per step (xs=1): the registers it frees go to U = 4 or to more programs
             out += [Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1),
                     Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1, unroll=2),
-                    Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1)]
+                    Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1),
+                    # one warp per program, for the small layers: 4096×1024 without split-K (U = 8) and
+                    # 1024×4096 in 8 splits took 4.40 / 4.93 µs on an H100 against 4.9 / 5.3 for the
+                    # candidates above (bench/results/kernels-small-probe-h100.json)
+                    Config(kind="frag", bn=16, warps=1, occ=2.0, pf=8, xs=1),
+                    Config(kind="frag", bn=16, warps=1, occ=4.0, pf=4, xs=1)]
     if m > MAX_M or not out:
         out.append(Config(kind="dequant"))
     return out
