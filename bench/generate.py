@@ -5,7 +5,9 @@ layers, 32 heads, vocab 32000) is built on the GPU in bf16 and saved as a user's
 (safetensors, with a small BPE tokenizer trained on the bundled WikiText-2 text), or ``--model DIR``
 is used; each row is that folder itself (bf16, loaded by transformers) or an lqkit checkpoint of it
 made by ``lqkit.pipeline.compress`` (data-free: rtn 4-bit g128, rtn 3-bit g128, rtn 3-bit g128 + a
-rank-16 LoRC factor pair) and loaded by ``lqkit.checkpoint.load(..., dtype=bf16, device="cuda")``
+rank-16 LoRC factor pair) or, for the budget rows, by the command a user runs (``lqkit compress --model MODEL
+--budget 3.0 [--target lqkit-gpu]``: calibration, cost table and integer program; the row records the plan's
+mix of formats) and loaded by ``lqkit.checkpoint.load(..., dtype=bf16, device="cuda")``
 (which prepares it: kernel layouts, stacked q/k/v and gate/up, one-token calls bound). Every row is
 then driven by the same code: ``model.generate(ids, max_new_tokens=N, min_new_tokens=N,
 do_sample=False)`` from a P-token prompt (random token ids, the same for every row), eager (dynamic
@@ -36,7 +38,10 @@ Usage (H200): PYTHONPATH=src python bench/generate.py --out bench/results/genera
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import subprocess
+from dataclasses import dataclass
 import itertools
 import json
 import os
@@ -55,7 +60,18 @@ from common import log, machine_info, write_json  # noqa: E402
 from lqkit.core import MatrixSpec, QuantSpec  # noqa: E402
 from lqkit.core.rotation import Rotation  # noqa: E402
 
-ROWS = {  # name -> spec of every decoder linear (None: the bf16 model itself)
+@dataclass(frozen=True)
+class BudgetRow:
+    """A checkpoint made as a user makes one under a budget: ``lqkit compress --model MODEL --budget BITS *args``."""
+
+    bits: float
+    args: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        return " ".join((f"--budget {self.bits:g}",) + self.args)
+
+
+ROWS = {  # name -> spec of every decoder linear, or a budget run (None: the bf16 model itself)
     "bf16": None,
     "rtn4": MatrixSpec("quant", QuantSpec("rtn", 4, 128)),
     "rtn3": MatrixSpec("quant", QuantSpec("rtn", 3, 128)),
@@ -64,6 +80,10 @@ ROWS = {  # name -> spec of every decoder linear (None: the bf16 model itself)
     # before each rotated call (one per stack). generate-h100-32layers-eager-rot.json (2026-12-05
     # 12:31) predates this: the GEMV rotated inside its own launch then
     "rtn4-rot256": MatrixSpec("quant", QuantSpec("rtn", 4, 128), rotation=Rotation(1, 256)),
+    # the issue's budget row: default candidates (codebooks, outliers, groups along out may be chosen),
+    # and the same budget kept to what the fragment GEMV reads, q/k/v and gate/up tied (stackable)
+    "budget3": BudgetRow(3.0),
+    "budget3-gpu": BudgetRow(3.0, ("--target", "lqkit-gpu")),
 }
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
@@ -99,12 +119,15 @@ def build_model(out: Path, shape: dict, layers: int, device: str) -> Path:
 # rows
 
 
-def checkpoint_for(name: str, spec: MatrixSpec, model_dir: Path, work: Path, device: str, fresh: bool) -> Path:
-    """The lqkit checkpoint of ``model_dir`` under ``spec`` (pipeline.compress), reused when present."""
+def checkpoint_for(name: str, spec, model_dir: Path, work: Path, device: str, fresh: bool) -> Path:
+    """The lqkit checkpoint of ``model_dir`` under ``spec`` (a MatrixSpec: pipeline.compress; a
+    BudgetRow: the CLI), reused when present."""
     from lqkit import checkpoint, pipeline
     from lqkit.plan import plan_from_json
 
     out = work / f"ck-{name}"
+    if isinstance(spec, BudgetRow):
+        return budget_checkpoint(name, spec, model_dir, out, device, fresh)
     if not fresh and checkpoint.is_checkpoint(out):
         meta = checkpoint.read_meta(out)
         same = (meta.get("extra") or {}).get("source_model") == str(model_dir)
@@ -117,6 +140,38 @@ def checkpoint_for(name: str, spec: MatrixSpec, model_dir: Path, work: Path, dev
     log(f"{name}: compressed with pipeline.compress in {time.time() - t:.1f} s ({len(res.plan)} matrices, "
         f"{res.summary.effective_bits:.3f} bits/param) -> {out}")
     return out
+
+
+def budget_checkpoint(name: str, row: BudgetRow, model_dir: Path, out: Path, device: str, fresh: bool) -> Path:
+    """``lqkit compress --model MODEL --budget BITS ...`` in a child process, as a user runs it (its progress goes
+    to this script's stderr); reused when ``out`` holds a checkpoint the same command made (recorded
+    beside it in ``<out>.row.json``)."""
+    from lqkit import checkpoint
+
+    stamp = out.parent / f"{out.name}.row.json"
+    want = {"source_model": str(model_dir), "command": row.label()}
+    if not fresh and checkpoint.is_checkpoint(out) and stamp.exists() and json.loads(stamp.read_text()) == want:
+        log(f"{name}: checkpoint {out} exists: reused")
+        return out
+    cmd = [sys.executable, "-m", "lqkit", "compress", "--model", str(model_dir), "--budget", f"{row.bits:g}", *row.args,
+           "--out", str(out), "--overwrite", "-q"] + (["--device", "cpu"] if device == "cpu" else [])
+    log(f"{name}: {' '.join(cmd[1:])}")
+    t = time.time()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, check=True, env=env)
+    stamp.write_text(json.dumps(want))
+    log(f"{name}: compressed in {time.time() - t:.1f} s -> {out}")
+    return out
+
+
+def plan_mix(path: Path) -> dict:
+    """How many matrices of a checkpoint's plan take each spec (label -> count, most frequent first)."""
+    from lqkit import checkpoint
+    from lqkit.plan import plan_from_json
+
+    counts = collections.Counter(s.label() for s in plan_from_json(checkpoint.read_meta(path)["plan"]).values())
+    return dict(counts.most_common())
 
 
 def load_row(name: str, path: Path, device: str, tune: bool = False):
@@ -480,6 +535,7 @@ def main() -> None:
             wb = weight_bytes(model)
             info_row = {"row": label, "tuned": tune, "spec": ROWS[name].label() if ROWS[name] else "bf16",
                         "path": str(path),
+                        **({"plan_mix": plan_mix(path)} if isinstance(ROWS[name], BudgetRow) else {}),
                         "load_seconds": round(load_s, 1), "weight_bytes": wb, **prepared_info(model)}
             err = kernel_check(model, device)
             info_row["layer_rel_err"] = err

@@ -366,3 +366,32 @@ def test_rotated_matrices_refused_by_compressed_tensors_and_exact_in_dense_and_p
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base", dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()
     torch.testing.assert_close(_logits(model), lq, rtol=1e-3, atol=1e-3)
+
+
+def test_target_lqkit_gpu_plan_runs_on_the_fragment_kernel_in_stacks(tiny_model_dir, tmp_path, cache):
+    """--target lqkit-gpu: every matrix in a format the fragment GEMV reads, and the layers that read one
+    input in one kernel format (what stacking them needs), whatever the candidate set offers."""
+    from lqkit import pipeline
+    from lqkit.allocate import AllocationConfig, Budget
+    from lqkit.calibrate import CalibConfig
+    from lqkit.core.costs import CandidateSet
+    from lqkit.kernels.layout import frag_ok
+
+    cands = CandidateSet(quantizers=("rtn", "nf", "gptq", "nuq"), bits=(2, 3, 4, 8), group_sizes=(8, 16, 32),
+                         group_dims=("in", "out"), ranks=(0, 4), outliers=(0.0, 0.01), target="lqkit-gpu")
+    target = serving.TARGETS["lqkit-gpu"]
+    specs = [s for s in cands.quant_specs() if serving.refusal(MatrixSpec("quant", s), (64, 64), target) is None]
+    assert {s.method for s in specs} == {"rtn", "gptq"} and {s.bits for s in specs} == {2, 3, 4}
+    assert {s.group_size for s in specs} == {16, 32} and {s.group_dim for s in specs} == {"in"}
+    assert all(frag_ok(qmod.kernel_spec(s)) for s in specs)
+    with pytest.raises(SpecError, match="takes no input rotation"):
+        CandidateSet(target="lqkit-gpu", rotations=(False, True))
+    res = pipeline.compress(str(tiny_model_dir), AllocationConfig(Budget(3.0), cands), str(tmp_path / "ck"),
+                            calib=CalibConfig(samples=4, seqlen=64), progress=False)
+    plan = res.plan
+    assert all(frag_ok(qmod.kernel_spec(s.quant)) and not s.quant.outliers for s in plan.values())
+    ties = res.allocation["ties"]
+    assert sorted(len(t) for t in ties) == [2, 2, 3, 3]
+    for t in ties:
+        assert len({qmod.kernel_spec(plan[n].quant) for n in t}) == 1
+    assert res.allocation["achieved_bits_per_param"] <= 3.0

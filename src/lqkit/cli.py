@@ -319,9 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-table-cache", action="store_true", help="recompute the cost table even if cached")
     b.add_argument("--target", choices=_targets(), default=None,
                    help="plan for a serving runtime: only candidates it serves (vllm: compressed-tensors int "
-                        "weights, 2-8 bits; vllm-marlin: 4/8 bits, groups 32/64/128, as stock vLLM kernels), and "
-                        "layers that read one input (fused by vLLM/SGLang) tied to one scheme in the integer "
-                        "program; export with `lqkit export --format compressed-tensors` (default: no target)")
+                        "weights, 2-8 bits; vllm-marlin: 4/8 bits, groups 32/64/128, as stock vLLM kernels; "
+                        "lqkit-gpu: what lqkit's fastest GPU kernel reads, 2-7-bit integer grids), and "
+                        "layers that read one input (fused by vLLM/SGLang, stacked by lqkit) tied to one scheme in "
+                        "the integer program; export with `lqkit export --format compressed-tensors` (default: no "
+                        "target)")
     c.add_argument("--method", choices=METHODS, default=None,
                    help="one method for every matrix instead of a budget: "
                         "rtn: uniform quantization; nf: NormalFloat; gptq: GPTQ (needs calibration); "

@@ -95,7 +95,7 @@ class CandidateSet:
 
             t = get_target(self.target)
             if True in self.rotations and not t.transforms:
-                raise SpecError(f"target {t.name} cannot apply an input rotation; drop --rotate or --target")
+                raise SpecError(f"target {t.name} takes no input rotation; drop --rotate or --target")
         if not self.quant_specs():
             why = f" that target {self.target} serves" if self.target else ""
             raise SpecError(f"the candidate set has no valid quantizer configuration{why} (check bits per quantizer)")

@@ -77,6 +77,13 @@ register(Target("vllm", frozenset(range(2, 9)), frozenset(range(2, 9)),
 register(Target("vllm-marlin", frozenset({4, 8}), frozenset({4, 8}), frozenset({32, 64, 128}),
                 note="the schemes vLLM's Marlin/Machete kernels serve on any recent vLLM: 4 and 8 bits, "
                      "groups of 32/64/128 or per channel"))
+# lqkit's own GPU path at its fastest: what the fragment GEMV reads (kernels.layout.frag_ok: integer grids,
+# groups of a multiple of 16 along in, 2-7 bits; no codebook, kept outlier or output-dim group, which take
+# slower kernels or an extra pass), and q/k/v and gate/up tied to one scheme so that each group runs as one
+# stacked launch; no input rotation (a stack shares one, which the tie does not hold, and it adds 7-17 % a call)
+register(Target("lqkit-gpu", frozenset(range(2, 8)), frozenset(range(2, 8)), frozenset({16, 32, 64, 128, 256}),
+                note="lqkit's fused GPU kernels at full speed: 2-7-bit integer grids with groups along in, "
+                     "q/k/v and gate/up stacked"))
 
 
 def get_target(name: str) -> Target:
