@@ -15,7 +15,7 @@ cache) and compiled (transformers' recipe: ``cache_implementation="static"`` and
 — torch.compile of the decoding step, fullgraph, mode "reduce-overhead", i.e. CUDA graphs), at each
 batch size; one untimed call warms up (compiles, records the graphs), then the median of ``--reps``
 timed calls. ``--modes eager-interleaved``: every row loaded at once (the 7B-shaped bf16 model and four
-lqkit rows take about 27 GB) and their eager calls made in turn, ``--rounds`` rounds, so that a host whose
+rtn rows take about 27 GB) and their eager calls made in turn, ``--rounds`` rounds, so that a host whose
 speed drifts between calls (eager decoding is host-bound) slows every row alike; ``vs_bf16_paired`` is
 the median over rounds of bf16's seconds over the row's in the same round. tokens/s = batch x N /
 seconds of a generate() call (prefill included). The bandwidth fraction of a decoding step = (bytes
@@ -39,16 +39,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import faulthandler
 import gc
-import subprocess
-from dataclasses import dataclass
 import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,9 +144,10 @@ def checkpoint_for(name: str, spec, model_dir: Path, work: Path, device: str, fr
 
 
 def budget_checkpoint(name: str, row: BudgetRow, model_dir: Path, out: Path, device: str, fresh: bool) -> Path:
-    """``lqkit compress --model MODEL --budget BITS ...`` in a child process, as a user runs it (its progress goes
-    to this script's stderr); reused when ``out`` holds a checkpoint the same command made (recorded
-    beside it in ``<out>.row.json``)."""
+    """``lqkit compress --model MODEL --budget BITS ...`` in a child process, as a user runs it (its
+    progress bars go to this script's stderr, its summary to stdout; this script's watchdog is off
+    meanwhile); reused when ``out`` holds a checkpoint the same command made (recorded beside it in
+    ``<out>.row.json``)."""
     from lqkit import checkpoint
 
     stamp = out.parent / f"{out.name}.row.json"
@@ -154,11 +156,12 @@ def budget_checkpoint(name: str, row: BudgetRow, model_dir: Path, out: Path, dev
         log(f"{name}: checkpoint {out} exists: reused")
         return out
     cmd = [sys.executable, "-m", "lqkit", "compress", "--model", str(model_dir), "--budget", f"{row.bits:g}", *row.args,
-           "--out", str(out), "--overwrite", "-q"] + (["--device", "cpu"] if device == "cpu" else [])
+           "--out", str(out), "--overwrite"] + (["--device", "cpu"] if device == "cpu" else [])
     log(f"{name}: {' '.join(cmd[1:])}")
     t = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    paths = [str(Path(__file__).resolve().parents[1] / "src"), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    faulthandler.cancel_dump_traceback_later()  # the child shows its own progress (log() arms it again)
     subprocess.run(cmd, check=True, env=env)
     stamp.write_text(json.dumps(want))
     log(f"{name}: compressed in {time.time() - t:.1f} s -> {out}")
@@ -413,11 +416,18 @@ def run_interleaved(rows: list, model_dir: Path, work: Path, device: str, args, 
     """The eager-interleaved mode: every row (untuned) loaded at once, then :func:`eager_interleaved` at
     each batch size; rows appended to ``result`` and written to ``out``."""
     log("== eager-interleaved: " + ", ".join(rows))
-    models = {}
-    for name in rows:
+    models, paths, mixes = {}, {}, {}
+    for name in rows:  # every checkpoint first (a budget row's compression needs the GPU to itself)
         try:
-            path = model_dir if ROWS[name] is None else checkpoint_for(name, ROWS[name], model_dir, work, device,
-                                                                        args.fresh)
+            paths[name] = model_dir if ROWS[name] is None else checkpoint_for(name, ROWS[name], model_dir, work,
+                                                                              device, args.fresh)
+            if isinstance(ROWS[name], BudgetRow):
+                mixes[name] = {"plan_mix": plan_mix(paths[name])}
+        except Exception as e:  # recorded; the other rows run
+            traceback.print_exc()
+            result["rows"].append({"row": name, "mode": "eager-interleaved", "error": f"{type(e).__name__}: {e}"[:800]})
+    for name, path in paths.items():
+        try:
             models[name], load_s = load_row(name, path, device)
             log(f"  {name}: loaded in {load_s:.1f} s")
         except Exception as e:  # recorded; the other rows run
@@ -431,7 +441,8 @@ def run_interleaved(rows: list, model_dir: Path, work: Path, device: str, args, 
             res = {name: {"mode": "eager-interleaved", "batch": b, "error": f"{type(e).__name__}: {e}"[:800]}
                    for name in models}
         for name, r in res.items():  # (earlier runs' rows of these rows, batches and mode: dropped in main)
-            result["rows"].append({"row": name, "spec": ROWS[name].label() if ROWS[name] else "bf16", **r})
+            result["rows"].append({"row": name, "spec": ROWS[name].label() if ROWS[name] else "bf16",
+                                   **mixes.get(name, {}), **r})
             if "tokens_per_s" in r:
                 log(f"  {name} batch {b} eager-interleaved: {r['tokens_per_s']} tokens/s"
                     + (f", {r['vs_bf16_paired']}x bf16 (paired by round)" if "vs_bf16_paired" in r else ""))
@@ -449,7 +460,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="an existing bf16 HF model folder (default: build one)")
     ap.add_argument("--work", default="/tmp/lqkit-generate", help="where the built model and checkpoints go")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the built model (default 32)")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default=",".join(n for n, r in ROWS.items() if not isinstance(r, BudgetRow)),
+                    help=f"comma-separated rows of {', '.join(ROWS)} (default: all but the budget rows, whose "
+                         "compression takes about 20 min each on the 7B shape)")
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--modes", default="eager,compiled,loop",
                     help="of eager, compiled (generate() with a static cache and compile_config), loop (lqkit's "

@@ -143,6 +143,18 @@ def test_integer_zero_points_stay_exportable(ckpt, folder, tiny_tokenizer):
             assert not torch.equal(m.q_scale, before[f"{name}.q_scale"])
 
 
+def test_auto_zero_points_follow_the_plans_target():
+    from lqkit.distill import _integer_zero
+
+    def meta(target):
+        return {"extra": {"allocation": {"target": target} if target else {}}}
+
+    auto = DistillConfig()
+    assert _integer_zero(auto, meta("vllm")) and _integer_zero(auto, meta("vllm-marlin"))
+    assert not _integer_zero(auto, meta("lqkit-gpu")) and not _integer_zero(auto, meta(None))  # float offsets
+    assert _integer_zero(DistillConfig(zero_points="integer"), meta("lqkit-gpu"))
+
+
 def test_stored_integer_zero_points_train_their_scales_only(folder, tiny_tokenizer, tmp_path):
     """A plan whose rtn matrices store integer zero points (QuantSpec.int_zero): distillation trains
     their scales (the offsets −z·scale follow), the packed zero points and codes stay bit for bit, and

@@ -384,6 +384,9 @@ def test_target_lqkit_gpu_plan_runs_on_the_fragment_kernel_in_stacks(tiny_model_
     assert {s.method for s in specs} == {"rtn", "gptq"} and {s.bits for s in specs} == {2, 3, 4}
     assert {s.group_size for s in specs} == {16, 32} and {s.group_dim for s in specs} == {"in"}
     assert all(frag_ok(qmod.kernel_spec(s)) for s in specs)
+    for g in (100, 128):  # not a multiple of 16; wider than the input (stored at its own size: no stacking)
+        assert serving.refusal(MatrixSpec("quant", QuantSpec("rtn", 4, g)), (64, 64), target) is not None
+    assert serving.refusal(MatrixSpec("quant", QuantSpec("rtn", 4, 64)), (64, 64), target) is None
     with pytest.raises(SpecError, match="takes no input rotation"):
         CandidateSet(target="lqkit-gpu", rotations=(False, True))
     res = pipeline.compress(str(tiny_model_dir), AllocationConfig(Budget(3.0), cands), str(tmp_path / "ck"),

@@ -327,7 +327,8 @@ def _frag_configs(device: str) -> list:
     if device != "cpu":  # more tokens: dequantize + cuBLAS by default; x shuffled with U = 4 and unroll 2
         configs += [(None, 70), (kt.Config(kind="frag", bn=32, warps=2, occ=8.0, pf=4, xs=1), 1),
                     (kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, unroll=2, xs=1), 1),
-                    (kt.Config(kind="frag", bn=16, warps=1, split=1, pf=8, xs=1), 1)]  # one warp, U = 8
+                    (kt.Config(kind="frag", bn=16, warps=1, split=1, pf=8, xs=1), 1),  # one warp, U = 8
+                    (kt.Config(kind="frag", bn=16, warps=1, split=8, pf=4, xs=1), 1)]  # one warp, split-K
     return configs
 
 

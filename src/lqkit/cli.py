@@ -322,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights, 2-8 bits; vllm-marlin: 4/8 bits, groups 32/64/128, as stock vLLM kernels; "
                         "lqkit-gpu: what lqkit's fastest GPU kernel reads, 2-7-bit integer grids), and "
                         "layers that read one input (fused by vLLM/SGLang, stacked by lqkit) tied to one scheme in "
-                        "the integer program; export with `lqkit export --format compressed-tensors` (default: no "
-                        "target)")
+                        "the integer program; export vllm plans with `lqkit export --format compressed-tensors` "
+                        "(default: no target)")
     c.add_argument("--method", choices=METHODS, default=None,
                    help="one method for every matrix instead of a budget: "
                         "rtn: uniform quantization; nf: NormalFloat; gptq: GPTQ (needs calibration); "

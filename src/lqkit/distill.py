@@ -402,7 +402,12 @@ def _integer_zero(cfg: DistillConfig, meta: Mapping) -> bool:
     if cfg.zero_points != "auto":
         return cfg.zero_points == "integer"
     alloc = (meta.get("extra") or {}).get("allocation") or {}
-    return bool(alloc.get("target"))
+    target = alloc.get("target")
+    if not target:
+        return False
+    from .core.serving import TARGETS
+
+    return TARGETS[target].integer_zero if target in TARGETS else True
 
 
 def _zero_mode(student: nn.Module, integer_zero: bool) -> str:

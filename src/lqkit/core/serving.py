@@ -58,6 +58,8 @@ class Target:
     group_sizes: frozenset[int] | None = None
     ties: bool = True
     transforms: bool = False  # applies a layer's randomized Hadamard rotation of its input (core.rotation)
+    group_multiple: int = 1  # group sizes a multiple of this and no larger than the input (when > 1)
+    integer_zero: bool = True  # reads integer zero points (what distillation keeps for it: distill.py)
     note: str = ""
 
 
@@ -82,6 +84,7 @@ register(Target("vllm-marlin", frozenset({4, 8}), frozenset({4, 8}), frozenset({
 # slower kernels or an extra pass), and q/k/v and gate/up tied to one scheme so that each group runs as one
 # stacked launch; no input rotation (a stack shares one, which the tie does not hold, and it adds 7-17 % a call)
 register(Target("lqkit-gpu", frozenset(range(2, 8)), frozenset(range(2, 8)), frozenset({16, 32, 64, 128, 256}),
+                group_multiple=16, integer_zero=False,
                 note="lqkit's fused GPU kernels at full speed: 2-7-bit integer grids with groups along in, "
                      "q/k/v and gate/up stacked"))
 
@@ -107,6 +110,11 @@ def refusal(spec: MatrixSpec, shape: tuple[int, int], target: Target = FORMAT) -
     why = quant_refusal(q, target)
     if why is not None:
         return why
+    if target.group_multiple > 1 and (q.group_size % target.group_multiple or q.group_size > shape[1]):
+        # (a group over the whole row is stored at its own size: tied layers of one scheme could then
+        # differ in format and not stack)
+        return (f"groups of {q.group_size} over {shape[1]} inputs",
+                f"use --cand-group-sizes with multiples of {target.group_multiple} up to the input size")
     if q.group_size < shape[1] and (shape[1] % q.group_size
                                     or (target.group_sizes is not None and q.group_size not in target.group_sizes)):
         sizes = _csv(target.group_sizes) if target.group_sizes is not None else f"a divisor of {shape[1]}"
