@@ -520,9 +520,12 @@ def main() -> None:
     if out.exists() and not args.fresh_results:  # keep earlier invocations' rows of the same model shape
         old = json.loads(out.read_text())
         if old.get("shape") == shape_info:
-            ran = modes + ["eager-interleaved"] * interleave  # (modes may be empty: only interleaved)
-            result["rows"] = [r for r in old.get("rows", []) if r.get("row") not in rows
-                              or r.get("batch", batches[0]) not in batches or r.get("mode") not in ran]
+            tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
+            rerun = {(n + ("+tuned" if t else ""), m) for n in rows for m in modes
+                     for t in ((False,) if ROWS[n] is None else tunes)}
+            rerun |= {(n, "eager-interleaved") for n in rows} if interleave else set()  # (always untuned)
+            result["rows"] = [r for r in old.get("rows", []) if (r.get("row"), r.get("mode")) not in rerun
+                              or r.get("batch", batches[0]) not in batches]
             result["earlier"] = old.get("earlier", []) + [{"env": old.get("env"), "args": old.get("args")}]
     shape = TINY if args.tiny else LLAMA2_7B
     layers = TINY["num_hidden_layers"] if args.tiny else args.layers
