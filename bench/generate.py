@@ -498,6 +498,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown modes {unknown}; choose from eager, compiled, loop, eager-interleaved")
     interleave = "eager-interleaved" in modes
+    tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
+    runs = [(n, t) for n in rows for t in ((False,) if ROWS[n] is None else tunes)]  # (row, tuned) per load
     modes = [m for m in modes if m != "eager-interleaved"]
     work = Path(args.work) / ("tiny" if args.tiny else f"llama2-7b-L{args.layers}")
     work.mkdir(parents=True, exist_ok=True)
@@ -520,9 +522,7 @@ def main() -> None:
     if out.exists() and not args.fresh_results:  # keep earlier invocations' rows of the same model shape
         old = json.loads(out.read_text())
         if old.get("shape") == shape_info:
-            tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
-            rerun = {(n + ("+tuned" if t else ""), m) for n in rows for m in modes
-                     for t in ((False,) if ROWS[n] is None else tunes)}
+            rerun = {(n + ("+tuned" if t else ""), m) for n, t in runs for m in modes}
             rerun |= {(n, "eager-interleaved") for n in rows} if interleave else set()  # (always untuned)
             result["rows"] = [r for r in old.get("rows", []) if (r.get("row"), r.get("mode")) not in rerun
                               or r.get("batch", batches[0]) not in batches]
@@ -540,8 +540,7 @@ def main() -> None:
     vocab = min(1000, shape["vocab_size"])  # ids the tokenizer has (every row gets the same prompts)
     prompts = torch.randint(4, vocab, (max(batches), args.prompt), generator=g)
 
-    tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
-    for name, tune in [(n, t) for n in rows for t in ((False,) if ROWS[n] is None else tunes)] if modes else []:
+    for name, tune in runs if modes else []:
         label = name + ("+tuned" if tune else "")
         log(f"== {label}")
         try:
