@@ -18,6 +18,7 @@ keeps what it measured.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -51,7 +52,8 @@ def run_args(name: str) -> list[str]:
     return ["--budget", m.group(1)]
 
 
-def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, extra: list[str], nproc: int = 1) -> dict:
+def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, extra: list[str], nproc: int = 1,
+            keep: bool = False) -> dict:
     args = run_args(name)
     out = work / f"ck-{folder.name}-{name}"
     log = work / f"log-{folder.name}-{name}.txt"
@@ -84,7 +86,15 @@ def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, ex
         if a:
             row["allocation"] = {k: a.get(k) for k in ("achieved_bits_per_param", "solver_status", "table_seconds",
                                                        "evaluated", "variables")}
-    shutil.rmtree(out, ignore_errors=True)  # disk: the next row needs the room
+            from lqkit import pipeline
+
+            report = pipeline.inspect(str(out))  # the plan's formats and where they run on a GPU
+            row["plan_mix"] = dict(collections.Counter(r["spec"] for r in report["reports"].values()).most_common())
+            row["gpu_summary"] = report["gpu_summary"]
+    if keep:
+        row["checkpoint"] = str(out)
+    else:
+        shutil.rmtree(out, ignore_errors=True)  # disk: the next row needs the room
     print(f"  -> rc={rc} wall={wall:.0f}s stages={row.get('stage_seconds')} rss={row.get('peak_rss_mib')}MiB "
           f"gpu={row.get('peak_gpu_reserved_mib')}MiB bits={row.get('effective_bits')}", flush=True)
     return row
@@ -99,6 +109,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=1, help="processes (torchrun) per run")
     ap.add_argument("--work", default="/tmp/lqkit-scale", help="where model folders and checkpoints go")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    ap.add_argument("--keep", action="store_true", help="keep each run's checkpoint under --work (else removed)")
     ap.add_argument("--extra", default="", help="further lqkit compress arguments for every run")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/scale-<shape>.json)")
     ap.add_argument("--model", default=None, help="an existing model folder instead of built ones (--shape, "
@@ -116,7 +127,7 @@ def main() -> None:
     if a.model:
         folder = Path(a.model).expanduser()
         for run in a.runs.split(","):
-            row = run_one(folder, run, work, a.device, a.timeout, a.extra.split(), a.nproc)
+            row = run_one(folder, run, work, a.device, a.timeout, a.extra.split(), a.nproc, a.keep)
             row["layers"] = json.loads((folder / "config.json").read_text()).get("num_hidden_layers")
             result["rows"].append(row)
             write_json(out, result)
@@ -128,7 +139,7 @@ def main() -> None:
             build(a.shape, layers, folder, device=a.device)
             print(f"[{time.strftime('%H:%M:%S')}] built {folder} in {time.time() - t0:.0f} s", flush=True)
         for name in a.runs.split(","):
-            row = run_one(folder, name, work, a.device, a.timeout, a.extra.split(), a.nproc)
+            row = run_one(folder, name, work, a.device, a.timeout, a.extra.split(), a.nproc, a.keep)
             row["layers"] = layers
             result["rows"].append(row)
             write_json(out, result)

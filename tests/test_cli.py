@@ -184,9 +184,28 @@ def test_compress_eval_inspect_smoke(tiny_model_dir, tmp_path):
     r = run("inspect", str(out))
     assert r.returncode == 0 and "model.layers.1.mlp.down_proj" in r.stdout and "lq:rtn3/g32in+r4" in r.stdout
     assert "triton/frag" in r.stdout  # where each matrix runs on a GPU (rtn 3-bit, groups along in)
+    assert "on a CUDA GPU: 14 on the tensor-core GEMV" in r.stdout and "--target lqkit-gpu" not in r.stdout
     r = run("inspect", str(out), "--json")
     d = json.loads(r.stdout)
     assert len(d["plan"]) == 14 and set(d["gpu"].values()) == {"triton/frag"}
+    assert d["gpu_summary"] == {"paths": {"triton/frag": 14}, "outlier_pass": 0}
+
+
+def test_inspect_gpu_summary_names_slow_paths():
+    from lqkit import kernels, pipeline
+    from lqkit.core import MatrixSpec, QuantSpec
+
+    plan = {"a": MatrixSpec("quant", QuantSpec("gptq", 3, 128)),
+            "b": MatrixSpec("quant", QuantSpec("gptq", 2, 128, outliers=0.005)),
+            "c": MatrixSpec("quant", QuantSpec("nf", 3, 64)),
+            "d": MatrixSpec("quant", QuantSpec("rtn", 3, 128, group_dim="out")),
+            "e": MatrixSpec("lowrank", None, rank=8)}
+    paths = {n: kernels.path_for(s.quant) for n, s in plan.items()}
+    g = pipeline.gpu_summary(paths, plan)
+    assert g == {"paths": {"triton/frag": 2, "triton/interleaved": 2, "torch": 1}, "outlier_pass": 1}
+    line = pipeline.format_gpu_summary(g)
+    assert line.startswith("on a CUDA GPU: 2 on the tensor-core GEMV") and "1 of them with one sparse outlier pass" in line
+    assert "--target lqkit-gpu" in line
 
 
 def test_generate_smoke(tiny_model_dir, tmp_path):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -543,8 +544,35 @@ def inspect(path: str) -> dict:
         s["model_bits"] = s.get("compressed_bits", 0) + s.get("other_bits", 0)
         s["model_bits_per_param"] = s["model_bits"] / s["model_params"] if s["model_params"] else None
         out["summary"] = s
-    out["gpu"] = {n: kernels.path_for(spec.quant) for n, spec in plan_from_json(meta.get("plan") or {}).items()}
+    plan = plan_from_json(meta.get("plan") or {})
+    out["gpu"] = {n: kernels.path_for(spec.quant) for n, spec in plan.items()}
+    out["gpu_summary"] = gpu_summary(out["gpu"], plan)
     return out
+
+
+def gpu_summary(paths: Mapping[str, str], plan: Mapping[str, MatrixSpec]) -> dict:
+    """How many matrices run on each GPU path (``kernels.path_for``), and how many add a sparse
+    pass for exactly kept outliers (or feature columns) to it."""
+    counts = collections.Counter(paths.values())
+    extra = sum(1 for s in plan.values() if s.quant is not None and (s.quant.outliers or s.quant.outlier_features))
+    return {"paths": dict(counts.most_common()), "outlier_pass": extra}
+
+
+_GPU_PATHS = {"triton/frag": "on the tensor-core GEMV (fragment layout)",
+              "triton/interleaved": "on the interleaved kernels (codebooks, groups along out or 8 bits: slower)",
+              "torch": "in PyTorch (no quantized part or no kernel format)"}
+
+
+def format_gpu_summary(g: Mapping) -> str:
+    """One line: where a checkpoint's matrices run on a CUDA GPU, and how to keep a budget plan on
+    the fastest path when some are not there."""
+    paths = g.get("paths") or {}
+    parts = [f"{n} {_GPU_PATHS.get(p, p)}" for p, n in paths.items()]
+    if g.get("outlier_pass"):
+        parts.append(f"{g['outlier_pass']} of them with one sparse outlier pass more")
+    slow = sum(n for p, n in paths.items() if p != "triton/frag") + g.get("outlier_pass", 0)
+    hint = "; compress with --target lqkit-gpu to keep a budget plan on the fastest path" if slow else ""
+    return "on a CUDA GPU: " + ", ".join(parts) + hint
 
 
 def plot_plan(path: str, png: str) -> None:
@@ -639,6 +667,8 @@ def format_inspect(report: dict) -> str:
     if s.get("model_bits") is not None:
         rows.append(f"whole model {s['model_bits_per_param']:.3f} bits/param over {s['model_params'] / 1e6:.1f}M params, "
                     f"{s['model_bits'] // 8} bytes ({s['model_bits'] / 8 / 2**20:.1f} MiB) of tensors")
+    if report.get("gpu_summary") and (report["gpu_summary"].get("paths") or {}):
+        rows.append(format_gpu_summary(report["gpu_summary"]))
     alloc = (report.get("extra") or {}).get("allocation")
     if alloc:
         rows.append(format_allocation(alloc).replace("budget      ", "allocation: budget", 1)
