@@ -86,14 +86,18 @@ def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, ex
         if a:
             row["allocation"] = {k: a.get(k) for k in ("achieved_bits_per_param", "solver_status", "table_seconds",
                                                        "evaluated", "variables")}
+        try:  # the plan's formats and where they run on a GPU
             from lqkit import pipeline
 
-            report = pipeline.inspect(str(out))  # the plan's formats and where they run on a GPU
-            row["plan_mix"] = dict(collections.Counter(r["spec"] for r in report["reports"].values()).most_common())
+            report = pipeline.inspect(str(out))
+            row["plan_mix"] = dict(collections.Counter(r["spec"] for r in (report["reports"] or {}).values())
+                                   .most_common())
             row["gpu_summary"] = report["gpu_summary"]
-    if keep:
-        row["checkpoint"] = str(out)
-    else:
+        except Exception as ex:  # recorded; the row's measurements stay
+            row["inspect_error"] = f"{type(ex).__name__}: {ex}"[:300]
+        if keep:
+            row["checkpoint"] = str(out)
+    if not keep:
         shutil.rmtree(out, ignore_errors=True)  # disk: the next row needs the room
     print(f"  -> rc={rc} wall={wall:.0f}s stages={row.get('stage_seconds')} rss={row.get('peak_rss_mib')}MiB "
           f"gpu={row.get('peak_gpu_reserved_mib')}MiB bits={row.get('effective_bits')}", flush=True)

@@ -188,24 +188,31 @@ def test_compress_eval_inspect_smoke(tiny_model_dir, tmp_path):
     r = run("inspect", str(out), "--json")
     d = json.loads(r.stdout)
     assert len(d["plan"]) == 14 and set(d["gpu"].values()) == {"triton/frag"}
-    assert d["gpu_summary"] == {"paths": {"triton/frag": 14}, "outlier_pass": 0}
+    assert d["gpu_summary"] == {"paths": {"triton/frag": 14}, "outlier_pass": 0, "rotated": 0, "budget": False}
 
 
 def test_inspect_gpu_summary_names_slow_paths():
     from lqkit import kernels, pipeline
     from lqkit.core import MatrixSpec, QuantSpec
+    from lqkit.core.rotation import Rotation
 
     plan = {"a": MatrixSpec("quant", QuantSpec("gptq", 3, 128)),
             "b": MatrixSpec("quant", QuantSpec("gptq", 2, 128, outliers=0.005)),
             "c": MatrixSpec("quant", QuantSpec("nf", 3, 64)),
             "d": MatrixSpec("quant", QuantSpec("rtn", 3, 128, group_dim="out")),
-            "e": MatrixSpec("lowrank", None, rank=8)}
+            "e": MatrixSpec("lowrank", None, rank=8),
+            "f": MatrixSpec("quant", QuantSpec("rtn", 4, 128), rotation=Rotation(seed=0, block=128))}
     paths = {n: kernels.path_for(s.quant) for n, s in plan.items()}
-    g = pipeline.gpu_summary(paths, plan)
-    assert g == {"paths": {"triton/frag": 2, "triton/interleaved": 2, "torch": 1}, "outlier_pass": 1}
+    g = pipeline.gpu_summary(paths, plan, budget=True)
+    assert g == {"paths": {"triton/frag": 3, "triton/interleaved": 2, "torch": 1}, "outlier_pass": 1, "rotated": 1,
+                 "budget": True}
     line = pipeline.format_gpu_summary(g)
-    assert line.startswith("on a CUDA GPU: 2 on the tensor-core GEMV") and "1 of them with one sparse outlier pass" in line
-    assert "--target lqkit-gpu" in line
+    assert line.startswith("on a CUDA GPU: 3 on the tensor-core GEMV") and "1 of them with one sparse outlier pass" in line
+    assert "1 rotating their input first" in line and "--target lqkit-gpu" in line
+    line = pipeline.format_gpu_summary(pipeline.gpu_summary(paths, plan))  # one method for every matrix: no --target
+    assert "--target" not in line and "groups along in" in line
+    fast = {"a": plan["a"]}
+    assert "run fastest" not in pipeline.format_gpu_summary(pipeline.gpu_summary({"a": "triton/frag"}, fast, True))
 
 
 def test_generate_smoke(tiny_model_dir, tmp_path):

@@ -3,11 +3,12 @@ seconds (tests marked ``exhaustive`` are exempt), so that ``make test`` stays fa
 slow is made faster or moved to ``make test-all`` deliberately, not noticed when CI runs out of time.
 
 S holds on a host that multiplies fp32 matrices at ``REF_GFLOPS`` or faster; a slower host (measured
-once per session: a 512×640 by 640×4096 product, about a third of a second) gets S times how much
-slower it is, so that the guard catches tests that grew slow, not slow hosts. The limits were set on
-hosts of about 300 GFLOP/s (2-core Xeon); on a 2-core AMD EPYC host of 58 GFLOP/s the whole suite ran
-2.7× longer and three tests passed 60 s. ``LQKIT_TEST_HOST_FACTOR=F`` sets the factor instead (1: no
-scaling)."""
+once per session, before any xdist worker starts, which reads the factor from the environment: a
+512×640 by 640×4096 product for about a third of a second) gets S times how much slower it is, so that
+the guard catches tests that grew slow, not slow hosts. The limits were set on 2-core Xeon hosts; on a
+2-core AMD EPYC host whose fp32 products ran at 58 GFLOP/s the whole suite took about 2.7× longer and
+three correct tests passed 60 s (REF_GFLOPS = 150 is that host's speed times 2.6).
+``LQKIT_TEST_HOST_FACTOR=F`` sets the factor instead (1: no scaling)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 _SETUP = pytest.StashKey[float]()
 REF_GFLOPS = 150.0  # at or above this, a test gets the plain limit
 _FACTOR: dict[str, tuple[float, float | None]] = {}
+ENV = "LQKIT_TEST_HOST_FACTOR"
 
 
 def pytest_addoption(parser):
@@ -44,13 +46,23 @@ def fp32_gflops(seconds: float = 0.3) -> float:
 def host_factor() -> tuple[float, float | None]:
     """(factor ≥ 1 the limit is multiplied by, measured GFLOP/s or None when set by the environment)."""
     if "f" not in _FACTOR:
-        env = os.environ.get("LQKIT_TEST_HOST_FACTOR")
+        env = os.environ.get(ENV)
         if env:
-            _FACTOR["f"] = (max(1.0, float(env)), None)
+            try:
+                _FACTOR["f"] = (max(1.0, float(env)), None)
+            except ValueError:
+                raise pytest.UsageError(f"{ENV}={env!r} is not a number; give e.g. {ENV}=1 (no scaling)") from None
         else:
             g = fp32_gflops()
             _FACTOR["f"] = (max(1.0, REF_GFLOPS / g), g)
     return _FACTOR["f"]
+
+
+def pytest_configure(config):
+    """Measure once, in the main process, and hand the factor to xdist's workers (which would otherwise
+    each measure while the others run tests, and see a slower host)."""
+    if config.getoption("--max-test-seconds") and not hasattr(config, "workerinput"):
+        os.environ[ENV] = repr(host_factor()[0])
 
 
 def _limit(config) -> float:
@@ -58,12 +70,20 @@ def _limit(config) -> float:
     return base * host_factor()[0] if base else 0.0
 
 
-def pytest_report_header(config):
-    if not config.getoption("--max-test-seconds"):
-        return None
+def _describe(config) -> str:
     f, g = host_factor()
-    how = f"fp32 products at {g:.0f} GFLOP/s" if g is not None else "LQKIT_TEST_HOST_FACTOR"
+    how = f"fp32 products at {g:.0f} GFLOP/s" if g is not None else ENV
     return f"time guard: {_limit(config):.0f} s a test (--max-test-seconds × {f:.2f}; {how})"
+
+
+def pytest_report_header(config):
+    return _describe(config) if config.getoption("--max-test-seconds") else None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Also at the end (``make test`` runs with -q, which hides the header)."""
+    if config.getoption("--max-test-seconds"):
+        terminalreporter.write_line(_describe(config))
 
 
 @pytest.hookimpl(hookwrapper=True)

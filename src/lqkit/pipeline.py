@@ -546,16 +546,18 @@ def inspect(path: str) -> dict:
         out["summary"] = s
     plan = plan_from_json(meta.get("plan") or {})
     out["gpu"] = {n: kernels.path_for(spec.quant) for n, spec in plan.items()}
-    out["gpu_summary"] = gpu_summary(out["gpu"], plan)
+    out["gpu_summary"] = gpu_summary(out["gpu"], plan, budget=bool((meta.get("extra") or {}).get("allocation")))
     return out
 
 
-def gpu_summary(paths: Mapping[str, str], plan: Mapping[str, MatrixSpec]) -> dict:
-    """How many matrices run on each GPU path (``kernels.path_for``), and how many add a sparse
-    pass for exactly kept outliers (or feature columns) to it."""
-    counts = collections.Counter(paths.values())
-    extra = sum(1 for s in plan.values() if s.quant is not None and (s.quant.outliers or s.quant.outlier_features))
-    return {"paths": dict(counts.most_common()), "outlier_pass": extra}
+def gpu_summary(paths: Mapping[str, str], plan: Mapping[str, MatrixSpec], budget: bool = False) -> dict:
+    """How many matrices run on each GPU path (``kernels.path_for``), how many of those on the
+    kernels add a sparse pass for exactly kept outliers (or feature columns) or rotate their input
+    first, and whether the plan came from a budget (which ``--target lqkit-gpu`` can restrict)."""
+    on_kernels = [s for n, s in plan.items() if paths.get(n, "torch") != "torch" and s.quant is not None]
+    return {"paths": dict(collections.Counter(paths.values()).most_common()),
+            "outlier_pass": sum(1 for s in on_kernels if s.quant.outliers or s.quant.outlier_features),
+            "rotated": sum(1 for s in on_kernels if s.rotation is not None), "budget": budget}
 
 
 _GPU_PATHS = {"triton/frag": "on the tensor-core GEMV (fragment layout)",
@@ -564,14 +566,19 @@ _GPU_PATHS = {"triton/frag": "on the tensor-core GEMV (fragment layout)",
 
 
 def format_gpu_summary(g: Mapping) -> str:
-    """One line: where a checkpoint's matrices run on a CUDA GPU, and how to keep a budget plan on
-    the fastest path when some are not there."""
+    """One line: where a checkpoint's matrices run on a CUDA GPU, and how to keep its matrices on the
+    fastest path when some are not there."""
     paths = g.get("paths") or {}
     parts = [f"{n} {_GPU_PATHS.get(p, p)}" for p, n in paths.items()]
     if g.get("outlier_pass"):
         parts.append(f"{g['outlier_pass']} of them with one sparse outlier pass more")
-    slow = sum(n for p, n in paths.items() if p != "triton/frag") + g.get("outlier_pass", 0)
-    hint = "; compress with --target lqkit-gpu to keep a budget plan on the fastest path" if slow else ""
+    if g.get("rotated"):
+        parts.append(f"{g['rotated']} rotating their input first")
+    slow = sum(n for p, n in paths.items() if p != "triton/frag") + g.get("outlier_pass", 0) + g.get("rotated", 0)
+    hint = ""
+    if slow:
+        hint = ("; compress with --target lqkit-gpu to keep a budget plan on the fastest path" if g.get("budget") else
+                "; rtn or gptq codes of 2-7 bits with groups along in, no outliers, no rotation run fastest")
     return "on a CUDA GPU: " + ", ".join(parts) + hint
 
 
