@@ -207,7 +207,8 @@ def test_inspect_gpu_summary_names_slow_paths():
     assert g == {"paths": {"triton/frag": 3, "triton/interleaved": 2, "torch": 1}, "outlier_pass": 1, "rotated": 1,
                  "budget": True}
     line = pipeline.format_gpu_summary(g)
-    assert line.startswith("on a CUDA GPU: 3 on the tensor-core GEMV") and "1 of them with one sparse outlier pass" in line
+    assert line.startswith("on a CUDA GPU: 3 on the tensor-core GEMV")
+    assert "1 of them with one sparse outlier pass" in line
     assert "1 rotating their input first" in line and "--target lqkit-gpu" in line
     line = pipeline.format_gpu_summary(pipeline.gpu_summary(paths, plan))  # one method for every matrix: no --target
     assert "--target" not in line and "groups along in" in line
