@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import faulthandler
 import json
 import os
@@ -79,6 +80,15 @@ def by_site(blocks, top: int = 15) -> list[dict]:
         g[1] += 1
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
     return [{"where": w, "mib": round(b / 2**20), "tensors": n} for w, (b, n) in ranked]
+
+
+def plan_mix(path: Path | str) -> dict:
+    """How many matrices of a checkpoint's plan take each spec (label -> count, most frequent first)."""
+    from lqkit import checkpoint
+    from lqkit.plan import plan_from_json
+
+    counts = collections.Counter(s.label() for s in plan_from_json(checkpoint.read_meta(path)["plan"]).values())
+    return dict(counts.most_common())
 
 
 def fmt_ppl(p: float) -> str:

@@ -38,7 +38,6 @@ Usage (H200): PYTHONPATH=src python bench/generate.py --out bench/results/genera
 from __future__ import annotations
 
 import argparse
-import collections
 import faulthandler
 import gc
 import itertools
@@ -57,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import log, machine_info, write_json  # noqa: E402
+from common import log, machine_info, plan_mix, write_json  # noqa: E402
 from lqkit.core import MatrixSpec, QuantSpec  # noqa: E402
 from lqkit.core.rotation import Rotation  # noqa: E402
 
@@ -166,15 +165,6 @@ def budget_checkpoint(name: str, row: BudgetRow, model_dir: Path, out: Path, dev
     stamp.write_text(json.dumps(want))
     log(f"{name}: compressed in {time.time() - t:.1f} s -> {out}")
     return out
-
-
-def plan_mix(path: Path) -> dict:
-    """How many matrices of a checkpoint's plan take each spec (label -> count, most frequent first)."""
-    from lqkit import checkpoint
-    from lqkit.plan import plan_from_json
-
-    counts = collections.Counter(s.label() for s in plan_from_json(checkpoint.read_meta(path)["plan"]).values())
-    return dict(counts.most_common())
 
 
 def load_row(name: str, path: Path, device: str, tune: bool = False):

@@ -18,7 +18,6 @@ keeps what it measured.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import base_parser, machine_info, write_json  # noqa: E402
+from common import base_parser, machine_info, plan_mix, write_json  # noqa: E402
 
 RUNS = {  # name -> lqkit compress arguments
     "rtn4": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
@@ -89,10 +88,8 @@ def run_one(folder: Path, name: str, work: Path, device: str, timeout: float, ex
         try:  # the plan's formats and where they run on a GPU
             from lqkit import pipeline
 
-            report = pipeline.inspect(str(out))
-            row["plan_mix"] = dict(collections.Counter(r["spec"] for r in (report["reports"] or {}).values())
-                                   .most_common())
-            row["gpu_summary"] = report["gpu_summary"]
+            row["plan_mix"] = plan_mix(out)
+            row["gpu_summary"] = pipeline.inspect(str(out))["gpu_summary"]
         except Exception as ex:  # recorded; the row's measurements stay
             row["inspect_error"] = f"{type(ex).__name__}: {ex}"[:300]
         if keep:
