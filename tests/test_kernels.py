@@ -375,6 +375,51 @@ def test_frag_kernel_matches_torch(i, f, part):
         kt.linear(torch.randn(1, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="frag", xs=2))
 
 
+def test_step_multiple_keeps_group_ends_at_compile_time():
+    """Blocks per split: U where every step starts at a group boundary (4 bits: 64-k blocks), 2U where
+    only an iteration of two steps does (3 bits, groups of 128: 80-k blocks, 8 span 5 groups), U where
+    neither does (tested at run time)."""
+    from lqkit.kernels import _frag
+    from lqkit.kernels import _triton as kt
+
+    def mult(bits, group, **cfg):
+        return _frag.step_multiple(bits, group, kt.Config(kind="frag", **cfg))
+
+    assert mult(4, 128, pf=2, unroll=2) == 2 and mult(2, 64, pf=1) == 1 and mult(6, 128, pf=4) == 4
+    assert mult(3, 128, pf=4, unroll=2) == 8 and mult(5, 128, pf=4, unroll=2) == 8
+    assert mult(3, 128, pf=2, unroll=2) == 2 and mult(3, 128, pf=4) == 4 and mult(3, 64, pf=4) == 4
+    assert mult(3, 128, pf=8) == 8
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits, group, k, extra, m", [
+    (3, 128, 760, {"pf": 4, "unroll": 2, "xs": 1}, 1),  # iterations from group boundaries, the tail masked
+    (3, 64, 440, {"pf": 4}, 1),  # steps of 4 blocks from group boundaries (320 k = 5 groups of 64)
+    (5, 128, 1000, {"pf": 4, "unroll": 2}, 3)])  # 48-k blocks: iterations of 8 (384 k = 3 groups)
+def test_frag_group_ends_fixed_at_compile_time(bits, group, k, extra, m):
+    """Where blocks straddle groups (3 and 5 bits) but a step, or an iteration of two, spans whole groups,
+    the fragment kernel takes its group ends from compile-time positions: equal to torch, two K-splits,
+    each starting at such a boundary, the second one short (its last blocks past the end of K). (Small:
+    a launch of the fragment kernel takes tens of seconds in triton's interpreter.)"""
+    device = _device()
+    from lqkit import kernels
+    from lqkit.kernels import _frag
+    from lqkit.kernels import _triton as kt
+
+    dtype = torch.bfloat16 if device != "cpu" else torch.float16
+    spec = QuantSpec("rtn", bits, group)
+    w = torch.randn(16, k, device=device)
+    q = qmod.quantize(w, spec)
+    kw = kernels.prepare(q.packed, q.aux, spec, (16, k), device, layout="frag")
+    W = qmod.dequantize_packed(q.packed, q.aux, spec, (16, k))
+    cfg = kt.Config(kind="frag", bn=16, warps=1, split=2, **extra)
+    mult = _frag.step_multiple(bits, group, cfg)
+    assert kt._split(kw, 1, cfg, kw.qweight.device, multiple=mult)[0] == 2 and kw.n_tiles % mult != 0
+    b = torch.randn(16, device=device).to(dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    _check(kernels.linear(x, kw, None, None, b, config=cfg), _ref(x, W, None, None, b))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("f", [_interp_exhaustive(FORMATS[0], id=_fid(FORMATS[0])),  # frag
                                FORMATS[10], FORMATS[-1]], ids=_fid)  # interleaved / per-row tables

@@ -127,37 +127,33 @@ def _half(v, HI: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _dot2(x, y, DT: tl.constexpr):
-    return _half(x, False, DT) * _half(y, False, DT) + _half(x, True, DT) * _half(y, True, DT)
+def _kmat(lo, hi, DT: tl.constexpr):
+    """(For _mma_emulated.) A warp's 8 groups of 4 lanes as (warps, 8, 16) fp32: lane 4g + q's two
+    registers (both halves each) at [g, 4q … 4q + 3]: one fixed order of the 16 k's, the same for A
+    rows (registers a0, a2 or a1, a3) and B columns (b0, b1)."""
+    v = tl.join(tl.join(_half(lo, False, DT), _half(lo, True, DT)), tl.join(_half(hi, False, DT), _half(hi, True, DT)))
+    return tl.reshape(v, [lo.shape[0] // 32, 8, 16])
+
+
+@triton.jit
+def _cfrag(c0, c1, p):
+    """(For _mma_emulated.) c0 + p[g, 2q], c1 + p[g, 2q + 1] for lane 4g + q of each warp (p: warps × 8 × 8)."""
+    even, odd = tl.split(tl.reshape(p, [p.shape[0], 8, 4, 2]))
+    return c0 + tl.reshape(even, [c0.shape[0]]), c1 + tl.reshape(odd, [c0.shape[0]])
 
 
 @triton.jit
 def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, DT: tl.constexpr):
-    """mma.m16n8k16 computed from the PTX fragment layouts with gathers across the warp's lanes (for
-    triton's CPU interpreter, which cannot run the inline PTX): lane 4g + q holds A rows g / g + 8
-    at k 2q, 2q + 1 (a0, a1) and 2q + 8, 2q + 9 (a2, a3), B column g at the same k's (b0, b1), and
-    C rows g / g + 8 at columns 2q, 2q + 1."""
-    r = tl.arange(0, a0.shape[0])
-    lane = r % 32
-    base = r - lane
-    g = lane // 4
-    q = lane % 4
-    for qq in tl.static_range(4):
-        ia = base + 4 * g + qq  # the lane holding A rows g, g + 8 at k 2qq (+1, +8, +9)
-        ib0 = base + 8 * q + qq  # ... holding B column 2q at those k
-        ib1 = ib0 + 4  # ... column 2q + 1
-        A0 = tl.gather(a0, ia, 0)
-        A1 = tl.gather(a1, ia, 0)
-        A2 = tl.gather(a2, ia, 0)
-        A3 = tl.gather(a3, ia, 0)
-        B00 = tl.gather(b0, ib0, 0)
-        B01 = tl.gather(b1, ib0, 0)
-        B10 = tl.gather(b0, ib1, 0)
-        B11 = tl.gather(b1, ib1, 0)
-        c0 += _dot2(A0, B00, DT) + _dot2(A2, B01, DT)
-        c1 += _dot2(A0, B10, DT) + _dot2(A2, B11, DT)
-        c2 += _dot2(A1, B00, DT) + _dot2(A3, B01, DT)
-        c3 += _dot2(A1, B10, DT) + _dot2(A3, B11, DT)
+    """mma.m16n8k16 computed from the PTX fragment layouts (for triton's CPU interpreter, which cannot
+    run the inline PTX): lane 4g + q holds A rows g / g + 8 at k 2q, 2q + 1 (a0, a1) and 2q + 8,
+    2q + 9 (a2, a3), B column g at the same k's (b0, b1), and C rows g / g + 8 at columns 2q, 2q + 1.
+    Each warp's A and B as small matrices, one broadcast product each for rows 0-7 and 8-15 (fp32 sums
+    of exact products, in another order than the tensor cores': equal to rounding)."""
+    b = _kmat(b0, b1, DT)[:, None, :, :]  # (warps, 1, n, k)
+    top = tl.sum(_kmat(a0, a2, DT)[:, :, None, :] * b, axis=3)  # (warps, row g, column n)
+    bot = tl.sum(_kmat(a1, a3, DT)[:, :, None, :] * b, axis=3)  # rows g + 8
+    c0, c1 = _cfrag(c0, c1, top)
+    c2, c3 = _cfrag(c2, c3, bot)
     return c0, c1, c2, c3
 
 
@@ -369,11 +365,11 @@ def _group_words(PS, gq, gi, R, SROW, NGI: tl.constexpr, MODE: tl.constexpr, PDT
 def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.constexpr, MODE: tl.constexpr,
            G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
            XP: tl.constexpr, MASKED: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr,
-           CLAMP: tl.constexpr = False, US: tl.constexpr = -1):
+           CLAMP: tl.constexpr = False, US: tl.constexpr = -1, G0: tl.constexpr = 0):
     """All chunks of k block kb (the lane's words W, B fragments X), with the group flushes that
     fall inside it (parameters PS of groups gq … gq + NGI − 1, see _group_words). US ≥ 0: kb is
-    block US of a step that starts at a group boundary, so where groups end and which of PS each
-    one takes are known at compile time (no runtime test, no select)."""
+    block US from a group boundary, and PS's first group is group G0 from there (see _step), so where
+    groups end and which of PS each one takes are known at compile time (no runtime test, no select)."""
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block (4 words × P pairs / 4 registers)
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -381,19 +377,16 @@ def _block(kb, W, X, PS, gq, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.conste
         xo = kb * (KB // 2) + 8 * c + 2 * q  # x's 32-bit pair index of k = kb·KB + 16c + 4q
         C = _chunk(W, X, xrow0, xrow1, xo, K2, C, c, BITS, DT, MT, XP, MASKED)
         gc = kb * NCH + c
-        if NCH % CPG == 0:  # groups end at fixed chunks of every block
+        if US >= 0:  # chunk US·NCH + c counted from the boundary: a group ends after every CPG-th
+            if (US * NCH + c + 1) % CPG == 0:
+                A, C = _flush(A, C, PS[(US * NCH + c) // CPG - G0], MODE, VS, HALF, PDT)
+        elif NCH % CPG == 0:  # groups end at fixed chunks of every block
             if (c + 1) % CPG == 0:
-                if US >= 0:
-                    pw = PS[(US * NCH + c) // CPG]
-                else:
-                    pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
+                pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
                 A, C = _flush(A, C, pw, MODE, VS, HALF, PDT)
         elif CPG % NCH == 0:  # a group spans whole blocks
             if c == NCH - 1:
-                if US >= 0:
-                    if (US + 1) % (CPG // NCH) == 0:
-                        A, C = _flush(A, C, PS[(US * NCH) // CPG], MODE, VS, HALF, PDT)
-                elif (kb + 1) % (CPG // NCH) == 0:
+                if (kb + 1) % (CPG // NCH) == 0:
                     pw = _group_words(PS, gq, gc // CPG, R, SROW, NGI, MODE, PDT, CLAMP)
                     A, C = _flush(A, C, pw, MODE, VS, HALF, PDT)
         else:
@@ -414,14 +407,15 @@ def _xfrag(xs, q, W0: tl.constexpr):
 @triton.jit
 def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.constexpr, MODE: tl.constexpr,
           G: tl.constexpr, VS: tl.constexpr, HALF: tl.constexpr, DT: tl.constexpr, MT: tl.constexpr,
-          XP: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr, U: tl.constexpr, X1: tl.constexpr = False):
+          XP: tl.constexpr, NGI: tl.constexpr, PDT: tl.constexpr, U: tl.constexpr, X1: tl.constexpr = False,
+          OFF: tl.constexpr = -1):
     """Blocks kb … kb + U − 1 (those before kf) from one step's loads (_load_group); X1: each chunk's
-    B fragment (x's words 8c + 2q, 8c + 2q + 1 of its block) shuffled from the lane that loaded it."""
+    B fragment (x's words 8c + 2q, 8c + 2q + 1 of its block) shuffled from the lane that loaded it.
+    OFF ≥ 0: kb is OFF blocks past a group boundary (group ends known at compile time); −1: unknown."""
     NCH: tl.constexpr = 16 // BITS
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16
-    # steps start at group boundaries (kb is a multiple of U): group ends are static
-    AL: tl.constexpr = (NCH % CPG == 0) or (CPG % NCH == 0 and U % (CPG // NCH) == 0)
+    G0: tl.constexpr = (OFF * NCH) // CPG if OFF >= 0 else 0  # ps[0]'s group, counted from the boundary
     for u in tl.static_range(U):
         if kb + u < kf:
             X = ()
@@ -433,7 +427,7 @@ def _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS: tl.const
                     X = X + (xs[2 * NCH * u + c],)
             A, C = _block(kb + u, (ws[4 * u], ws[4 * u + 1], ws[4 * u + 2], ws[4 * u + 3]), X, ps, (kb * KB) // G,
                           xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT, MT, XP, False, NGI, PDT,
-                          False, u if AL else -1)
+                          False, OFF + u if OFF >= 0 else -1, G0)
     return A, C
 
 
@@ -622,6 +616,12 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     # X1 (one token, Config(xs=1)): the step's x words requested once (2 registers per 64 words instead
     # of 2 per 16-k chunk) and handed to the B fragments by warp shuffles
     NGI: tl.constexpr = (U * KB) // G + 1  # the most groups that can end within one step
+    # where group ends are known at compile time (a split starts at a multiple of the launcher's
+    # step_multiple blocks): every block alike, every step from a group boundary, or (3 bits and the
+    # like, whose 80-k blocks straddle groups) every iteration of two steps from one; −1: tested at run time
+    OFF1: tl.constexpr = 0 if (U * NCH) % CPG == 0 or NCH % CPG == 0 else -1
+    OFF2: tl.constexpr = OFF1 if OFF1 == 0 else (U if (2 * U * NCH) % CPG == 0 else -1)
+    OFF0: tl.constexpr = 0 if OFF2 >= 0 else -1
     pid = tl.program_id(0)
     if ROT:
         pid -= NROT
@@ -680,7 +680,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             for kb in range(kb0, kf, U):
                 nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False, X1)
                 A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
-                             MT, XP, NGI, PDT, U, X1)
+                             MT, XP, NGI, PDT, U, X1, OFF1)
                 ws = nw_
                 xs = nx_
                 ps = np_
@@ -692,10 +692,10 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             for kb in range(kb0, kf, 2 * U):
                 w2, x2, p2 = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
                 A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
-                             MT, XP, NGI, PDT, U, X1)
+                             MT, XP, NGI, PDT, U, X1, OFF0)
                 ws, xs, ps = _load_group(qp, xrow0, q, kb + 2 * U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
                 A, C = _step(kb + U, kf, w2, x2, p2, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF,
-                             DT, MT, XP, NGI, PDT, U, X1)
+                             DT, MT, XP, NGI, PDT, U, X1, OFF2)
         for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
             A, C = _block(kb, _words(qp, kb, kb < kb1), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G,
                           VS, HALF, DT, MT, False, True, 0, PDT, UNR == 2)
@@ -916,8 +916,8 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     def make():
         nw = cfg.warps
         nb = -(-n // (16 * nw))
-        # blocks per split: a multiple of U, so every step starts at a multiple of U (_step relies on it)
-        split, bps = T._split(kw, nb, cfg, x.device, multiple=cfg.pf)
+        # blocks per split: a multiple of U (2U), so that every step (iteration) starts at one (_step relies on it)
+        split, bps = T._split(kw, nb, cfg, x.device, multiple=step_multiple(kw.bits, kw.spec.group_size, cfg))
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
         # x' = R·x, written by the rotation's launch (k: a multiple of its block, 16 or more: even)
@@ -952,6 +952,15 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
             kw.n_tiles, p["bps"], p["split"], p["ntc"], rank, xe.stride(0), x32.stride(0), y.stride(0), p["nrot"],
             rot.scale if inside else 1.0, *p["const"])
     T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg, pdl)
+
+
+def step_multiple(bits: int, group: int, cfg) -> int:
+    """Blocks per split are a multiple of this: U, or 2U where only an iteration of two steps
+    (``unroll=2``) starts at a group boundary (3 bits, groups of 128: 80-k blocks, 8 of them span 5
+    groups), so that its group ends are fixed at compile time (as _frag_kernel's OFF2)."""
+    nch, cpg, u = 16 // bits, group // 16, cfg.pf
+    whole_steps = (u * nch) % cpg == 0 or nch % cpg == 0
+    return 2 * u if cfg.unroll == 2 and not whole_steps and (2 * u * nch) % cpg == 0 else u
 
 
 def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
