@@ -8,7 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 # The GPU kernels' tests also run on the CPU through triton's interpreter (second step of `make test`);
 # triton is installed for that only when the venv cannot import it (CUDA builds of torch ship it).
 TRITON_SPEC ?= triton==3.6.0
-# Worker processes for that interpreter step (pytest-xdist).
+# Worker processes (pytest-xdist) of the main step (whole test files per worker, so that a file's fixtures are
+# built once) and of the interpreter step; each worker's torch takes its share of the cores (tests/conftest.py).
+TEST_JOBS ?= 2
 INTERPRET_JOBS ?= 2
 EXTRAS ?= demo,test,plot,finetune,export
 
@@ -35,13 +37,14 @@ demo: venv
 # on 2 cores): run it before touching the kernels, and on a GPU machine, where they run natively.
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -c "from lqkit.models import default_model_dir; default_model_dir()"
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --max-test-seconds $(MAX_TEST_SECONDS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15 \
+		--max-test-seconds $(MAX_TEST_SECONDS)
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
 	LQKIT_TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(INTERPRET_JOBS) -m "not exhaustive" \
 		--durations=10 --max-test-seconds $(MAX_TEST_SECONDS) tests/test_kernels.py
 
 test-all: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_SPEC)"
 	LQKIT_TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(INTERPRET_JOBS) --durations=10 tests/test_kernels.py
 
