@@ -375,6 +375,7 @@ def test_frag_kernel_matches_torch(i, f, part):
         kt.linear(torch.randn(1, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="frag", xs=2))
 
 
+@pytest.mark.cuda  # imports triton: runs in the interpreter step (no GPU needed)
 def test_step_multiple_keeps_group_ends_at_compile_time():
     """Blocks per split: U where every step starts at a group boundary (4 bits: 64-k blocks), 2U where
     only an iteration of two steps does (3 bits, groups of 128: 80-k blocks, 8 span 5 groups), U where
