@@ -14,7 +14,7 @@ TEST_JOBS ?= 2
 INTERPRET_JOBS ?= 2
 EXTRAS ?= demo,test,plot,finetune,export
 
-# `make test` allows a test this many seconds (set-up + call); slower ones fail (see tests/conftest.py).
+# `make test` allows a test this many seconds (set-up + call); slower ones fail (see tests/timeguard.py).
 MAX_TEST_SECONDS ?= 60
 
 .PHONY: demo test test-all test-fast venv bench peers clean

@@ -13,11 +13,12 @@ import torch
 
 VOCAB = 384
 
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # an xdist worker (`make test` runs two): its share of the cores,
-    # for torch here and for the processes tests start (CLI runs), instead of every worker taking them all
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
-    torch.set_num_threads(_threads)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # an xdist worker (`make test` runs two): its share of the cores
+    # (OMP_NUM_THREADS where set), for torch here and for the processes tests start (CLI runs), instead of
+    # every worker taking them all
+    _share = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
+    torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
 pytest_plugins = ["timeguard"]  # --max-test-seconds: `make test` stays fast only if no test grows slow unnoticed

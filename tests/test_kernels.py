@@ -375,33 +375,36 @@ def test_frag_kernel_matches_torch(i, f, part):
         kt.linear(torch.randn(1, shape[1], device=device).to(dtype), kw, config=kt.Config(kind="frag", xs=2))
 
 
-@pytest.mark.cuda  # imports triton: runs in the interpreter step (no GPU needed)
-def test_step_multiple_keeps_group_ends_at_compile_time():
-    """Blocks per split: U where every step starts at a group boundary (4 bits: 64-k blocks), 2U where
-    only an iteration of two steps does (3 bits, groups of 128: 80-k blocks, 8 span 5 groups), U where
-    neither does (tested at run time)."""
+@pytest.mark.cuda
+def test_step_offsets_keep_group_ends_at_compile_time():
+    """Where the fragment kernel's group ends are fixed at compile time (the kernel's OFF1, OFF2) and
+    blocks per split: every step from a group boundary with 64-k blocks (4 bits) and where U blocks span
+    whole groups; with 80-k blocks (3 bits, groups of 128) only an iteration of two steps of 4 does
+    (splits of a multiple of 2U), else the ends are tested at run time."""
+    _device()  # imports triton
     from lqkit.kernels import _frag
     from lqkit.kernels import _triton as kt
 
-    def mult(bits, group, **cfg):
-        return _frag.step_multiple(bits, group, kt.Config(kind="frag", **cfg))
+    def offs(bits, group, **cfg):
+        c = kt.Config(kind="frag", **cfg)
+        return _frag.step_offsets(bits, group, c), _frag.step_multiple(bits, group, c)
 
-    assert mult(4, 128, pf=2, unroll=2) == 2 and mult(2, 64, pf=1) == 1 and mult(6, 128, pf=4) == 4
-    assert mult(3, 128, pf=4, unroll=2) == 8 and mult(5, 128, pf=4, unroll=2) == 8
-    assert mult(3, 128, pf=2, unroll=2) == 2 and mult(3, 128, pf=4) == 4 and mult(3, 64, pf=4) == 4
-    assert mult(3, 128, pf=8) == 8
+    assert offs(4, 128, pf=2, unroll=2) == ((0, 0), 2) and offs(2, 64, pf=1) == ((0, 0), 1)
+    assert offs(6, 128, pf=4) == ((0, 0), 4) and offs(3, 64, pf=4) == ((0, 0), 4) and offs(3, 128, pf=8) == ((0, 0), 8)
+    assert offs(3, 128, pf=4, unroll=2) == ((-1, 4), 8) and offs(5, 128, pf=4, unroll=2) == ((-1, 4), 8)
+    assert offs(3, 128, pf=2, unroll=2) == ((-1, -1), 2) and offs(3, 128, pf=4) == ((-1, -1), 4)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("bits, group, k, extra, m", [
-    (3, 128, 760, {"pf": 4, "unroll": 2, "xs": 1}, 1),  # iterations from group boundaries, the tail masked
-    (3, 64, 440, {"pf": 4}, 1),  # steps of 4 blocks from group boundaries (320 k = 5 groups of 64)
-    (5, 128, 1000, {"pf": 4, "unroll": 2}, 3)])  # 48-k blocks: iterations of 8 (384 k = 3 groups)
-def test_frag_group_ends_fixed_at_compile_time(bits, group, k, extra, m):
+@pytest.mark.parametrize("bits, group, k, extra, m, offsets", [
+    # iterations from group boundaries; 3 splits asked, 2 made (4 blocks a split would start mid-group)
+    (3, 128, 760, {"pf": 4, "unroll": 2, "xs": 1, "split": 3}, 1, (-1, 4)),
+    (3, 64, 440, {"pf": 4, "split": 2}, 1, (0, 0)),  # steps of 4 blocks (320 k = 5 groups of 64)
+    (5, 128, 1000, {"pf": 4, "unroll": 2, "split": 2}, 3, (-1, 4))])  # 48-k blocks: iterations of 8 (3 groups)
+def test_frag_group_ends_fixed_at_compile_time(bits, group, k, extra, m, offsets):
     """Where blocks straddle groups (3 and 5 bits) but a step, or an iteration of two, spans whole groups,
     the fragment kernel takes its group ends from compile-time positions: equal to torch, two K-splits,
-    each starting at such a boundary, the second one short (its last blocks past the end of K). (Small:
-    a launch of the fragment kernel takes tens of seconds in triton's interpreter.)"""
+    each starting at such a boundary, the second one short (its last blocks past the end of K)."""
     device = _device()
     from lqkit import kernels
     from lqkit.kernels import _frag
@@ -413,8 +416,9 @@ def test_frag_group_ends_fixed_at_compile_time(bits, group, k, extra, m):
     q = qmod.quantize(w, spec)
     kw = kernels.prepare(q.packed, q.aux, spec, (16, k), device, layout="frag")
     W = qmod.dequantize_packed(q.packed, q.aux, spec, (16, k))
-    cfg = kt.Config(kind="frag", bn=16, warps=1, split=2, **extra)
+    cfg = kt.Config(kind="frag", bn=16, warps=1, **extra)
     mult = _frag.step_multiple(bits, group, cfg)
+    assert _frag.step_offsets(bits, group, cfg) == offsets
     assert kt._split(kw, 1, cfg, kw.qweight.device, multiple=mult)[0] == 2 and kw.n_tiles % mult != 0
     b = torch.randn(16, device=device).to(dtype)
     x = torch.randn(m, k, device=device).to(dtype)
@@ -981,7 +985,7 @@ def test_rotation_inside_the_gemv_launch_matches_the_chained_launches(n, k, bloc
     bound, y0 = kernels.bind(xs[0], kw, rotation=r, config=cfg)
     assert bound.general is None and bound.pre is None and bound.x32 is not None  # one launch, reading x'
     nb = -(-n // (16 * warps))
-    splits = _triton._split(kw, nb, cfg, kw.qweight.device, multiple=cfg.pf)[0]
+    splits = _triton._split(kw, nb, cfg, kw.qweight.device, multiple=_frag.step_multiple(4, 128, cfg))[0]
     assert splits == split and bound.grid[0] == (k // block) * (r.r2 // r.cols) + nb * splits  # rotation's, GEMV's
     assert int(counters.abs().sum()) == 0
     torch.testing.assert_close(y0.float(), wants[0], rtol=0, atol=tol)

@@ -599,7 +599,8 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                  KC_: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LR: tl.constexpr,
                  SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
                  SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr, WAIT: tl.constexpr,
-                 ROT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BC: tl.constexpr):
+                 ROT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BC: tl.constexpr,
+                 OFF1: tl.constexpr, OFF2: tl.constexpr):
     # WAIT (a programmatic dependent launch after the input rotation's, which wrote x): wait for that
     # launch before x is read; the main programs first prefetch their first 2U blocks of words into the L2.
     # ROT (one token, the input rotation in this launch): the first NROT programs rotate x (x_ptr) into
@@ -616,12 +617,9 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     # X1 (one token, Config(xs=1)): the step's x words requested once (2 registers per 64 words instead
     # of 2 per 16-k chunk) and handed to the B fragments by warp shuffles
     NGI: tl.constexpr = (U * KB) // G + 1  # the most groups that can end within one step
-    # where group ends are known at compile time (a split starts at a multiple of the launcher's
-    # step_multiple blocks): every block alike, every step from a group boundary, or (3 bits and the
-    # like, whose 80-k blocks straddle groups) every iteration of two steps from one; −1: tested at run time
-    OFF1: tl.constexpr = 0 if (U * NCH) % CPG == 0 or NCH % CPG == 0 else -1
-    OFF2: tl.constexpr = OFF1 if OFF1 == 0 else (U if (2 * U * NCH) % CPG == 0 else -1)
-    OFF0: tl.constexpr = 0 if OFF2 >= 0 else -1
+    # OFF1, OFF2 (step_offsets): blocks from a group boundary to the start of a step (of the second
+    # step of an iteration), −1 where group ends are tested at run time
+    OFF0: tl.constexpr = 0 if OFF2 >= 0 else -1  # the first step of an iteration (unroll 2)
     pid = tl.program_id(0)
     if ROT:
         pid -= NROT
@@ -916,7 +914,8 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     def make():
         nw = cfg.warps
         nb = -(-n // (16 * nw))
-        # blocks per split: a multiple of U (2U), so that every step (iteration) starts at one (_step relies on it)
+        # blocks per split: a multiple of U (2U), so that every step (iteration) starts where _frag_kernel's
+        # OFF1 / OFF2 assume (at a group boundary when they are ≥ 0)
         split, bps = T._split(kw, nb, cfg, x.device, multiple=step_multiple(kw.bits, kw.spec.group_size, cfg))
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
@@ -932,7 +931,8 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
                            nw, 1 if m <= 8 else 2, _DT[x.dtype], rp, KC, bias is not None, has_lr, split > 1,
                            cfg.pf, _PDT[kw.scale.dtype], PSUM_UNROLL if split > 1 else 1, cfg.unroll,
                            cfg.xs == 1 and m == 1, pdl, inside,
-                           *((rot.r1, rot.r2, rot.cols) if inside else (1, 16, 16))))
+                           *((rot.r1, rot.r2, rot.cols) if inside else (1, 16, 16)),
+                           *step_offsets(kw.bits, kw.spec.group_size, cfg)))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
@@ -954,13 +954,23 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg, pdl)
 
 
-def step_multiple(bits: int, group: int, cfg) -> int:
-    """Blocks per split are a multiple of this: U, or 2U where only an iteration of two steps
-    (``unroll=2``) starts at a group boundary (3 bits, groups of 128: 80-k blocks, 8 of them span 5
-    groups), so that its group ends are fixed at compile time (as _frag_kernel's OFF2)."""
+def step_offsets(bits: int, group: int, cfg) -> tuple[int, int]:
+    """Where _frag_kernel's group ends are known at compile time: (OFF1, OFF2), the blocks from a group
+    boundary to the start of a step (OFF1; of an iteration's second step with ``unroll=2``: OFF2),
+    −1 where they are tested at run time (each chunk, then a select of the step's parameters). 0, 0:
+    every block alike or every step of U blocks spans whole groups (4 bits: 64-k blocks); −1, U: only
+    an iteration of two steps does (3 bits, groups of 128: 80-k blocks, 8 span 5 groups); −1, −1:
+    neither. Splits then start at multiples of :func:`step_multiple` blocks."""
     nch, cpg, u = 16 // bits, group // 16, cfg.pf
-    whole_steps = (u * nch) % cpg == 0 or nch % cpg == 0
-    return 2 * u if cfg.unroll == 2 and not whole_steps and (2 * u * nch) % cpg == 0 else u
+    if nch % cpg == 0 or (u * nch) % cpg == 0:
+        return 0, 0
+    return -1, (u if cfg.unroll == 2 and (2 * u * nch) % cpg == 0 else -1)
+
+
+def step_multiple(bits: int, group: int, cfg) -> int:
+    """Blocks per split are a multiple of this: U, or 2U where only an iteration of two steps starts at
+    a group boundary (:func:`step_offsets` (−1, U))."""
+    return 2 * cfg.pf if step_offsets(bits, group, cfg)[1] > 0 else cfg.pf
 
 
 def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
