@@ -33,8 +33,8 @@ demo: venv
 
 # The default model is converted once (about 1.5 min from its GGUF; cached in ~/.cache/lqkit) before the
 # tests, which then read the cached folder. The kernels run through triton's interpreter on a sample of
-# their launch configurations (every format and layout); `make test-all` runs all of them (about 40 min
-# on 2 cores): run it before touching the kernels, and on a GPU machine, where they run natively.
+# their launch configurations (every format and layout); `make test-all` runs all of them (docs/testing.md):
+# run it before touching the kernels, and on a GPU machine, where they run natively.
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -c "from lqkit.models import default_model_dir; default_model_dir()"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=15 \
