@@ -520,6 +520,27 @@ def test_frag_default_config_by_tokens():
 
 
 @pytest.mark.cuda
+def test_one_token_default_keeps_group_ends_at_compile_time():
+    """At one token the default launch is one whose steps, or iterations of two steps, span whole
+    groups: 3 bits with groups of 128 (80-k blocks) takes U = 4 with two steps per iteration, 4 bits
+    keeps U = 2 (64-k blocks: every block is whole groups). What load(tune=True) times holds the
+    default, the one-warp U = 8 launch, and no configuration twice."""
+    device = _device()
+    from lqkit.kernels import _frag
+    from lqkit.kernels import _triton as kt
+
+    h = torch.float16
+    for f, want in ((("rtn", 3, "in", 128, False), (4, 2, 1)), (("rtn", 4, "in", 128, False), (2, 1, 0))):
+        kw = _case(f, (64, 1280), 0, False, device, h, layout="frag")[0]
+        d = kt.default_config(kw, 1, h)
+        assert (d.pf, d.unroll, d.xs) == want
+        assert _frag.step_offsets(kw.bits, kw.spec.group_size, d) != (-1, -1)
+        assert kt.default_config(kw, 8, h).unroll == 1  # more tokens: the plain loop
+        q = kt.quick_candidates(kw, 1, h)
+        assert q[0] == d and len(set(q)) == len(q) and any(c.warps == 1 and c.pf == 8 for c in q)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("cold", [True, False], ids=["cold", "isolated"])
 def test_tune_keeps_the_fastest_candidate(cold):
     """Tuning (back-to-back on rotating weight copies, or isolated calls) returns one of the

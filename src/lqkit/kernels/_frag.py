@@ -1006,25 +1006,44 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
 
 def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
     """The few one-token configurations worth timing when a model is loaded (each costs a compile):
-    the default and those that won :func:`candidates` on an H200's 7B-sized layers at 2–4 bits,
-    rank 0 and 32 (bench/results/kernels-h200-1token.json). None at other token counts."""
+    the default, plain U = 2 (where the default is another), and those that won :func:`candidates` on
+    7B-sized layers at 2–4 bits, rank 0 and 32 (bench/results/kernels-h200-1token.json on an H200,
+    kernels-h100-1token-groupends.json on an H100). None at other token counts."""
     from ._triton import Config
 
     if m != 1 or not ok(kw, m, dtype):
         return []
-    return [default_config(kw, m, dtype), Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1),
-            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1, unroll=2),
-            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2),
-            Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1)]
+    out = [default_config(kw, m, dtype), Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2),
+           Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1), _iter_aligned(),
+           Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2),
+           Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1),
+           # one warp, U = 8: won 14336×4096 and 4096×1024 at 3 and 4 bits on an H100
+           # (kernels-h100-1token-groupends.json)
+           Config(kind="frag", bn=16, warps=1, occ=2.0, pf=8, xs=1)]
+    return list(dict.fromkeys(out))
+
+
+def _iter_aligned():
+    """U = 4, two steps per iteration, x's words once per step: at 3 bits with groups of 128 its
+    iterations span whole groups (:func:`step_offsets`), where the default's steps do not."""
+    from ._triton import Config
+
+    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1, unroll=2)
 
 
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
     """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
     tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
-    between 32 and 64 tokens; bench/KERNELS.md)."""
+    between 32 and 64 tokens; bench/KERNELS.md). At one token, where the plain loop's steps leave
+    group ends to run time and :func:`_iter_aligned`'s iterations do not (3 bits, groups of 128), that
+    launch: 16.1 against 18.1–18.6 µs on an H100's 4096×14336 (kernels-3bit-groupends-ab-h100.json)."""
     from ._triton import Config
 
-    if ok(kw, m, dtype) and m <= SLICED_MAX_M:
-        return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)
-    return Config(kind="dequant")
+    if not ok(kw, m, dtype) or m > SLICED_MAX_M:
+        return Config(kind="dequant")
+    base = Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)
+    if m == 1 and step_offsets(kw.bits, kw.spec.group_size, base)[0] < 0 \
+            and step_offsets(kw.bits, kw.spec.group_size, _iter_aligned()) != (-1, -1):
+        return _iter_aligned()
+    return base
