@@ -7,6 +7,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The CPU clip search runs eagerly here and in the processes tests start: on the tiny models torch.compile's
+# tracing and compiling cost about 12 s a process and save nothing. The compiled path has its own tests
+# (test_quant.py: bitwise equal to the eager one), which turn it on; LQKIT_COMPILE=1 runs every test with it.
+os.environ.setdefault("LQKIT_COMPILE", "0")
 
 import pytest
 import torch

@@ -804,6 +804,11 @@ def test_gptq_fused_sweep_equals_torch_sweep(act_order, monkeypatch):
     from lqkit.core import gptq as G
 
     device = _device()
+    if device == "cpu":  # triton's interpreter: three clip fractions instead of nine (the same search, a third of the steps)
+        from lqkit.core import quant
+
+        monkeypatch.setattr(quant, "CLIP_SHRINK", quant.CLIP_SHRINK[::4])
+        monkeypatch.setattr(quant, "_SHRINK", {})
     g = torch.Generator().manual_seed(3)
     out, n, tokens = 64, 160, 300
     w = torch.randn(out, n, generator=g) * 0.02

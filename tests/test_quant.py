@@ -223,6 +223,7 @@ def test_clip_search_compiled_equals_eager(monkeypatch, case):
     offsets as the eager search, fp16 rounding of the candidate scales included."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(300, 64, generator=g) * torch.rand(300, 1, generator=g)
+    monkeypatch.setenv("LQKIT_COMPILE", "1")  # the suite runs eagerly by default (conftest.py)
     g3, qmax = {"groups": (w.view(300, 2, 32), 7), "transposed": (w.T.contiguous().T.unsqueeze(1), 3),
                 "row-qmax": (w.view(300, 2, 32), torch.full((300, 1), 7.0)),
                 "flat-qmax": (w[:40, :32], torch.full((40,), 3.0))}[case]
@@ -234,6 +235,8 @@ def test_clip_search_compiled_equals_eager(monkeypatch, case):
 
 def test_a_failed_compile_runs_eagerly(monkeypatch, caplog):
     from lqkit.core import compiled
+
+    monkeypatch.setenv("LQKIT_COMPILE", "1")
 
     def broken(fn, **kw):
         def run(*a, **k):
