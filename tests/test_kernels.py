@@ -804,7 +804,7 @@ def test_gptq_fused_sweep_equals_torch_sweep(act_order, monkeypatch):
     from lqkit.core import gptq as G
 
     device = _device()
-    if device == "cpu":  # triton's interpreter: three clip fractions instead of nine (the same search, a third of the steps)
+    if device == "cpu":  # the interpreter: three clip fractions instead of nine (the same search, a third of the steps)
         from lqkit.core import quant
 
         monkeypatch.setattr(quant, "CLIP_SHRINK", quant.CLIP_SHRINK[::4])
