@@ -1,8 +1,11 @@
 """Time (or hand to a profiler) a few kernel variants on one layer shape: a development tool.
 
 Each variant is ``bf16``, ``tinygemm`` or ``LAYOUT:BITS[:key=value,...]`` where the keys are
-``_triton.Config`` fields (kind, bn, warps, occ, split, maxnreg, pf, unroll; no keys: the default
-configuration) plus ``rank``. Times are kernel_layers.py's rotating-copies measurement (cold weights,
+``_triton.Config`` fields (kind, bn, warps, occ, split, maxnreg, pf, unroll, xs) plus ``rank``; the
+keys replace fields of the current default configuration (no keys: the default itself; since
+2026-12-06 the one-token default of 3 bits with groups of 128 is pf=4, unroll=2, xs=1, so ``frag:3``
+times that and ``frag:3:pf=2,unroll=1,xs=0`` the former default). The JSON rows record the resolved
+configuration. Times are kernel_layers.py's rotating-copies measurement (cold weights,
 one CUDA graph, µs per call). With ``--plain`` every variant is just called ``--calls`` times, no
 graph and no copies, for a profiler, e.g.::
 

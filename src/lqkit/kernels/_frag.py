@@ -30,6 +30,7 @@ one launch per 16 (the default up to SLICED_MAX_M), else the weight decoded to d
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -1007,8 +1008,8 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
 def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
     """The few one-token configurations worth timing when a model is loaded (each costs a compile):
     the default, plain U = 2 (where the default is another), and those that won :func:`candidates` on
-    7B-sized layers at 2–4 bits, rank 0 and 32 (bench/results/kernels-h200-1token.json on an H200,
-    kernels-h100-1token-groupends.json on an H100). None at other token counts."""
+    7B-sized layers (bench/results/kernels-h200-1token.json: an H200, 2–4 bits, rank 0 and 32;
+    kernels-h100-1token-groupends.json: an H100, 3 and 4 bits). None at other token counts."""
     from ._triton import Config
 
     if m != 1 or not ok(kw, m, dtype):
@@ -1023,6 +1024,16 @@ def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None)
     return list(dict.fromkeys(out))
 
 
+@functools.lru_cache(maxsize=None)
+def _only_iterations_align(bits: int, group: int) -> bool:
+    """The plain U = 2 loop leaves group ends to run time and :func:`_iter_aligned`'s iterations of two
+    steps, but not its single steps, span whole groups (:func:`step_offsets` (−1, U))."""
+    from ._triton import Config
+
+    return step_offsets(bits, group, Config(kind="frag", pf=2))[0] < 0 \
+        and step_offsets(bits, group, _iter_aligned())[1] > 0
+
+
 def _iter_aligned():
     """U = 4, two steps per iteration, x's words once per step: at 3 bits with groups of 128 its
     iterations span whole groups (:func:`step_offsets`), where the default's steps do not."""
@@ -1035,15 +1046,14 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
     """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
     tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
-    between 32 and 64 tokens; bench/KERNELS.md). At one token, where the plain loop's steps leave
-    group ends to run time and :func:`_iter_aligned`'s iterations do not (3 bits, groups of 128), that
-    launch: 16.1 against 18.1–18.6 µs on an H100's 4096×14336 (kernels-3bit-groupends-ab-h100.json)."""
+    between 32 and 64 tokens; bench/KERNELS.md). At one token, where only an iteration of two steps
+    spans whole groups (:func:`_only_iterations_align`: 3 bits with groups of 128, and 5 bits with
+    groups of 128, not timed), :func:`_iter_aligned`: 16.1 against 18.1–18.6 µs for the plain U = 2 on
+    an H100's 4096×14336 at 3 bits (kernels-3bit-groupends-ab-h100.json)."""
     from ._triton import Config
 
     if not ok(kw, m, dtype) or m > SLICED_MAX_M:
         return Config(kind="dequant")
-    base = Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)
-    if m == 1 and step_offsets(kw.bits, kw.spec.group_size, base)[0] < 0 \
-            and step_offsets(kw.bits, kw.spec.group_size, _iter_aligned()) != (-1, -1):
+    if m == 1 and _only_iterations_align(kw.bits, kw.spec.group_size):
         return _iter_aligned()
-    return base
+    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)

@@ -1317,7 +1317,8 @@ def set_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype, cfg: 
     _TUNED[_tune_key(kw, m, has_lr, dtype)] = cfg
 
 
-KERNELS_REVISION = 2  # raise when the kernels or Config change: configurations kept under older keys are not read
+# raise when the kernels, Config or the tuning candidates change: configurations kept under older keys are not read
+KERNELS_REVISION = 2
 
 
 def config_key(x: torch.Tensor, kw: KernelWeight, L=None, R=None) -> str:
