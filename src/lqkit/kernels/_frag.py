@@ -1014,7 +1014,7 @@ def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None)
 
     if m != 1 or not ok(kw, m, dtype):
         return []
-    out = [default_config(kw, m, dtype), Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2),
+    out = [default_config(kw, m, dtype), _plain(),
            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1), _iter_aligned(),
            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2),
            Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1),
@@ -1026,12 +1026,17 @@ def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None)
 
 @functools.lru_cache(maxsize=None)
 def _only_iterations_align(bits: int, group: int) -> bool:
-    """The plain U = 2 loop leaves group ends to run time and :func:`_iter_aligned`'s iterations of two
-    steps, but not its single steps, span whole groups (:func:`step_offsets` (−1, U))."""
+    """:func:`_iter_aligned`'s iterations of two steps, but not its single steps of 4 blocks, span whole
+    groups (:func:`step_offsets` (−1, U)); then neither do :func:`_plain`'s steps of 2 (their group ends
+    are tested at run time)."""
+    return step_offsets(bits, group, _iter_aligned())[1] > 0
+
+
+def _plain():
+    """The default launch up to SLICED_MAX_M tokens: U = 2, one step per iteration."""
     from ._triton import Config
 
-    return step_offsets(bits, group, Config(kind="frag", pf=2))[0] < 0 \
-        and step_offsets(bits, group, _iter_aligned())[1] > 0
+    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)
 
 
 def _iter_aligned():
@@ -1056,4 +1061,4 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
         return Config(kind="dequant")
     if m == 1 and _only_iterations_align(kw.bits, kw.spec.group_size):
         return _iter_aligned()
-    return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2)
+    return _plain()
