@@ -20,7 +20,8 @@ speed drifts between calls (eager decoding is host-bound) slows every row alike;
 the median over rounds of bf16's seconds over the row's in the same round. tokens/s = batch x N /
 seconds of a generate() call (prefill included). The bandwidth fraction of a decoding step = (bytes
 of every weight a step reads / measured copy bandwidth) / (seconds / N), the KV cache not counted.
-Rows, batches and modes are selectable, checkpoints and the built model are reused from ``--work``
+Each lqkit row records the one-token launch configuration of each distinct kernel call (``launches_1token``:
+tuned or the default; untuned rows drop the process's earlier tuned choices first). Rows, batches and modes are selectable, checkpoints and the built model are reused from ``--work``
 when present, a failing row is recorded and the next one runs. ``--tiny``: a 2-layer tiny llama on
 the CPU (torch path), to check the script's logic.
 
@@ -179,6 +180,10 @@ def load_row(name: str, path: Path, device: str, tune: bool = False):
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
     else:
+        if not tune:  # the launch choices are per process: an untuned row must not inherit a tuned row's
+            from lqkit.kernels import _triton
+
+            _triton._TUNED.clear()
         model = checkpoint.load(path, dtype=dtype, device=device, tune=tune)
     sync(device)
     return model, time.time() - t
@@ -206,6 +211,25 @@ def prepared_info(model) -> dict:
     mods = compressed_modules(model).values()
     return {"compressed_layers": len(mods), "kernel_layers": sum(m._runner is not None for m in mods),
             "stacks": len({id(m._group) for m in mods if m._group is not None})}
+
+
+def launches(model) -> dict:
+    """The one-token launch configuration each distinct kernel call of ``model`` takes now, by layer
+    shape and format: ``tuned`` (timed by load(tune=True) or read from its table) or the default."""
+    from dataclasses import asdict
+
+    from lqkit.kernels import _triton
+    from lqkit.nn import compressed_modules
+
+    runners = {id(m._runner): m._runner for m in compressed_modules(model).values() if m._runner is not None}
+    dtype = next(model.parameters()).dtype
+    out = {}
+    for run in runners.values():
+        rank = run.L.shape[1] if run.L is not None and run.R is not None else 0
+        cfg = _triton._TUNED.get(_triton._tune_key(run.kw, 1, rank > 0, dtype))
+        name = f"{run.n}x{run.k} {run.kw.spec.label()}" + (f" rank {rank}" if rank else "")
+        out[name] = {"tuned": cfg is not None, **asdict(cfg or _triton.default_config(run.kw, 1, dtype))}
+    return out
 
 
 def kernel_check(model, device: str) -> float | None:
@@ -541,7 +565,8 @@ def main() -> None:
             info_row = {"row": label, "tuned": tune, "spec": ROWS[name].label() if ROWS[name] else "bf16",
                         "path": str(path),
                         **({"plan_mix": plan_mix(path)} if isinstance(ROWS[name], BudgetRow) else {}),
-                        "load_seconds": round(load_s, 1), "weight_bytes": wb, **prepared_info(model)}
+                        "load_seconds": round(load_s, 1), "weight_bytes": wb, **prepared_info(model),
+                        "launches_1token": launches(model)}
             err = kernel_check(model, device)
             info_row["layer_rel_err"] = err
             log(f"{name}: loaded in {load_s:.1f} s; {wb / 1e6:.1f} MB of weights per step; {prepared_info(model)}"
