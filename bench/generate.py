@@ -21,7 +21,8 @@ the median over rounds of bf16's seconds over the row's in the same round. token
 seconds of a generate() call (prefill included). The bandwidth fraction of a decoding step = (bytes
 of every weight a step reads / measured copy bandwidth) / (seconds / N), the KV cache not counted.
 Each lqkit row records the one-token launch configuration of each distinct kernel call (``launches_1token``:
-tuned or the default; untuned rows drop the process's earlier tuned choices first). Rows, batches and modes are selectable, checkpoints and the built model are reused from ``--work``
+tuned or the default; untuned rows drop the process's earlier tuned choices first). Rows, batches and
+modes are selectable, checkpoints and the built model are reused from ``--work``
 when present, a failing row is recorded and the next one runs. ``--tiny``: a 2-layer tiny llama on
 the CPU (torch path), to check the script's logic.
 
