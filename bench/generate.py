@@ -20,11 +20,11 @@ speed drifts between calls (eager decoding is host-bound) slows every row alike;
 the median over rounds of bf16's seconds over the row's in the same round. tokens/s = batch x N /
 seconds of a generate() call (prefill included). The bandwidth fraction of a decoding step = (bytes
 of every weight a step reads / measured copy bandwidth) / (seconds / N), the KV cache not counted.
-Each lqkit row records the one-token launch configuration of each distinct kernel call (``launches_1token``:
-tuned or the default; untuned rows drop the process's earlier tuned choices first). Rows, batches and
-modes are selectable, checkpoints and the built model are reused from ``--work``
-when present, a failing row is recorded and the next one runs. ``--tiny``: a 2-layer tiny llama on
-the CPU (torch path), to check the script's logic.
+Each lqkit row of the eager, compiled and loop modes records the one-token launch configuration of each
+distinct kernel call (``launches_1token``: tuned or the default; untuned rows drop the process's earlier
+tuned choices first). Rows, batches and modes are selectable, checkpoints and the built model are
+reused from ``--work`` when present, a failing row is recorded and the next one runs. ``--tiny``: a
+2-layer tiny llama on the CPU (torch path), to check the script's logic.
 
 Every phase prints a line with the seconds since the start (a stack dump follows when nothing is
 printed for 180 s). Rows already in ``--out`` for the same model shape are kept unless re-run, so the
@@ -181,8 +181,8 @@ def load_row(name: str, path: Path, device: str, tune: bool = False):
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device).eval()
     else:
-        if not tune:  # the launch choices are per process: an untuned row must not inherit a tuned row's
-            from lqkit.kernels import _triton
+        if not tune and device == "cuda":  # launch choices are per process: an untuned row must not inherit
+            from lqkit.kernels import _triton  # a tuned row's (triton: the GPU extra)
 
             _triton._TUNED.clear()
         model = checkpoint.load(path, dtype=dtype, device=device, tune=tune)
@@ -219,11 +219,15 @@ def launches(model) -> dict:
     shape and format: ``tuned`` (timed by load(tune=True) or read from its table) or the default."""
     from dataclasses import asdict
 
-    from lqkit.kernels import _triton
     from lqkit.nn import compressed_modules
+    from lqkit.nn.inference import _compute_dtype
 
     runners = {id(m._runner): m._runner for m in compressed_modules(model).values() if m._runner is not None}
-    dtype = next(model.parameters()).dtype
+    if not runners:  # no kernel calls (bf16, or the torch path on a CPU): nothing to import triton for
+        return {}
+    from lqkit.kernels import _triton
+
+    dtype = _compute_dtype(model)
     out = {}
     for run in runners.values():
         rank = run.L.shape[1] if run.L is not None and run.R is not None else 0
