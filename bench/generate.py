@@ -184,7 +184,7 @@ def load_row(name: str, path: Path, device: str, tune: bool = False):
         if not tune and device == "cuda":  # launch choices are per process: an untuned row must not inherit
             from lqkit.kernels import _triton  # a tuned row's (triton: the GPU extra)
 
-            _triton._TUNED.clear()
+            _triton.forget_tuned()
         model = checkpoint.load(path, dtype=dtype, device=device, tune=tune)
     sync(device)
     return model, time.time() - t
@@ -231,9 +231,9 @@ def launches(model) -> dict:
     out = {}
     for run in runners.values():
         rank = run.L.shape[1] if run.L is not None and run.R is not None else 0
-        cfg = _triton._TUNED.get(_triton._tune_key(run.kw, 1, rank > 0, dtype))
+        tuned = _triton.tuned_choice(run.kw, 1, rank > 0, dtype) is not None
         name = f"{run.n}x{run.k} {run.kw.spec.label()}" + (f" rank {rank}" if rank else "")
-        out[name] = {"tuned": cfg is not None, **asdict(cfg or _triton.default_config(run.kw, 1, dtype))}
+        out[name] = {"tuned": tuned, **asdict(_triton.chosen_config(run.kw, 1, rank > 0, dtype))}
     return out
 
 

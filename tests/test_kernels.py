@@ -563,7 +563,7 @@ def test_tune_keeps_the_fastest_candidate(cold):
                            rep_ms=2, cold=cold)
     assert cfg in configs and 0 < ms < 10
     assert torch.equal(kw.qweight, words)
-    assert kt._TUNED[kt._tune_key(kw, 1, True, h)] == cfg
+    assert kt.tuned_choice(kw, 1, True, h) == cfg
     x = torch.randn(1, shape[1], device="cuda", dtype=h)
     _check(kernels.linear(x, kw, L, R), _ref(x, W, L, R, None))
 
@@ -588,9 +588,9 @@ def test_tuned_config_kept_as_json_and_reused():
     key, cfg, now = kernels.tuned_config(x, kw, L, R)
     assert now and cfg is not None and kt.Config(**cfg) in kt.quick_candidates(kw, 1, h)
     kept = json.loads(json.dumps({key: cfg}))
-    kt._TUNED.clear()
+    kt.forget_tuned()
     assert kernels.tuned_config(x, kw, L, R, known=kept) == (key, cfg, False)
-    assert kt._TUNED[kt._tune_key(kw, 1, True, h)] == kt.Config(**cfg)
+    assert kt.tuned_choice(kw, 1, True, h) == kt.Config(**cfg)
     assert not kernels.use_config(x, kw, L, R, {"kind": "gemv"}) and not kernels.use_config(x, kw, L, R, {"bogus": 1})
     assert kernels.tuned_config(x, kw, L, R, known={key: {"bogus": 1}})[2]  # refused: timed again
     x16 = torch.randn(16, shape[1], device="cuda", dtype=h)

@@ -768,12 +768,22 @@ def _tune_key(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> tup
     return (kw.shape, kw.spec, mb, has_lr, dtype)
 
 
+def tuned_choice(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> Config | None:
+    """This process's tuned configuration for such calls (:func:`tune`, :func:`set_config`), if any."""
+    return _TUNED.get(_tune_key(kw, m, has_lr, dtype))
+
+
+def chosen_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> Config:
+    """The configuration such calls take when none is passed: the tuned one, else the default."""
+    return tuned_choice(kw, m, has_lr, dtype) or default_config(kw, m, dtype)
+
+
 def plans_rotation(kw: KernelWeight, m: int, dtype: torch.dtype, rotation, config: Config | None = None,
                    has_lr: bool = False) -> bool:
     """Whether a call of m tokens applies the input rotation ``rotation`` (from ``kernels.rotation``)
     as part of its plan: the fragment kernel at one token (else x is rotated first by the rotation's
     general call)."""
-    cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, dtype)) or default_config(kw, m, dtype)
+    cfg = config or chosen_config(kw, m, has_lr, dtype)
     return cfg.kind == "frag" and _frag.plans_rotation(kw, m, dtype, rotation)
 
 
@@ -794,7 +804,7 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     if m == 0:
         return y.view(*lead, n)
     has_lr = L is not None and R is not None and L.shape[1] > 0
-    cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, x.dtype)) or default_config(kw, m, x.dtype)
+    cfg = config or chosen_config(kw, m, has_lr, x.dtype)
     if cfg.kind not in _KINDS[kw.layout]:
         raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout "
                          f"(kinds for it: {', '.join(_KINDS[kw.layout])})")
@@ -1001,7 +1011,7 @@ def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: to
     m, k = x.shape
     n = kw.shape[0]
     has_lr = L is not None and R is not None and L.shape[1] > 0
-    cfg = config or _TUNED.get(_tune_key(kw, m, has_lr, x.dtype)) or default_config(kw, m, x.dtype)
+    cfg = config or chosen_config(kw, m, has_lr, x.dtype)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _RECORD = rec = []
     try:
@@ -1315,6 +1325,11 @@ def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,
 
 def set_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype, cfg: Config) -> None:
     _TUNED[_tune_key(kw, m, has_lr, dtype)] = cfg
+
+
+def forget_tuned() -> None:
+    """Drop every tuned configuration of this process: calls take the defaults again."""
+    _TUNED.clear()
 
 
 # raise when the kernels, Config or the tuning candidates change: configurations kept under older keys are not read
