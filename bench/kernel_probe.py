@@ -4,8 +4,10 @@ Each variant is ``bf16``, ``tinygemm`` or ``LAYOUT:BITS[:key=value,...]`` where 
 ``_triton.Config`` fields (kind, bn, warps, occ, split, maxnreg, pf, unroll, xs) plus ``rank``; the
 keys replace fields of the current default configuration (no keys: the default itself; since
 2026-12-06 the one-token default of 3 bits with groups of 128 is pf=4, unroll=2, xs=1, so ``frag:3``
-times that and ``frag:3:pf=2,unroll=1,xs=0`` the former default). The JSON rows record the resolved
-configuration. Times are kernel_layers.py's rotating-copies measurement (cold weights,
+times that and ``frag:3:pf=2,unroll=1,xs=0`` the former default; on layers with many rows, e.g.
+22016×4096, it is the one-warp launch bn=16,warps=1,occ=2,pf=8,xs=1, so write a variant's fields out
+in full there). The default is the rank-0 one unless the variant has a rank. The JSON rows record the
+resolved configuration. Times are kernel_layers.py's rotating-copies measurement (cold weights,
 one CUDA graph, µs per call). With ``--plain`` every variant is just called ``--calls`` times, no
 graph and no copies, for a profiler, e.g.::
 
@@ -69,7 +71,7 @@ def make_fns(variant: str, w: torch.Tensor, x: torch.Tensor, copies: int):
     kw, w_hat, _ = kl.lqkit_layer(w, bits, layout)
     L = torch.randn(n, rank, device="cuda", dtype=x.dtype) * 0.02 if rank else None
     R = torch.randn(rank, k, device="cuda", dtype=x.dtype) * 0.02 if rank else None
-    base = kt.default_config(kw, x.shape[0], x.dtype)
+    base = kt.default_config(kw, x.shape[0], x.dtype, rank > 0)
     cfg = dataclasses.replace(base, **opts)
     ref = x.float() @ w_hat.T.float() + ((x.float() @ R.float().T) @ L.float().T if rank else 0)
     err = kl.rel_err(kernels.linear(x, kw, L, R, None, config=cfg), ref)

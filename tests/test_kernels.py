@@ -6,6 +6,7 @@ CPU through triton's interpreter when ``LQKIT_TRITON_INTERPRET=1`` is set (slow;
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -539,6 +540,39 @@ def test_one_token_default_keeps_group_ends_at_compile_time():
         q = kt.quick_candidates(kw, 1, h)
         assert q[0] == d and len(q) == 6 and kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2) in q
         assert any(c.warps == 1 and c.pf == 8 for c in q)
+
+
+@pytest.mark.cuda
+def test_one_token_default_is_one_warp_on_layers_with_many_rows():
+    """Layers with enough rows for ONE_WARP_MIN_PROGRAMS one-warp programs per SM take one warp per
+    program by default at one token (3 bits and more, without low rank), and that call is right (GPU);
+    one row block fewer, 2 bits, a rank, more tokens or (at 3 bits) past the cap keep the launches they had."""
+    device = _device()
+    from lqkit.kernels import _frag
+    from lqkit.kernels import _triton as kt
+
+    h = torch.float16 if device == "cpu" else torch.bfloat16
+    rows = 16 * math.ceil(_frag.ONE_WARP_MIN_PROGRAMS * kt._sms(torch.device(device)))
+    f3, f4, f2 = ("rtn", 3, "in", 128, False), ("rtn", 4, "in", 128, False), ("rtn", 2, "in", 128, False)
+    kw, W, _, _, _ = _case(f3, (rows, 1280), 0, False, device, h, layout="frag")
+    one = _frag._one_warp()
+    assert kt.default_config(kw, 1, h) == one and kt.quick_candidates(kw, 1, h)[0] == one
+    assert kt.default_config(kw, 1, h, has_lr=True) == kt.default_config(_case(f3, (rows - 16, 1280), 0, False, device, h,
+                                                                               layout="frag")[0], 1, h) != one
+    assert kt.default_config(kw, 2, h) != one
+    assert kt.default_config(_case(f4, (rows, 1280), 0, False, device, h, layout="frag")[0], 1, h) == one
+    assert kt.default_config(_case(f2, (rows, 1280), 0, False, device, h, layout="frag")[0], 1, h) != one
+    many = 16 * math.floor(_frag.ONE_WARP_MAX_PROGRAMS_3BIT * kt._sms(torch.device(device)) + 1)  # past 3 bits' cap
+    assert kt.default_config(_case(f3, (many, 1280), 0, False, device, h, layout="frag")[0], 1, h) != one
+    assert kt.default_config(_case(f4, (many, 1280), 0, False, device, h, layout="frag")[0], 1, h) == one
+    if device == "cpu":  # minutes in the interpreter; the one-warp U = 8 launch itself: _frag_configs on a GPU
+        return
+    from lqkit import kernels
+
+    x = torch.randn(1, 1280, device=device).to(h)
+    y = kernels.linear(x, kw, None, None, None)
+    assert kt.chosen_config(kw, 1, False, h) == one
+    assert torch.allclose(y.float(), _ref(x, W, None, None, None), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.cuda

@@ -172,7 +172,7 @@ def tuned_config(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=N
     if known and key in known and use_config(x, prepared, L, R, known[key]):
         return key, dict(known[key]), False
     m = x.reshape(-1, prepared.shape[1]).shape[0]
-    configs = _triton.quick_candidates(prepared, m, x.dtype)
+    configs = _triton.quick_candidates(prepared, m, x.dtype, L is not None and R is not None and L.shape[1] > 0)
     if not configs:
         return key, None, False
     cfg, _ = _triton.tune(x, prepared, L, R, bias, configs=configs)

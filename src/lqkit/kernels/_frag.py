@@ -998,14 +998,14 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
                     # one warp per program, for the small layers: 4096×1024 without split-K (U = 8) and
                     # 1024×4096 in 8 splits took 4.40 / 4.93 µs on an H100 against 4.9 / 5.3 for the
                     # candidates above (bench/results/kernels-small-probe-h100.json)
-                    Config(kind="frag", bn=16, warps=1, occ=2.0, pf=8, xs=1),
+                    _one_warp(),
                     Config(kind="frag", bn=16, warps=1, occ=4.0, pf=4, xs=1)]
     if m > MAX_M or not out:
         out.append(Config(kind="dequant"))
     return out
 
 
-def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
+def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None, has_lr: bool = False) -> list:
     """The few one-token configurations worth timing when a model is loaded (each costs a compile):
     the default, plain U = 2 (where the default is another), and those that won :func:`candidates` on
     7B-sized layers (bench/results/kernels-h200-1token.json: an H200, 2–4 bits, rank 0 and 32;
@@ -1014,13 +1014,11 @@ def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None)
 
     if m != 1 or not ok(kw, m, dtype):
         return []
-    out = [default_config(kw, m, dtype), _plain(),
+    out = [default_config(kw, m, dtype, has_lr), _plain(),
            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1), _iter_aligned(),
            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2),
            Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1),
-           # one warp, U = 8: won 14336×4096 and 4096×1024 at 3 and 4 bits on an H100
-           # (kernels-h100-1token-groupends.json)
-           Config(kind="frag", bn=16, warps=1, occ=2.0, pf=8, xs=1)]
+           _one_warp()]
     return list(dict.fromkeys(out))
 
 
@@ -1047,18 +1045,53 @@ def _iter_aligned():
     return Config(kind="frag", bn=64, warps=4, occ=4.0, pf=4, xs=1, unroll=2)
 
 
-def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None):
+def _one_warp():
+    """One warp per program (16 rows), U = 8, x's words once per step, 2 programs per SM: every step
+    spans whole groups up to groups of 128 at 2-7 bits (:func:`step_offsets`)."""
+    from ._triton import Config
+
+    return Config(kind="frag", bn=16, warps=1, occ=2.0, pf=8, xs=1)
+
+
+ONE_WARP_MIN_PROGRAMS = 6.5  # one-warp programs (rows / 16) per SM from which the one-token default is _one_warp
+ONE_WARP_MAX_PROGRAMS_3BIT = 12.0  # ... and up to which it is at 3 bits
+
+
+def _one_warp_wins(kw: KernelWeight, has_lr: bool) -> bool:
+    """Whether a one-token call without low rank takes :func:`_one_warp` by default: 3 bits and more,
+    at least ONE_WARP_MIN_PROGRAMS programs of 16 rows per SM (they fill the GPU without a K-split),
+    at 3 bits at most ONE_WARP_MAX_PROGRAMS_3BIT. One H100 (132 SMs), rtn g128, in = 4096, µs against
+    the default it replaces (kernels-h100-wide-default.json): 4 bits 15.5 / 18.1 (14336 rows, 6.8 a
+    SM), 21.1 / 21.3 (18432), 23.8 / 26.5 (22016), 25.7 / 35.0 (24576), 35.3 / 38.1 (28672), 41.2 /
+    44.0 (36864); 3 bits 16.0 / 17.7, 20.9 / 23.6, 22.0 / 27.7, 23.4 / 24.8, **33.2 / 28.1** (28672,
+    13.6 a SM: hence the cap), 38.7 / 40.8. The stacked q/k/v 12288×4096 (5.8 a SM) keeps the
+    default: one warp took 15.0–17.3 against 14.2–14.8 on two other hosts (kernels-h100-7b-shapes-
+    launches.json, kernels-h100-7b-stacked-split.json). load(tune=True) took it for 22016×4096 at 3,
+    4 and 6 bits but not at 2 (generate-h100-32layers-budget3-gpu.json); at rank 32 a four-warp
+    launch (kernels-h100-1token-groupends.json): each program also forms its share of R·x."""
+    from ._triton import _sms
+
+    if has_lr or kw.bits < 3:
+        return False
+    per_sm = kw.shape[0] / 16 / _sms(kw.qweight.device)
+    return ONE_WARP_MIN_PROGRAMS <= per_sm and (kw.bits > 3 or per_sm <= ONE_WARP_MAX_PROGRAMS_3BIT)
+
+
+def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: bool = False):
     """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
     tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
-    between 32 and 64 tokens; bench/KERNELS.md). At one token, where only an iteration of two steps
-    spans whole groups (:func:`_only_iterations_align`: 3 bits with groups of 128, and 5 bits with
-    groups of 128, not timed), :func:`_iter_aligned`: 16.1 against 18.1–18.6 µs for the plain U = 2 on
-    an H100's 4096×14336 at 3 bits (kernels-3bit-groupends-ab-h100.json)."""
+    between 32 and 64 tokens; bench/KERNELS.md). At one token: one warp per program on layers with
+    many rows (:func:`_one_warp_wins`); else, where only an iteration of two steps spans whole groups
+    (:func:`_only_iterations_align`: 3 bits with groups of 128, and 5 bits with groups of 128, not
+    timed), :func:`_iter_aligned`: 16.1 against 18.1–18.6 µs for the plain U = 2 on an H100's
+    4096×14336 at 3 bits (kernels-3bit-groupends-ab-h100.json)."""
     from ._triton import Config
 
     if not ok(kw, m, dtype) or m > SLICED_MAX_M:
         return Config(kind="dequant")
+    if m == 1 and _one_warp_wins(kw, has_lr):
+        return _one_warp()
     if m == 1 and _only_iterations_align(kw.bits, kw.spec.group_size):
         return _iter_aligned()
     return _plain()

@@ -744,9 +744,9 @@ def mma_ok(kw: KernelWeight, dtype: torch.dtype) -> bool:
             and dtype in dtypes)
 
 
-def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> Config:
+def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None = None, has_lr: bool = False) -> Config:
     if kw.layout == "frag":
-        return _frag.default_config(kw, m, dtype)
+        return _frag.default_config(kw, m, dtype, has_lr)
     if 1 < m <= MMA_MAX_M and dtype is not None and mma_ok(kw, dtype):
         return Config(kind="mma", bn=64, bm=16, warps=4, stages=3, occ=2.0)
     if m <= GEMV_MAX_M:
@@ -775,7 +775,7 @@ def tuned_choice(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> 
 
 def chosen_config(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> Config:
     """The configuration such calls take when none is passed: the tuned one, else the default."""
-    return tuned_choice(kw, m, has_lr, dtype) or default_config(kw, m, dtype)
+    return tuned_choice(kw, m, has_lr, dtype) or default_config(kw, m, dtype, has_lr)
 
 
 def plans_rotation(kw: KernelWeight, m: int, dtype: torch.dtype, rotation, config: Config | None = None,
@@ -1201,10 +1201,11 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
     return out
 
 
-def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list[Config]:
+def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None,
+                     has_lr: bool = False) -> list[Config]:
     """What a model's load times (``kernels.tuned_config``): a few configurations of the fragment
     layout at one token; none elsewhere (the default stays)."""
-    return _frag.quick_candidates(kw, m, dtype) if kw.layout == "frag" else []
+    return _frag.quick_candidates(kw, m, dtype, has_lr) if kw.layout == "frag" else []
 
 
 def time_call(fn, rep_ms: int = 20, graph: bool = True) -> float:
