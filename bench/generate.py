@@ -17,7 +17,8 @@ batch size; one untimed call warms up (compiles, records the graphs), then the m
 timed calls. ``--modes eager-interleaved``: every row loaded at once (the 7B-shaped bf16 model and four
 rtn rows take about 27 GB) and their eager calls made in turn, ``--rounds`` rounds, so that a host whose
 speed drifts between calls (eager decoding is host-bound) slows every row alike; ``vs_bf16_paired`` is
-the median over rounds of bf16's seconds over the row's in the same round. tokens/s = batch x N /
+the median over rounds of bf16's seconds over the row's in the same round (also recorded: the ratio of
+the fastest calls, ``vs_bf16_best``, and of the calls' thread CPU time, ``vs_bf16_cpu``). tokens/s = batch x N /
 seconds of a generate() call (prefill included). The bandwidth fraction of a decoding step = (bytes
 of every weight a step reads / measured copy bandwidth) / (seconds / N), the KV cache not counted.
 Each lqkit row of the eager, compiled and loop modes records the one-token launch configuration of each
@@ -370,41 +371,59 @@ def greedy_kwargs(new: int) -> dict:
     return dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
 
-def eager_seconds(model, ids: torch.Tensor, new: int, device: str) -> float:
-    """Seconds of one eager ``generate()`` call of ``new`` tokens (greedy, dynamic cache)."""
+def eager_call(model, ids: torch.Tensor, new: int, device: str) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of one eager ``generate()`` call of ``new`` tokens
+    (greedy, dynamic cache). The CPU time is the host work of the call, less the time the thread was
+    not running (another tenant's, the scheduler's); it includes the waits at the call's syncs when the
+    CUDA runtime spins in them."""
     sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.thread_time()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **greedy_kwargs(new))
     sync(device)
+    wall, cpu = time.perf_counter() - t, time.thread_time() - c
     if out.shape[1] != ids.shape[1] + new:
         raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens instead of {new}")
-    return time.perf_counter() - t
+    return wall, cpu
+
+
+def eager_seconds(model, ids: torch.Tensor, new: int, device: str) -> float:
+    """Seconds of one eager ``generate()`` call of ``new`` tokens (greedy, dynamic cache)."""
+    return eager_call(model, ids, new, device)[0]
 
 
 def eager_interleaved(models: dict, ids: torch.Tensor, new: int, rounds: int, device: str) -> dict:
     """Eager ``generate()`` of every loaded row in turn, ``rounds`` times (after one untimed call of
-    the same length each): a host that speeds up or slows down between calls does so for every row
-    alike. Per row: the calls' seconds, their median, and the median over rounds of its time against
-    bf16's in the same round (``vs_bf16_paired``)."""
+    the same length each; each round starts one row further on): a host that speeds up or slows down
+    between calls does so for every row alike. Per row: the calls' seconds and thread CPU seconds
+    (:func:`eager_call`), their medians, and against bf16: the median over rounds of the paired ratio
+    (``vs_bf16_paired``), the ratio of the fastest calls (``vs_bf16_best``: interference only adds
+    time) and the paired ratio of CPU time (``vs_bf16_cpu``: the host work of a call)."""
     for model in models.values():
         # full length: after a 2-token warm-up, bf16's first timed 128-token call on an H100 took 10.6 s
         # (batch 1) and 13.6 s (batch 8) against 3.5-4.8 s later (generate-h100-32layers-eager-interleaved.json)
         eager_seconds(model, ids, new, device)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpus: dict[str, list[float]] = {name: [] for name in names}
     for i in range(rounds):
-        for name, model in models.items():
-            times[name].append(eager_seconds(model, ids, new, device))
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            wall, cpu = eager_call(models[name], ids, new, device)
+            times[name].append(wall)
+            cpus[name].append(cpu)
         rates = ", ".join(f"{n} {ids.shape[0] * new / t[-1]:.1f}" for n, t in times.items())
         log(f"    round {i + 1}/{rounds}: {rates} tokens/s")
     out = {}
     for name, ts in times.items():
-        t = statistics.median(ts)
+        t, cs = statistics.median(ts), cpus[name]
         r = {"mode": "eager-interleaved", "batch": ids.shape[0], "prompt_tokens": ids.shape[1], "new_tokens": new,
              "rounds": rounds, "seconds": round(t, 4), "times": [round(x, 4) for x in ts],
+             "cpu_seconds": [round(x, 4) for x in cs], "cpu_ms_per_token": round(statistics.median(cs) / new * 1e3, 3),
              "tokens_per_s": round(ids.shape[0] * new / t, 1), "ms_per_token": round(t / new * 1e3, 3)}
         if "bf16" in times:
             r["vs_bf16_paired"] = round(statistics.median(b / x for b, x in zip(times["bf16"], ts)), 3)
+            r["vs_bf16_best"] = round(min(times["bf16"]) / min(ts), 3)
+            r["vs_bf16_cpu"] = round(statistics.median(b / x for b, x in zip(cpus["bf16"], cs)), 3)
         out[name] = r
     return out
 
@@ -464,7 +483,8 @@ def run_interleaved(rows: list, model_dir: Path, work: Path, device: str, args, 
                                    **mixes.get(name, {}), **r})
             if "tokens_per_s" in r:
                 log(f"  {name} batch {b} eager-interleaved: {r['tokens_per_s']} tokens/s"
-                    + (f", {r['vs_bf16_paired']}x bf16 (paired by round)" if "vs_bf16_paired" in r else ""))
+                    + (f", {r['vs_bf16_paired']}x bf16 (paired by round; fastest calls {r['vs_bf16_best']}x, "
+                       f"CPU time {r['vs_bf16_cpu']}x)" if "vs_bf16_paired" in r else ""))
         write_json(out, result)
     del models
     gc.collect()
