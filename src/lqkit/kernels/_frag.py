@@ -1065,10 +1065,12 @@ def _one_warp_wins(kw: KernelWeight, has_lr: bool) -> bool:
     SM), 21.1 / 21.3 (18432), 23.8 / 26.5 (22016), 25.7 / 35.0 (24576), 35.3 / 38.1 (28672), 41.2 /
     44.0 (36864); 3 bits 16.0 / 17.7, 20.9 / 23.6, 22.0 / 27.7, 23.4 / 24.8, **33.2 / 28.1** (28672,
     13.6 a SM: hence the cap), 38.7 / 40.8. The stacked q/k/v 12288×4096 (5.8 a SM) keeps the
-    default: one warp took 15.0–17.3 against 14.2–14.8 on two other hosts (kernels-h100-7b-shapes-
-    launches.json, kernels-h100-7b-stacked-split.json). load(tune=True) took it for 22016×4096 at 3,
-    4 and 6 bits but not at 2 (generate-h100-32layers-budget3-gpu.json); at rank 32 a four-warp
-    launch (kernels-h100-1token-groupends.json): each program also forms its share of R·x."""
+    default: one warp took 14.9–17.3 against 14.2–14.8 on two other hosts (kernels-h100-7b-shapes-
+    launches.json, kernels-h100-7b-stacked-split.json; load(tune=True) did take it there at 6 bits,
+    groups of 64). load(tune=True) took it for 22016×4096 at 3, 4 and 6 bits but not at 2
+    (generate-h100-32layers-budget3-gpu.json); at rank 32 a four-warp launch (kernels-h100-1token-
+    groupends.json): each program also forms its share of R·x. Rows only: timed at in = 4096 and 3-4
+    bits; other widths and 5-7 bits take the rule untimed."""
     from ._triton import _sms
 
     if has_lr or kw.bits < 3:
