@@ -172,7 +172,7 @@ def tuned_config(x: torch.Tensor, prepared: KernelWeight, L=None, R=None, bias=N
     if known and key in known and use_config(x, prepared, L, R, known[key]):
         return key, dict(known[key]), False
     m = x.reshape(-1, prepared.shape[1]).shape[0]
-    configs = _triton.quick_candidates(prepared, m, x.dtype, L is not None and R is not None and L.shape[1] > 0)
+    configs = _triton.quick_candidates(prepared, m, x.dtype, _triton.with_lr(L, R))
     if not configs:
         return key, None, False
     cfg, _ = _triton.tune(x, prepared, L, R, bias, configs=configs)
@@ -192,6 +192,6 @@ def use_config(x: torch.Tensor, prepared: KernelWeight, L, R, config: Mapping) -
     if cfg.kind not in _triton._KINDS[prepared.layout]:
         return False
     m = x.reshape(-1, prepared.shape[1]).shape[0]
-    has_lr = L is not None and R is not None and L.shape[1] > 0
+    has_lr = _triton.with_lr(L, R)
     _triton.set_config(prepared, m, has_lr, x.dtype, cfg)
     return True

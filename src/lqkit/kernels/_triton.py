@@ -768,6 +768,12 @@ def _tune_key(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> tup
     return (kw.shape, kw.spec, mb, has_lr, dtype)
 
 
+def with_lr(L: torch.Tensor | None, R: torch.Tensor | None) -> bool:
+    """Whether a call's low-rank factors add a term (both given, rank > 0): part of a call's tuning key
+    and of its default launch."""
+    return L is not None and R is not None and L.shape[1] > 0
+
+
 def tuned_choice(kw: KernelWeight, m: int, has_lr: bool, dtype: torch.dtype) -> Config | None:
     """This process's tuned configuration for such calls (:func:`tune`, :func:`set_config`), if any."""
     return _TUNED.get(_tune_key(kw, m, has_lr, dtype))
@@ -803,7 +809,7 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, n)
-    has_lr = L is not None and R is not None and L.shape[1] > 0
+    has_lr = with_lr(L, R)
     cfg = config or chosen_config(kw, m, has_lr, x.dtype)
     if cfg.kind not in _KINDS[kw.layout]:
         raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout "
@@ -1010,7 +1016,7 @@ def bind(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: to
     global _RECORD
     m, k = x.shape
     n = kw.shape[0]
-    has_lr = L is not None and R is not None and L.shape[1] > 0
+    has_lr = with_lr(L, R)
     cfg = config or chosen_config(kw, m, has_lr, x.dtype)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _RECORD = rec = []
@@ -1293,7 +1299,7 @@ def tune(x: torch.Tensor, kw: KernelWeight, L=None, R=None, bias=None,
     ``report(cfg, ms or None, seconds)``: called after each candidate (ms None: it failed), e.g. to
     show progress; seconds include compiling it."""
     m = x.reshape(-1, kw.shape[1]).shape[0]
-    has_lr = L is not None and R is not None and L.shape[1] > 0
+    has_lr = with_lr(L, R)
     ops = [(kw, L, R)]
     if cold and x.is_cuda:
         lr = sum(t.numel() * t.element_size() for t in (L, R) if t is not None)
