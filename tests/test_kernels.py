@@ -546,7 +546,8 @@ def test_one_token_default_keeps_group_ends_at_compile_time():
 def test_one_token_default_is_one_warp_on_layers_with_many_rows():
     """Layers with enough rows for ONE_WARP_MIN_PROGRAMS one-warp programs per SM take one warp per
     program by default at one token (3 bits and more, without low rank), and that call is right (GPU);
-    one row block fewer, 2 bits, a rank, more tokens or (at 3 bits) past the cap keep the launches they had."""
+    one row block fewer, 2 bits, a rank or more tokens keep the launches they had; past the cap, U = 4 with
+    two steps an iteration up to WIDE_ITER_MAX_IN wide (3 bits with groups of 128 at any width)."""
     device = _device()
     from lqkit.kernels import _frag
     from lqkit.kernels import _triton as kt
@@ -562,9 +563,14 @@ def test_one_token_default_is_one_warp_on_layers_with_many_rows():
     assert kt.default_config(kw, 2, h) != one
     assert kt.default_config(_case(f4, (rows, 1280), 0, False, device, h, layout="frag")[0], 1, h) == one
     assert kt.default_config(_case(f2, (rows, 1280), 0, False, device, h, layout="frag")[0], 1, h) != one
-    many = 16 * math.floor(_frag.ONE_WARP_MAX_PROGRAMS_3BIT * kt._sms(torch.device(device)) + 1)  # past 3 bits' cap
-    assert kt.default_config(_case(f3, (many, 1280), 0, False, device, h, layout="frag")[0], 1, h) != one
-    assert kt.default_config(_case(f4, (many, 1280), 0, False, device, h, layout="frag")[0], 1, h) == one
+    many = 16 * math.floor(_frag.ONE_WARP_MAX_PROGRAMS * kt._sms(torch.device(device)) + 1)  # past the cap
+    wide = _frag.WIDE_ITER_MAX_IN + 128
+    assert kt.default_config(_case(f3, (many - 16, 1280), 0, False, device, h, layout="frag")[0], 1, h) == one
+    for f, width, want in [(f3, 1280, _frag._iter_aligned()), (f4, 1280, _frag._iter_aligned()),
+                           (f4, wide, _frag._plain()), (f3, wide, _frag._iter_aligned())]:
+        past = _case(f, (many, width), 0, False, device, h, layout="frag")[0]
+        assert kt.default_config(past, 1, h) == want and kt.default_config(past, 1, h, has_lr=True) == (
+            _frag._plain() if f == f4 else want)
     if device == "cpu":  # minutes in the interpreter; the one-warp U = 8 launch itself: _frag_configs on a GPU
         return
     from lqkit import kernels

@@ -1054,29 +1054,45 @@ def _one_warp():
 
 
 ONE_WARP_MIN_PROGRAMS = 6.5  # one-warp programs (rows / 16) per SM from which the one-token default is _one_warp
-ONE_WARP_MAX_PROGRAMS_3BIT = 12.0  # ... and up to which it is at 3 bits
+ONE_WARP_MAX_PROGRAMS = 12.0  # ... and up to which it is
+WIDE_ITER_MAX_IN = 4096  # past that, layers up to this width take _iter_aligned at one token
+
+
+def _programs_per_sm(kw: KernelWeight) -> float:
+    from ._triton import _sms
+
+    return kw.shape[0] / 16 / _sms(kw.qweight.device)
 
 
 def _one_warp_wins(kw: KernelWeight, has_lr: bool) -> bool:
     """Whether a one-token call without low rank takes :func:`_one_warp` by default: 3 bits and more,
-    at least ONE_WARP_MIN_PROGRAMS programs of 16 rows per SM (they fill the GPU without a K-split),
-    at 3 bits at most ONE_WARP_MAX_PROGRAMS_3BIT. One H100 (132 SMs), rtn g128, in = 4096, µs against
-    the default it replaces (kernels-h100-wide-default.json): 4 bits 15.5 / 18.1 (14336 rows, 6.8 a
-    SM), 21.1 / 21.3 (18432), 23.8 / 26.5 (22016), 25.7 / 35.0 (24576), 35.3 / 38.1 (28672), 41.2 /
-    44.0 (36864); 3 bits 16.0 / 17.7, 20.9 / 23.6, 22.0 / 27.7, 23.4 / 24.8, **33.2 / 28.1** (28672,
-    13.6 a SM: hence the cap), 38.7 / 40.8. The stacked q/k/v 12288×4096 (5.8 a SM) keeps the
-    default: one warp took 14.9–17.3 against 14.2–14.8 on two other hosts (kernels-h100-7b-shapes-
-    launches.json, kernels-h100-7b-stacked-split.json; load(tune=True) did take it there at 6 bits,
-    groups of 64). load(tune=True) took it for 22016×4096 at 3, 4 and 6 bits but not at 2
+    ONE_WARP_MIN_PROGRAMS to ONE_WARP_MAX_PROGRAMS programs of 16 rows per SM (they fill the GPU
+    without a K-split). One H100 (132 SMs), rtn g128, in = 4096, µs against the default it replaced
+    (kernels-h100-wide-default.json): 4 bits 15.5 / 18.1 (14336 rows, 6.8 a SM), 21.1 / 21.3 (18432),
+    23.8 / 26.5 (22016), 25.7 / 35.0 (24576, 11.6 a SM); 3 bits 16.0 / 17.7, 20.9 / 23.6, 22.0 / 27.7,
+    23.4 / 24.8. Past the cap see :func:`_wide_iter_wins`. The stacked q/k/v 12288×4096 (5.8 a SM)
+    keeps the default: one warp took 14.9–17.3 against 14.2–14.8 on two other hosts (kernels-h100-7b-
+    shapes-launches.json, kernels-h100-7b-stacked-split.json; load(tune=True) did take it there at 6
+    bits, groups of 64). load(tune=True) took it for 22016×4096 at 3, 4 and 6 bits but not at 2
     (generate-h100-32layers-budget3-gpu.json); at rank 32 a four-warp launch (kernels-h100-1token-
     groupends.json): each program also forms its share of R·x. Rows only: timed at in = 4096 and 3-4
     bits; other widths and 5-7 bits take the rule untimed."""
-    from ._triton import _sms
-
     if has_lr or kw.bits < 3:
         return False
-    per_sm = kw.shape[0] / 16 / _sms(kw.qweight.device)
-    return ONE_WARP_MIN_PROGRAMS <= per_sm and (kw.bits > 3 or per_sm <= ONE_WARP_MAX_PROGRAMS_3BIT)
+    return ONE_WARP_MIN_PROGRAMS <= _programs_per_sm(kw) <= ONE_WARP_MAX_PROGRAMS
+
+
+def _wide_iter_wins(kw: KernelWeight, has_lr: bool) -> bool:
+    """Past ONE_WARP_MAX_PROGRAMS one-warp programs per SM, layers up to WIDE_ITER_MAX_IN wide take
+    :func:`_iter_aligned` (U = 4, two steps an iteration) at one token, at 3 bits and more without low
+    rank (3 bits with groups of 128 take it anyway). One H100, rtn g128, µs, one warp / U = 4 unroll 2 /
+    plain U = 2 (kernels-h100-wide-past-cap.json): 28672×4096 (13.6 a SM) 4 bits 34.6 / **29.7** /
+    34.2, 3 bits 32.9 / **27.6** / 34.6; 36864×4096 4 bits 40.9 / **36.6** / 42.8, 3 bits **38.4** /
+    40.2 / 48.2; 57344×8192 (a 70B's stacked gate/up) 4 bits 108.8 / 117.7 / **106.7**, 3 bits 95.1 /
+    **92.2** / 107.1: hence the width limit, past which 4 bits keep the plain launch."""
+    if has_lr or kw.bits < 3:
+        return False
+    return _programs_per_sm(kw) > ONE_WARP_MAX_PROGRAMS and kw.shape[1] <= WIDE_ITER_MAX_IN
 
 
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: bool = False):
@@ -1084,7 +1100,8 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: 
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
     tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
     between 32 and 64 tokens; bench/KERNELS.md). At one token: one warp per program on layers with
-    many rows (:func:`_one_warp_wins`); else, where only an iteration of two steps spans whole groups
+    many rows (:func:`_one_warp_wins`), U = 4 with two steps an iteration on those with more
+    (:func:`_wide_iter_wins`); else, where only an iteration of two steps spans whole groups
     (:func:`_only_iterations_align`: 3 bits with groups of 128, and 5 bits with groups of 128, not
     timed), :func:`_iter_aligned`: 16.1 against 18.1–18.6 µs for the plain U = 2 on an H100's
     4096×14336 at 3 bits (kernels-3bit-groupends-ab-h100.json)."""
@@ -1094,6 +1111,6 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: 
         return Config(kind="dequant")
     if m == 1 and _one_warp_wins(kw, has_lr):
         return _one_warp()
-    if m == 1 and _only_iterations_align(kw.bits, kw.spec.group_size):
+    if m == 1 and (_only_iterations_align(kw.bits, kw.spec.group_size) or _wide_iter_wins(kw, has_lr)):
         return _iter_aligned()
     return _plain()
