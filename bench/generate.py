@@ -1,7 +1,8 @@
 """Generation speed where users meet it: transformers ``generate()`` on a bf16 model and on lqkit checkpoints of it.
 
 One script, no downloads: a random-initialised Llama-2-7B-shaped model (hidden 4096, MLP 11008, 32
-layers, 32 heads, vocab 32000) is built on the GPU in bf16 and saved as a user's model folder
+layers, 32 heads, vocab 32000; ``--shape llama3-8b``: MLP 14336, 8 key/value heads, vocab 128256) is
+built on the GPU in bf16 and saved as a user's model folder
 (safetensors, with a small BPE tokenizer trained on the bundled WikiText-2 text), or ``--model DIR``
 is used; each row is that folder itself (bf16, loaded by transformers) or an lqkit checkpoint of it
 made by ``lqkit.pipeline.compress`` (data-free: rtn 4-bit g128, rtn 3-bit g128, rtn 3-bit g128 + a
@@ -62,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import log, machine_info, plan_mix, write_json  # noqa: E402
 from lqkit.core import MatrixSpec, QuantSpec  # noqa: E402
 from lqkit.core.rotation import Rotation  # noqa: E402
+from synth import SHAPES as BUILT, VOCAB  # noqa: E402
 
 @dataclass(frozen=True)
 class BudgetRow:
@@ -88,8 +90,7 @@ ROWS = {  # name -> spec of every decoder linear, or a budget run (None: the bf1
     "budget3": BudgetRow(3.0),
     "budget3-gpu": BudgetRow(3.0, ("--target", "lqkit-gpu")),
 }
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000)
+SHAPES = {n: {"vocab_size": VOCAB, **BUILT[n]} for n in ("llama2-7b", "llama3-8b")}  # what --shape builds
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)
 
@@ -498,6 +499,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/generate-h200.json", help="result JSON")
     ap.add_argument("--model", default=None, help="an existing bf16 HF model folder (default: build one)")
     ap.add_argument("--work", default="/tmp/lqkit-generate", help="where the built model and checkpoints go")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b",
+                    help="the built model's shape (default llama2-7b; ignored with --model or --tiny)")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the built model (default 32)")
     ap.add_argument("--rows", default=",".join(n for n, r in ROWS.items() if not isinstance(r, BudgetRow)),
                     help=f"comma-separated rows of {', '.join(ROWS)} (default: all but the budget rows, whose "
@@ -540,7 +543,7 @@ def main() -> None:
     tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
     runs = [(n, t) for n in rows for t in ((False,) if ROWS[n] is None else tunes)]  # (row, tuned) per load
     modes = [m for m in modes if m != "eager-interleaved"]
-    work = Path(args.work) / ("tiny" if args.tiny else f"llama2-7b-L{args.layers}")
+    work = Path(args.work) / ("tiny" if args.tiny else f"{args.shape}-L{args.layers}")
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
 
@@ -551,7 +554,8 @@ def main() -> None:
         info["triton"] = triton.__version__
     info["lqkit_env"] = {k: v for k, v in os.environ.items() if k.startswith("LQKIT_")}  # e.g. LQKIT_PDL
     log(f"machine: {info}")
-    shape_info = {**(TINY if args.tiny else LLAMA2_7B), "layers": TINY["num_hidden_layers"] if args.tiny else args.layers}
+    shape = TINY if args.tiny else SHAPES[args.shape]
+    shape_info = {**shape, "layers": TINY["num_hidden_layers"] if args.tiny else args.layers}
     result = {"env": info, "args": vars(args), "shape": shape_info,
               "notes": "random weights (speed only; the text is meaningless); tokens/s = batch x new tokens / "
                        "seconds of one generate() call (prefill included), median of reps after one warm-up; "
@@ -566,7 +570,6 @@ def main() -> None:
             result["rows"] = [r for r in old.get("rows", []) if (r.get("row"), r.get("mode")) not in rerun
                               or r.get("batch", batches[0]) not in batches]
             result["earlier"] = old.get("earlier", []) + [{"env": old.get("env"), "args": old.get("args")}]
-    shape = TINY if args.tiny else LLAMA2_7B
     layers = TINY["num_hidden_layers"] if args.tiny else args.layers
     model_dir = Path(args.model) if args.model else build_model(work / "bf16", shape, layers, device)
     if device == "cuda":
