@@ -5,8 +5,9 @@ Each variant is ``bf16``, ``tinygemm`` or ``LAYOUT:BITS[:key=value,...]`` where 
 keys replace fields of the current default configuration (no keys: the default itself; since
 2026-12-06 the one-token default of 3 bits with groups of 128 is pf=4, unroll=2, xs=1, so ``frag:3``
 times that and ``frag:3:pf=2,unroll=1,xs=0`` the former default; on layers with many rows, e.g.
-22016×4096, it is the one-warp launch bn=16,warps=1,occ=2,pf=8,xs=1, so write a variant's fields out
-in full there). The default is the rank-0 one unless the variant has a rank. The JSON rows record the
+22016×4096, it is the one-warp launch bn=16,warps=1,occ=2,pf=8,xs=1, and past 12 such programs per
+SM U = 4, unroll 2 up to 4096 wide (_frag._wide_iter_wins), so write a variant's fields out in full
+there). The default is the rank-0 one unless the variant has a rank. The JSON rows record the
 resolved configuration. Times are kernel_layers.py's rotating-copies measurement (cold weights,
 one CUDA graph, µs per call). With ``--plain`` every variant is just called ``--calls`` times, no
 graph and no copies, for a profiler, e.g.::

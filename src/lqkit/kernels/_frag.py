@@ -1089,7 +1089,8 @@ def _wide_iter_wins(kw: KernelWeight, has_lr: bool) -> bool:
     plain U = 2 (kernels-h100-wide-past-cap.json): 28672×4096 (13.6 a SM) 4 bits 34.6 / **29.7** /
     34.2, 3 bits 32.9 / **27.6** / 34.6; 36864×4096 4 bits 40.9 / **36.6** / 42.8, 3 bits **38.4** /
     40.2 / 48.2; 57344×8192 (a 70B's stacked gate/up) 4 bits 108.8 / 117.7 / **106.7**, 3 bits 95.1 /
-    **92.2** / 107.1: hence the width limit, past which 4 bits keep the plain launch."""
+    **92.2** / 107.1: hence the width limit, past which 4 bits take the plain launch (widths between 4096 and 8192
+    untimed)."""
     if has_lr or kw.bits < 3:
         return False
     return _programs_per_sm(kw) > ONE_WARP_MAX_PROGRAMS and kw.shape[1] <= WIDE_ITER_MAX_IN
@@ -1100,8 +1101,8 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: 
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
     tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
     between 32 and 64 tokens; bench/KERNELS.md). At one token: one warp per program on layers with
-    many rows (:func:`_one_warp_wins`), U = 4 with two steps an iteration on those with more
-    (:func:`_wide_iter_wins`); else, where only an iteration of two steps spans whole groups
+    many rows (:func:`_one_warp_wins`), U = 4 with two steps an iteration on those with more rows, up
+    to 4096 wide (:func:`_wide_iter_wins`); else, where only an iteration of two steps spans whole groups
     (:func:`_only_iterations_align`: 3 bits with groups of 128, and 5 bits with groups of 128, not
     timed), :func:`_iter_aligned`: 16.1 against 18.1–18.6 µs for the plain U = 2 on an H100's
     4096×14336 at 3 bits (kernels-3bit-groupends-ab-h100.json)."""
