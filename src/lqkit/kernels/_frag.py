@@ -577,6 +577,24 @@ def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, lf, t32_ptr, N, M
 
 
 @triton.jit
+def _final_warps(A, nb, y_ptr, b_ptr, N, M, sy, NW: tl.constexpr, MT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """KWS: the NW warps' sums of the same 16 rows (lane l of every warp: rows l / 4 and l / 4 + 8,
+    tokens 2(l % 4) and 2(l % 4) + 1) added, then stored with the bias."""
+    lane = tl.arange(0, 32)
+    row0 = nb * 16 + lane // 4
+    tok = 2 * (lane % 4)
+    _finish(tl.sum(tl.reshape(A[0], [NW, 32]), axis=0), row0, tok, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    _finish(tl.sum(tl.reshape(A[1], [NW, 32]), axis=0), row0, tok + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    _finish(tl.sum(tl.reshape(A[2], [NW, 32]), axis=0), row0 + 8, tok, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    _finish(tl.sum(tl.reshape(A[3], [NW, 32]), axis=0), row0 + 8, tok + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    if MT == 2:
+        _finish(tl.sum(tl.reshape(A[4], [NW, 32]), axis=0), row0, tok + 8, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+        _finish(tl.sum(tl.reshape(A[5], [NW, 32]), axis=0), row0, tok + 9, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+        _finish(tl.sum(tl.reshape(A[6], [NW, 32]), axis=0), row0 + 8, tok + 8, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+        _finish(tl.sum(tl.reshape(A[7], [NW, 32]), axis=0), row0 + 8, tok + 9, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+
+
+@triton.jit
 def _rot_ready(rc, n):
     """Wait until the rotation's ``n`` programs have counted themselves in at ``rc`` (x' written), then
     acquire: this program's loads of x' see what they stored. On a GPU one thread polls (relaxed reads,
@@ -601,7 +619,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
                  SPLITK: tl.constexpr, U: tl.constexpr, PDT: tl.constexpr,
                  SU: tl.constexpr, UNR: tl.constexpr, X1: tl.constexpr, WAIT: tl.constexpr,
                  ROT: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, BC: tl.constexpr,
-                 OFF1: tl.constexpr, OFF2: tl.constexpr):
+                 OFF1: tl.constexpr, OFF2: tl.constexpr, KWS: tl.constexpr = False):
     # WAIT (a programmatic dependent launch after the input rotation's, which wrote x): wait for that
     # launch before x is read; the main programs first prefetch their first 2U blocks of words into the L2.
     # ROT (one token, the input rotation in this launch): the first NROT programs rotate x (x_ptr) into
@@ -610,6 +628,8 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     # that count, and count themselves as readers: the last reader sets both counters back to 0. (No
     # deadlock only because GPUs start a grid's programs in order, so the NROT come first: what CUDA does
     # in practice, not what it promises)
+    # KWS (Config(kwarps=1); no K-split, low rank or rotation): the program's NW warps share one block of
+    # 16 rows and split its K, BPS blocks each (whole groups), their sums added through shared memory
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
     CPG: tl.constexpr = G // 16  # chunks per group
@@ -625,7 +645,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     if ROT:
         pid -= NROT
     n_pre = NTC * M
-    NB = tl.cdiv(N, 16 * NW)
+    NB = tl.cdiv(N, 16 if KWS else 16 * NW)
     rc = cnt_ptr + N_COUNTERS + 2 * NB  # ROT: counters of the rotation's programs done and of x' readers
     if pid < 0:  # x' = R·x (ROT)
         if ROT:
@@ -645,7 +665,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         lane = r % 32
         g = lane // 4
         q = lane % 4
-        rb = nb * NW + r // 32
+        rb = nb + 0 * r if KWS else nb * NW + r // 32
         row0 = rb * 16 + g
         row1 = row0 + 8
         tokA = 2 * q  # C-fragment tokens: 2q, 2q + 1 (+ 8 for the second token group)
@@ -653,6 +673,8 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         qp = q_ptr + rb * (NKB * WB) + 4 * lane
         kb0 = ks * BPS
         kb1 = tl.minimum(kb0 + BPS, NKB)
+        wk = (r // 32) * BPS if KWS else 0 * r  # KWS: the warp's first block (its pointers start there)
+        qp += wk * WB
         if WAIT:
             _prefetch_first(qp, kb0, kb1, 2 * U)
             gdc_wait()
@@ -663,9 +685,9 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             seen = tl.atomic_add(rc + 1, 1, sem="relaxed")  # its result is first needed at the end
         # B-fragment rows: token g (and g + 8); lanes past the last token read its row again (their
         # products land in output columns that are never stored)
-        xrow0 = x32_ptr + tl.minimum(g, M - 1) * sx32
-        xrow1 = x32_ptr + tl.minimum(g + 8, M - 1) * sx32
-        R = (p_ptr, rb * (SROW * 8) + g)
+        xrow0 = x32_ptr + tl.minimum(g, M - 1) * sx32 + wk * (KB // 2)
+        xrow1 = x32_ptr + tl.minimum(g + 8, M - 1) * sx32 + wk * (KB // 2)
+        R = (p_ptr, rb * (SROW * 8) + g + (wk * KB) // G * 8)
         # fp32 results (row0, tokA), (row0, tokB), (row1, tokA), (row1, tokB), then the same + 8 tokens;
         # C: the current group's mma accumulators in the same order, then its sums of x (_chunk)
         A = _zeros(32 * NW, 8)
@@ -707,7 +729,9 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         if HAS_LR:  # L's A fragments: in flight during the split-K handshake
             lf = _lfrag(row0, row1, l32_ptr, N, RANK, RP)
         flag = cnt_ptr + N_COUNTERS + NB + nb
-        if SPLITK:
+        if KWS:
+            _final_warps(A, nb, y_ptr, b_ptr, N, M, sy, NW, MT, HAS_BIAS)
+        elif SPLITK:
             _part(ws_ptr, A[0], row0, tokA, ks, N, M)
             _part(ws_ptr, A[1], row0, tokB, ks, N, M)
             _part(ws_ptr, A[2], row1, tokA, ks, N, M)
@@ -918,6 +942,11 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
         # blocks per split: a multiple of U (2U), so that every step (iteration) starts where _frag_kernel's
         # OFF1 / OFF2 assume (at a group boundary when they are ≥ 0)
         split, bps = T._split(kw, nb, cfg, x.device, multiple=step_multiple(kw.bits, kw.spec.group_size, cfg))
+        if cfg.kwarps:  # one block of 16 rows a program, its warps splitting K
+            if not kwarps_fit(kw, cfg, has_lr or rot is not None):
+                raise ValueError(f"kwarps=1 does not fit {kw.shape} at {kw.bits} bits, groups of "
+                                 f"{kw.spec.group_size}, with {cfg}: see _frag.kwarps_fit")
+            nb, split, bps = -(-n // 16), 1, kw.n_tiles // nw
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
         # x' = R·x, written by the rotation's launch (k: a multiple of its block, 16 or more: even)
@@ -933,7 +962,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
                            cfg.pf, _PDT[kw.scale.dtype], PSUM_UNROLL if split > 1 else 1, cfg.unroll,
                            cfg.xs == 1 and m == 1, pdl, inside,
                            *((rot.r1, rot.r2, rot.cols) if inside else (1, 16, 16)),
-                           *step_offsets(kw.bits, kw.spec.group_size, cfg)))
+                           *step_offsets(kw.bits, kw.spec.group_size, cfg), bool(cfg.kwarps)))
 
     plan = T._plan(kw, key, make) if T._aligned(xe, y, bias, Lc, Rc) and xe is x else None
     p = plan or make()
@@ -953,6 +982,16 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
             kw.n_tiles, p["bps"], p["split"], p["ntc"], rank, xe.stride(0), x32.stride(0), y.stride(0), p["nrot"],
             rot.scale if inside else 1.0, *p["const"])
     T._launch(_frag_kernel, plan, p["grid"], args, cfg.warps, 1, cfg.maxnreg, pdl)
+
+
+def kwarps_fit(kw: KernelWeight, cfg, extra: bool) -> bool:
+    """Whether Config(kwarps=1) can run ``kw``: no low rank or rotation (``extra``), no K-split, and K
+    in whole blocks that the warps share evenly, each warp's part whole steps (iterations) and whole
+    groups (its pointers start at a group boundary)."""
+    kb, nw = frag_kblock(kw.bits), cfg.warps
+    bpw = kw.n_tiles // nw
+    return (not extra and cfg.split in (0, 1) and kw.shape[1] == kw.n_tiles * kb and kw.n_tiles % nw == 0
+            and bpw % step_multiple(kw.bits, kw.spec.group_size, cfg) == 0 and (bpw * kb) % kw.spec.group_size == 0)
 
 
 def step_offsets(bits: int, group: int, cfg) -> tuple[int, int]:

@@ -677,6 +677,7 @@ class Config:
     pf: int = 1  # gemv: weight tiles requested ahead of the one being decoded (1 or 2); frag: blocks per step (U)
     unroll: int = 1  # frag: steps per main-loop iteration (2: two register sets, unmasked loads)
     xs: int = 0  # frag at one token: 1 = x's words loaded once per step and shuffled into the B fragments
+    kwarps: int = 0  # frag: 1 = a program's warps share one block of 16 rows and split its K (_frag.kwarps_fit)
 
 
 _KINDS = {"frag": ("frag", "dequant"), "interleaved": ("gemv", "mma", "gemm", "dequant")}
