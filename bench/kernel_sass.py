@@ -4,7 +4,9 @@ No GPU needed: triton compiles the launch ``_frag.launch`` would make (its argum
 for ``--arch`` (default sm_90, H100/H200) and ``cuobjdump`` (bundled with triton) prints the SASS. The
 script reports the instruction count and, for each loop (a backward branch), its body's length: with
 the loop's trip count that is the instructions one warp issues in series, a floor under a one-token
-call's latency when few warps share an SM. A development tool: counts, not timings.
+call's latency when few warps share an SM. The kernel holds every path its runtime arguments may take,
+so some loops listed (the R·x prologue's, the tail blocks') are not run by a given launch; the main
+loop is the one whose body decodes U blocks. A development tool: counts, not timings.
 
     python bench/kernel_sass.py --out 4096 --in 1024 --bits 4 bn=16,warps=1,occ=2,pf=8,xs=1
     python bench/kernel_sass.py --out 4096 --in 1024 --bits 4 bn=64,warps=4,pf=4,xs=1,kwarps=1 --json F
@@ -32,10 +34,6 @@ from lqkit.core import quant as qmod  # noqa: E402
 from lqkit.kernels import _frag  # noqa: E402
 from lqkit.kernels import _triton as kt  # noqa: E402
 
-_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-          torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8"}
-
-
 def captured_launch(n: int, k: int, bits: int, group: int, cfg: kt.Config, sms: int):
     """(kernel, grid, args, warps) of a one-token bf16 call, captured instead of launched."""
     spec = QuantSpec(method="rtn", bits=bits, group_size=group, group_dim="in")
@@ -53,21 +51,20 @@ def captured_launch(n: int, k: int, bits: int, group: int, cfg: kt.Config, sms: 
 
 
 def compile_sass(fn, args, warps: int, arch: int) -> str:
+    """SASS of ``fn`` compiled as triton's launcher would for these arguments (the same binder: types,
+    constexprs, 16-byte alignment and divisibility by 16 of its pointers and integers)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    const = {p.num for p in fn.params if p.is_constexpr}
-    sig, values = {}, {}
-    for i, (name, a) in enumerate(zip(fn.arg_names, args)):
-        if i in const:
-            sig[name], values[(i,)] = "constexpr", a
-        elif isinstance(a, torch.Tensor):
-            sig[name] = "*" + _TYPES[a.dtype]
-        else:
-            sig[name] = "i1" if isinstance(a, bool) else "i32" if isinstance(a, int) else "fp32"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=values), target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": warps, "num_stages": 1})
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = {"num_warps": warps, "num_stages": 1}
+    bound, spec, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, sig, const, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs), target=target,
+                       options=options.__dict__)
     tool = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "k.cubin")

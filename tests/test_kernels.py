@@ -379,16 +379,21 @@ def test_frag_kernel_matches_torch(i, f, part):
 @pytest.mark.cuda
 def test_frag_warps_split_k():
     """Config(kwarps=1): a program's warps share one block of 16 rows and split its K (whole steps and
-    groups each), their sums added in the program; 1-12 tokens, U = 1-4, x once per step, bias, 2 and 4
-    bits; rejected with a low rank, a K-split, or K not shared evenly in whole groups (3 bits' 80-k blocks)."""
+    groups each), their sums added in the program; 1-12 tokens, U = 1-4, one or two steps an iteration,
+    group ends at compile or run time, x once per step, bias, 2, 3 and 4 bits; rejected with a low rank,
+    a K-split, a warp's share not whole groups, or K not in whole blocks (3 bits' 80-k blocks in 512)."""
     device = _device()
     from lqkit.kernels import _triton as kt
 
     dtype = torch.bfloat16 if device != "cpu" else torch.float16
     f4, f4g64, f2 = ("rtn", 4, "in", 128, False), ("rtn", 4, "in", 64, False), ("rtn", 2, "in", 64, False)
+    f3g64 = ("rtn", 3, "in", 64, False)
     cases = [(f4, (48, 512), dict(warps=4, pf=2), 1), (f4g64, (40, 1024), dict(warps=4, pf=4, xs=1), 1),
              (f4, (32, 512), dict(warps=2, pf=2), 3), (f4g64, (24, 512), dict(warps=2, pf=1), 12),
-             (f2, (32, 1024), dict(warps=4, pf=2), 1)]
+             (f2, (32, 1024), dict(warps=4, pf=2), 1),
+             (f4, (32, 512), dict(warps=4, pf=1), 1),  # group ends tested at run time (U = 1, 2 blocks a group)
+             (f4, (32, 1024), dict(warps=2, pf=2, unroll=2), 1),  # two steps an iteration (clamped loads)
+             (f3g64, (32, 640), dict(warps=2, pf=2), 2)]  # 80-k blocks, group ends at run time
     if device != "cpu":
         cases += [(f4, (4096, 1024), dict(warps=4, pf=4, xs=1), 1), (f4, (1024, 4096), dict(warps=8, pf=4, xs=1), 1),
                   (f4, (4096, 4096), dict(warps=4, pf=4, unroll=2, xs=1), 1)]
@@ -400,7 +405,7 @@ def test_frag_warps_split_k():
     x = torch.randn(1, 512, device=device).to(dtype)
     for c, args in [(kt.Config(kind="frag", bn=64, warps=4, pf=2, kwarps=1), (L, R)),
                     (kt.Config(kind="frag", bn=64, warps=4, pf=2, split=2, kwarps=1), (None, None)),
-                    (kt.Config(kind="frag", bn=128, warps=8, pf=2, kwarps=1), (None, None))]:  # 8 blocks, 8 warps of 1
+                    (kt.Config(kind="frag", bn=128, warps=8, pf=1, kwarps=1), (None, None))]:  # half a group each
         with pytest.raises(ValueError, match="kwarps=1 does not fit"):
             kt.linear(x, kw, *args, config=c)
     kw3 = _case(("rtn", 3, "in", 128, False), (32, 512), 0, False, device, dtype, layout="frag")[0]

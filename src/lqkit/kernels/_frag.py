@@ -675,6 +675,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         kb1 = tl.minimum(kb0 + BPS, NKB)
         wk = (r // 32) * BPS if KWS else 0 * r  # KWS: the warp's first block (its pointers start there)
         qp += wk * WB
+        SG = (BPS * KB) // G if KWS else SROW  # groups the (warp's) parameter pointer may read: masks, clamps
         if WAIT:
             _prefetch_first(qp, kb0, kb1, 2 * U)
             gdc_wait()
@@ -697,10 +698,10 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
         # before this step's are used, so a warp has U to 2U blocks (U·512 to 2U·512 bytes of words)
         # in flight
         if UNR == 1:
-            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False, X1)
+            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SG, U, NCH, XP, G, NGI, MODE, PDT, False, X1)
             for kb in range(kb0, kf, U):
-                nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, False, X1)
-                A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
+                nw_, nx_, np_ = _load_group(qp, xrow0, q, kb + U, kf, R, SG, U, NCH, XP, G, NGI, MODE, PDT, False, X1)
+                A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SG, BITS, MODE, G, VS, HALF, DT,
                              MT, XP, NGI, PDT, U, X1, OFF1)
                 ws = nw_
                 xs = nx_
@@ -709,22 +710,22 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             # two steps per iteration on two register sets: a set is loaded after its previous contents
             # were used, so nothing is copied from one iteration to the next (the loop above moves every
             # prefetched register once per step), and unmasked loads (CLAMP) zero no registers first
-            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
+            ws, xs, ps = _load_group(qp, xrow0, q, kb0, kf, R, SG, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
             for kb in range(kb0, kf, 2 * U):
-                w2, x2, p2 = _load_group(qp, xrow0, q, kb + U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
-                A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF, DT,
+                w2, x2, p2 = _load_group(qp, xrow0, q, kb + U, kf, R, SG, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
+                A, C = _step(kb, kf, ws, xs, ps, xrow0, xrow1, q, K2, A, C, R, SG, BITS, MODE, G, VS, HALF, DT,
                              MT, XP, NGI, PDT, U, X1, OFF0)
-                ws, xs, ps = _load_group(qp, xrow0, q, kb + 2 * U, kf, R, SROW, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
-                A, C = _step(kb + U, kf, w2, x2, p2, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G, VS, HALF,
+                ws, xs, ps = _load_group(qp, xrow0, q, kb + 2 * U, kf, R, SG, U, NCH, XP, G, NGI, MODE, PDT, True, X1)
+                A, C = _step(kb + U, kf, w2, x2, p2, xrow0, xrow1, q, K2, A, C, R, SG, BITS, MODE, G, VS, HALF,
                              DT, MT, XP, NGI, PDT, U, X1, OFF2)
         for kb in range(tl.maximum(kb0, kf), kb1):  # the tail block (end of K): x masked
-            A, C = _block(kb, _words(qp, kb, kb < kb1), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SROW, BITS, MODE, G,
+            A, C = _block(kb, _words(qp, kb, kb < kb1), (), (), 0, xrow0, xrow1, q, K2, A, C, R, SG, BITS, MODE, G,
                           VS, HALF, DT, MT, False, True, 0, PDT, UNR == 2)
         # a split (or K) that ends inside a group: scale this program's part of that group (its
         # offsets' share too: the sums of x in C are this program's part of the group's)
         gl = kb1 * NCH - 1
         if (gl + 1) % CPG != 0:
-            A, C = _flush(A, C, _params(p_ptr, R[1], gl // CPG, SROW, MODE, PDT, UNR == 2), MODE, VS, HALF, PDT)
+            A, C = _flush(A, C, _params(p_ptr, R[1], gl // CPG, SG, MODE, PDT, UNR == 2), MODE, VS, HALF, PDT)
         lf = ()
         if HAS_LR:  # L's A fragments: in flight during the split-K handshake
             lf = _lfrag(row0, row1, l32_ptr, N, RANK, RP)
