@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -73,14 +74,18 @@ def compile_sass(fn, args, warps: int, arch: int) -> str:
 
 
 def loops(sass: str) -> tuple[int, list[dict]]:
-    """(instructions, [{start, end, body}] for every backward branch)."""
+    """(instructions, [{start, end, body, ops}] for every backward branch; ops: the body's opcodes,
+    modifiers dropped, most frequent first)."""
     ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
     out = []
     for addr, text in ins:
         m = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             start = int(m.group(1), 16)
-            out.append({"start": hex(start), "end": hex(addr), "body": (addr - start) // 16 + 1})
+            ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                          for a, t in ins if start <= a <= addr)
+            out.append({"start": hex(start), "end": hex(addr), "body": (addr - start) // 16 + 1,
+                        "ops": dict(ops.most_common())})
     return len(ins), out
 
 
