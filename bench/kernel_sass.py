@@ -35,6 +35,7 @@ from lqkit.core import quant as qmod  # noqa: E402
 from lqkit.kernels import _frag  # noqa: E402
 from lqkit.kernels import _triton as kt  # noqa: E402
 
+
 def captured_launch(n: int, k: int, bits: int, group: int, cfg: kt.Config, sms: int):
     """(kernel, grid, args, warps) of a one-token bf16 call, captured instead of launched."""
     spec = QuantSpec(method="rtn", bits=bits, group_size=group, group_dim="in")

@@ -577,21 +577,18 @@ def _final(v0, v1, v2, v3, row0, row1, tb, tok0, y_ptr, b_ptr, lf, t32_ptr, N, M
 
 
 @triton.jit
-def _final_warps(A, nb, y_ptr, b_ptr, N, M, sy, NW: tl.constexpr, MT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """KWS: the NW warps' sums of the same 16 rows (lane l of every warp: rows l / 4 and l / 4 + 8,
-    tokens 2(l % 4) and 2(l % 4) + 1) added, then stored with the bias."""
+def _warp_sums(A, nb, NW: tl.constexpr, MT: tl.constexpr):
+    """KWS: the NW warps' sums of the same 16 rows added (through shared memory), as one warp's results
+    (lane l: rows nb·16 + l / 4 and + 8, tokens 2(l % 4) and + 1), with those rows and that first token
+    (the fragment layout's row0, row1, tokA of a single warp), for :func:`_final`."""
+    s = ()
+    for i in tl.static_range(4 * MT):
+        s = s + (tl.sum(tl.reshape(A[i], [NW, 32]), axis=0),)
+    if MT == 1:  # the second token group's, never read
+        s = s + s
     lane = tl.arange(0, 32)
     row0 = nb * 16 + lane // 4
-    tok = 2 * (lane % 4)
-    _finish(tl.sum(tl.reshape(A[0], [NW, 32]), axis=0), row0, tok, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
-    _finish(tl.sum(tl.reshape(A[1], [NW, 32]), axis=0), row0, tok + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
-    _finish(tl.sum(tl.reshape(A[2], [NW, 32]), axis=0), row0 + 8, tok, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
-    _finish(tl.sum(tl.reshape(A[3], [NW, 32]), axis=0), row0 + 8, tok + 1, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
-    if MT == 2:
-        _finish(tl.sum(tl.reshape(A[4], [NW, 32]), axis=0), row0, tok + 8, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
-        _finish(tl.sum(tl.reshape(A[5], [NW, 32]), axis=0), row0, tok + 9, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
-        _finish(tl.sum(tl.reshape(A[6], [NW, 32]), axis=0), row0 + 8, tok + 8, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
-        _finish(tl.sum(tl.reshape(A[7], [NW, 32]), axis=0), row0 + 8, tok + 9, N, M, y_ptr, b_ptr, sy, HAS_BIAS)
+    return s, row0, row0 + 8, 2 * (lane % 4)
 
 
 @triton.jit
@@ -731,8 +728,8 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
             lf = _lfrag(row0, row1, l32_ptr, N, RANK, RP)
         flag = cnt_ptr + N_COUNTERS + NB + nb
         if KWS:
-            _final_warps(A, nb, y_ptr, b_ptr, N, M, sy, NW, MT, HAS_BIAS)
-        elif SPLITK:
+            A, row0, row1, tokA = _warp_sums(A, nb, NW, MT)
+        if SPLITK:
             _part(ws_ptr, A[0], row0, tokA, ks, N, M)
             _part(ws_ptr, A[1], row0, tokB, ks, N, M)
             _part(ws_ptr, A[2], row1, tokA, ks, N, M)
@@ -940,14 +937,14 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
     def make():
         nw = cfg.warps
         nb = -(-n // (16 * nw))
-        # blocks per split: a multiple of U (2U), so that every step (iteration) starts where _frag_kernel's
-        # OFF1 / OFF2 assume (at a group boundary when they are ≥ 0)
-        split, bps = T._split(kw, nb, cfg, x.device, multiple=step_multiple(kw.bits, kw.spec.group_size, cfg))
         if cfg.kwarps:  # one block of 16 rows a program, its warps splitting K
             if not kwarps_fit(kw, cfg, has_lr or rot is not None):
                 raise ValueError(f"kwarps=1 does not fit {kw.shape} at {kw.bits} bits, groups of "
                                  f"{kw.spec.group_size}, with {cfg}: see _frag.kwarps_fit")
             nb, split, bps = -(-n // 16), 1, kw.n_tiles // nw
+        else:  # blocks per split: a multiple of U (2U), so that every step (iteration) starts where
+            # _frag_kernel's OFF1 / OFF2 assume (at a group boundary when they are ≥ 0)
+            split, bps = T._split(kw, nb, cfg, x.device, multiple=step_multiple(kw.bits, kw.spec.group_size, cfg))
         ntc = -(-k // KC) if has_lr else 0
         t = torch.zeros(m, rp, dtype=x.dtype, device=x.device)
         # x' = R·x, written by the rotation's launch (k: a multiple of its block, 16 or more: even)
