@@ -575,8 +575,40 @@ def test_one_token_default_keeps_group_ends_at_compile_time():
         assert _frag.step_offsets(kw.bits, kw.spec.group_size, d) != (-1, -1)
         assert kt.default_config(kw, 8, h).unroll == 1  # more tokens: the plain loop
         q = kt.quick_candidates(kw, 1, h)
-        assert q[0] == d and len(q) == 6 and kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2) in q
+        assert q[0] == d and kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2) in q
+        assert [c for c in q if c.kwarps] == [c for c in (_frag._kwarps(kw),) if c is not None]
+        assert len([c for c in q if not c.kwarps]) == 6
         assert any(c.warps == 1 and c.pf == 8 for c in q)
+
+
+@pytest.mark.cuda
+def test_one_token_default_splits_k_inside_the_program_on_few_rows():
+    """4-bit layers with at most KWARPS_MAX_PROGRAMS blocks of 16 rows per SM, up to KWARPS_MAX_IN wide,
+    take the warps splitting K (Config(kwarps=1)) at one token: the most of 8, 4, 2 warps that each get
+    a step of U = 4 and fit; one row block more, a rank, 3 bits, more tokens or a wider layer keep the
+    launches they had. Tuning tries it where it fits (not with a rank)."""
+    device = _device()
+    from lqkit.kernels import _frag
+    from lqkit.kernels import _triton as kt
+
+    h = torch.float16 if device == "cpu" else torch.bfloat16
+    rows = 16 * math.floor(_frag.KWARPS_MAX_PROGRAMS * kt._sms(torch.device(device)))
+    f4, f3 = ("rtn", 4, "in", 128, False), ("rtn", 3, "in", 128, False)
+    for width, warps in ((1024, 4), (2048, 8), (512, 2), (256, 0), (1152, 0)):  # 16, 32, 8, 4, 18 blocks of 64
+        kw = _case(f4, (rows, width), 0, False, device, h, layout="frag")[0]
+        d = kt.default_config(kw, 1, h)
+        assert (d.kwarps, d.warps if d.kwarps else 0) == ((1, warps) if warps else (0, 0)), width
+        if warps:
+            assert (d.pf, d.xs, d.bn) == (4, 1, 16 * warps) and _frag.kwarps_fit(kw, d, False)
+            assert kt.quick_candidates(kw, 1, h)[0] == d and d in kt.candidates(kw, 1, h)
+            assert kt.default_config(kw, 1, h, has_lr=True).kwarps == 0 == kt.default_config(kw, 2, h).kwarps
+            assert not any(c.kwarps for c in kt.quick_candidates(kw, 1, h, has_lr=True))
+    more = _case(f4, (rows + 16, 1024), 0, False, device, h, layout="frag")[0]
+    wide = _case(f4, (rows, _frag.KWARPS_MAX_IN + 512), 0, False, device, h, layout="frag")[0]
+    three = _case(f3, (rows, 1280), 0, False, device, h, layout="frag")[0]  # 16 blocks of 80: fits, not timed
+    assert _frag._kwarps(three) is not None and _frag._kwarps(wide) is not None
+    for kw in (more, wide, three):
+        assert kt.default_config(kw, 1, h).kwarps == 0, kw.shape
 
 
 @pytest.mark.cuda
@@ -991,12 +1023,14 @@ def test_rotated_layer_runs_its_rotation_before_the_kernel():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape, bits, rank, block, split, extra, runner", [
-    ((32, 2048), 2, 0, 2048, 3, {"xs": 1}, False), ((40, 640), 3, 16, 32, 4, {"unroll": 2}, True)])
+    ((32, 2048), 2, 0, 2048, 3, {"xs": 1}, False), ((40, 640), 3, 16, 32, 4, {"unroll": 2}, True),
+    ((32, 1024), 4, 0, 1024, 0, {"xs": 1, "kwarps": 1}, False)])
 def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extra, runner, monkeypatch):
     """At one token a rotated layer's call takes its input rotation into the fragment GEMV's plan: the
     rotation's launch into the plan's scratch x', then the GEMV's on it (no allocation, no general
     call; on a Hopper GPU a programmatic dependent launch unless LQKIT_PDL=0), blocks of two products
-    (2048) and of one (32), K-splits, xs=1 / unroll=2, with and without a low-rank term. Equal to the
+    (2048, 1024) and of one (32), K-splits, xs=1 / unroll=2, the warps splitting K (kwarps=1: not with
+    LQKIT_ROT_LAUNCH=one, which rotates inside the launch), with and without a low-rank term. Equal to the
     rotation launched first, then the layer in fp32; the prepared call binds both launches (a chained
     bound call) and rotates first (the general call) at 3 tokens. (Kept small: each launch of the
     fragment kernel takes seconds in triton's interpreter.)"""
@@ -1023,6 +1057,11 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
     x = (torch.randn(1, shape[1], device=device) * 2).to(dtype)
     assert kernels.plans_rotation(kw, 1, dtype, r, has_lr=bool(rank))
     assert not kernels.plans_rotation(kw, 3, dtype, r)
+    if cfg.kwarps:
+        with monkeypatch.context() as mp:
+            mp.setenv("LQKIT_ROT_LAUNCH", "one")
+            assert _triton.plans_rotation(kw, 1, dtype, r, _triton.Config(kind="frag", bn=64, warps=4, pf=2))
+            assert not _triton.plans_rotation(kw, 1, dtype, r, cfg)
     own_launch = _rotate.TritonRotation.__call__
     with torch.no_grad():
         with monkeypatch.context() as mp:  # never the rotation's general call (x' allocated, launched alone)

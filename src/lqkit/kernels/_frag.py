@@ -625,7 +625,7 @@ def _frag_kernel(x_ptr, x32_ptr, y_ptr, q_ptr, p_ptr, b_ptr, l32_ptr, r_ptr, ws_
     # that count, and count themselves as readers: the last reader sets both counters back to 0. (No
     # deadlock only because GPUs start a grid's programs in order, so the NROT come first: what CUDA does
     # in practice, not what it promises)
-    # KWS (Config(kwarps=1); no K-split, low rank or rotation): the program's NW warps share one block of
+    # KWS (Config(kwarps=1); no K-split, low rank or ROT): the program's NW warps share one block of
     # 16 rows and split its K, BPS blocks each (whole groups), their sums added through shared memory
     NCH: tl.constexpr = 16 // BITS  # 16-k chunks per block
     KB: tl.constexpr = 16 * NCH
@@ -938,7 +938,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
         nw = cfg.warps
         nb = -(-n // (16 * nw))
         if cfg.kwarps:  # one block of 16 rows a program, its warps splitting K
-            if not kwarps_fit(kw, cfg, has_lr or rot is not None):
+            if not kwarps_fit(kw, cfg, has_lr or inside):
                 raise ValueError(f"kwarps=1 does not fit {kw.shape} at {kw.bits} bits, groups of "
                                  f"{kw.spec.group_size}, with {cfg}: see _frag.kwarps_fit")
             nb, split, bps = -(-n // 16), 1, kw.n_tiles // nw
@@ -983,7 +983,8 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
 
 
 def kwarps_fit(kw: KernelWeight, cfg, extra: bool) -> bool:
-    """Whether Config(kwarps=1) can run ``kw``: no low rank or rotation (``extra``), no K-split, and K
+    """Whether Config(kwarps=1) can run ``kw``: no low rank or rotation inside the launch (``extra``; a
+    rotation's own launch before it is fine: :func:`rotates_inside` false), no K-split, and K
     in whole blocks that the warps share evenly, each warp's part whole steps (iterations) and whole
     groups (its pointers start at a group boundary)."""
     kb, nw = frag_kblock(kw.bits), cfg.warps
@@ -1037,6 +1038,7 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
                     # candidates above (bench/results/kernels-small-probe-h100.json)
                     _one_warp(),
                     Config(kind="frag", bn=16, warps=1, occ=4.0, pf=4, xs=1)]
+            out += [c for c in (_kwarps(kw),) if c is not None]  # the warps splitting K (no low rank)
     if m > MAX_M or not out:
         out.append(Config(kind="dequant"))
     return out
@@ -1046,7 +1048,8 @@ def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None,
     """The few one-token configurations worth timing when a model is loaded (each costs a compile):
     the default, plain U = 2 (where the default is another), and those that won :func:`candidates` on
     7B-sized layers (bench/results/kernels-h200-1token.json: an H200, 2–4 bits, rank 0 and 32;
-    kernels-h100-1token-groupends.json: an H100, 3 and 4 bits). None at other token counts."""
+    kernels-h100-1token-groupends.json: an H100, 3 and 4 bits), and the warps splitting K where that fits
+    (:func:`_kwarps`). None at other token counts."""
     from ._triton import Config
 
     if m != 1 or not ok(kw, m, dtype):
@@ -1056,6 +1059,7 @@ def quick_candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None,
            Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2, unroll=2),
            Config(kind="frag", bn=64, warps=4, occ=6.0, pf=2, xs=1),
            _one_warp()]
+    out += [c for c in (_kwarps(kw, has_lr),) if c is not None]
     return list(dict.fromkeys(out))
 
 
@@ -1090,6 +1094,8 @@ def _one_warp():
     return Config(kind="frag", bn=16, warps=1, occ=2.0, pf=8, xs=1)
 
 
+KWARPS_MAX_PROGRAMS = 2.0  # 16-row blocks per SM up to which a 4-bit one-token call takes _kwarps by default
+KWARPS_MAX_IN = 4096  # ... on layers up to this wide
 ONE_WARP_MIN_PROGRAMS = 6.5  # one-warp programs (rows / 16) per SM from which the one-token default is _one_warp
 ONE_WARP_MAX_PROGRAMS = 12.0  # ... and up to which it is
 WIDE_ITER_MAX_IN = 4096  # past that, layers up to this width take _iter_aligned at one token
@@ -1133,11 +1139,37 @@ def _wide_iter_wins(kw: KernelWeight, has_lr: bool) -> bool:
     return _programs_per_sm(kw) > ONE_WARP_MAX_PROGRAMS and kw.shape[1] <= WIDE_ITER_MAX_IN
 
 
+def _kwarps(kw: KernelWeight, has_lr: bool = False):
+    """The in-program K split (Config(kwarps=1)) for one token: U = 4, x's words once per step, the most
+    warps of 8, 4, 2 that each get at least one step and fit (:func:`kwarps_fit`); None where none fits."""
+    from ._triton import Config
+
+    for w in (8, 4, 2):
+        cfg = Config(kind="frag", bn=16 * w, warps=w, occ=4.0, pf=4, xs=1, kwarps=1)
+        if w * cfg.pf <= kw.n_tiles and kwarps_fit(kw, cfg, has_lr):
+            return cfg
+    return None
+
+
+def _kwarps_wins(kw: KernelWeight, has_lr: bool) -> bool:
+    """Whether a one-token call takes :func:`_kwarps` by default: 4 bits, no low rank, at most
+    KWARPS_MAX_PROGRAMS blocks of 16 rows per SM (too few one-warp programs to fill the GPU without a K
+    split), at most KWARPS_MAX_IN wide, and a launch that fits. One H100, rtn g128, µs, in-program split
+    / the default it replaced (a split across programs) / tinygemm int4 (kernels-h100-kwarps-small.json):
+    4096×1024 (4 warps, one step each) **3.81** / 4.82 / 3.26; 1024×4096 (8 warps) **4.41** / 6.05 /
+    4.81; 4096×4096 (8 warps) **6.91** / 7.67 / 6.85. Untimed at other bit widths (2 bits fits; 3 bits
+    with groups of 128 does not at these widths: 80-k blocks) and on 2048-wide layers."""
+    if has_lr or kw.bits != 4 or kw.shape[1] > KWARPS_MAX_IN:
+        return False
+    return _programs_per_sm(kw) <= KWARPS_MAX_PROGRAMS and _kwarps(kw) is not None
+
+
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: bool = False):
     """Up to SLICED_MAX_M tokens the fragment kernel, else (or fp32) dequantize + cuBLAS (measured on
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
     tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
-    between 32 and 64 tokens; bench/KERNELS.md). At one token: one warp per program on layers with
+    between 32 and 64 tokens; bench/KERNELS.md). At one token: the program's warps splitting K on the
+    few-row 4-bit layers (:func:`_kwarps_wins`), one warp per program on layers with
     many rows (:func:`_one_warp_wins`), U = 4 with two steps an iteration on those with more rows, up
     to 4096 wide (:func:`_wide_iter_wins`); else, where only an iteration of two steps spans whole groups
     (:func:`_only_iterations_align`: 3 bits with groups of 128, and 5 bits with groups of 128, not
@@ -1147,6 +1179,8 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: 
 
     if not ok(kw, m, dtype) or m > SLICED_MAX_M:
         return Config(kind="dequant")
+    if m == 1 and _kwarps_wins(kw, has_lr):
+        return _kwarps(kw)
     if m == 1 and _one_warp_wins(kw, has_lr):
         return _one_warp()
     if m == 1 and (_only_iterations_align(kw.bits, kw.spec.group_size) or _wide_iter_wins(kw, has_lr)):

@@ -791,7 +791,9 @@ def plans_rotation(kw: KernelWeight, m: int, dtype: torch.dtype, rotation, confi
     as part of its plan: the fragment kernel at one token (else x is rotated first by the rotation's
     general call)."""
     cfg = config or chosen_config(kw, m, has_lr, dtype)
-    return cfg.kind == "frag" and _frag.plans_rotation(kw, m, dtype, rotation)
+    if cfg.kind != "frag" or not _frag.plans_rotation(kw, m, dtype, rotation):
+        return False
+    return not (cfg.kwarps and _frag.rotates_inside(rotation, has_lr))  # the warps splitting K: x' from a launch before
 
 
 def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: torch.Tensor | None = None,
@@ -815,7 +817,7 @@ def linear(x: torch.Tensor, kw: KernelWeight, L: torch.Tensor | None = None, R: 
     if cfg.kind not in _KINDS[kw.layout]:
         raise ValueError(f"a {cfg.kind!r} config does not read the {kw.layout!r} layout "
                          f"(kinds for it: {', '.join(_KINDS[kw.layout])})")
-    if rotation is not None and plans_rotation(kw, m, x.dtype, rotation, cfg):
+    if rotation is not None and plans_rotation(kw, m, x.dtype, rotation, cfg, has_lr):
         _launch_frag(x2, y, kw, L, R, bias, has_lr, cfg, rotation)
         return y.view(*lead, n)
     if rotation is not None:
@@ -1341,7 +1343,7 @@ def forget_tuned() -> None:
 
 
 # raise when the kernels, Config or the tuning candidates change: configurations kept under older keys are not read
-KERNELS_REVISION = 2
+KERNELS_REVISION = 3
 
 
 def config_key(x: torch.Tensor, kw: KernelWeight, L=None, R=None) -> str:
