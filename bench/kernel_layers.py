@@ -209,7 +209,7 @@ def precompile(jobs: int, quick: bool, bits_list=None, ranks=RANKS, tokens=None,
         for rank in ranks:
             for m in tokens:
                 seen = set()
-                for cand in kt.candidates(kw, m, torch.bfloat16):
+                for cand in kt.candidates(kw, m, torch.bfloat16, rank > 0):
                     split1 = both_splits and cand.kind in ("frag", "gemv", "mma")  # kernels with a split-K constexpr
                     for cfg in (cand, dataclasses.replace(cand, split=1)) if split1 else (cand,):
                         # occ only sets the split, and only split-K or not is compiled in

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lqkit import kernels  # noqa: E402
 from lqkit.kernels import _frag  # noqa: E402
+from lqkit.kernels import _triton as kt  # noqa: E402
 from lqkit.core import quant as qmod  # noqa: E402
 from lqkit.core.quant import QuantSpec  # noqa: E402
 from lqkit.core.rotation import Rotation, transform  # noqa: E402
@@ -110,12 +111,15 @@ def main() -> None:
         r = Rotation(1, block) if block else Rotation.for_size(inp, seed=1)
         rot = kernels.rotation(r, inp, "cuda")
         fused_ok = kernels.plans_rotation(kw0, 1, x.dtype, rot)
-        plain = [kernels.bind(x, kw)[0] for kw in kws]
-        fused = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if fused_ok else []
+        # every variant on one launch that can also rotate inside (kwarps=1, the default on few-row 4-bit
+        # layers since 2026-12-06, takes the chained launches even under LQKIT_ROT_LAUNCH=one)
+        cfg = _frag._plain() if kt.default_config(kw0, 1, x.dtype).kwarps else None
+        plain = [kernels.bind(x, kw, config=cfg)[0] for kw in kws]
+        fused = [kernels.bind(x, kw, config=cfg, rotation=rot)[0] for kw in kws] if fused_ok else []
         os.environ["LQKIT_ROT_LAUNCH"] = "one"  # the opt-in design too (bound now: later calls ignore the switch)
         try:
             inside = fused_ok and _frag.rotates_inside(rot, False)
-            one = [kernels.bind(x, kw, rotation=rot)[0] for kw in kws] if inside else []
+            one = [kernels.bind(x, kw, config=cfg, rotation=rot)[0] for kw in kws] if inside else []
         finally:
             os.environ.pop("LQKIT_ROT_LAUNCH")
         variants = {"layer": [lambda x, b=b: b(x, (1, out)) for b in plain],

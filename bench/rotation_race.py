@@ -44,12 +44,15 @@ def check(n: int, k: int, block: int, inputs: int, rounds: int) -> dict:
     r = kernels.rotation(Rotation(5, block), k, "cuda")
     xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(inputs)]
     os.environ.pop("LQKIT_ROT_LAUNCH", None)
-    want = [kernels.linear(x, kw, rotation=r).float() for x in xs]  # the default: chained launches
+    cfg = _frag._plain()  # a launch that can rotate inside (the default on few-row 4-bit layers, kwarps=1, cannot)
+    want = [kernels.linear(x, kw, config=cfg, rotation=r).float() for x in xs]  # the default: chained launches
     os.environ["LQKIT_ROT_LAUNCH"] = "one"
     try:
         if not _frag.rotates_inside(r, False):
             raise SystemExit(f"{n}x{k}: blocks of {block} do not take the one-launch rotation")
-        bound, _ = kernels.bind(xs[0], kw, rotation=r)
+        bound, _ = kernels.bind(xs[0], kw, config=cfg, rotation=r)
+        if bound.general is not None or bound.pre is not None:
+            raise SystemExit(f"{n}x{k}: the one-launch rotation was not bound as one launch")
     finally:
         del os.environ["LQKIT_ROT_LAUNCH"]
     eager = max(rel(bound(x), w) for _ in range(rounds) for x, w in zip(xs, want))

@@ -393,7 +393,8 @@ def test_frag_warps_split_k():
              (f2, (32, 1024), dict(warps=4, pf=2), 1),
              (f4, (32, 512), dict(warps=4, pf=1), 1),  # group ends tested at run time (U = 1, 2 blocks a group)
              (f4, (32, 1024), dict(warps=2, pf=2, unroll=2), 1),  # two steps an iteration (clamped loads)
-             (f3g64, (32, 640), dict(warps=2, pf=2), 2)]  # 80-k blocks, group ends at run time
+             (f3g64, (32, 640), dict(warps=2, pf=2), 2),  # 80-k blocks, group ends at run time
+             (("rtn", 3, "in", 128, False), (32, 1280), dict(warps=2, pf=4, xs=1), 1)]  # as _frag._kwarps takes it
     if device != "cpu":
         cases += [(f4, (4096, 1024), dict(warps=4, pf=4, xs=1), 1), (f4, (1024, 4096), dict(warps=8, pf=4, xs=1), 1),
                   (f4, (4096, 4096), dict(warps=4, pf=4, unroll=2, xs=1), 1)]
@@ -562,13 +563,14 @@ def test_one_token_default_keeps_group_ends_at_compile_time():
     """At one token the default launch is one whose steps, or iterations of two steps, span whole
     groups: 3 bits with groups of 128 (80-k blocks) takes U = 4 with two steps per iteration, 4 bits
     keeps U = 2 (64-k blocks: every block is whole groups). What load(tune=True) times: the default
-    first, plain U = 2, the one-warp U = 8 launch, six in all."""
+    first, plain U = 2, the one-warp U = 8 launch, six in all, and the warps splitting K where they fit
+    (3 bits here: 16 blocks of 80 k, two warps of 8 blocks = 5 groups each; 4 bits: 20 blocks, none)."""
     device = _device()
     from lqkit.kernels import _frag
     from lqkit.kernels import _triton as kt
 
     h = torch.float16
-    for f, want in ((("rtn", 3, "in", 128, False), (4, 2, 1)), (("rtn", 4, "in", 128, False), (2, 1, 0))):
+    for f, want, kwarps in ((("rtn", 3, "in", 128, False), (4, 2, 1), [2]), (("rtn", 4, "in", 128, False), (2, 1, 0), [])):
         kw = _case(f, (64, 1280), 0, False, device, h, layout="frag")[0]
         d = kt.default_config(kw, 1, h)
         assert (d.pf, d.unroll, d.xs) == want
@@ -576,7 +578,7 @@ def test_one_token_default_keeps_group_ends_at_compile_time():
         assert kt.default_config(kw, 8, h).unroll == 1  # more tokens: the plain loop
         q = kt.quick_candidates(kw, 1, h)
         assert q[0] == d and kt.Config(kind="frag", bn=64, warps=4, occ=4.0, pf=2) in q
-        assert [c for c in q if c.kwarps] == [c for c in (_frag._kwarps(kw),) if c is not None]
+        assert [c.warps for c in q if c.kwarps] == kwarps
         assert len([c for c in q if not c.kwarps]) == 6
         assert any(c.warps == 1 and c.pf == 8 for c in q)
 
@@ -601,14 +603,14 @@ def test_one_token_default_splits_k_inside_the_program_on_few_rows():
         if warps:
             assert (d.pf, d.xs, d.bn) == (4, 1, 16 * warps) and _frag.kwarps_fit(kw, d, False)
             assert kt.quick_candidates(kw, 1, h)[0] == d and d in kt.candidates(kw, 1, h)
-            assert kt.default_config(kw, 1, h, has_lr=True).kwarps == 0 == kt.default_config(kw, 2, h).kwarps
-            assert not any(c.kwarps for c in kt.quick_candidates(kw, 1, h, has_lr=True))
+            assert kt.default_config(kw, 1, h, has_lr=True) == _frag._plain() == kt.default_config(kw, 2, h)
+            assert not any(c.kwarps for c in kt.quick_candidates(kw, 1, h, has_lr=True) + kt.candidates(kw, 1, h, True))
     more = _case(f4, (rows + 16, 1024), 0, False, device, h, layout="frag")[0]
     wide = _case(f4, (rows, _frag.KWARPS_MAX_IN + 512), 0, False, device, h, layout="frag")[0]
     three = _case(f3, (rows, 1280), 0, False, device, h, layout="frag")[0]  # 16 blocks of 80: fits, not timed
     assert _frag._kwarps(three) is not None and _frag._kwarps(wide) is not None
-    for kw in (more, wide, three):
-        assert kt.default_config(kw, 1, h).kwarps == 0, kw.shape
+    for kw, want in ((more, _frag._plain()), (wide, _frag._plain()), (three, _frag._iter_aligned())):
+        assert kt.default_config(kw, 1, h) == want, kw.shape
 
 
 @pytest.mark.cuda
@@ -1040,7 +1042,7 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
     from lqkit.nn import CompressedLinear
 
     device = _device()
-    from lqkit.kernels import _rotate, _triton  # imports triton: after the skip where there is none
+    from lqkit.kernels import _frag, _rotate, _triton  # imports triton: after the skip where there is none
 
     dtype = torch.bfloat16 if device != "cpu" else torch.float16
     w = torch.randn(shape) * 0.02
@@ -1057,11 +1059,6 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
     x = (torch.randn(1, shape[1], device=device) * 2).to(dtype)
     assert kernels.plans_rotation(kw, 1, dtype, r, has_lr=bool(rank))
     assert not kernels.plans_rotation(kw, 3, dtype, r)
-    if cfg.kwarps:
-        with monkeypatch.context() as mp:
-            mp.setenv("LQKIT_ROT_LAUNCH", "one")
-            assert _triton.plans_rotation(kw, 1, dtype, r, _triton.Config(kind="frag", bn=64, warps=4, pf=2))
-            assert not _triton.plans_rotation(kw, 1, dtype, r, cfg)
     own_launch = _rotate.TritonRotation.__call__
     with torch.no_grad():
         with monkeypatch.context() as mp:  # never the rotation's general call (x' allocated, launched alone)
@@ -1073,6 +1070,11 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
         want = xr @ layout.reference_weight(kw).t() + ((xr @ R.float().t()) @ L.float().t() if rank else 0)
         torch.testing.assert_close(got.float(), want, rtol=0, atol=float(want.abs().max()) * 4e-3)
         _check(got, x.float() @ merged.t(), 3e-2 if bits == 2 else 1e-2)
+        if cfg.kwarps:  # LQKIT_ROT_LAUNCH=one: the warps splitting K keep the chained launches, the same result
+            with monkeypatch.context() as mp:
+                mp.setenv("LQKIT_ROT_LAUNCH", "one")
+                assert _frag.rotates_inside(r, False) and kernels.plans_rotation(kw, 1, dtype, r)
+                assert torch.equal(kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r), got)
         if not runner:
             return
         run = m.prepare_runner()

@@ -878,7 +878,8 @@ def rotates_inside(rot, has_lr: bool) -> bool:
     """Whether a planned rotated call (:func:`plans_rotation`) rotates x in the GEMV's own launch (its
     first programs, the rest waiting on a counter; :func:`_frag_kernel`'s ROT) rather than in a launch
     before it: only when asked for (LQKIT_ROT_LAUNCH=one), for blocks of two products (256 to 4096)
-    and without a low-rank term (its R·x programs would read x before x' exists). It relies on the GPU
+    and without a low-rank term (its R·x programs would read x before x' exists), nor for the warps
+    splitting K (Config(kwarps=1): they take the chained launches). It relies on the GPU
     starting the grid's programs in order (the rotation's first), as GPUs do though CUDA does not
     promise it. Not the default: on an H100 in a CUDA graph it added 2.7–4.1 µs to a call against
     1.5–2.1 µs for the chained launches (rotation-onelaunch-h100-*.json); with the wait removed (wrong
@@ -929,7 +930,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
             Rc = torch.nn.functional.pad(Rc, (0, 0, 0, 1))
             rank += 1
     rp = T._rank_pad(rank)
-    inside = rot is not None and rotates_inside(rot, has_lr)
+    inside = rot is not None and rotates_inside(rot, has_lr) and not cfg.kwarps  # (kwarps: the chained launches)
     pdl = rot is not None and not inside and pdl_ok(x.device)
     key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
            has_lr and (Lc.dtype, Rc.dtype), rot is not None and rot.key, pdl, inside)
@@ -1012,12 +1013,13 @@ def step_multiple(bits: int, group: int, cfg) -> int:
     return 2 * cfg.pf if step_offsets(bits, group, cfg)[1] > 0 else cfg.pf
 
 
-def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> list:
+def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None, has_lr: bool = False) -> list:
     """What :func:`.tune` tries: the fragment kernel (up to 64 tokens, in launches of 16) and, above
     16 tokens, dequantize + cuBLAS. At one token also the two-steps-per-iteration loop
     (``unroll=2``: measured 2–10% faster on the 14336-long layers of an H200 at one token, 4–8% slower on
     small layers and at 8–16 tokens) and x's words loaded once per step (``xs=1``: with U = 4 up to 3%
-    faster on 4096-row layers, with 6 programs per SM 10% faster at rank 32 on 4096×14336; bench/KERNELS.md)."""
+    faster on 4096-row layers, with 6 programs per SM 10% faster at rank 32 on 4096×14336; bench/KERNELS.md),
+    and without a low-rank term the warps splitting K where that fits (:func:`_kwarps`)."""
     from ._triton import Config
 
     out = []
@@ -1038,7 +1040,7 @@ def candidates(kw: KernelWeight, m: int, dtype: torch.dtype | None = None) -> li
                     # candidates above (bench/results/kernels-small-probe-h100.json)
                     _one_warp(),
                     Config(kind="frag", bn=16, warps=1, occ=4.0, pf=4, xs=1)]
-            out += [c for c in (_kwarps(kw),) if c is not None]  # the warps splitting K (no low rank)
+            out += [c for c in (_kwarps(kw, has_lr),) if c is not None]
     if m > MAX_M or not out:
         out.append(Config(kind="dequant"))
     return out
@@ -1146,7 +1148,7 @@ def _kwarps(kw: KernelWeight, has_lr: bool = False):
 
     for w in (8, 4, 2):
         cfg = Config(kind="frag", bn=16 * w, warps=w, occ=4.0, pf=4, xs=1, kwarps=1)
-        if w * cfg.pf <= kw.n_tiles and kwarps_fit(kw, cfg, has_lr):
+        if kwarps_fit(kw, cfg, has_lr):  # (each warp then has whole steps: at least one)
             return cfg
     return None
 
