@@ -570,7 +570,8 @@ def test_one_token_default_keeps_group_ends_at_compile_time():
     from lqkit.kernels import _triton as kt
 
     h = torch.float16
-    for f, want, kwarps in ((("rtn", 3, "in", 128, False), (4, 2, 1), [2]), (("rtn", 4, "in", 128, False), (2, 1, 0), [])):
+    f3, f4 = ("rtn", 3, "in", 128, False), ("rtn", 4, "in", 128, False)
+    for f, want, kwarps in ((f3, (4, 2, 1), [2]), (f4, (2, 1, 0), [])):
         kw = _case(f, (64, 1280), 0, False, device, h, layout="frag")[0]
         d = kt.default_config(kw, 1, h)
         assert (d.pf, d.unroll, d.xs) == want
