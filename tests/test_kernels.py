@@ -1032,8 +1032,9 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
     """At one token a rotated layer's call takes its input rotation into the fragment GEMV's plan: the
     rotation's launch into the plan's scratch x', then the GEMV's on it (no allocation, no general
     call; on a Hopper GPU a programmatic dependent launch unless LQKIT_PDL=0), blocks of two products
-    (2048, 1024) and of one (32), K-splits, xs=1 / unroll=2, the warps splitting K (kwarps=1: not with
-    LQKIT_ROT_LAUNCH=one, which rotates inside the launch), with and without a low-rank term. Equal to the
+    (2048, 1024) and of one (32), K-splits, xs=1 / unroll=2, the warps splitting K (kwarps=1: chained
+    also under LQKIT_ROT_LAUNCH=one, whose rotation inside the launch it does not take), with and without
+    a low-rank term. Equal to the
     rotation launched first, then the layer in fp32; the prepared call binds both launches (a chained
     bound call) and rotates first (the general call) at 3 tokens. (Kept small: each launch of the
     fragment kernel takes seconds in triton's interpreter.)"""
@@ -1075,6 +1076,7 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
             with monkeypatch.context() as mp:
                 mp.setenv("LQKIT_ROT_LAUNCH", "one")
                 assert _frag.rotates_inside(r, False) and kernels.plans_rotation(kw, 1, dtype, r)
+                assert not _frag.rotates_inside(r, False, True)
                 assert torch.equal(kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r), got)
         if not runner:
             return

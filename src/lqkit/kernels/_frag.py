@@ -874,19 +874,19 @@ def plans_rotation(kw: KernelWeight, m: int, dtype: torch.dtype | None, rot) -> 
             and dtype in rot.s and rot.n == kw.shape[1])
 
 
-def rotates_inside(rot, has_lr: bool) -> bool:
+def rotates_inside(rot, has_lr: bool, kwarps: bool = False) -> bool:
     """Whether a planned rotated call (:func:`plans_rotation`) rotates x in the GEMV's own launch (its
     first programs, the rest waiting on a counter; :func:`_frag_kernel`'s ROT) rather than in a launch
     before it: only when asked for (LQKIT_ROT_LAUNCH=one), for blocks of two products (256 to 4096)
     and without a low-rank term (its R·x programs would read x before x' exists), nor for the warps
-    splitting K (Config(kwarps=1): they take the chained launches). It relies on the GPU
+    splitting K (``kwarps``: Config(kwarps=1) takes the chained launches). It relies on the GPU
     starting the grid's programs in order (the rotation's first), as GPUs do though CUDA does not
     promise it. Not the default: on an H100 in a CUDA graph it added 2.7–4.1 µs to a call against
     1.5–2.1 µs for the chained launches (rotation-onelaunch-h100-*.json); with the wait removed (wrong
     results, timing only) −0.05 to +0.7 µs, so the time is the wait (whether the rotation runs slower
     inside this launch or the hand-over is slow is not profiled)."""
     one = os.environ.get("LQKIT_ROT_LAUNCH", "chain").strip().lower() == "one"
-    return one and rot.r1 > 1 and not has_lr
+    return one and rot.r1 > 1 and not has_lr and not kwarps
 
 
 def pdl_ok(device: torch.device) -> bool:
@@ -930,7 +930,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
             Rc = torch.nn.functional.pad(Rc, (0, 0, 0, 1))
             rank += 1
     rp = T._rank_pad(rank)
-    inside = rot is not None and rotates_inside(rot, has_lr) and not cfg.kwarps  # (kwarps: the chained launches)
+    inside = rot is not None and rotates_inside(rot, has_lr, bool(cfg.kwarps))
     pdl = rot is not None and not inside and pdl_ok(x.device)
     key = ("frag", cfg, m, rank, x.dtype, x.device, x.stride(0), bias is not None and bias.dtype,
            has_lr and (Lc.dtype, Rc.dtype), rot is not None and rot.key, pdl, inside)
@@ -1153,17 +1153,17 @@ def _kwarps(kw: KernelWeight, has_lr: bool = False):
     return None
 
 
-def _kwarps_wins(kw: KernelWeight, has_lr: bool) -> bool:
-    """Whether a one-token call takes :func:`_kwarps` by default: 4 bits, no low rank, at most
+def _kwarps_default(kw: KernelWeight, has_lr: bool):
+    """The one-token default :func:`_kwarps`, or None where it is not: it is for 4 bits, no low rank, at most
     KWARPS_MAX_PROGRAMS blocks of 16 rows per SM (too few one-warp programs to fill the GPU without a K
     split), at most KWARPS_MAX_IN wide, and a launch that fits. One H100, rtn g128, µs, in-program split
     / the default it replaced (a split across programs) / tinygemm int4 (kernels-h100-kwarps-small.json):
     4096×1024 (4 warps, one step each) **3.81** / 4.82 / 3.26; 1024×4096 (8 warps) **4.41** / 6.05 /
     4.81; 4096×4096 (8 warps) **6.91** / 7.67 / 6.85. Untimed at other bit widths (2 bits fits; 3 bits
     with groups of 128 does not at these widths: 80-k blocks) and on 2048-wide layers."""
-    if has_lr or kw.bits != 4 or kw.shape[1] > KWARPS_MAX_IN:
-        return False
-    return _programs_per_sm(kw) <= KWARPS_MAX_PROGRAMS and _kwarps(kw) is not None
+    if has_lr or kw.bits != 4 or kw.shape[1] > KWARPS_MAX_IN or _programs_per_sm(kw) > KWARPS_MAX_PROGRAMS:
+        return None
+    return _kwarps(kw)
 
 
 def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: bool = False):
@@ -1171,7 +1171,7 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: 
     an H200, 4096×14336: at 32 tokens 58.5 vs 87.9 µs (4-bit) and 85.3 vs 106.1 µs (3-bit); at 48
     tokens the launches of 16 take 87 / 131 µs, dequantize + cuBLAS 87.9–90.8 / 106.1–108.8 µs
     between 32 and 64 tokens; bench/KERNELS.md). At one token: the program's warps splitting K on the
-    few-row 4-bit layers (:func:`_kwarps_wins`), one warp per program on layers with
+    few-row 4-bit layers (:func:`_kwarps_default`), one warp per program on layers with
     many rows (:func:`_one_warp_wins`), U = 4 with two steps an iteration on those with more rows, up
     to 4096 wide (:func:`_wide_iter_wins`); else, where only an iteration of two steps spans whole groups
     (:func:`_only_iterations_align`: 3 bits with groups of 128, and 5 bits with groups of 128, not
@@ -1181,8 +1181,8 @@ def default_config(kw: KernelWeight, m: int, dtype: torch.dtype | None, has_lr: 
 
     if not ok(kw, m, dtype) or m > SLICED_MAX_M:
         return Config(kind="dequant")
-    if m == 1 and _kwarps_wins(kw, has_lr):
-        return _kwarps(kw)
+    if m == 1 and (split_k := _kwarps_default(kw, has_lr)) is not None:
+        return split_k
     if m == 1 and _one_warp_wins(kw, has_lr):
         return _one_warp()
     if m == 1 and (_only_iterations_align(kw.bits, kw.spec.group_size) or _wide_iter_wins(kw, has_lr)):
