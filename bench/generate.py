@@ -315,6 +315,9 @@ def profile_generate(once, new: int) -> dict:
                              for e in cpu[:20]]}
 
 
+LOOPS = {"loop": True, "loop-eager-prefill": False}  # lqkit's greedy loop: mode -> the prompt's forward compiled
+
+
 def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, device: str, backend: str,
                   profile: bool = False) -> dict:
     from transformers import CompileConfig
@@ -331,16 +334,16 @@ def time_generate(model, ids: torch.Tensor, mode: str, new: int, reps: int, devi
         sync(device)
         t = time.perf_counter()
         with torch.no_grad():
-            if mode == "loop":  # lqkit's decoding loop (lqkit generate --compile)
+            if mode in LOOPS:  # lqkit's decoding loop (lqkit generate --compile)
                 from lqkit.generate import greedy_loop
 
-                out = greedy_loop(model, ids, new, backend=backend)
+                out = greedy_loop(model, ids, new, backend=backend, compile_prefill=LOOPS[mode])
             else:
                 out = model.generate(input_ids=ids, attention_mask=mask, **args)
         sync(device)
         return time.perf_counter() - t, out
 
-    if mode in ("compiled", "loop"):  # the full length: the static cache's size is part of the compiled graph
+    if mode == "compiled" or mode in LOOPS:  # the full length: the static cache's size is part of the compiled graph
         warm, _ = once()
     else:  # binds the kernel calls of the prefill and of one decoding step
         warm, _ = once(dict(kw, max_new_tokens=2, min_new_tokens=2))
@@ -508,8 +511,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     ap.add_argument("--modes", default="eager,compiled,loop",
                     help="of eager, compiled (generate() with a static cache and compile_config), loop (lqkit's "
-                         "compiled greedy loop, lqkit.generate.greedy_loop) and eager-interleaved (every row loaded "
-                         "at once, eager calls of the rows in turn, --rounds times: for hosts whose speed drifts); "
+                         "compiled greedy loop, lqkit.generate.greedy_loop; loop-eager-prefill: the same with the "
+                         "prompt's forward eager) and eager-interleaved (every row loaded at once, eager calls of "
+                         "the rows in turn, --rounds times: for hosts whose speed drifts); "
                          "default the first three")
     ap.add_argument("--tune", default="off", choices=("off", "on", "both"),
                     help="lqkit rows loaded with load(tune=True) (row name + '+tuned'), without, or both (default off)")
@@ -536,9 +540,9 @@ def main() -> None:
         sys.exit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     batches = [int(b) for b in args.batches.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]
-    unknown = [m for m in modes if m not in ("eager", "compiled", "loop", "eager-interleaved")]
+    unknown = [m for m in modes if m not in ("eager", "compiled", "eager-interleaved", *LOOPS)]
     if unknown:
-        sys.exit(f"unknown modes {unknown}; choose from eager, compiled, loop, eager-interleaved")
+        sys.exit(f"unknown modes {unknown}; choose from eager, compiled, {', '.join(LOOPS)}, eager-interleaved")
     interleave = "eager-interleaved" in modes
     tunes = {"off": (False,), "on": (True,), "both": (False, True)}[args.tune]
     runs = [(n, t) for n in rows for t in ((False,) if ROWS[n] is None else tunes)]  # (row, tuned) per load

@@ -53,6 +53,7 @@ def test_greedy_loop_equals_transformers_generate_and_stops_at_eos(tiny_checkpoi
         out = greedy_loop(model, ids, 20, backend="aot_eager", check_every=4)
         assert torch.equal(out, ref)
     assert bound == [(2, 1)]  # a new batch's one-token kernel calls bound once, before the step is compiled
+    assert torch.equal(greedy_loop(model, ids, 20, backend="aot_eager", compile_prefill=False), ref)
     eos = int(ref[0, 7])  # an id both rows have produced by their last check
     cut = greedy_loop(model, ids, 20, eos_token_id=eos, backend="aot_eager", check_every=4)
     first = [int((ref[r, 5:] == eos).nonzero()[0]) if (ref[r, 5:] == eos).any() else None for r in range(2)]

@@ -98,26 +98,37 @@ def _timed_call(model, fn) -> tuple[torch.Tensor, float]:
 
 
 def _decode_step(model, tok: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """One forward over ``tok`` (batch, n) at cache positions ``pos``: the next token, (batch, 1)."""
     logits = model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-    return logits[:, -1:].argmax(-1)  # (batch, 1)
+    return logits[:, -1:].argmax(-1)
+
+
+def _prefill(model, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+    """The prompt's forward: :func:`_decode_step` under its own code object, so that torch.compile keeps
+    its graph apart from the one-token step's (one function seen with two lengths would be recompiled
+    with a dynamic length)."""
+    return _decode_step(model, ids, pos, cache)
 
 
 @torch.no_grad()
 def greedy_loop(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None,
-                backend: str = "inductor", check_every: int = 16) -> torch.Tensor:
+                backend: str = "inductor", check_every: int = 16, compile_prefill: bool = True) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` (batch, prompt), returned as (batch, prompt + new) ids.
 
     A static KV cache (transformers' ``StaticCache``) and the one-token decoding step with its argmax
     compiled once per model (fullgraph; on a GPU with inductor, mode "reduce-overhead": the step is a
-    CUDA graph replay). The prompt runs eagerly. Tokens are written into a buffer on the device and the
-    host never waits for one: an end of text (``eos_token_id`` in every row) is looked for every
-    ``check_every`` tokens, and the output is cut after the last row's first one. The cache and the
-    compiled step are kept on the model for the next call of the same batch and length."""
+    CUDA graph replay). ``compile_prefill``: the prompt's forward is compiled the same way, as a second
+    graph for the prompt's shape (one more compilation in the first call; an eager prompt on a 7B-shaped
+    model took about as long as 15 compiled steps); else it runs eagerly. Tokens are written into a
+    buffer on the device and the host never waits for one: an end of text (``eos_token_id`` in every
+    row) is looked for every ``check_every`` tokens, and the output is cut after the last row's first
+    one. The cache and the compiled functions are kept on the model for the next call of the same
+    batch, length and prefill."""
     from transformers import StaticCache
 
     b, p = input_ids.shape
     dev = input_ids.device
-    key = (b, p + max_new_tokens, backend)
+    key = (b, p + max_new_tokens, backend, compile_prefill)
     kept = model.__dict__.get("_lqkit_decode")
     if kept is None or kept[0] != key:
         from .nn import bind_calls
@@ -125,14 +136,17 @@ def greedy_loop(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_toke
         bind_calls(model, (b, 1))  # a compressed model's one-token kernel calls for this batch, outside the graph
         mode = "reduce-overhead" if dev.type == "cuda" and backend == "inductor" else None
         step = torch.compile(_decode_step, fullgraph=True, backend=backend, mode=mode)
-        kept = model.__dict__["_lqkit_decode"] = (key, StaticCache(config=model.config, max_cache_len=key[1]), step)
-    _, cache, step = kept
+        prefill = torch.compile(_prefill, fullgraph=True, dynamic=False, backend=backend, mode=mode) \
+            if compile_prefill else _prefill
+        cache = StaticCache(config=model.config, max_cache_len=key[1])
+        if compile_prefill:  # the cache allocates its tensors in its first update: eagerly, before any graph sees it
+            _prefill(model, input_ids, torch.arange(p, device=dev), cache)
+        kept = model.__dict__["_lqkit_decode"] = (key, cache, step, prefill)
+    _, cache, step, prefill = kept
     cache.reset()
-    pos = torch.arange(p, device=dev)
     out = torch.empty(b, p + max_new_tokens, dtype=torch.long, device=dev)
     out[:, :p] = input_ids
-    logits = model(input_ids=input_ids, past_key_values=cache, cache_position=pos, use_cache=True).logits
-    out[:, p:p + 1] = logits[:, -1:].argmax(-1)
+    out[:, p:p + 1] = prefill(model, input_ids, torch.arange(p, device=dev), cache)
     pos = torch.tensor([p], device=dev)
     end = p + max_new_tokens
     for i in range(p + 1, end):
