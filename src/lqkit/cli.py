@@ -468,8 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--max-new-tokens", type=_COUNT, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--compile", action="store_true",
-                   help="static KV cache + torch.compile of the decoding step (CUDA graphs on a GPU); the first, "
-                        "untimed call compiles (minutes for a large model)")
+                   help="static KV cache + torch.compile of the prompt's forward and of the decoding step (CUDA "
+                        "graphs on a GPU); the first, untimed call compiles (about a minute for a 7B model on an "
+                        "H100, minutes on the CPU)")
     g.add_argument("--tune", action="store_true",
                    help="on a GPU, time an lqkit checkpoint's one-token kernel launch configurations and keep "
                         "the fastest (under $LQKIT_CACHE/kernels/: timed once per GPU, shape and format; 14-68 s "

@@ -3,13 +3,14 @@
 The quickest way to see a compressed model talk: ``lqkit generate CKPT --prompt TEXT``. The model is
 loaded ready for inference (``checkpoint.load`` prepares it: kernels and stacked layers on a GPU, a
 dense deq(Q) on the CPU) and driven by transformers' ``generate`` (greedy). An untimed first call
-warms up (kernel calls bound; with ``compile``: the decoding step compiled and, on a GPU, captured in
-a CUDA graph); the second call is timed: tokens/s = new tokens / seconds of that call, prefill
-included. ``compile``: :func:`greedy_loop`, a static KV cache and the decoding step with its argmax
-compiled (``torch.compile``, fullgraph; mode "reduce-overhead", i.e. CUDA graphs, on a GPU), in a loop
-that does not wait for the GPU after every token. transformers' own recipe (``model.generate`` with
-``cache_implementation="static"`` and a ``compile_config``) works on a loaded checkpoint as well; its
-loop does a few milliseconds of host work per token, which at batch 1 is as long as a 7B model's step.
+warms up (kernel calls bound; with ``compile``: the prompt's forward and the decoding step compiled
+and, on a GPU, captured in CUDA graphs); the second call is timed: tokens/s = new tokens / seconds of
+that call, prefill included. ``compile``: :func:`greedy_loop`, a static KV cache, the prompt's forward
+and the decoding step with its argmax compiled (``torch.compile``, fullgraph; mode "reduce-overhead",
+i.e. CUDA graphs, on a GPU), in a loop that does not wait for the GPU after every token. transformers'
+own recipe (``model.generate`` with ``cache_implementation="static"`` and a ``compile_config``) works
+on a loaded checkpoint as well; its loop does a few milliseconds of host work per token, which at
+batch 1 is as long as a 7B model's step.
 """
 
 from __future__ import annotations
