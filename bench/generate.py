@@ -18,10 +18,11 @@ batch size; one untimed call warms up (compiles, records the graphs), then the m
 timed calls. ``--modes loop``: lqkit's compiled greedy loop (``lqkit generate --compile``: the prompt's
 forward and the one-token step compiled); ``loop-eager-prefill``: the same with the prompt's forward
 eager, as the loop ran until 2026-12-06. ``--modes eager-interleaved``: every row loaded at once (the
-7B-shaped bf16 model and four rtn rows take about 27 GB) and their eager calls made in turn, ``--rounds``
-rounds, so that a host whose speed drifts between calls (eager decoding is host-bound) slows every row alike; ``vs_bf16_paired`` is
-the median over rounds of bf16's seconds over the row's in the same round (also recorded: the ratio of
-the fastest calls, ``vs_bf16_best``, and of the calls' thread CPU time, ``vs_bf16_cpu``). tokens/s = batch x N /
+7B-shaped bf16 model and four rtn rows take about 27 GB) and their eager calls made in turn,
+``--rounds`` rounds, so that a host whose speed drifts between calls (eager decoding is host-bound)
+slows every row alike; ``vs_bf16_paired`` is the median over rounds of bf16's seconds over the row's in
+the same round (also recorded: the ratio of the fastest calls, ``vs_bf16_best``, and of the calls'
+thread CPU time, ``vs_bf16_cpu``). tokens/s = batch x N /
 seconds of a generate() call (prefill included). The bandwidth fraction of a decoding step = (bytes
 of every weight a step reads / measured copy bandwidth) / (seconds / N), the KV cache not counted.
 Each lqkit row of the eager, compiled and loop modes records the one-token launch configuration of each
