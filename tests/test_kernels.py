@@ -1081,7 +1081,9 @@ def test_one_token_call_plans_its_rotation(shape, bits, rank, block, split, extr
                 mp.setenv("LQKIT_ROT_LAUNCH", "one")
                 assert _frag.rotates_inside(r, False) and kernels.plans_rotation(kw, 1, dtype, r)
                 assert not _frag.rotates_inside(r, False, True)
-                assert torch.equal(kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r), got)
+                one = kernels.linear(x, kw, L, R, m.bias, config=cfg, rotation=r)
+                step = float(want.abs().max()) * 2 ** -10  # the interpreter (numpy's products): one 16-bit step
+                torch.testing.assert_close(one, got, rtol=0, atol=0 if device != "cpu" else step)
         if not runner:
             return
         run = m.prepare_runner()
