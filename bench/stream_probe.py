@@ -13,7 +13,9 @@ pattern itself reaches on this GPU:
 - ``frag-pf``: the same with the next iteration's loads issued before this one's are reduced
   (the fragment kernel's register prefetch);
 - ``flat``: each program reads one contiguous range, NW·32·4·U words per iteration;
-- torch ``sum`` of the buffer and a device copy, for reference.
+- torch ``sum`` of the buffer and a device copy, for reference;
+- ``empty``: the fragment grid (no K-split) launched with nothing read, one store per thread: the
+  floor a call of that grid cannot go under.
 
 Every variant is timed like ``kernel_layers.py`` does (back-to-back calls on rotating cold copies
 in one CUDA graph, µs per call) on the words of a 4-bit (and 3-bit) layer.
@@ -96,6 +98,13 @@ def _flat_stream(q_ptr, out_ptr, NWORDS, PER, NW: tl.constexpr, U: tl.constexpr)
     tl.store(out_ptr + pid * B + o, acc)
 
 
+@triton.jit
+def _empty(out_ptr, NW: tl.constexpr):
+    """Nothing read: each thread stores its program id (the launch and one store, for the floor)."""
+    pid = tl.program_id(0)
+    tl.store(out_ptr + pid * 32 * NW + tl.arange(0, 32 * NW), pid)
+
+
 def sms() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -153,10 +162,14 @@ def main() -> None:
             us = kl.measure_rot(fns)
             row = {"out": n, "in": k, "bits": bits, "kind": kind, **cfg, "programs": progs, "bytes": nread,
                    "time_us": round(us, 2), "GBps": round(nread / us / 1e3, 1),
-                   "x_copy": round(us / (nread / bw / 1e3), 2)}
+                   "x_copy": round(us / (nread / bw / 1e3), 2) if nread else None}
             res["rows"].append(row)
             print(json.dumps(row), f"({time.time() - t0:.1f} s)", flush=True)
 
+        for nw in nws:  # the launch alone: the frag grid without a K-split, reading nothing
+            progs = -(-(n // 16) // nw)
+            rec("empty", {"warps": nw}, [lambda nw=nw, g=progs: _empty[(g,)](out, NW=nw, num_warps=nw)] * copies, 0,
+                progs)
         rec("torch-sum", {}, [lambda q=q: q.sum(dtype=torch.int32) for q in qs], nbytes)
         dst = torch.empty_like(qs[0])
         rec("torch-copy", {}, [lambda q=q: dst.copy_(q) for q in qs], 2 * nbytes)
