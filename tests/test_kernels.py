@@ -982,7 +982,7 @@ def test_rotation_in_one_launch_equals_the_core_transform(n, tokens, block):
         assert err < (8e-3 if dtype == torch.bfloat16 else 1e-3), (dtype, err)
         # the same rows in another layout: the same bits on a GPU; under the interpreter (numpy's products),
         # within one 16-bit rounding step of the largest value (one element of 21760 once differed by one
-        # step, 9.5e-7, in CI: the 640-17 case, not reproduced in 24 reruns of it)
+        # step, 9.5e-7, in CI: the 640-17 case, not reproduced in 36 reruns of it)
         same = dict(rtol=0, atol=0 if device != "cpu" else float(want.abs().max()) * 2 ** -10)
         x3 = x.view(1, tokens, n).expand(2, tokens, n)  # leading dims
         torch.testing.assert_close(r(x3), torch.stack([got, got]), **same)
