@@ -121,11 +121,10 @@ def greedy_loop(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_toke
     CUDA graph replay). ``compile_prefill``: the prompt's forward is compiled the same way, as a second
     graph for the prompt's shape (one more compilation in the first call; on a 7B-shaped model on an H100
     it saved 20–34 ms of a 128-token call: generate-h100-32layers-compiled-prefill.json); else it runs
-    eagerly. Tokens are written into a
-    buffer on the device and the host never waits for one: an end of text (``eos_token_id`` in every
-    row) is looked for every ``check_every`` tokens, and the output is cut after the last row's first
-    one. The cache and the compiled functions are kept on the model for the next call of the same
-    batch, length and prefill."""
+    eagerly. Tokens are written into a buffer on the device and the host never waits for one: an end of
+    text (``eos_token_id`` in every row) is looked for every ``check_every`` tokens, and the output is
+    cut after the last row's first one. The cache and the compiled functions are kept on the model for
+    the next call of the same batch, length and prefill."""
     from transformers import StaticCache
 
     b, p = input_ids.shape
@@ -138,12 +137,10 @@ def greedy_loop(model, input_ids: torch.Tensor, max_new_tokens: int, *, eos_toke
         bind_calls(model, (b, 1))  # a compressed model's one-token kernel calls for this batch, outside the graph
         mode = "reduce-overhead" if dev.type == "cuda" and backend == "inductor" else None
         step = torch.compile(_decode_step, fullgraph=True, backend=backend, mode=mode)
-        prefill = _prefill
-        if compile_prefill:
-            prefill = torch.compile(_prefill, fullgraph=True, dynamic=False, backend=backend, mode=mode)
-        cache = StaticCache(config=model.config, max_cache_len=key[1])
+        cache, prefill = StaticCache(config=model.config, max_cache_len=key[1]), _prefill
         if compile_prefill:  # the cache allocates its tensors in its first update: eagerly, before any graph sees it
             _prefill(model, input_ids, torch.arange(p, device=dev), cache)
+            prefill = torch.compile(_prefill, fullgraph=True, dynamic=False, backend=backend, mode=mode)
         kept = model.__dict__["_lqkit_decode"] = (key, cache, step, prefill)
     _, cache, step, prefill = kept
     cache.reset()
