@@ -939,7 +939,7 @@ def _launch16(x, y, kw, L, R, bias, has_lr, cfg, rot=None) -> None:
         nw = cfg.warps
         nb = -(-n // (16 * nw))
         if cfg.kwarps:  # one block of 16 rows a program, its warps splitting K
-            if not kwarps_fit(kw, cfg, has_lr or inside):
+            if not kwarps_fit(kw, cfg, has_lr):  # (a rotation is never inside its launch: rotates_inside)
                 raise ValueError(f"kwarps=1 does not fit {kw.shape} at {kw.bits} bits, groups of "
                                  f"{kw.spec.group_size}, with {cfg}: see _frag.kwarps_fit")
             nb, split, bps = -(-n // 16), 1, kw.n_tiles // nw
@@ -1159,8 +1159,10 @@ def _kwarps_default(kw: KernelWeight, has_lr: bool):
     split), at most KWARPS_MAX_IN wide, and a launch that fits. One H100, rtn g128, µs, in-program split
     / the default it replaced (a split across programs) / tinygemm int4 (kernels-h100-kwarps-small.json):
     4096×1024 (4 warps, one step each) **3.81** / 4.82 / 3.26; 1024×4096 (8 warps) **4.41** / 6.05 /
-    4.81; 4096×4096 (8 warps) **6.91** / 7.67 / 6.85. Untimed at other bit widths (2 bits fits; 3 bits
-    with groups of 128 does not at these widths: 80-k blocks) and on 2048-wide layers."""
+    4.81; 4096×4096 (8 warps) **6.91** / 7.67 / 6.85. On 2048×2048 (kernels-h100-kwarps-probe2.json) the
+    8 warps it takes 4.05, 4 warps 3.98, tinygemm 3.80. Not the default at other bit widths: 2 bits fits
+    and was 12 % faster on one shape (4096×4096, 5.90 against 6.74), too little to set it by; 3 bits with
+    groups of 128 does not fit at these widths (80-k blocks)."""
     if has_lr or kw.bits != 4 or kw.shape[1] > KWARPS_MAX_IN or _programs_per_sm(kw) > KWARPS_MAX_PROGRAMS:
         return None
     return _kwarps(kw)
